@@ -1,0 +1,2 @@
+"""mmscale: distributed image-text pretraining."""
+__version__ = "0.1.0"

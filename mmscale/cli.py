@@ -1,0 +1,63 @@
+"""`mmscale <command>`: the entry point.
+
+Commands that take a config accept `--config FILE` and any number of dotted `key=value`
+overrides (defaults < YAML < command line); `--help` on them lists every config key with
+its default and docstring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mmscale.config import ConfigError, help_text, load_config
+from mmscale.data.shards import ShardError
+
+
+def _config_parser(subparsers, name: str, *, summary: str, config_class) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        name, help=summary, description=summary, epilog=help_text(config_class),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML config file (sections as in the keys below)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.workers=8")
+    parser.set_defaults(config_class=config_class)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mmscale.data.check import DataCheckConfig
+
+    parser = argparse.ArgumentParser(prog="mmscale", description="Image-text pretraining at scale.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    quickstart = subparsers.add_parser("quickstart", help="generate a small corpus and run the pipeline on it")
+    quickstart.add_argument("--out", default="mmscale-quickstart", help="folder for everything it makes")
+    _config_parser(subparsers, "data-check", summary="read training batches through the loader and report "
+                   "throughput and skipped samples", config_class=DataCheckConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; user mistakes print a one-line error and exit 2, not a traceback."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "quickstart":
+            from mmscale.quickstart import run_quickstart
+
+            return run_quickstart(args.out)
+        config = load_config(args.config_class, args.config, args.overrides)
+        if args.command == "data-check":
+            from mmscale.data.check import print_report, run_data_check
+
+            print_report(run_data_check(config))
+            return 0
+    except (ConfigError, ShardError, ValueError, FileNotFoundError) as error:
+        print(f"mmscale {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Typed configuration: dataclass sections, strict YAML, dotted `key=value` overrides.
+
+Precedence is defaults < YAML < command line. Every field is documented by the string
+literal that follows it in its dataclass (litgpt's `args.py` style); `describe()` turns
+those into the `--help` text and the config reference. Unknown keys are errors that name
+the key and the closest known one.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import types
+import typing
+from functools import cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message says what to fix."""
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass, by field name."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for statement, following in zip(body, body[1:]):
+            if (
+                isinstance(statement, ast.AnnAssign)
+                and isinstance(statement.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                docs[statement.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]}?)" if close else f" (known keys: {', '.join(sorted(known))})"
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check `value` against a type annotation, converting where it is unambiguous."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot be null")
+    if origin is typing.Literal:
+        if value not in typing.get_args(annotation):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(annotation))}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a section (mapping), got {value!r}")
+        return _build(annotation, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(annotation)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(item, arg, f"{where}[{i}]") for i, (item, arg) in enumerate(zip(value, args)))
+        item_type = args[0] if args else Any
+        items = [_coerce(item, item_type, f"{where}[{i}]") for i, item in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if annotation is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    if annotation is Path and isinstance(value, str):
+        return Path(value)
+    raise ConfigError(f"{where}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+def _build(cls: type[T], values: dict, prefix: str) -> T:
+    """Make a `cls` from a (possibly partial) mapping, recursing into nested sections."""
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            raise ConfigError(f"config key {where} is unknown{_suggest(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], where)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"config section {prefix or cls.__name__}: {error}") from None
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> dict:
+    """Turn `a.b.c=value` into `{"a": {"b": {"c": value}}}`, the value parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (for example data.workers=4)")
+    dotted, raw = text.split("=", 1)
+    if not dotted or any(not part for part in dotted.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
+    """Defaults < YAML file < dotted overrides, checked strictly against `cls`."""
+    values: dict = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path}: no such file") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path}: not valid YAML ({error})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections at the top")
+        values = loaded or {}
+    for override in overrides:
+        values = _deep_merge(values, parse_override(override))
+    return _build(cls, values, "")
+
+
+def to_dict(config) -> dict:
+    """A plain, YAML-safe dict of a config (tuples become lists, paths strings)."""
+
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return plain(config)
+
+
+def dump_yaml(config) -> str:
+    """The fully resolved config as YAML, for the run directory."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, docstring) for every leaf field, sections in order."""
+    rows = []
+    docs = field_docs(cls)
+    hints = _hints(cls)
+    for field in dataclasses.fields(cls):
+        key = f"{prefix}{field.name}"
+        annotation = hints[field.name]
+        if dataclasses.is_dataclass(annotation):
+            rows.extend(describe(annotation, prefix=f"{key}."))
+            continue
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:
+            default = "(required)"
+        type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        rows.append((key, type_name, repr(to_dict(default) if dataclasses.is_dataclass(default) else default),
+                     docs.get(field.name, "")))
+    return rows
+
+
+def help_text(cls: type) -> str:
+    """Every config key with its type, default and docstring, for `--help`."""
+    lines = ["config keys (set in YAML or as key=value; defaults < YAML < command line):"]
+    for key, type_name, default, doc in describe(cls):
+        lines.append(f"  {key} ({type_name}, default {default})")
+        if doc:
+            lines.extend("      " + line for line in textwrap.wrap(doc, 86))
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""The `data` config section: everything the streaming loader needs, and nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they are read, augmented, tokenized and masked."""
+
+    train: str = ""
+    """Training shard spec: braces, directories, `a::b` sources with optional `@weight` suffixes."""
+    val: str = ""
+    """Validation shard spec (read once, in order, without augmentation); empty for none."""
+    sampling: Literal["epoch", "resampled"] = "epoch"
+    """`epoch`: every sample once per epoch, epochs repeat; `resampled`: shards drawn with replacement by source weight."""
+    workers: int = 4
+    """Dataloader worker processes per rank (0 reads in the training process)."""
+    shuffle_buffer: int = 1000
+    """Samples held per worker for shuffling (0 keeps shard order); shard order is shuffled per epoch too."""
+    image_size: int = 224
+    """Side of the square images in a batch, in pixels."""
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    """RandomResizedCrop area range for training, as fractions of the image (open_clip uses 0.9-1.0)."""
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
+    """RandomResizedCrop aspect-ratio range for training."""
+    hflip_probability: float = 0.5
+    """Probability of a horizontal flip in training; set 0 when captions mention left and right."""
+    context_length: int = 64
+    """Text tokens per caption, [CLS] and [SEP] included; longer captions are truncated."""
+    mlm_probability: float = 0.15
+    """Fraction of caption tokens chosen for masked-LM (80% [MASK], 10% random, 10% kept); 0 turns MLM off."""
+    max_pixels: int = 89_478_485
+    """Images with more pixels are skipped as decompression bombs (PIL's own limit)."""
+    allow_pipe: bool = False
+    """Allow `pipe:` shard URLs, which run shell commands; off unless you trust the spec."""
+    seed: int = 0
+    """Seed for shard order, shuffling, augmentation and masking (same seed, same batches)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead."""
+
+    def __post_init__(self):
+        if self.workers < 0:
+            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        if not 0.0 <= self.mlm_probability < 1.0:
+            raise ValueError(f"data.mlm_probability must be in [0, 1), got {self.mlm_probability}")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {list(self.crop_scale)}")
+        if self.context_length < 3:
+            raise ValueError(f"data.context_length must be >= 3, got {self.context_length}")

@@ -1,0 +1,314 @@
+"""The streaming loader: shards -> shuffled raw samples -> decoded, tokenized, masked batches.
+
+Each dataloader worker of each rank owns a deterministic stream of (shard, sample index)
+positions: in epoch mode a per-epoch shuffled shard list split across all workers of all
+ranks, in resampled mode an endless run of shards drawn by source weight. Shuffling
+happens on raw (undecoded) samples, and every random choice is a function of the seed and
+the sample's identity, so a worker's state is small: where it is in its stream, which
+positions sit in its shuffle buffer, and its RNG state. Restoring re-reads only the shards
+those positions are in (raw bytes, no decoding) and continues with the next unseen sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mmscale.data.config import DataConfig
+from mmscale.data.samples import AugmentSettings, BadSample, SampleDecoder
+from mmscale.data.shards import ShardSource, ShardTruncated, iter_raw_samples, parse_spec
+from mmscale.data.text import CaptionEncoder
+
+# A stream that skips this many samples without one good one is broken, not noisy: stop it
+# rather than keep every rank waiting for a batch that never comes.
+MAX_SKIPS_IN_A_ROW = 20_000
+
+
+def mix_seed(*parts) -> int:
+    """A 63-bit seed from any printable parts; stable across processes and runs."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """How one rank's stream is cut from the shards (the same on every worker of the rank)."""
+
+    sources: tuple[ShardSource, ...]
+    sampling: str
+    rank: int
+    world_size: int
+    seed: int
+    shuffle_buffer: int
+    batch_size: int
+    epochs: int | None
+    shuffle_shards: bool = True
+    drop_last: bool = False
+    allow_pipe: bool = False
+
+
+class ShardStream(IterableDataset):
+    """An IterableDataset of whole batches with a `state_dict` for exact mid-epoch resume.
+
+    Batches are dicts: `images` uint8 [B, 3, S, S], `input_ids`, `attention_mask`
+    (and `mlm_input_ids`, `mlm_labels` when MLM is on), `labels` (-1 where a sample has
+    no `.cls`), `keys`, and `skipped` (samples skipped since the previous batch, by
+    reason). In finite mode a last batch of size 0 carries the trailing skip counts.
+    """
+
+    def __init__(self, settings: StreamSettings, decoder: SampleDecoder):
+        super().__init__()
+        self.settings = settings
+        self.decoder = decoder
+        self._all_urls = [url for source in settings.sources for url in source.urls]
+        self._restored: dict | None = None
+        self._live: dict | None = None
+
+    # --- positions --------------------------------------------------------------------
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        worker_id, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        s = self.settings
+        return s.rank * workers + worker_id, s.world_size * workers
+
+    def _epoch_shards(self, epoch: int, worker: int, workers: int) -> list[str]:
+        urls = list(self._all_urls)
+        if self.settings.shuffle_shards:
+            random.Random(mix_seed(self.settings.seed, "epoch", epoch)).shuffle(urls)
+        return urls[worker::workers]
+
+    def _drawn_shard(self, draw: int, worker: int) -> str:
+        rng = random.Random(mix_seed(self.settings.seed, "draw", worker, draw))
+        sources = self.settings.sources
+        source = rng.choices(sources, weights=[s.weight for s in sources])[0]
+        return rng.choice(source.urls)
+
+    def _raw_stream(self, state: dict, worker: int, workers: int) -> Iterator[dict]:
+        """Raw samples from the worker's position onwards, advancing `state` as shards end."""
+        resampled = self.settings.sampling == "resampled"
+        while True:
+            if resampled:
+                url, shard_pass = self._drawn_shard(state["shard_cursor"], worker), state["shard_cursor"]
+            else:
+                if self.settings.epochs is not None and state["epoch"] >= self.settings.epochs:
+                    return
+                shards = self._epoch_shards(state["epoch"], worker, workers)
+                if not shards:
+                    return  # more workers than shards: this one has nothing to read
+                if state["shard_cursor"] >= len(shards):
+                    if state["epoch_samples"] == 0:
+                        raise RuntimeError(f"shards {', '.join(shards[:3])}...: a whole epoch held no samples")
+                    state.update(epoch=state["epoch"] + 1, shard_cursor=0, epoch_samples=0)
+                    continue
+                url, shard_pass = shards[state["shard_cursor"]], state["epoch"]
+            try:
+                for raw in iter_raw_samples(url, allow_pipe=self.settings.allow_pipe, start=state["sample_cursor"]):
+                    raw["__pass__"] = shard_pass
+                    state["sample_cursor"] = raw["__index__"] + 1
+                    state["epoch_samples"] += 1
+                    yield raw
+            except ShardTruncated as error:
+                _count_skip(state, "truncated_shard")
+                warnings.warn(str(error), stacklevel=2)
+            state.update(shard_cursor=state["shard_cursor"] + 1, sample_cursor=0)
+
+    # --- state ------------------------------------------------------------------------
+    def _fresh_state(self, worker: int) -> dict:
+        return {
+            "worker": worker, "epoch": 0, "shard_cursor": 0, "sample_cursor": 0, "epoch_samples": 0,
+            "buffer": [], "rng": random.Random(mix_seed(self.settings.seed, "shuffle", worker)).getstate(),
+            "skipped": Counter(), "since_last_batch": Counter(), "delivered": 0,
+        }
+
+    def state_dict(self) -> dict:
+        """This worker's position; only meaningful between batches (where the loader asks)."""
+        if self._live is None:
+            return dict(self._restored) if self._restored else {}
+        state, buffer, rng = self._live["state"], self._live["buffer"], self._live["rng"]
+        return {
+            **{key: value for key, value in state.items() if key not in ("buffer", "rng", "skipped", "since_last_batch")},
+            "buffer": [[raw["__url__"], raw["__index__"], raw["__pass__"]] for raw in buffer],
+            "rng": rng.getstate(),
+            "skipped": dict(state["skipped"]),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a `state_dict()` taken by the same worker of the same configuration."""
+        self._restored = dict(state) if state else None
+
+    def _restore_buffer(self, positions: list) -> list[dict]:
+        """Re-read the raw samples at buffered positions (no decoding), in buffered order.
+
+        A position can be buffered twice, from two epochs, when epochs meet in the buffer.
+        """
+        wanted: dict[str, dict[int, list[int]]] = {}
+        for slot, (url, index, _) in enumerate(positions):
+            wanted.setdefault(url, {}).setdefault(index, []).append(slot)
+        buffer: list[dict | None] = [None] * len(positions)
+        for url, slots in wanted.items():
+            try:
+                for raw in iter_raw_samples(url, allow_pipe=self.settings.allow_pipe, start=min(slots)):
+                    for slot in slots.get(raw["__index__"], ()):
+                        buffer[slot] = {**raw, "__pass__": positions[slot][2]}
+                    if raw["__index__"] >= max(slots):
+                        break
+            except ShardTruncated:
+                pass  # positions before the break were read; later ones were never buffered
+        return [raw for raw in buffer if raw is not None]
+
+    # --- iteration --------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = self._worker()
+        state = self._fresh_state(worker)
+        if self._restored:
+            if self._restored.get("worker", worker) != worker:
+                raise ValueError("loader state belongs to a different worker layout; resume with the "
+                                 "same data.workers and world size")
+            state.update(self._restored)
+            state["skipped"] = Counter(self._restored.get("skipped", {}))
+            state["since_last_batch"] = Counter()
+        rng = random.Random()
+        rng.setstate(_as_rng_state(state["rng"]))
+        buffer = self._restore_buffer(state["buffer"])
+        self._live = {"state": state, "buffer": buffer, "rng": rng}
+        yield from self._batches(state, buffer, rng, self._raw_stream(state, worker, workers))
+
+    def _shuffled(self, buffer: list, rng: random.Random, raw_stream: Iterator[dict]) -> Iterator[dict]:
+        capacity = self.settings.shuffle_buffer
+        for raw in raw_stream:
+            if capacity <= 1:
+                yield raw
+                continue
+            buffer.append(raw)
+            if len(buffer) >= capacity:
+                yield _pop_random(buffer, rng)
+        while buffer:
+            yield _pop_random(buffer, rng)
+
+    def _batches(self, state: dict, buffer: list, rng: random.Random, raw_stream) -> Iterator[dict]:
+        pending, since = [], state["since_last_batch"]
+        for raw in self._shuffled(buffer, rng, raw_stream):
+            try:
+                pending.append(self.decoder.decode(raw, seed=mix_seed(self.settings.seed, raw["__url__"],
+                                                                      raw["__index__"], raw["__pass__"])))
+            except BadSample as bad:
+                _count_skip(state, bad.reason)
+                if sum(since.values()) > MAX_SKIPS_IN_A_ROW:
+                    raise RuntimeError(
+                        f"{sum(since.values())} samples in a row were skipped ({dict(since)}), "
+                        f"last in shard {raw['__url__']} key {raw['__key__']}: the data looks unusable"
+                    ) from None
+                continue
+            if len(pending) == self.settings.batch_size:
+                yield self._collate(state, pending)
+                pending = []
+        if pending and self.settings.drop_last:
+            for _ in pending:
+                _count_skip(state, "incomplete_batch")
+            pending = []
+        if pending:
+            yield self._collate(state, pending)
+        elif since:
+            yield {"size": 0, "skipped": dict(since)}
+
+    def _collate(self, state: dict, samples: list) -> dict:
+        batch = self.decoder.collate(samples, seed=mix_seed(*(sample.seed for sample in samples)))
+        state["delivered"] += len(samples)
+        batch["skipped"] = dict(state["since_last_batch"])
+        state["since_last_batch"].clear()
+        return batch
+
+
+def _count_skip(state: dict, reason: str) -> None:
+    state["skipped"][reason] += 1
+    state["since_last_batch"][reason] += 1
+
+
+def _pop_random(buffer: list, rng: random.Random):
+    index = rng.randrange(len(buffer))
+    buffer[index], buffer[-1] = buffer[-1], buffer[index]
+    return buffer.pop()
+
+
+def _as_rng_state(state):
+    """random.Random state survives pickling as tuples but JSON/YAML round trips give lists."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+class BatchLoader:
+    """A rank's batches: a StatefulDataLoader over a ShardStream, plus skip and sample counts.
+
+    `state_dict()` / `load_state_dict()` cover the workers' positions and the counts, so a
+    job restored from a checkpoint continues with the next unseen sample.
+    """
+
+    def __init__(self, stream: ShardStream, *, workers: int, prefetch_factor: int = 2):
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        self.stream = stream
+        self.skipped: Counter = Counter()
+        self.samples_delivered = 0
+        self.batches_delivered = 0
+        self._loader = StatefulDataLoader(
+            stream, batch_size=None, num_workers=workers,
+            prefetch_factor=prefetch_factor if workers > 0 else None,
+            persistent_workers=False, pin_memory=torch.cuda.is_available(),
+        )
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self._loader:
+            self.skipped.update(batch.pop("skipped"))
+            if batch["size"] == 0:
+                continue
+            self.samples_delivered += batch["size"]
+            self.batches_delivered += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue after the last batch this loader yielded."""
+        return {"loader": self._loader.state_dict(), "skipped": dict(self.skipped),
+                "samples_delivered": self.samples_delivered, "batches_delivered": self.batches_delivered}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore before iterating; the workers and world size must match the saved run."""
+        self._loader.load_state_dict(state["loader"])
+        self.skipped = Counter(state["skipped"])
+        self.samples_delivered = state["samples_delivered"]
+        self.batches_delivered = state["batches_delivered"]
+
+
+def build_loader(
+    config: DataConfig, *, spec: str, tokenizer, batch_size: int, train: bool,
+    rank: int = 0, world_size: int = 1, epochs: int | None = None,
+) -> BatchLoader:
+    """A rank's loader for `spec`: training (augmented, shuffled, endless unless `epochs`)
+    or evaluation (center crop, in order, one pass)."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    sources = tuple(parse_spec(spec, allow_pipe=config.allow_pipe))
+    settings = StreamSettings(
+        sources=sources, sampling=config.sampling if train else "epoch", rank=rank, world_size=world_size,
+        seed=config.seed, shuffle_buffer=config.shuffle_buffer if train else 0, batch_size=batch_size,
+        epochs=epochs if train else 1, shuffle_shards=train, drop_last=train, allow_pipe=config.allow_pipe,
+    )
+    shard_count = sum(len(source.urls) for source in sources)
+    readers = world_size * max(config.workers, 1)
+    if settings.sampling == "epoch" and shard_count < readers:
+        warnings.warn(f"{shard_count} shards for {readers} readers ({world_size} ranks x {max(config.workers, 1)} "
+                      "workers): some read nothing; write more, smaller shards", stacklevel=2)
+    augment = AugmentSettings(
+        image_size=config.image_size, max_pixels=config.max_pixels, train=train, crop_scale=config.crop_scale,
+        crop_ratio=config.crop_ratio, hflip_probability=config.hflip_probability,
+    )
+    captions = CaptionEncoder(tokenizer, context_length=config.context_length,
+                              mlm_probability=config.mlm_probability)
+    stream = ShardStream(settings, SampleDecoder(augment, captions))
+    return BatchLoader(stream, workers=config.workers, prefetch_factor=config.prefetch_factor)

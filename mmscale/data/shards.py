@@ -1,0 +1,229 @@
+"""Shard specs and raw shard reading.
+
+A shard spec names tar files in WebDataset layout: brace expansion
+(`data/shard-{000000..000099}.tar`), a directory (all its `*.tar`), several sources joined
+with `::`, each optionally weighted with a trailing `@W` (`a-{0..9}.tar@3::b-{0..4}.tar@1`),
+local paths, fsspec URLs (`s3://`, `gs://`, `https://`, ...) and, only when the caller allows
+it, `pipe:` commands.
+
+Reading groups tar members by key with webdataset's own tar iterator, numbering samples in
+shard order so that a loader position is just (shard, index).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import braceexpand
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+SIZES_FILE = "sizes.json"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_WEIGHT = re.compile(r"@(\d+(?:\.\d*)?|\.\d+)$")
+
+
+class ShardError(Exception):
+    """A shard that cannot be opened or read at all; the message names the shard."""
+
+
+class ShardTruncated(Exception):
+    """A shard that ended in the middle of a tar member (a truncated or corrupt file)."""
+
+    def __init__(self, url: str, samples_read: int, cause: Exception):
+        super().__init__(f"shard {url}: truncated or corrupt tar after {samples_read} samples ({cause})")
+        self.url = url
+        self.samples_read = samples_read
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """One `::`-separated part of a spec: its shard URLs and its sampling weight."""
+
+    urls: tuple[str, ...]
+    weight: float = 1.0
+
+
+def parse_spec(spec: str, *, allow_pipe: bool = False) -> list[ShardSource]:
+    """Split a shard spec into weighted sources, expanding braces and directories.
+
+    Raises ValueError for an empty spec, a non-positive weight, or a `pipe:` URL when
+    `allow_pipe` is false (a spec from a config file should not run shell commands unasked).
+    """
+    if not spec or not spec.strip():
+        raise ValueError("empty shard spec: give a path such as data/shard-{000000..000009}.tar")
+    sources = []
+    for part in spec.split("::"):
+        part = part.strip()
+        weight = 1.0
+        match = _WEIGHT.search(part)
+        if match:
+            weight = float(match.group(1))
+            part = part[: match.start()]
+        if weight <= 0:
+            raise ValueError(f"shard spec part {part!r}: weight must be positive, got {weight}")
+        urls = []
+        for url in braceexpand.braceexpand(part):
+            if url.startswith("pipe:") and not allow_pipe:
+                raise ValueError(
+                    f"shard {url}: pipe: URLs run shell commands and are refused; "
+                    "set data.allow_pipe=true (or pass --allow-pipe) if you trust this spec"
+                )
+            if _is_local(url) and os.path.isdir(url):
+                found = sorted(str(p) for p in Path(url).glob("*.tar"))
+                if not found:
+                    raise ShardError(f"shard directory {url}: contains no .tar files")
+                urls.extend(found)
+            else:
+                urls.append(url)
+        sources.append(ShardSource(urls=tuple(urls), weight=weight))
+    return sources
+
+
+def spec_urls(spec: str, *, allow_pipe: bool = False) -> list[str]:
+    """All shard URLs of a spec, sources concatenated in order (weights ignored)."""
+    return [url for source in parse_spec(spec, allow_pipe=allow_pipe) for url in source.urls]
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def open_shard(url: str, *, allow_pipe: bool = False):
+    """Open a shard for binary reading; a missing or unreadable shard raises ShardError naming it."""
+    if url.startswith("pipe:"):
+        if not allow_pipe:
+            raise ShardError(f"shard {url}: pipe: URLs are refused unless explicitly allowed")
+        return gopen(url, "rb")
+    if _is_local(url):
+        local = url[len("file:"):] if url.startswith("file:") else url
+        try:
+            return open(local, "rb")
+        except FileNotFoundError:
+            raise ShardError(f"shard {url}: no such file") from None
+        except OSError as error:
+            raise ShardError(f"shard {url}: cannot open ({error.strerror or error})") from None
+    import fsspec
+
+    try:
+        return fsspec.open(url, "rb").open()
+    except FileNotFoundError:
+        raise ShardError(f"shard {url}: no such file") from None
+    except Exception as error:  # fsspec backends raise many types; name the shard either way
+        raise ShardError(f"shard {url}: cannot open ({error})") from None
+
+
+def iter_raw_samples(url: str, *, allow_pipe: bool = False, start: int = 0) -> Iterator[dict]:
+    """Yield the samples of one shard as dicts of raw bytes, in tar order.
+
+    Each dict has `__key__`, `__url__`, `__index__` (ordinal in the shard) and one entry per
+    member extension (lower case). Samples before `start` are skipped without being decoded.
+    A shard that ends mid-member raises ShardTruncated after the samples read before the break;
+    each member yielded was read whole, and the member that broke is dropped.
+    """
+    stream = open_shard(url, allow_pipe=allow_pipe)
+    index = 0
+    current: dict | None = None
+    try:
+        for member in tar_file_iterator(stream):
+            key, extension = base_plus_ext(member["fname"])
+            if key is None:
+                continue
+            if current is not None and key != current["__key__"]:
+                if index >= start:
+                    yield current
+                index += 1
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": url, "__index__": index}
+            current[extension.lower()] = member["data"]
+    except (tarfile.TarError, OSError, EOFError, ValueError) as error:
+        if index == 0 and current is None:
+            raise ShardError(f"shard {url}: not a readable tar file ({error})") from None
+        if current is not None and index >= start:
+            yield current  # its members were read whole; a sample missing one is skipped downstream
+        raise ShardTruncated(url, index + (current is not None), error) from None
+    finally:
+        stream.close()
+    if current is not None and index >= start:
+        yield current
+
+
+def read_sizes(urls: list[str]) -> dict[str, int] | None:
+    """Sample counts per shard from the `sizes.json` beside local shards, or None if any is unknown."""
+    sizes: dict[str, int] = {}
+    loaded: dict[str, dict] = {}
+    for url in urls:
+        if not _is_local(url):
+            return None
+        folder = os.path.dirname(url) or "."
+        if folder not in loaded:
+            path = os.path.join(folder, SIZES_FILE)
+            try:
+                with open(path) as handle:
+                    loaded[folder] = json.load(handle)
+            except (OSError, json.JSONDecodeError):
+                return None
+        count = loaded[folder].get(os.path.basename(url))
+        if count is None:
+            return None
+        sizes[url] = int(count)
+    return sizes
+
+
+def write_bytes_atomically(path: str | os.PathLike, payload: bytes) -> None:
+    """Write a file under a temporary name and rename it, so readers never see half of it."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(temporary, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def write_json_atomically(path: str | os.PathLike, value) -> None:
+    """Atomically write `value` as indented JSON."""
+    write_bytes_atomically(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
+
+
+def sample_caption(sample: dict) -> str | None:
+    """The caption of a raw sample: its `txt` member, else `json["caption"]`; None if absent.
+
+    Raises UnicodeDecodeError for text that is not UTF-8, so callers can count it.
+    """
+    if sample.get("txt"):
+        return sample["txt"].decode("utf-8").strip() or None
+    if sample.get("json"):
+        try:
+            meta = json.loads(sample["json"].decode("utf-8"))
+        except json.JSONDecodeError:
+            return None
+        caption = meta.get("caption") if isinstance(meta, dict) else None
+        if isinstance(caption, str) and caption.strip():
+            return caption.strip()
+    return None
+
+
+def sample_image_bytes(sample: dict) -> tuple[str, bytes] | None:
+    """The (extension, bytes) of a raw sample's image member, or None when it has none."""
+    for extension in IMAGE_EXTENSIONS:
+        if extension in sample:
+            return extension, sample[extension]
+    return None
+
+
+def tar_member(name: str, payload: bytes, mtime: float = 0.0) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    """A (TarInfo, file object) pair ready for `TarFile.addfile`, with deterministic metadata."""
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = mtime
+    info.mode = 0o644
+    return info, io.BytesIO(payload)

@@ -1,0 +1,116 @@
+"""Caption tokenization and masked-LM masking, both done per batch.
+
+Tokenization goes through the `tokenizers` backend of a local Hugging Face tokenizer
+folder (no hub access), batched, padded and truncated to the context length. Masking
+follows BERT (Devlin et al. 2019, section 3.1): 15% of real tokens are chosen, of which
+80% become [MASK], 10% a random token and 10% stay; special and padding tokens are never
+chosen. Randomness comes from a generator seeded per batch so a resumed loader repeats it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A transformers tokenizer from a local folder; a clear error when the folder is wrong."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"tokenizer {path}: no such folder (give a local Hugging Face tokenizer folder, "
+            "for example one made by tools/train_tokenizer.py)"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"tokenizer {path}: not a readable Hugging Face tokenizer folder ({error})") from None
+
+
+@dataclass(frozen=True)
+class MaskingSpec:
+    """What masking needs to know about a vocabulary."""
+
+    mask_token_id: int
+    pad_token_id: int
+    vocab_size: int
+    special_ids: tuple[int, ...]
+
+
+class CaptionEncoder:
+    """Tokenizes a list of captions into fixed-length id tensors (and masks them for MLM).
+
+    Picklable, so dataloader workers get their own copy.
+    """
+
+    def __init__(self, tokenizer, *, context_length: int, mlm_probability: float):
+        if tokenizer.pad_token_id is None:
+            raise ValueError("tokenizer has no padding token; add one (e.g. [PAD]) before training")
+        if mlm_probability > 0 and tokenizer.mask_token_id is None:
+            raise ValueError("data.mlm_probability > 0 needs a tokenizer with a mask token ([MASK])")
+        self.context_length = context_length
+        self.mlm_probability = mlm_probability
+        self.backend = tokenizer.backend_tokenizer.__class__.from_str(tokenizer.backend_tokenizer.to_str())
+        self.backend.enable_truncation(max_length=context_length)
+        self.backend.enable_padding(length=context_length, pad_id=tokenizer.pad_token_id,
+                                    pad_token=tokenizer.pad_token)
+        self.masking = MaskingSpec(
+            mask_token_id=tokenizer.mask_token_id if tokenizer.mask_token_id is not None else -1,
+            pad_token_id=tokenizer.pad_token_id,
+            vocab_size=len(tokenizer),
+            special_ids=tuple(sorted(set(tokenizer.all_special_ids))),
+        )
+
+    def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """`input_ids` and `attention_mask`, int64 [batch, context_length]."""
+        encodings = self.backend.encode_batch(captions)
+        return {
+            "input_ids": torch.tensor([e.ids for e in encodings], dtype=torch.long),
+            "attention_mask": torch.tensor([e.attention_mask for e in encodings], dtype=torch.long),
+        }
+
+    def encode_and_mask(self, captions: list[str], *, seed: int) -> dict[str, torch.Tensor]:
+        """`encode` plus, when MLM is on, `mlm_input_ids` and `mlm_labels` drawn with `seed`."""
+        batch = self.encode(captions)
+        if self.mlm_probability > 0:
+            generator = torch.Generator().manual_seed(seed)
+            masked, labels = mask_tokens(batch["input_ids"], spec=self.masking,
+                                         probability=self.mlm_probability, generator=generator)
+            batch["mlm_input_ids"], batch["mlm_labels"] = masked, labels
+        return batch
+
+
+def mask_tokens(
+    input_ids: torch.Tensor, *, spec: MaskingSpec, probability: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: returns (masked ids, labels with IGNORE_INDEX where nothing is predicted)."""
+    special = torch.isin(input_ids, torch.tensor(spec.special_ids + (spec.pad_token_id,)))
+    chosen = (torch.rand(input_ids.shape, generator=generator) < probability) & ~special
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    action = torch.rand(input_ids.shape, generator=generator)
+    masked = input_ids.clone()
+    masked[chosen & (action < 0.8)] = spec.mask_token_id
+    use_random = chosen & (action >= 0.8) & (action < 0.9)
+    random_ids = _random_regular_tokens(int(use_random.sum()), spec=spec, generator=generator)
+    masked[use_random] = random_ids
+    return masked, labels
+
+
+def _random_regular_tokens(count: int, *, spec: MaskingSpec, generator: torch.Generator) -> torch.Tensor:
+    """`count` token ids drawn uniformly from the vocabulary minus special tokens."""
+    if count == 0:
+        return torch.empty(0, dtype=torch.long)
+    excluded = torch.tensor(sorted(set(spec.special_ids) | {spec.pad_token_id}))
+    excluded = excluded[excluded < spec.vocab_size]
+    draws = torch.randint(0, spec.vocab_size - len(excluded), (count,), generator=generator)
+    # Shift each draw past the excluded ids below it: a uniform draw over the allowed ids.
+    for token in excluded.tolist():
+        draws = draws + (draws >= token).long()
+    return draws

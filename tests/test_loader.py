@@ -1,0 +1,209 @@
+"""The streaming loader on real tar shards: coverage, resampling, resume, skips."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmscale.data.config import DataConfig
+from mmscale.data.loader import BatchLoader, ShardStream, StreamSettings, build_loader
+from mmscale.data.samples import AugmentSettings, SampleDecoder
+from mmscale.data.shards import ShardError, parse_spec
+from mmscale.data.text import CaptionEncoder
+from shardkit import jpeg_bytes, write_shards, write_tar
+
+CONFIG = DataConfig(image_size=32, context_length=16, shuffle_buffer=16, workers=0)
+
+
+def make_stream(tokenizer, spec, *, rank=0, world_size=1, epochs=1, sampling="epoch", batch_size=4,
+                drop_last=False, shuffle_buffer=16, config=CONFIG):
+    settings = StreamSettings(
+        sources=tuple(parse_spec(spec)), sampling=sampling, rank=rank, world_size=world_size, seed=7,
+        shuffle_buffer=shuffle_buffer, batch_size=batch_size, epochs=epochs, drop_last=drop_last,
+    )
+    augment = AugmentSettings(image_size=config.image_size, max_pixels=config.max_pixels, train=True,
+                              hflip_probability=0.5)
+    captions = CaptionEncoder(tokenizer, context_length=config.context_length, mlm_probability=0.15)
+    return ShardStream(settings, SampleDecoder(augment, captions))
+
+
+def test_batch_layout(tmp_path, tokenizer):
+    urls = write_shards(tmp_path, shards=2, per_shard=6, labels=True)
+    loader = build_loader(CONFIG, spec="::".join(urls), tokenizer=tokenizer, batch_size=4, train=True)
+    batch = next(iter(loader))
+    assert batch["images"].shape == (4, 3, 32, 32) and batch["images"].dtype == torch.uint8
+    for name in ("input_ids", "attention_mask", "mlm_input_ids", "mlm_labels"):
+        assert batch[name].shape == (4, 16) and batch[name].dtype == torch.long
+    assert batch["input_ids"][:, 0].eq(tokenizer.cls_token_id).all()
+    assert set(batch["labels"].tolist()) <= {0, 1, 2}
+    assert len(batch["keys"]) == 4
+
+
+@pytest.mark.slow
+def test_epoch_mode_visits_every_sample_once_across_ranks_and_workers(tmp_path, tokenizer):
+    urls = write_shards(tmp_path, shards=8, per_shard=9)
+    seen = Counter()
+    for rank in range(2):
+        stream = make_stream(tokenizer, "::".join(urls), rank=rank, world_size=2, batch_size=4)
+        loader = BatchLoader(stream, workers=2)
+        for batch in loader:
+            seen.update(batch["keys"])
+        assert loader.skipped == Counter()
+    assert len(seen) == 72
+    assert set(seen.values()) == {1}
+
+
+def test_epochs_follow_each_other_seamlessly_in_a_new_order(tmp_path, tokenizer):
+    urls = write_shards(tmp_path, shards=4, per_shard=8)
+    stream = make_stream(tokenizer, "::".join(urls), epochs=2, batch_size=8)
+    keys = [key for batch in BatchLoader(stream, workers=0) for key in batch["keys"]]
+    assert len(keys) == 64 and set(Counter(keys).values()) == {2}
+    first, second = keys[:32], keys[32:]
+    assert first != second and first != sorted(first)
+
+
+def test_resampled_mode_is_endless_and_weights_sources(tmp_path, tokenizer):
+    a = write_shards(tmp_path / "a", shards=3, per_shard=10, prefix="a")
+    b = write_shards(tmp_path / "b", shards=3, per_shard=10, prefix="b")
+    spec = f"{tmp_path}/a/a-{{000000..000002}}.tar@3::{tmp_path}/b/b-{{000000..000002}}.tar@1"
+    stream = make_stream(tokenizer, spec, epochs=None, sampling="resampled", batch_size=10, shuffle_buffer=4)
+    counts = Counter()
+    iterator = iter(BatchLoader(stream, workers=0))
+    for _ in range(120):  # 1,200 samples from 60 distinct ones: only an endless stream gets here
+        counts.update(key[0] for key in next(iterator)["keys"])
+    share = counts["a"] / (counts["a"] + counts["b"])
+    assert len(a) == len(b) == 3
+    assert 0.65 < share < 0.85, counts  # expected 0.75
+
+
+def _batches_equal(left: dict, right: dict) -> bool:
+    return left["keys"] == right["keys"] and all(
+        torch.equal(left[name], right[name]) for name in ("images", "input_ids", "mlm_input_ids", "mlm_labels"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_restored_state_yields_exactly_the_uninterrupted_batches(tmp_path, tokenizer, workers):
+    urls = write_shards(tmp_path, shards=4, per_shard=11)
+    config = DataConfig(image_size=32, context_length=16, shuffle_buffer=16, workers=workers)
+    spec = "::".join(urls)
+
+    def loader():
+        return build_loader(config, spec=spec, tokenizer=tokenizer, batch_size=4, train=True)
+
+    straight_iter = iter(loader())
+    straight = [next(straight_iter) for _ in range(30)]  # crosses epoch boundaries
+    first = loader()
+    first_iter = iter(first)
+    for _ in range(13):
+        next(first_iter)
+    state = first.state_dict()
+    del first_iter, first
+    resumed = loader()
+    resumed.load_state_dict(state)
+    resumed_iter = iter(resumed)
+    for expected in straight[13:]:
+        assert _batches_equal(next(resumed_iter), expected)
+    assert resumed.samples_delivered == 30 * 4
+
+
+def test_resume_decodes_only_unseen_samples(tmp_path, tokenizer):
+    urls = write_shards(tmp_path, shards=2, per_shard=40)
+    stream = make_stream(tokenizer, "::".join(urls), batch_size=5, shuffle_buffer=8)
+    loader = BatchLoader(stream, workers=0)
+    iterator = iter(loader)
+    delivered = [next(iterator)["keys"] for _ in range(10)]
+    state = loader.state_dict()
+
+    resumed_stream = make_stream(tokenizer, "::".join(urls), batch_size=5, shuffle_buffer=8)
+    decoded = []
+    original_decode = resumed_stream.decoder.decode
+    resumed_stream.decoder.decode = lambda raw, seed: decoded.append(raw["__key__"]) or original_decode(raw, seed=seed)
+    resumed = BatchLoader(resumed_stream, workers=0)
+    resumed.load_state_dict(state)
+    rest = [key for batch in resumed for key in batch["keys"]]
+    already = {key for keys in delivered for key in keys}
+    assert len(already) == 50 and len(rest) == 30 and already.isdisjoint(rest)
+    assert sorted(decoded) == sorted(rest)  # nothing before the resume point was decoded again
+
+
+def _bomb_png() -> bytes:
+    """A real decompression bomb: 10,000 x 9,000 1-bit pixels (over PIL's limit) in a few KB."""
+    buffer = io.BytesIO()
+    Image.new("1", (10_000, 9_000)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_every_bad_input_kind_is_skipped_and_counted(tmp_path, tokenizer):
+    good = jpeg_bytes(1)
+    members = []
+
+    def add(key, **parts):
+        members.extend((f"{key}.{ext}", payload) for ext, payload in parts.items())
+
+    add("k00", jpg=good, txt=b"a good one")
+    add("k01", jpg=good[: len(good) // 2], txt=b"truncated jpeg")
+    add("k02", jpg=b"\x00garbage" * 20, txt=b"not an image at all")
+    add("k03", jpg=good)  # no caption
+    add("k04", txt=b"no image")
+    add("k05", jpg=good, txt=b"\xff\xfe caption in latin-1 \xe9")
+    add("k06", jpg=b"", txt=b"zero-byte image")
+    add("k07", jpg=good, txt=b"")
+    add("k08", png=_bomb_png(), txt=b"decompression bomb")
+    add("k09", jpg=good, txt=b"another good one")
+    add("k10", jpg=good, json=json.dumps({"caption": "caption from json"}).encode())
+    write_tar(tmp_path / "bad-000000.tar", members)
+    # A truncated tar: a good shard cut in the middle of its second image.
+    write_tar(tmp_path / "whole.tar", [("t0.jpg", good), ("t0.txt", b"kept"), ("t1.jpg", good), ("t1.txt", b"lost")])
+    whole = (tmp_path / "whole.tar").read_bytes()
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        cut = tar.getmember("t1.jpg").offset_data + len(good) // 2
+    (tmp_path / "bad-000001.tar").write_bytes(whole[:cut])
+    (tmp_path / "whole.tar").unlink()
+
+    loader = build_loader(CONFIG, spec=f"{tmp_path}/bad-{{000000..000001}}.tar", tokenizer=tokenizer,
+                          batch_size=2, train=False)
+    keys = [key for batch in loader for key in batch["keys"]]
+    assert sorted(keys) == ["k00", "k09", "k10", "t0"]
+    assert loader.skipped == Counter(corrupt_image=2, missing_caption=1, missing_image=1, bad_text=1,
+                                     empty_member=2, image_too_large=1, truncated_shard=1)
+
+
+def test_missing_shard_is_an_error_naming_it(tmp_path, tokenizer):
+    urls = write_shards(tmp_path, shards=1, per_shard=3)
+    loader = build_loader(CONFIG, spec=f"{urls[0]}::{tmp_path}/nope-000001.tar", tokenizer=tokenizer,
+                          batch_size=2, train=False)
+    with pytest.raises(ShardError, match="nope-000001.tar: no such file"):
+        list(loader)
+
+
+def test_pipe_urls_are_refused_unless_allowed(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="pipe: URLs run shell commands"):
+        build_loader(CONFIG, spec="pipe:cat x.tar", tokenizer=tokenizer, batch_size=2, train=True)
+    urls = write_shards(tmp_path, shards=1, per_shard=3)
+    allowed = DataConfig(image_size=32, context_length=16, workers=0, allow_pipe=True)
+    loader = build_loader(allowed, spec=f"pipe:cat {urls[0]}", tokenizer=tokenizer, batch_size=3, train=False)
+    assert len(next(iter(loader))["keys"]) == 3
+
+
+def test_train_images_are_augmented_and_eval_images_are_not(tmp_path, tokenizer):
+    write_tar(tmp_path / "one.tar", [("x.jpg", jpeg_bytes(3, (64, 48))), ("x.txt", b"one image")])
+    config = DataConfig(image_size=32, context_length=16, workers=0, crop_scale=(0.2, 1.0))
+    def image(train, epochs):
+        loader = build_loader(config, spec=str(tmp_path / "one.tar"), tokenizer=tokenizer, batch_size=1,
+                              train=train, epochs=epochs)
+        return [batch["images"][0] for batch in loader]
+    train = image(True, 3)
+    assert len(train) == 3 and not torch.equal(train[0], train[1])
+    evaluated = image(False, None) + image(False, None)
+    assert torch.equal(evaluated[0], evaluated[1])
+    reference = np.asarray(Image.open(io.BytesIO(jpeg_bytes(3, (64, 48)))).convert("RGB").resize((32, 32), box=(8, 0, 56, 48)))
+    assert np.abs(evaluated[0].permute(1, 2, 0).numpy().astype(int) - reference.astype(int)).mean() < 12
+

@@ -1,0 +1,153 @@
+"""Loader throughput: the mmscale loader against open_clip's PIL pipeline, same shards, one run.
+
+    python tools/bench/loader.py [--data SPEC] [--tokenizer DIR] [--samples N]
+
+Without --data it writes photo-like JPEG shards (320-512 px, about 38 KB each) to a
+temporary folder. Both pipelines read the same tars once per measurement and produce
+batches of 224-px images plus token ids, in one process on one thread:
+- baseline (open_clip's way): webdataset -> PIL decode -> RandomResizedCrop(224, bicubic)
+  -> ToTensor -> Normalize, captions tokenized per batch with the same tokenizer;
+- mmscale: `build_loader` with data.workers=0 (uint8 images, tokens and MLM masks).
+Then the mmscale loader with 1, 2 and 4 dataloader workers. Prints a table and, last, one
+JSON line with the one-thread numbers and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from mmscale.data.config import DataConfig  # noqa: E402
+from mmscale.data.loader import build_loader  # noqa: E402
+from mmscale.data.shards import spec_urls, tar_member, write_json_atomically  # noqa: E402
+from mmscale.data.text import CaptionEncoder, load_tokenizer  # noqa: E402
+
+BATCH_SIZE = 64
+SUBJECTS = "dog cat car tree house boat bird flower mountain street beach bicycle".split()
+PLACES = "in a park|on a beach|at night|in the snow|next to a river|in a city|under a blue sky".split("|")
+
+
+def photo_like_jpeg(rng: np.random.Generator) -> bytes:
+    """A JPEG with photo statistics: smooth structure, edges and sensor-like noise."""
+    from PIL import Image, ImageFilter
+
+    width, height = (int(v) for v in rng.integers(320, 513, size=2))
+    field = rng.normal(size=(height // 24 + 2, width // 24 + 2, 3))
+    field = ((field - field.min()) / np.ptp(field) * 255).astype(np.uint8)
+    image = Image.fromarray(field).resize((width, height), Image.BICUBIC)
+    pixels = np.asarray(image).astype(np.float32) + rng.normal(scale=16, size=(height, width, 3))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=87)
+    return buffer.getvalue()
+
+
+def write_photo_shards(folder: Path, *, samples: int, per_shard: int = 250) -> str:
+    """Photo-like shards with captions and sizes.json; returns their spec."""
+    rng = np.random.default_rng(0)
+    sizes, names = {}, []
+    for shard_index, start in enumerate(range(0, samples, per_shard)):
+        name = f"photo-{shard_index:06d}.tar"
+        with tarfile.open(folder / name, "w") as tar:
+            for index in range(start, min(start + per_shard, samples)):
+                caption = f"a photo of a {rng.choice(SUBJECTS)} {rng.choice(PLACES)}"
+                tar.addfile(*tar_member(f"{index:09d}.jpg", photo_like_jpeg(rng)))
+                tar.addfile(*tar_member(f"{index:09d}.txt", caption.encode()))
+        sizes[name] = min(start + per_shard, samples) - start
+        names.append(name)
+    write_json_atomically(folder / "sizes.json", sizes)
+    return f"{folder}/photo-{{000000..{len(names) - 1:06d}}}.tar"
+
+
+def pil_pipeline(spec: str, encoder: CaptionEncoder):
+    """open_clip's training data path, batches of normalized float images plus token ids."""
+    import webdataset as wds
+    from torchvision import transforms
+
+    preprocess = transforms.Compose([
+        transforms.RandomResizedCrop(224, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    ])
+    dataset = (wds.WebDataset(spec_urls(spec), shardshuffle=False, empty_check=False)
+               .decode("pilrgb").to_tuple("jpg;png;jpeg;webp", "txt").map_tuple(preprocess, lambda text: text)
+               .batched(BATCH_SIZE, partial=True))
+    for images, captions in dataset:
+        yield {"images": images, **encoder.encode(list(captions))}
+
+
+def mmscale_loader(spec: str, tokenizer, workers: int):
+    """The mmscale training loader with the baseline's crop range and no shuffle buffer."""
+    config = DataConfig(workers=workers, image_size=224, crop_scale=(0.08, 1.0), shuffle_buffer=0, context_length=64)
+    return build_loader(config, spec=spec, tokenizer=tokenizer, batch_size=BATCH_SIZE, train=True, epochs=1)
+
+
+def measure(batches) -> tuple[float, int]:
+    start, delivered = time.perf_counter(), 0
+    for batch in batches:
+        delivered += len(batch["images"])
+    return delivered / (time.perf_counter() - start), delivered
+
+
+def best_of(repeats: int, make) -> tuple[float, int]:
+    results = [measure(make()) for _ in range(repeats)]
+    return max(rate for rate, _ in results), results[-1][1]
+
+
+def tokenizer_for(spec: str, folder: Path):
+    from mmscale.data.shards import iter_raw_samples, sample_caption
+    from mmscale.data.tokenizer_train import train_wordpiece
+
+    captions = (sample_caption(raw) or "" for url in spec_urls(spec) for raw in iter_raw_samples(url))
+    train_wordpiece(captions, vocab_size=2000, output_dir=folder)
+    return load_tokenizer(folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="shard spec to read; default: generate photo-like shards")
+    parser.add_argument("--tokenizer", help="HF tokenizer folder; default: train one on the captions")
+    parser.add_argument("--samples", type=int, default=2000, help="samples to generate without --data")
+    parser.add_argument("--repeats", type=int, default=2, help="passes per measurement (best is kept)")
+    parser.add_argument("--workers", default="1,2,4", help="worker counts for the scaling rows")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        spec = args.data or write_photo_shards(scratch, samples=args.samples)
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else tokenizer_for(spec, scratch / "tokenizer")
+        encoder = CaptionEncoder(tokenizer, context_length=64, mlm_probability=0.0)
+        rows = []
+        pil_rate, pil_count = best_of(args.repeats, lambda: pil_pipeline(spec, encoder))
+        rows.append(("PIL pipeline (open_clip)", "1 thread", pil_rate, pil_count))
+        loaders = []
+        ours_rate, ours_count = best_of(
+            args.repeats, lambda: loaders.append(mmscale_loader(spec, tokenizer, 0)) or loaders[-1])
+        skipped = dict(loaders[-1].skipped)
+        rows.append(("mmscale loader", "1 thread", ours_rate, ours_count))
+        for workers in (int(w) for w in args.workers.split(",")):
+            rate, count = best_of(1, lambda: mmscale_loader(spec, tokenizer, workers))
+            rows.append(("mmscale loader", f"{workers} workers", rate, count))
+    print(f"\n{'pipeline':28s} {'processes':>10s} {'samples/s':>10s} {'vs PIL':>7s} {'samples':>8s}")
+    for name, processes, rate, count in rows:
+        print(f"{name:28s} {processes:>10s} {rate:10.1f} {rate / pil_rate:6.2f}x {count:8d}")
+    print(f"({os.cpu_count()} cores; images 224 px, batch {BATCH_SIZE})")
+    print(json.dumps({"mmscale_samples_per_s": round(ours_rate, 1), "pil_samples_per_s": round(pil_rate, 1),
+                      "ratio": round(ours_rate / pil_rate, 3), "delivered": ours_count, "skipped": skipped}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
