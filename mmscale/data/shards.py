@@ -220,10 +220,13 @@ def sample_image_bytes(sample: dict) -> tuple[str, bytes] | None:
     return None
 
 
-def tar_member(name: str, payload: bytes, mtime: float = 0.0) -> tuple[tarfile.TarInfo, io.BytesIO]:
-    """A (TarInfo, file object) pair ready for `TarFile.addfile`, with deterministic metadata."""
+def tar_member(name: str, payload: bytes, mtime: int = 0) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    """A (TarInfo, file object) pair ready for `TarFile.addfile`, with deterministic metadata.
+
+    The mtime is an int: a float one makes tarfile add a PAX header to every member.
+    """
     info = tarfile.TarInfo(name)
     info.size = len(payload)
-    info.mtime = mtime
+    info.mtime = int(mtime)
     info.mode = 0o644
     return info, io.BytesIO(payload)

@@ -1,0 +1,52 @@
+"""Decode and crop on uint8: sizes, colour modes, crop geometry."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmscale.data.transforms import BadImage, decode_and_crop, image_size, random_resized_crop_box
+
+
+def encoded(mode: str, size=(64, 48), fmt="JPEG") -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode, fmt, extension", [
+    ("RGB", "JPEG", "jpg"), ("L", "JPEG", "jpg"), ("CMYK", "JPEG", "jpg"),
+    ("RGBA", "PNG", "png"), ("P", "PNG", "png"), ("RGB", "WEBP", "webp"),
+])
+def test_every_colour_mode_becomes_three_channel_uint8(mode, fmt, extension):
+    data = encoded(mode, fmt=fmt)
+    assert image_size(data, extension) == (64, 48)
+    image = decode_and_crop(data, extension, size=32, max_pixels=10**6, rng=random.Random(0))
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
+
+
+def test_center_crop_matches_resize_of_the_central_square():
+    data = encoded("RGB", size=(96, 64), fmt="PNG")
+    image = decode_and_crop(data, "png", size=32, max_pixels=10**6)
+    reference = np.asarray(Image.open(io.BytesIO(data)).crop((16, 0, 80, 64)).resize((32, 32), Image.BILINEAR))
+    assert np.abs(image.permute(1, 2, 0).numpy().astype(int) - reference.astype(int)).mean() < 3
+
+
+def test_random_crop_boxes_stay_inside_and_follow_the_scale_range():
+    rng = random.Random(1)
+    for _ in range(500):
+        box = random_resized_crop_box(300, 200, scale=(0.3, 0.6), ratio=(0.75, 4 / 3), rng=rng)
+        assert 0 <= box.top and box.top + box.height <= 200 and 0 <= box.left and box.left + box.width <= 300
+        assert 0.28 <= box.width * box.height / 60_000 <= 0.62
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    with pytest.raises(BadImage) as error:
+        decode_and_crop(encoded("RGB"), "jpg", size=32, max_pixels=1000)
+    assert error.value.reason == "image_too_large"
