@@ -257,11 +257,13 @@ class BatchLoader:
         self.skipped: Counter = Counter()
         self.samples_delivered = 0
         self.batches_delivered = 0
-        self._loader = StatefulDataLoader(
-            stream, batch_size=None, num_workers=workers,
-            prefetch_factor=prefetch_factor if workers > 0 else None,
-            persistent_workers=False, pin_memory=torch.cuda.is_available(),
-        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 on torch 2.14
+            self._loader = StatefulDataLoader(
+                stream, batch_size=None, num_workers=workers,
+                prefetch_factor=prefetch_factor if workers > 0 else None,
+                persistent_workers=False, pin_memory=torch.cuda.is_available(),
+            )
 
     def __iter__(self) -> Iterator[dict]:
         for batch in self._loader:

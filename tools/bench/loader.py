@@ -8,7 +8,8 @@ batches of 224-px images plus token ids, in one process on one thread:
 - baseline (open_clip's way): webdataset -> PIL decode -> RandomResizedCrop(224, bicubic)
   -> ToTensor -> Normalize, captions tokenized per batch with the same tokenizer;
 - mmscale: `build_loader` with data.workers=0 (uint8 images, tokens and MLM masks).
-Then the mmscale loader with 1, 2 and 4 dataloader workers. Prints a table and, last, one
+Then the mmscale loader with 1, 2 and 4 dataloader workers, and for reference bare PIL
+decoding of the same tars (no crop, no batching). Prints a table and, last, one
 JSON line with the one-thread numbers and their ratio.
 """
 
@@ -48,7 +49,7 @@ def photo_like_jpeg(rng: np.random.Generator) -> bytes:
     field = rng.normal(size=(height // 24 + 2, width // 24 + 2, 3))
     field = ((field - field.min()) / np.ptp(field) * 255).astype(np.uint8)
     image = Image.fromarray(field).resize((width, height), Image.BICUBIC)
-    pixels = np.asarray(image).astype(np.float32) + rng.normal(scale=16, size=(height, width, 3))
+    pixels = np.asarray(image).astype(np.float32) + rng.normal(scale=13, size=(height, width, 3))
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6))
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=87)
@@ -89,6 +90,17 @@ def pil_pipeline(spec: str, encoder: CaptionEncoder):
         yield {"images": images, **encoder.encode(list(captions))}
 
 
+def bare_decode(spec: str):
+    """Reading the tars and decoding each JPEG with PIL, nothing else: the calibration row."""
+    from PIL import Image
+
+    from mmscale.data.shards import iter_raw_samples, sample_image_bytes
+
+    for url in spec_urls(spec):
+        for raw in iter_raw_samples(url):
+            yield {"images": [Image.open(io.BytesIO(sample_image_bytes(raw)[1])).convert("RGB")]}
+
+
 def mmscale_loader(spec: str, tokenizer, workers: int):
     """The mmscale training loader with the baseline's crop range and no shuffle buffer."""
     config = DataConfig(workers=workers, image_size=224, crop_scale=(0.08, 1.0), shuffle_buffer=0, context_length=64)
@@ -111,11 +123,9 @@ def best_of(repeats: int, make) -> tuple[float, int]:
 
 
 def tokenizer_for(spec: str, folder: Path):
-    from mmscale.data.shards import iter_raw_samples, sample_caption
-    from mmscale.data.tokenizer_train import train_wordpiece
+    from mmscale.data.tokenizer_train import iter_captions, train_wordpiece
 
-    captions = (sample_caption(raw) or "" for url in spec_urls(spec) for raw in iter_raw_samples(url))
-    train_wordpiece(captions, vocab_size=2000, output_dir=folder)
+    train_wordpiece(iter_captions(spec), vocab_size=2000, output_dir=folder)
     return load_tokenizer(folder)
 
 
@@ -124,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="shard spec to read; default: generate photo-like shards")
     parser.add_argument("--tokenizer", help="HF tokenizer folder; default: train one on the captions")
     parser.add_argument("--samples", type=int, default=2000, help="samples to generate without --data")
-    parser.add_argument("--repeats", type=int, default=2, help="passes per measurement (best is kept)")
+    parser.add_argument("--repeats", type=int, default=3, help="passes per measurement (best is kept)")
     parser.add_argument("--workers", default="1,2,4", help="worker counts for the scaling rows")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -135,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else tokenizer_for(spec, scratch / "tokenizer")
         encoder = CaptionEncoder(tokenizer, context_length=64, mlm_probability=0.0)
         rows = []
+        rate, count = best_of(args.repeats, lambda: bare_decode(spec))
+        rows.append(("bare PIL decode (reference)", "1 thread", rate, count))
         pil_rate, pil_count = best_of(args.repeats, lambda: pil_pipeline(spec, encoder))
         rows.append(("PIL pipeline (open_clip)", "1 thread", pil_rate, pil_count))
         loaders = []
@@ -143,10 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         skipped = dict(loaders[-1].skipped)
         rows.append(("mmscale loader", "1 thread", ours_rate, ours_count))
         for workers in (int(w) for w in args.workers.split(",")):
-            rate, count = best_of(1, lambda: mmscale_loader(spec, tokenizer, workers))
+            rate, count = best_of(args.repeats, lambda: mmscale_loader(spec, tokenizer, workers))
             rows.append(("mmscale loader", f"{workers} workers", rate, count))
     print(f"\n{'pipeline':28s} {'processes':>10s} {'samples/s':>10s} {'vs PIL':>7s} {'samples':>8s}")
     for name, processes, rate, count in rows:
+        if name.startswith("bare"):
+            print(f"{name:28s} {processes:>10s} {rate:10.1f} {'':>7s} {count:8d}")
+            continue
         print(f"{name:28s} {processes:>10s} {rate:10.1f} {rate / pil_rate:6.2f}x {count:8d}")
     print(f"({os.cpu_count()} cores; 224-px images, batch {BATCH_SIZE}; samples/s timed from the first batch)")
     print(json.dumps({"mmscale_samples_per_s": round(ours_rate, 1), "pil_samples_per_s": round(pil_rate, 1),

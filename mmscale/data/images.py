@@ -1,0 +1,154 @@
+"""Image validation, resizing and JPEG encoding for shard writing.
+
+Everything a shard writer needs to turn arbitrary image bytes into the RGB JPEG that goes
+into a shard, or into a named reason for skipping them. The pixel count is checked from the
+header, before any pixel is decoded, so a decompression bomb costs nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from PIL import Image
+
+# PIL's own default (Image.MAX_IMAGE_PIXELS): about 0.25 GB of 24-bit pixels.
+DEFAULT_MAX_PIXELS = 89_478_485
+_KEEP_AS_IS_MODES = ("RGB", "L")
+
+
+class SampleRejected(Exception):
+    """A sample (usually its image) that must be skipped; `reason` is the skip counter's name."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """What the writer does to every image."""
+
+    resize: int | None = None
+    """Shrink so the shorter side is this many pixels (never enlarge); None keeps the size."""
+    jpeg_quality: int = 90
+    """JPEG quality for images that must be re-encoded."""
+    min_side: int | None = None
+    """Skip images whose shorter side is below this (reason `too_small`)."""
+    max_aspect: float | None = None
+    """Skip images whose long/short side ratio exceeds this (reason `bad_aspect`)."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Skip images with more pixels than this, read from the header (reason `image_too_large`)."""
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """A shard-ready JPEG and the sizes before and after resizing."""
+
+    jpeg: bytes
+    original_width: int
+    original_height: int
+    width: int
+    height: int
+
+
+@contextmanager
+def _pixel_limit(max_pixels: int):
+    """Let PIL open headers up to our own limit; we reject big images ourselves, before decoding."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def prepare_image(data: bytes, options: ImageOptions) -> PreparedImage:
+    """Validate, filter, resize and JPEG-encode one image.
+
+    JPEG input that needs no resizing keeps its original bytes (after checking that it
+    decodes); everything else becomes an RGB JPEG, transparent pixels composited on white.
+    Raises SampleRejected with reason `empty_member`, `corrupt_image`, `image_too_large`,
+    `too_small` or `bad_aspect`.
+    """
+    if not data:
+        raise SampleRejected("empty_member", "image has no bytes")
+    with _pixel_limit(options.max_pixels):
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as error:
+            raise SampleRejected("image_too_large", str(error)) from None
+        except Exception as error:  # PIL raises many types for bad data
+            raise SampleRejected("corrupt_image", f"cannot identify image ({error})") from None
+        width, height = image.size
+        _check_geometry(width, height, options)
+        target = _target_size(width, height, options.resize)
+        if target == (width, height) and image.format == "JPEG" and image.mode in _KEEP_AS_IS_MODES:
+            _load(image)
+            return PreparedImage(data, width, height, width, height)
+        if image.format == "JPEG" and target != (width, height):
+            image.draft("RGB", target)  # decode at a reduced DCT scale: much faster, still >= target
+        _load(image)
+        try:
+            image = _to_rgb(image)
+            if image.size != target:
+                image = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=options.jpeg_quality)
+        except (OSError, ValueError) as error:  # exotic modes PIL cannot turn into RGB JPEG
+            raise SampleRejected("corrupt_image", f"cannot convert {image.mode} image ({error})") from None
+    return PreparedImage(buffer.getvalue(), width, height, target[0], target[1])
+
+
+def _check_geometry(width: int, height: int, options: ImageOptions) -> None:
+    if width <= 0 or height <= 0:
+        raise SampleRejected("corrupt_image", f"image size {width}x{height}")
+    if width * height > options.max_pixels:
+        raise SampleRejected("image_too_large", f"{width}x{height} is over {options.max_pixels} pixels")
+    if options.min_side is not None and min(width, height) < options.min_side:
+        raise SampleRejected("too_small", f"{width}x{height} has a side under {options.min_side}")
+    if options.max_aspect is not None and max(width, height) / min(width, height) > options.max_aspect:
+        raise SampleRejected("bad_aspect", f"{width}x{height} is more elongated than {options.max_aspect}")
+
+
+def _target_size(width: int, height: int, resize: int | None) -> tuple[int, int]:
+    """Shorter side to `resize`, aspect kept, never enlarged."""
+    shorter = min(width, height)
+    if resize is None or shorter <= resize:
+        return width, height
+    scale = resize / shorter
+    if width <= height:
+        return resize, max(1, round(height * scale))
+    return max(1, round(width * scale)), resize
+
+
+def _load(image: Image.Image) -> None:
+    try:
+        image.load()
+    except Image.DecompressionBombError as error:
+        raise SampleRejected("image_too_large", str(error)) from None
+    except Exception as error:
+        raise SampleRejected("corrupt_image", f"image does not decode ({error})") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    if not has_alpha:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    background = Image.new("RGB", rgba.size, (255, 255, 255))
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Fully decode image bytes (as the loader would); raises on anything unreadable."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image

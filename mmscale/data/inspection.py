@@ -1,0 +1,209 @@
+"""Verify WebDataset shards and describe them (`tools/inspect_shards.py`).
+
+Every sample must have an image member that fully decodes and a UTF-8 caption; a `cls`
+member must be an integer; keys must be unique; `sizes.json`, when present (or required
+with `check_sizes`), must match the tars. All problems are collected, each naming the
+shard and, where there is one, the key, so one run lists everything to fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+
+from tqdm import tqdm
+
+from mmscale.data.images import decode_image
+from mmscale.data.sharding import parallel_map
+from mmscale.data.shards import (
+    SIZES_FILE,
+    ShardError,
+    ShardTruncated,
+    iter_raw_samples,
+    read_sizes,
+    sample_caption,
+    sample_image_bytes,
+    spec_urls,
+)
+
+
+@dataclass
+class ShardReport:
+    """What one shard holds and what is wrong with it."""
+
+    url: str
+    samples: int = 0
+    bytes: int = 0
+    keys: list[str] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)
+    heights: list[int] = field(default_factory=list)
+    caption_chars: list[int] = field(default_factory=list)
+    caption_words: list[int] = field(default_factory=list)
+    labels: Counter = field(default_factory=Counter)
+    examples: list[tuple[str, str, str]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    readable: bool = True
+
+
+@dataclass
+class InspectReport:
+    """All shards of a spec, plus problems found across shards (sizes.json, repeated keys)."""
+
+    shards: list[ShardReport]
+    problems: list[str]
+
+    @property
+    def all_problems(self) -> list[str]:
+        """Every problem, shard by shard, then the cross-shard ones."""
+        return [problem for shard in self.shards for problem in shard.problems] + self.problems
+
+    def describe(self, *, examples: int = 3) -> str:
+        """Human-readable statistics and a few example samples."""
+        merged = {name: [value for shard in self.shards for value in getattr(shard, name)]
+                  for name in ("widths", "heights", "caption_chars", "caption_words")}
+        labels = sum((shard.labels for shard in self.shards), Counter())
+        lines = [f"shards: {len(self.shards):,}   samples: {sum(s.samples for s in self.shards):,}   "
+                 f"bytes: {sum(s.bytes for s in self.shards) / 1e6:,.1f} MB"]
+        for name, title in (("widths", "image width"), ("heights", "image height"),
+                            ("caption_chars", "caption chars"), ("caption_words", "caption words")):
+            values = merged[name]
+            if values:
+                lines.append(f"{title:14} min {min(values):,}  median {statistics.median(values):,.0f}  "
+                             f"mean {statistics.fmean(values):,.1f}  max {max(values):,}")
+        if labels:
+            lines.append(f"labels: {sum(labels.values()):,} labelled samples, {len(labels):,} distinct")
+        shown = [example for shard in self.shards for example in shard.examples][:examples]
+        if shown:
+            lines.append("samples:")
+            lines.extend(f"  {key}  {size:>9}  {caption[:100]}" for key, size, caption in shown)
+        return "\n".join(lines)
+
+
+def inspect_shard(url: str, *, examples: int = 0) -> ShardReport:
+    """Read one shard through, fully decoding every image; collects problems instead of raising."""
+    report = ShardReport(url)
+    if os.path.exists(url):
+        report.bytes = os.path.getsize(url)
+    try:
+        for sample in iter_raw_samples(url):
+            report.samples += 1
+            _check_sample(sample, report, examples=examples)
+    except ShardTruncated as error:
+        report.problems.append(str(error))
+    except ShardError as error:
+        report.problems.append(str(error))
+        report.readable = False
+    return report
+
+
+def _check_sample(sample: dict, report: ShardReport, *, examples: int) -> None:
+    key = sample["__key__"]
+    where = f"shard {report.url} key {key}"
+    report.keys.append(key)
+    size = "?"
+    image = sample_image_bytes(sample)
+    if image is None:
+        report.problems.append(f"{where}: no image member (one of .jpg .jpeg .png .webp)")
+    else:
+        try:
+            width, height = decode_image(image[1]).size
+            report.widths.append(width)
+            report.heights.append(height)
+            size = f"{width}x{height}"
+        except Exception as error:  # PIL raises many types for bad data
+            report.problems.append(f"{where}: image does not decode ({type(error).__name__}: {error})")
+    caption = None
+    try:
+        caption = sample_caption(sample)
+        if caption is None:
+            report.problems.append(f"{where}: no caption (no .txt member and no json caption)")
+    except UnicodeDecodeError:
+        report.problems.append(f"{where}: caption is not UTF-8")
+    if caption:
+        report.caption_chars.append(len(caption))
+        report.caption_words.append(len(caption.split()))
+    if "cls" in sample:
+        text = sample["cls"].decode("ascii", errors="replace").strip()
+        if text.lstrip("-").isdigit():
+            report.labels[int(text)] += 1
+        else:
+            report.problems.append(f"{where}: label {text!r} in .cls is not an integer")
+    if len(report.examples) < examples:
+        report.examples.append((key, size, caption or "<no caption>"))
+
+
+def inspect_spec(spec: str, *, examples: int = 3, check_sizes: bool = False, workers: int = 1,
+                 progress: bool = True) -> InspectReport:
+    """Inspect every shard of a spec and cross-check keys and sizes.json."""
+    urls = spec_urls(spec)
+    shards = []
+    check = partial(inspect_shard, examples=examples)
+    with tqdm(total=len(urls), desc="inspecting shards", unit="shard", disable=not progress) as bar:
+        for report in parallel_map(check, urls, workers=workers):
+            shards.append(report)
+            bar.update()
+    problems = _repeated_keys(shards) + _size_problems(shards, check_sizes=check_sizes)
+    return InspectReport(shards, problems)
+
+
+def _repeated_keys(shards: list[ShardReport]) -> list[str]:
+    first_seen: dict[str, str] = {}
+    problems = []
+    for shard in shards:
+        for key in shard.keys:
+            if key in first_seen:
+                problems.append(f"shard {shard.url} key {key}: key repeated (also in shard {first_seen[key]})")
+            else:
+                first_seen[key] = shard.url
+    return problems
+
+
+def _size_problems(shards: list[ShardReport], *, check_sizes: bool) -> list[str]:
+    problems = []
+    for shard in shards:
+        if not shard.readable:
+            continue
+        folder = os.path.dirname(shard.url) or "."
+        sizes_path = os.path.join(folder, SIZES_FILE)
+        if not os.path.exists(sizes_path):
+            if check_sizes:
+                problems.append(f"shard {shard.url}: no {sizes_path}; write one with make_shards")
+            continue
+        recorded = read_sizes([shard.url])
+        if recorded is None:
+            problems.append(f"shard {shard.url}: not listed in {sizes_path} (or it is unreadable)")
+        elif recorded[shard.url] != shard.samples:
+            problems.append(f"shard {shard.url}: {sizes_path} says {recorded[shard.url]} samples, "
+                            f"the tar has {shard.samples}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Inspect shards; prints statistics, then every problem; exit 1 if any, 2 for a bad spec."""
+    parser = argparse.ArgumentParser(prog="inspect_shards", description=__doc__.splitlines()[0])
+    parser.add_argument("spec", help="shard spec: a folder, a file, or e.g. out/shard-{000000..000009}.tar")
+    parser.add_argument("--samples", type=int, default=3, help="example samples to print")
+    parser.add_argument("--check-sizes", action="store_true", help="require sizes.json beside the shards")
+    parser.add_argument("--workers", type=int, default=1, help="shards inspected in parallel")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        report = inspect_spec(args.spec, examples=args.samples, check_sizes=args.check_sizes,
+                              workers=args.workers, progress=not args.no_progress)
+    except (ShardError, ValueError) as error:
+        print(f"inspect_shards: error: {error}", file=sys.stderr)
+        return 2
+    print(report.describe(examples=args.samples))
+    problems = report.all_problems
+    if problems:
+        print(f"\n{len(problems):,} problem(s):", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    print("ok: every sample has a decodable image and a caption")
+    return 0

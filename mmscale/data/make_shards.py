@@ -1,0 +1,135 @@
+"""Command line of `tools/make_shards.py`: parse the arguments, run make_shards, print the summary."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+from mmscale.data.images import DEFAULT_MAX_PIXELS, ImageOptions
+from mmscale.data.shard_writer import CaptionFilter
+from mmscale.data.sharding import DEFAULT_NAME_PATTERN, DEFAULT_SAMPLES_PER_SHARD, ShardingOptions, make_shards
+from mmscale.data.shards import ShardError
+from mmscale.data.sources import INPUT_KINDS, InputError, InputOptions
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _byte_count(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 1000000, 500MB or 1GiB")
+    value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _name_pattern(text: str) -> str:
+    try:
+        first, second = text.format(0), text.format(1)
+    except (IndexError, KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} must format one shard number, e.g. shard-{{:06d}}.tar") from None
+    if first == second or not first.endswith(".tar") or "/" in text or first.startswith("."):
+        raise argparse.ArgumentTypeError(f"{text!r} must contain the shard number, end in .tar and name a "
+                                         "file in the output folder, e.g. shard-{:06d}.tar")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The make_shards argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="make_shards", description="Write an image-caption corpus as resumable WebDataset shards.")
+    source = parser.add_argument_group("input")
+    source.add_argument("--input", required=True, help="folder of images+captions, table, COCO json, or shard spec")
+    source.add_argument("--input-kind", choices=INPUT_KINDS, help="override auto-detection from the path")
+    source.add_argument("--image-root", help="folder that relative image paths of a table or COCO file start from")
+    source.add_argument("--image-column", help="table column with image paths (default: auto)")
+    source.add_argument("--caption-column", help="table column with captions (default: auto)")
+    source.add_argument("--label-column", help="table column with integer labels, written as KEY.cls")
+    source.add_argument("--coco-first-caption-only", action="store_true", help="one sample per COCO image")
+    output = parser.add_argument_group("output")
+    output.add_argument("--output", required=True, help="output folder (resumes if it holds this job's shards)")
+    output.add_argument("--samples-per-shard", type=_positive_int,
+                        help=f"input records per shard (default {DEFAULT_SAMPLES_PER_SHARD})")
+    output.add_argument("--max-bytes-per-shard", type=_byte_count,
+                        help="split each shard into parts of at most this size (e.g. 1GB)")
+    output.add_argument("--name-pattern", type=_name_pattern, default=DEFAULT_NAME_PATTERN,
+                        help="shard file name, formatted with the shard number")
+    images = parser.add_argument_group("images")
+    images.add_argument("--resize", type=_positive_int, help="shrink the shorter side to this many pixels")
+    images.add_argument("--jpeg-quality", type=_positive_int, default=90, help="quality of re-encoded JPEGs")
+    images.add_argument("--min-side", type=_positive_int, help="skip images with a shorter side below this")
+    images.add_argument("--max-aspect", type=_positive_float, help="skip images more elongated than this ratio")
+    images.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+                        help="skip images with more pixels (read from the header, before decoding)")
+    images.add_argument("--dedup", action="store_true", help="skip exact duplicate images (sha256 of the bytes)")
+    captions = parser.add_argument_group("captions")
+    for bound in ("min", "max"):
+        for unit in ("chars", "words"):
+            captions.add_argument(f"--{bound}-caption-{unit}", type=_positive_int,
+                                  help=f"skip captions with {'fewer' if bound == 'min' else 'more'} {unit}")
+    run = parser.add_argument_group("run")
+    run.add_argument("--workers", type=_positive_int, default=min(4, os.cpu_count() or 1),
+                     help="worker processes (default min(4, cpus))")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> ShardingOptions:
+    """ShardingOptions from parsed arguments."""
+    return ShardingOptions(
+        input=InputOptions(path=args.input, kind=args.input_kind, image_root=args.image_root,
+                           image_column=args.image_column, caption_column=args.caption_column,
+                           label_column=args.label_column, coco_first_caption_only=args.coco_first_caption_only),
+        output_dir=args.output, samples_per_shard=args.samples_per_shard,
+        max_bytes_per_shard=args.max_bytes_per_shard,
+        image=ImageOptions(resize=args.resize, jpeg_quality=args.jpeg_quality, min_side=args.min_side,
+                           max_aspect=args.max_aspect, max_pixels=args.max_pixels),
+        captions=CaptionFilter(min_chars=args.min_caption_chars, max_chars=args.max_caption_chars,
+                               min_words=args.min_caption_words, max_words=args.max_caption_words),
+        dedup=args.dedup, workers=args.workers, name_pattern=args.name_pattern, progress=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run make_shards; returns the exit code (2 for a bad input or option, 130 when interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.jpeg_quality > 100:
+        parser.error(f"--jpeg-quality {args.jpeg_quality}: use 1 to 100 (95 or less is sensible)")
+    try:
+        summary = make_shards(options_from_args(args))
+    except (InputError, ShardError) as error:
+        print(f"make_shards: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # e.g. an output folder that cannot be created or written
+        print(f"make_shards: error: {error.filename or args.output}: {error.strerror or error}; "
+              "check --output and free disk space", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("make_shards: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    print(summary.describe())
+    return 0

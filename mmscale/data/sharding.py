@@ -1,0 +1,363 @@
+"""Turn an image–caption corpus into WebDataset shards: plan, resume, write in parallel, sum up.
+
+How it stays resumable and deterministic:
+- The input is listed as numbered records (see sources.py) and cut up front into chunks of
+  `samples_per_shard` consecutive records; chunk i always becomes `name_pattern.format(i)`.
+  With `max_bytes_per_shard` as well, a chunk is split into parts of at most that many bytes
+  (`shard-000003-000.tar`, `-001`, ...); chunk boundaries stay fixed, so resuming still works,
+  and a byte cap alone uses the default of 10,000 records per chunk.
+- A chunk is done when its stats file exists (written after its shards were renamed into
+  place). A re-run skips done chunks, removes stale temporary files and redoes the rest;
+  `sizes.json` and `stats.json` are rebuilt from the chunks' stats files at the end.
+- `dedup` hashes (sha256) every image up to the last chunk still to write, in record order,
+  before writing, so the first copy is kept and the others are skipped the same way in
+  every run. It compares image bytes only (COCO's several captions per image collapse to one).
+- Every stats file carries a fingerprint of the input and options; resuming into a folder
+  written with other options is refused rather than mixing two datasets.
+
+Only one make_shards may write to an output folder at a time (a lock file enforces it).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+from tqdm import tqdm
+
+from mmscale.data.images import ImageOptions
+from mmscale.data.shard_writer import (
+    CaptionFilter,
+    ChunkTask,
+    read_chunk_stats,
+    stats_name,
+    write_chunk,
+)
+from mmscale.data.shards import SIZES_FILE, write_json_atomically
+from mmscale.data.sources import (
+    InputError,
+    InputListing,
+    InputOptions,
+    Record,
+    ShardCount,
+    count_shard,
+    iter_loaded,
+    list_input,
+)
+
+DEFAULT_SAMPLES_PER_SHARD = 10_000
+DEFAULT_NAME_PATTERN = "shard-{:06d}.tar"
+STATS_FILE = "stats.json"
+INPUT_INDEX_FILE = "input_index.json"  # cached sample counts of input tars, keyed by size and mtime
+_LOCK_FILE = ".make_shards.lock"
+
+
+@dataclass(frozen=True)
+class ShardingOptions:
+    """A make_shards job: the input, where the shards go, and what to do to each sample."""
+
+    input: InputOptions
+    output_dir: str
+    samples_per_shard: int | None = None
+    max_bytes_per_shard: int | None = None
+    image: ImageOptions = ImageOptions()
+    captions: CaptionFilter = CaptionFilter()
+    dedup: bool = False
+    workers: int = 1
+    name_pattern: str = DEFAULT_NAME_PATTERN
+    progress: bool = True
+
+
+@dataclass
+class ShardingSummary:
+    """Totals over the whole output folder, plus what this run did."""
+
+    output_dir: str
+    records: int
+    sizes: dict[str, int]
+    skipped: dict[str, int]
+    bytes: int
+    chunks: int
+    chunks_written: int
+    records_processed: int
+    wall_time_s: float
+    plan: str = ""
+
+    @property
+    def written(self) -> int:
+        """Samples in the output shards."""
+        return sum(self.sizes.values())
+
+    @property
+    def samples_per_s(self) -> float:
+        """Input records processed per second in this run."""
+        return self.records_processed / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        """The `stats.json` content."""
+        return {"plan": self.plan, "records": self.records, "shards": len(self.sizes), "written": self.written,
+                "skipped": self.skipped, "skipped_total": sum(self.skipped.values()), "bytes": self.bytes,
+                "chunks_written_this_run": self.chunks_written, "wall_time_s": round(self.wall_time_s, 3),
+                "samples_per_s": round(self.samples_per_s, 1)}
+
+    def describe(self) -> str:
+        """A two-line human summary."""
+        skipped = ", ".join(f"{reason} {count:,}" for reason, count in sorted(self.skipped.items()))
+        totals = (f"{len(self.sizes):,} shards, {self.written:,} samples, {self.bytes / 1e6:,.1f} MB in "
+                  f"{self.output_dir} (skipped {sum(self.skipped.values()):,}{': ' + skipped if skipped else ''})")
+        if self.chunks_written == 0:
+            return f"everything was already done ({self.chunks:,} of {self.chunks:,} chunks); nothing to do\n{totals}"
+        return (f"{totals}\nthis run: {self.chunks_written:,} of {self.chunks:,} chunks written, "
+                f"{self.records_processed:,} records in {self.wall_time_s:.1f} s "
+                f"({self.samples_per_s:,.1f} samples/s)")
+
+
+def plan_chunks(records: int, samples_per_shard: int) -> list[range]:
+    """Record ranges of the chunks: chunk i holds records [i*n, (i+1)*n)."""
+    return [range(start, min(start + samples_per_shard, records)) for start in range(0, records, samples_per_shard)]
+
+
+def make_shards(options: ShardingOptions) -> ShardingSummary:
+    """Write (or finish writing) the shards of a corpus; see the module docstring for how."""
+    started = time.monotonic()
+    output = options.output_dir
+    _check_output_is_not_input(options)
+    os.makedirs(output, exist_ok=True)
+    with _output_lock(output):
+        listing = list_input(options.input, count_shards=lambda urls: _count_shards(urls, options))
+        chunks = plan_chunks(len(listing.records), options.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD)
+        names = [options.name_pattern.format(index) for index in range(len(chunks))]
+        plan = _fingerprint(options, listing.kind, len(listing.records))
+        done = _done_chunks(output, names, plan=plan, byte_capped=options.max_bytes_per_shard is not None)
+        pending = [index for index in range(len(chunks)) if index not in done]
+        if pending:
+            _remove_leftovers(output, [names[index] for index in pending])
+            _write_chunks(_chunk_tasks(pending, chunks, names=names, records=listing.records, plan=plan,
+                                       options=options), options)
+        summary = _summarize(output, names, plan=plan, listing=listing, pending=[chunks[i] for i in pending],
+                             wall_time_s=time.monotonic() - started)
+        _write_totals(summary, rewrite_stats=bool(pending))
+    return summary
+
+
+def _check_output_is_not_input(options: ShardingOptions) -> None:
+    if os.path.exists(options.input.path) and os.path.exists(options.output_dir) \
+            and os.path.samefile(options.input.path, options.output_dir):
+        raise InputError(f"output {options.output_dir} is the input folder; pass a new folder with --output")
+
+
+@contextmanager
+def _output_lock(output: str):
+    with open(os.path.join(output, _LOCK_FILE), "a") as handle:
+        try:
+            # a POSIX record lock: unlike flock, forked workers do not inherit it, so workers
+            # orphaned by a killed run cannot keep the next run out
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise InputError(f"output {output}: another make_shards is writing there; wait for it "
+                             "or pick another --output") from None
+        yield
+
+
+def _fingerprint(options: ShardingOptions, kind: str, records: int) -> str:
+    """Identifies input + options, so a resume never mixes shards from two different jobs."""
+    source = asdict(options.input)
+    if kind != "tars":
+        source["path"] = os.path.abspath(source["path"])
+    described = {"input": source, "kind": kind, "records": records, "image": asdict(options.image),
+                 "captions": asdict(options.captions), "dedup": options.dedup,
+                 "samples_per_shard": options.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD,
+                 "max_bytes_per_shard": options.max_bytes_per_shard, "name_pattern": options.name_pattern}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _done_chunks(output: str, names: list[str], *, plan: str, byte_capped: bool) -> set[int]:
+    """Chunks whose stats file and shards exist; refuses an output folder from another job."""
+    previous = _read_json(os.path.join(output, STATS_FILE))
+    if previous and previous.get("plan") != plan:
+        raise InputError(f"output {output} holds shards made from other input or options; "
+                         "pass a new --output (or delete that folder to start over)")
+    owners = {name[: -len(".tar")]: index for index, name in enumerate(names)}
+    for file_name in sorted(os.listdir(output)):
+        if file_name.endswith(".tar") and _owner(file_name, owners, byte_capped=byte_capped) is None:
+            raise InputError(f"output {output}: {file_name} is not part of this job's plan; "
+                             "pass a new --output (or delete that folder to start over)")
+    done = set()
+    for index, name in enumerate(names):
+        stats = read_chunk_stats(os.path.join(output, stats_name(name)))
+        if stats is None:
+            continue
+        if stats.plan != plan:
+            raise InputError(f"output {output}: {stats_name(name)} comes from other input or options; "
+                             "pass a new --output (or delete that folder to start over)")
+        if all(os.path.exists(os.path.join(output, shard)) for shard in stats.shards):
+            done.add(index)
+    return done
+
+
+def _owner(file_name: str, owners: dict[str, int], *, byte_capped: bool) -> int | None:
+    stem = file_name[: -len(".tar")]
+    if byte_capped:
+        match = re.fullmatch(r"(.*)-\d{3,}", stem)
+        return owners.get(match.group(1)) if match else None
+    return owners.get(stem)
+
+
+def _remove_leftovers(output: str, pending_names: list[str]) -> None:
+    """Stale temporary files, and shards of chunks that never got their stats file."""
+    stems = {name[: -len(".tar")] for name in pending_names}
+    for file_name in os.listdir(output):
+        stale_temporary = file_name.startswith(".") and ".tmp" in file_name
+        stem = file_name[: -len(".tar")]
+        unfinished = file_name.endswith(".tar") and (stem in stems or re.sub(r"-\d{3,}$", "", stem) in stems)
+        if stale_temporary or unfinished:
+            os.remove(os.path.join(output, file_name))
+
+
+def parallel_map(function: Callable, items: list, *, workers: int, ordered: bool = True) -> Iterator:
+    """map() over a process pool (in this process when workers <= 1); `ordered=False` yields as done."""
+    if workers <= 1 or len(items) <= 1:
+        yield from map(function, items)
+        return
+    with multiprocessing.Pool(min(workers, len(items)), initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
+        run = pool.imap if ordered else pool.imap_unordered
+        yield from run(function, items, chunksize=1)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Pool workers outlive a SIGKILLed parent; make them stop within a second instead."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _count_shards(urls: list[str], options: ShardingOptions) -> list[ShardCount]:
+    """Sample counts of input tars, read in parallel and cached beside the output by size+mtime."""
+    index_path = os.path.join(options.output_dir, INPUT_INDEX_FILE)
+    cache = _read_json(index_path) or {}
+    counts: dict[str, ShardCount] = {}
+    for url in urls:
+        entry, stamp = cache.get(url), _file_stamp(url)
+        if entry and stamp and entry["stamp"] == stamp:
+            counts[url] = ShardCount(url, entry["samples"], entry["truncated"])
+    todo = [url for url in urls if url not in counts]
+    progress = tqdm(total=len(todo), desc="counting input shards", unit="shard",
+                    disable=not options.progress or not todo)
+    for count in parallel_map(count_shard, todo, workers=options.workers):
+        counts[count.url] = count
+        progress.update()
+        stamp = _file_stamp(count.url)
+        if stamp and not count.error:
+            cache[count.url] = {"stamp": stamp, "samples": count.samples, "truncated": count.truncated}
+    progress.close()
+    if todo:
+        write_json_atomically(index_path, cache)
+    return [counts[url] for url in urls]
+
+
+def _file_stamp(url: str) -> list[int] | None:
+    try:
+        status = os.stat(url)
+    except OSError:
+        return None
+    return [status.st_size, status.st_mtime_ns]
+
+
+def image_digests(task: tuple[list[Record], CaptionFilter]) -> list[bytes | None]:
+    """sha256 of each record's image bytes; None for records that will be skipped anyway."""
+    records, captions = task
+    return [hashlib.sha256(loaded.image).digest()
+            if loaded.image and loaded.caption and captions.accepts(loaded.caption) else None
+            for loaded in iter_loaded(records)]
+
+
+def find_duplicates(records: list[Record], options: ShardingOptions) -> set[int]:
+    """Ordinals of records whose image bytes equal an earlier record's."""
+    step = options.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD
+    tasks = [(records[start: start + step], options.captions) for start in range(0, len(records), step)]
+    seen, duplicates, ordinal = set(), set(), 0
+    with tqdm(total=len(records), desc="hashing images", unit="image", disable=not options.progress) as progress:
+        for digests in parallel_map(image_digests, tasks, workers=options.workers):
+            for digest in digests:
+                if digest is not None:
+                    if digest in seen:
+                        duplicates.add(ordinal)
+                    seen.add(digest)
+                ordinal += 1
+            progress.update(len(digests))
+    return duplicates
+
+
+def _chunk_tasks(pending: list[int], chunks: list[range], *, names: list[str], records: list[Record],
+                 plan: str, options: ShardingOptions) -> list[ChunkTask]:
+    """One task per pending chunk, each with the duplicates (if deduplicating) that fall in it."""
+    duplicates: dict[int, set[int]] = {}
+    if options.dedup:
+        for ordinal in find_duplicates(records[: chunks[pending[-1]].stop], options):
+            duplicates.setdefault(ordinal // len(chunks[0]), set()).add(ordinal)
+    return [ChunkTask(index=index, start=chunks[index].start, records=records[chunks[index].start: chunks[index].stop],
+                      output_dir=options.output_dir, shard_name=names[index], plan=plan,
+                      max_bytes=options.max_bytes_per_shard, image=options.image, captions=options.captions,
+                      duplicates=frozenset(duplicates.get(index, ()))) for index in pending]
+
+
+def _write_chunks(tasks: list[ChunkTask], options: ShardingOptions) -> None:
+    total = sum(len(task.records) for task in tasks)
+    skipped: Counter[str] = Counter()
+    with tqdm(total=total, desc="writing shards", unit="sample", disable=not options.progress) as progress:
+        for stats in parallel_map(write_chunk, tasks, workers=options.workers, ordered=False):
+            skipped.update(stats.skipped)
+            progress.update(stats.records)
+            progress.set_postfix(skipped=sum(skipped.values()), refresh=False)
+
+
+def _summarize(output: str, names: list[str], *, plan: str, listing: InputListing, pending: list[range],
+               wall_time_s: float) -> ShardingSummary:
+    """Totals from every chunk's stats file plus the skips counted while listing the input."""
+    sizes: dict[str, int] = {}
+    skipped: Counter[str] = Counter(listing.skipped)
+    total_bytes = 0
+    for name in names:
+        stats = read_chunk_stats(os.path.join(output, stats_name(name)))
+        if stats is None:
+            raise InputError(f"output {output}: {stats_name(name)} is missing after writing; re-run to finish")
+        sizes.update(stats.shards)
+        skipped.update(stats.skipped)
+        total_bytes += stats.bytes
+    return ShardingSummary(output_dir=output, records=len(listing.records), sizes=sizes,
+                           skipped=dict(sorted(skipped.items())), bytes=total_bytes, chunks=len(names),
+                           chunks_written=len(pending), records_processed=sum(len(chunk) for chunk in pending),
+                           wall_time_s=wall_time_s, plan=plan)
+
+
+def _write_totals(summary: ShardingSummary, *, rewrite_stats: bool) -> None:
+    """sizes.json and stats.json, written only when they change, so a no-op run touches nothing."""
+    sizes_path = os.path.join(summary.output_dir, SIZES_FILE)
+    if _read_json(sizes_path) != summary.sizes:
+        write_json_atomically(sizes_path, summary.sizes)
+    stats_path = os.path.join(summary.output_dir, STATS_FILE)
+    if rewrite_stats or not os.path.exists(stats_path):
+        write_json_atomically(stats_path, summary.as_dict())
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+

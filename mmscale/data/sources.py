@@ -1,0 +1,416 @@
+"""Input corpora for shard writing: list them as records, then load records' bytes.
+
+Listing is cheap and deterministic (sorted folders, table row order, COCO file order, shard
+order), so the same input always gives the same numbered records; that is what makes shard
+writing resumable. Loading happens in the worker processes, one planned chunk at a time.
+
+Kinds: `folder` (images with same-stem `.txt` captions and optional `.cls` labels, searched
+recursively), `csv`, `tsv` (tab-separated, header row, no quoting), `jsonl`, `parquet`,
+`coco` (a COCO-captions annotation file) and `tars` (existing WebDataset shards).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mmscale.data.shards import (
+    IMAGE_EXTENSIONS,
+    ShardError,
+    ShardTruncated,
+    iter_raw_samples,
+    sample_caption,
+    sample_image_bytes,
+    spec_urls,
+)
+
+INPUT_KINDS = ("folder", "csv", "tsv", "jsonl", "parquet", "coco", "tars")
+_EXTENSION_KINDS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
+                    ".parquet": "parquet", ".json": "coco", ".tar": "tars"}
+_IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_name", "filename", "path", "file")
+_CAPTION_COLUMNS = ("caption", "text", "title", "txt")
+_ROOT_PROBE = 20  # image paths checked at listing time to catch a wrong --image-root early
+
+
+class InputError(ValueError):
+    """A mistake in the input or its options; the message names the thing and the fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One input sample before loading: where its image, caption and label come from."""
+
+    source: str
+    image_path: str | None = None
+    caption: str | None = None
+    caption_path: str | None = None
+    label: int | None = None
+    label_path: str | None = None
+    shard_url: str | None = None
+    shard_index: int = -1
+    problem: str | None = None  # skip reason already known at listing time
+
+
+@dataclass(frozen=True)
+class InputOptions:
+    """Where the corpus is and how to read it."""
+
+    path: str
+    kind: str | None = None
+    image_root: str | None = None
+    image_column: str | None = None
+    caption_column: str | None = None
+    label_column: str | None = None
+    coco_first_caption_only: bool = False
+
+
+@dataclass
+class InputListing:
+    """The numbered records of a corpus and the skips counted while listing it."""
+
+    kind: str
+    records: list[Record]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Loaded:
+    """A record's bytes and text, or the reason it must be skipped."""
+
+    source: str
+    image: bytes | None = None
+    caption: str | None = None
+    label: int | None = None
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class ShardCount:
+    """Complete samples in an input shard; `error` is set when it cannot be read at all."""
+
+    url: str
+    samples: int
+    truncated: bool = False
+    error: str | None = None
+
+
+def detect_kind(path: str) -> str:
+    """The input kind implied by a path: a folder of tars or of images, or a file extension."""
+    if any(marker in path for marker in ("{", "::", "://")):
+        return "tars"
+    if not os.path.exists(path):
+        raise InputError(f"input {path}: no such file or folder; check --input")
+    if os.path.isdir(path):
+        return "tars" if any(Path(path).glob("*.tar")) else "folder"
+    extension = Path(path).suffix.lower()
+    if extension not in _EXTENSION_KINDS:
+        raise InputError(f"input {path}: cannot tell the input kind from {extension or 'no extension'!r}; "
+                         f"pass --input-kind (one of {', '.join(INPUT_KINDS)})")
+    return _EXTENSION_KINDS[extension]
+
+
+def list_input(options: InputOptions, *, count_shards: Callable[[list[str]], list[ShardCount]] | None = None
+               ) -> InputListing:
+    """Number every sample of the corpus, deterministically.
+
+    `count_shards` counts the samples of input tars (the caller may run it in parallel and
+    cache it); by default they are read here one by one.
+    """
+    kind = options.kind or detect_kind(options.path)
+    if kind not in INPUT_KINDS:
+        raise InputError(f"input kind {kind!r} is unknown; use one of {', '.join(INPUT_KINDS)}")
+    if kind != "tars" and not os.path.exists(options.path):
+        raise InputError(f"input {options.path}: no such file or folder; check --input")
+    if kind == "folder":
+        listing = _list_folder(options.path)
+    elif kind == "coco":
+        listing = _list_coco(options)
+    elif kind == "tars":
+        listing = _list_tars(options.path, count_shards or (lambda urls: [count_shard(u) for u in urls]))
+    else:
+        listing = _list_table(options, kind)
+    if not listing.records:
+        raise InputError(f"input {options.path}: no samples found ({kind}); check --input and --input-kind")
+    if kind in ("csv", "tsv", "jsonl", "parquet", "coco"):
+        _check_image_root(options, listing.records)
+    return listing
+
+
+def _list_folder(root: str) -> InputListing:
+    records, skipped = [], defaultdict(int)
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        names = set(files)
+        stems_with_image = set()
+        for name in sorted(files):
+            stem, extension = os.path.splitext(name)
+            if name.startswith(".") or extension[1:].lower() not in IMAGE_EXTENSIONS:
+                continue
+            stems_with_image.add(stem)
+            path = os.path.join(folder, name)
+            caption, label = stem + ".txt", stem + ".cls"
+            records.append(Record(
+                source=os.path.relpath(path, root), image_path=path,
+                caption_path=os.path.join(folder, caption) if caption in names else None,
+                label_path=os.path.join(folder, label) if label in names else None))
+        orphans = sum(1 for name in files if name.endswith(".txt") and name[:-4] not in stems_with_image)
+        if orphans:
+            skipped["missing_image"] += orphans
+    records.sort(key=lambda record: record.source)
+    return InputListing("folder", records, dict(skipped))
+
+
+def _list_coco(options: InputOptions) -> InputListing:
+    try:
+        with open(options.path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise InputError(f"input {options.path}: not a readable JSON file ({error})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+            or not isinstance(data.get("annotations"), list):
+        raise InputError(f"input {options.path}: not a COCO captions file (needs 'images' and 'annotations' "
+                         "lists); pass --input-kind if it is something else")
+    captions = defaultdict(list)
+    for annotation in data["annotations"]:
+        captions[annotation.get("image_id")].append(annotation.get("caption"))
+    root = options.image_root or os.path.dirname(options.path)
+    records = []
+    for image in data["images"]:
+        name = str(image.get("file_name", ""))
+        texts = captions.get(image.get("id")) or [None]
+        for text in texts[:1] if options.coco_first_caption_only else texts:
+            records.append(_row_record(name, text, None, root=root, source=name))
+    return InputListing("coco", records)
+
+
+def _list_tars(spec: str, count_shards: Callable[[list[str]], list[ShardCount]]) -> InputListing:
+    try:
+        urls = spec_urls(spec)
+    except (ShardError, ValueError) as error:
+        raise InputError(f"input {spec}: {error}") from None
+    records, skipped = [], defaultdict(int)
+    for count in count_shards(urls):
+        if count.error:
+            raise InputError(f"{count.error}; fix or remove it from --input")
+        if count.truncated:
+            skipped["truncated_shard"] += 1
+        records.extend(Record(source=f"{count.url}#{index}", shard_url=count.url, shard_index=index)
+                       for index in range(count.samples))
+    return InputListing("tars", records, dict(skipped))
+
+
+def count_shard(url: str) -> ShardCount:
+    """Count the complete samples of one input shard (reads it through)."""
+    samples = 0
+    try:
+        for _ in iter_raw_samples(url):
+            samples += 1
+    except ShardTruncated as error:
+        return ShardCount(url, error.samples_read, truncated=True)
+    except ShardError as error:
+        return ShardCount(url, 0, error=str(error))
+    return ShardCount(url, samples)
+
+
+def _list_table(options: InputOptions, kind: str) -> InputListing:
+    rows, columns = _read_table(options.path, kind)
+    if not rows:
+        raise InputError(f"input {options.path}: the table has no rows; check --input")
+    image = _choose_column(columns, options.image_column, _IMAGE_COLUMNS, "image path", "--image-column",
+                           options.path)
+    caption = _choose_column(columns, options.caption_column, _CAPTION_COLUMNS, "caption",
+                             "--caption-column", options.path)
+    label = None
+    if options.label_column:
+        label = _choose_column(columns, options.label_column, (), "label", "--label-column", options.path)
+    values = [row.get(image) for row in rows[:100] if isinstance(row, dict) and row.get(image) is not None]
+    if values and not isinstance(values[0], (str, int)):
+        raise InputError(f"input {options.path}: column {image!r} holds {type(values[0]).__name__} values, not "
+                         "image file paths; write the images to files and give their paths")
+    root = options.image_root or os.path.dirname(options.path)
+    records = []
+    for number, row in enumerate(rows):
+        if isinstance(row, str):  # a row that could not be parsed: its skip reason
+            records.append(Record(source=f"{options.path}:{number + 1}", problem=row))
+            continue
+        name = row.get(image)
+        records.append(_row_record(name, row.get(caption), row.get(label) if label else None,
+                                   root=root, source=str(name)))
+    return InputListing(kind, records)
+
+
+def _read_table(path: str, kind: str) -> tuple[list, list[str]]:
+    """(rows as dicts, or a skip reason string for unparsable rows; column names)."""
+    try:
+        if kind == "parquet":
+            import pyarrow.parquet as parquet
+
+            table = parquet.read_table(path)
+            return table.to_pylist(), list(table.column_names)
+        if kind == "jsonl":
+            return _read_jsonl(path)
+        # surrogateescape keeps a bad caption from sinking the whole file; it is skipped as bad_text
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
+            dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if kind == "tsv" else {}
+            reader = csv.DictReader(handle, **dialect)
+            return list(reader), list(reader.fieldnames or [])
+    except (OSError, ValueError, csv.Error) as error:
+        raise InputError(f"input {path}: cannot read it as {kind} ({error}); check --input-kind") from None
+
+
+def _read_jsonl(path: str) -> tuple[list, list[str]]:
+    rows, columns = [], {}
+    with open(path, "rb") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except UnicodeDecodeError:
+                row = "bad_text"
+            except ValueError:
+                row = "bad_row"
+            if not isinstance(row, (dict, str)):
+                row = "bad_row"
+            if isinstance(row, dict):
+                columns.update(dict.fromkeys(row))
+            rows.append(row)
+    return rows, list(columns)
+
+
+def _choose_column(columns: list[str], requested: str | None, candidates: Iterable[str], what: str,
+                   flag: str, path: str) -> str:
+    if requested:
+        if requested not in columns:
+            raise InputError(f"input {path}: no column {requested!r} (columns: {', '.join(columns)}); "
+                             f"pass the {what} column with {flag}")
+        return requested
+    for candidate in candidates:
+        if candidate in columns:
+            return candidate
+    raise InputError(f"input {path}: cannot tell which column holds the {what} "
+                     f"(columns: {', '.join(columns)}); pass {flag}")
+
+
+def _row_record(name, caption, label, *, root: str, source: str) -> Record:
+    """A record from table-like values, with bad values turned into skip reasons."""
+    if name is None or not str(name).strip():
+        return Record(source=source, problem="missing_image")
+    path = os.path.join(root, str(name).strip())
+    if isinstance(caption, float) and math.isnan(caption):
+        caption = None
+    caption = str(caption).strip() if caption is not None else None
+    if caption:
+        try:
+            caption.encode("utf-8")
+        except UnicodeEncodeError:
+            return Record(source=source, image_path=path, problem="bad_text")
+    parsed_label = None
+    if label is not None and str(label).strip() not in ("", "nan", "None"):
+        parsed_label = _parse_label(label)
+        if parsed_label is None:
+            return Record(source=source, image_path=path, problem="bad_label")
+    return Record(source=source, image_path=path, caption=caption or None, label=parsed_label)
+
+
+def _parse_label(value) -> int | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if number.is_integer() else None
+
+
+def _check_image_root(options: InputOptions, records: list[Record]) -> None:
+    paths = [record.image_path for record in records if record.image_path][:_ROOT_PROBE]
+    if paths and not any(os.path.exists(path) for path in paths):
+        root = options.image_root or os.path.dirname(options.path)
+        if "://" in paths[0]:
+            raise InputError(f"input {options.path}: image paths are URLs (e.g. {paths[0]}); download them first "
+                             "(img2dataset writes shards that make_shards can reshard) and pass local files")
+        raise InputError(f"input {options.path}: none of the first {len(paths)} image paths exist "
+                         f"(e.g. {paths[0]}); pass the folder they are relative to with --image-root "
+                         f"(now {root or '.'})")
+
+
+def iter_loaded(records: list[Record]) -> Iterator[Loaded]:
+    """Load each record's image bytes, caption and label, in order, one Loaded per record."""
+    position = 0
+    while position < len(records):
+        record = records[position]
+        if record.shard_url is None:
+            yield _load_file_record(record)
+            position += 1
+            continue
+        end = position
+        while end < len(records) and records[end].shard_url == record.shard_url:
+            end += 1
+        yield from _load_shard_records(records[position:end])
+        position = end
+
+
+def _load_file_record(record: Record) -> Loaded:
+    if record.problem:
+        return Loaded(record.source, problem=record.problem)
+    try:
+        with open(record.image_path, "rb") as handle:
+            image = handle.read()
+    except FileNotFoundError:
+        return Loaded(record.source, problem="missing_image")
+    except OSError:
+        return Loaded(record.source, problem="unreadable_image")
+    caption, label = record.caption, record.label
+    try:
+        if record.caption_path:
+            caption = Path(record.caption_path).read_bytes().decode("utf-8").strip() or None
+        if record.label_path:
+            label = _parse_label(Path(record.label_path).read_text(encoding="ascii", errors="replace").strip())
+            if label is None:
+                return Loaded(record.source, problem="bad_label")
+    except UnicodeDecodeError:
+        return Loaded(record.source, problem="bad_text")
+    except OSError:
+        return Loaded(record.source, problem="missing_caption")
+    return Loaded(record.source, image=image, caption=caption, label=label)
+
+
+def _load_shard_records(records: list[Record]) -> Iterator[Loaded]:
+    """Records of one shard, consecutive indices: one pass over the tar from the first."""
+    url, first = records[0].shard_url, records[0].shard_index
+    samples = iter_raw_samples(url, start=first)
+    done = 0
+    try:
+        for sample in samples:
+            yield _loaded_from_sample(sample)
+            done += 1
+            if done == len(records):
+                break
+    except (ShardError, ShardTruncated):
+        pass  # the rest are counted below: the shard changed or broke since it was counted
+    finally:
+        samples.close()
+    for record in records[done:]:
+        yield Loaded(record.source, problem="truncated_shard")
+
+
+def _loaded_from_sample(sample: dict) -> Loaded:
+    source = f"{sample['__url__']}#{sample['__key__']}"
+    image = sample_image_bytes(sample)
+    if image is None:
+        return Loaded(source, problem="missing_image")
+    try:
+        caption = sample_caption(sample)
+    except UnicodeDecodeError:
+        return Loaded(source, problem="bad_text")
+    label = None
+    if sample.get("cls"):
+        label = _parse_label(sample["cls"].decode("ascii", errors="replace").strip())
+        if label is None:
+            return Loaded(source, problem="bad_label")
+    return Loaded(source, image=image[1], caption=caption, label=label)

@@ -1,0 +1,50 @@
+"""prepare_image: bytes kept when possible, resize, RGB conversion, and each rejection reason."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from corpus import bomb_png, image_bytes
+from PIL import Image
+
+from mmscale.data.images import ImageOptions, SampleRejected, prepare_image
+
+
+def test_jpeg_within_size_keeps_its_bytes_and_larger_ones_shrink():
+    small = image_bytes((40, 30))
+    assert prepare_image(small, ImageOptions(resize=64)).jpeg == small
+    big = prepare_image(image_bytes((200, 100)), ImageOptions(resize=64, jpeg_quality=70))
+    assert (big.width, big.height, big.original_width, big.original_height) == (128, 64, 200, 100)
+    assert Image.open(io.BytesIO(big.jpeg)).size == (128, 64)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "L", "LA", "CMYK"])
+def test_other_formats_and_modes_become_rgb_jpeg(mode):
+    image_format = "JPEG" if mode == "CMYK" else "PNG"
+    prepared = prepare_image(image_bytes((30, 20), image_format=image_format, mode=mode), ImageOptions())
+    decoded = Image.open(io.BytesIO(prepared.jpeg))
+    assert (decoded.format, decoded.mode, decoded.size) == ("JPEG", "RGB", (30, 20))
+
+
+def test_transparent_pixels_become_white():
+    transparent = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    buffer = io.BytesIO()
+    transparent.save(buffer, "PNG")
+    decoded = Image.open(io.BytesIO(prepare_image(buffer.getvalue(), ImageOptions()).jpeg))
+    assert min(decoded.getpixel((4, 4))) > 245
+
+
+@pytest.mark.parametrize("data, options, reason", [
+    (b"", ImageOptions(), "empty_member"),
+    (b"GIF89a nonsense", ImageOptions(), "corrupt_image"),
+    (image_bytes((64, 64))[:300], ImageOptions(), "corrupt_image"),
+    (bomb_png(), ImageOptions(), "image_too_large"),
+    (bomb_png(200, 200), ImageOptions(max_pixels=100 * 100), "image_too_large"),
+    (image_bytes((20, 80)), ImageOptions(min_side=32), "too_small"),
+    (image_bytes((100, 20)), ImageOptions(max_aspect=4.0), "bad_aspect"),
+])
+def test_rejections_name_their_reason(data, options, reason):
+    with pytest.raises(SampleRejected) as rejected:
+        prepare_image(data, options)
+    assert rejected.value.reason == reason
