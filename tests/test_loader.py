@@ -207,3 +207,18 @@ def test_train_images_are_augmented_and_eval_images_are_not(tmp_path, tokenizer)
     reference = np.asarray(Image.open(io.BytesIO(jpeg_bytes(3, (64, 48)))).convert("RGB").resize((32, 32), box=(8, 0, 56, 48)))
     assert np.abs(evaluated[0].permute(1, 2, 0).numpy().astype(int) - reference.astype(int)).mean() < 12
 
+
+
+def test_fsspec_urls_are_read(tmp_path, tokenizer):
+    import fsspec
+
+    urls = write_shards(tmp_path, shards=2, per_shard=3)
+    memory = fsspec.filesystem("memory")
+    for url in urls:
+        memory.pipe(f"/remote/{Path(url).name}", Path(url).read_bytes())
+    loader = build_loader(CONFIG, spec="memory://remote/shard-{000000..000001}.tar", tokenizer=tokenizer,
+                          batch_size=4, train=False)
+    assert sorted(key for batch in loader for key in batch["keys"]) == sorted(
+        f"shard{s:03d}x{i:05d}" for s in range(2) for i in range(3))
+    with pytest.raises(ShardError, match="memory://remote/absent.tar"):
+        list(build_loader(CONFIG, spec="memory://remote/absent.tar", tokenizer=tokenizer, batch_size=4, train=False))

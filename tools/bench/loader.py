@@ -117,9 +117,14 @@ def measure(batches) -> tuple[float, int]:
     return timed / (time.perf_counter() - start), delivered + timed
 
 
-def best_of(repeats: int, make) -> tuple[float, int]:
-    results = [measure(make()) for _ in range(repeats)]
-    return max(rate for rate, _ in results), results[-1][1]
+def best_of(repeats: int, *makers) -> list[tuple[float, int]]:
+    """Best samples/s of each pipeline over `repeats` rounds; rounds alternate between the
+    pipelines, so a slow spell on a shared machine hits them alike."""
+    results = [[] for _ in makers]
+    for _ in range(repeats):
+        for result, make in zip(results, makers):
+            result.append(measure(make()))
+    return [(max(rate for rate, _ in result), result[-1][1]) for result in results]
 
 
 def tokenizer_for(spec: str, folder: Path):
@@ -144,18 +149,20 @@ def main(argv: list[str] | None = None) -> int:
         spec = args.data or write_photo_shards(scratch, samples=args.samples)
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else tokenizer_for(spec, scratch / "tokenizer")
         encoder = CaptionEncoder(tokenizer, context_length=64, mlm_probability=0.0)
-        rows = []
-        rate, count = best_of(args.repeats, lambda: bare_decode(spec))
-        rows.append(("bare PIL decode (reference)", "1 thread", rate, count))
-        pil_rate, pil_count = best_of(args.repeats, lambda: pil_pipeline(spec, encoder))
-        rows.append(("PIL pipeline (open_clip)", "1 thread", pil_rate, pil_count))
         loaders = []
-        ours_rate, ours_count = best_of(
-            args.repeats, lambda: loaders.append(mmscale_loader(spec, tokenizer, 0)) or loaders[-1])
+
+        def ours():
+            loaders.append(mmscale_loader(spec, tokenizer, 0))
+            return loaders[-1]
+
+        (bare_rate, bare_count), (pil_rate, pil_count), (ours_rate, ours_count) = best_of(
+            args.repeats, lambda: bare_decode(spec), lambda: pil_pipeline(spec, encoder), ours)
         skipped = dict(loaders[-1].skipped)
-        rows.append(("mmscale loader", "1 thread", ours_rate, ours_count))
+        rows = [("bare PIL decode (reference)", "1 thread", bare_rate, bare_count),
+                ("PIL pipeline (open_clip)", "1 thread", pil_rate, pil_count),
+                ("mmscale loader", "1 thread", ours_rate, ours_count)]
         for workers in (int(w) for w in args.workers.split(",")):
-            rate, count = best_of(args.repeats, lambda: mmscale_loader(spec, tokenizer, workers))
+            [(rate, count)] = best_of(args.repeats, lambda: mmscale_loader(spec, tokenizer, workers))
             rows.append(("mmscale loader", f"{workers} workers", rate, count))
     print(f"\n{'pipeline':28s} {'processes':>10s} {'samples/s':>10s} {'vs PIL':>7s} {'samples':>8s}")
     for name, processes, rate, count in rows:
