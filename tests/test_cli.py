@@ -6,8 +6,9 @@ import json
 import subprocess
 import sys
 
-from mmscale.cli import main
 from shardkit import write_shards
+
+from mmscale.cli import main
 
 
 def test_console_script_lists_commands():

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from shardkit import jpeg_bytes, write_shards, write_tar
 
 from mmscale.data.config import DataConfig
 from mmscale.data.loader import BatchLoader, ShardStream, StreamSettings, build_loader
 from mmscale.data.samples import AugmentSettings, SampleDecoder
 from mmscale.data.shards import ShardError, parse_spec
 from mmscale.data.text import CaptionEncoder
-from shardkit import jpeg_bytes, write_shards, write_tar
 
 CONFIG = DataConfig(image_size=32, context_length=16, shuffle_buffer=16, workers=0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmscale.data.text import IGNORE_INDEX, CaptionEncoder, load_tokenizer, mask_tokens
+from mmscale.data.text import IGNORE_INDEX, CaptionEncoder, load_tokenizer
 
 
 def test_captions_are_padded_and_truncated_to_the_context_length(tokenizer):

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmscale.data.transforms import BadImage, decode_and_crop, image_size, random_resized_crop_box
+from mmscale.data.shards import SampleRejected
+from mmscale.data.transforms import decode_and_crop, image_size, random_resized_crop_box
 
 
 def encoded(mode: str, size=(64, 48), fmt="JPEG") -> bytes:
@@ -47,6 +48,6 @@ def test_random_crop_boxes_stay_inside_and_follow_the_scale_range():
 
 
 def test_pixel_limit_is_checked_before_decoding():
-    with pytest.raises(BadImage) as error:
+    with pytest.raises(SampleRejected) as error:
         decode_and_crop(encoded("RGB"), "jpg", size=32, max_pixels=1000)
     assert error.value.reason == "image_too_large"

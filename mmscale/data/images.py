@@ -14,17 +14,11 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from mmscale.data.shards import SampleRejected  # noqa: F401 (re-exported for the writer)
+
 # PIL's own default (Image.MAX_IMAGE_PIXELS): about 0.25 GB of 24-bit pixels.
 DEFAULT_MAX_PIXELS = 89_478_485
 _KEEP_AS_IS_MODES = ("RGB", "L")
-
-
-class SampleRejected(Exception):
-    """A sample (usually its image) that must be skipped; `reason` is the skip counter's name."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmscale.data.config import DataConfig
-from mmscale.data.samples import AugmentSettings, BadSample, SampleDecoder
-from mmscale.data.shards import ShardSource, ShardTruncated, iter_raw_samples, parse_spec
+from mmscale.data.samples import AugmentSettings, SampleDecoder
+from mmscale.data.shards import SampleRejected, ShardSource, ShardTruncated, iter_raw_samples, parse_spec
 from mmscale.data.text import CaptionEncoder
 
 # A stream that skips this many samples without one good one is broken, not noisy: stop it
@@ -198,7 +198,7 @@ class ShardStream(IterableDataset):
             try:
                 pending.append(self.decoder.decode(raw, seed=mix_seed(self.settings.seed, raw["__url__"],
                                                                       raw["__index__"], raw["__pass__"])))
-            except BadSample as bad:
+            except SampleRejected as bad:
                 _count_skip(state, bad.reason)
                 if sum(since.values()) > MAX_SKIPS_IN_A_ROW:
                     raise RuntimeError(

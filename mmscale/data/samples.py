@@ -7,19 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from mmscale.data.shards import sample_caption, sample_image_bytes
+from mmscale.data.shards import SampleRejected, sample_caption, sample_image_bytes
 from mmscale.data.text import CaptionEncoder
-from mmscale.data.transforms import BadImage, decode_and_crop
+from mmscale.data.transforms import decode_and_crop
 
 NO_LABEL = -1
-
-
-class BadSample(Exception):
-    """A sample the loader skips; `reason` names the counter it is skipped under."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass
@@ -53,26 +45,26 @@ class SampleDecoder:
         self.captions = captions
 
     def decode(self, raw: dict, *, seed: int) -> Sample:
-        """A Sample, or BadSample naming why this raw sample is skipped."""
+        """A Sample, or SampleRejected naming why this raw sample is skipped."""
         found = sample_image_bytes(raw)
         if found is None:
-            raise BadSample("missing_image")
+            raise SampleRejected("missing_image")
         extension, data = found
         if raw.get("txt") == b"":
-            raise BadSample("empty_member")
+            raise SampleRejected("empty_member")
         try:
             caption = sample_caption(raw)
         except UnicodeDecodeError:
-            raise BadSample("bad_text") from None
+            raise SampleRejected("bad_text") from None
         if caption is None:
-            raise BadSample("missing_caption")
+            raise SampleRejected("missing_caption")
         a = self.augment
         rng = random.Random(seed) if a.train else None
         try:
             image = decode_and_crop(data, extension, size=a.image_size, max_pixels=a.max_pixels, rng=rng,
                                     scale=a.crop_scale, ratio=a.crop_ratio, hflip_probability=a.hflip_probability)
-        except BadImage as bad:
-            raise BadSample(bad.reason) from None
+        except SampleRejected as bad:
+            raise SampleRejected(bad.reason) from None
         return Sample(key=raw["__key__"], image=image, caption=caption, label=_label(raw), seed=seed)
 
     def collate(self, samples: list[Sample], *, seed: int) -> dict:

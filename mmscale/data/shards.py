@@ -34,6 +34,15 @@ class ShardError(Exception):
     """A shard that cannot be opened or read at all; the message names the shard."""
 
 
+class SampleRejected(Exception):
+    """A sample that is skipped, not fatal; `reason` names the counter it is skipped under
+    (`corrupt_image`, `missing_caption`, ...), shared by the shard writer and the loader."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
 class ShardTruncated(Exception):
     """A shard that ended in the middle of a tar member (a truncated or corrupt file)."""
 

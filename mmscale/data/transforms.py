@@ -22,13 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-
-class BadImage(Exception):
-    """An image that is skipped; `reason` is the counter it is skipped under."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+from mmscale.data.shards import SampleRejected
 
 
 @dataclass(frozen=True)
@@ -42,7 +36,7 @@ class CropBox:
 
 
 def image_size(data: bytes, extension: str) -> tuple[int, int]:
-    """(width, height) from the header alone; raises BadImage('corrupt_image') if unreadable."""
+    """(width, height) from the header alone; raises SampleRejected('corrupt_image') if unreadable."""
     if extension in ("jpg", "jpeg"):
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
@@ -55,9 +49,9 @@ def image_size(data: bytes, extension: str) -> tuple[int, int]:
             with Image.open(io.BytesIO(data)) as image:
                 return image.size
     except Image.DecompressionBombError as error:
-        raise BadImage("image_too_large", str(error)) from None
+        raise SampleRejected("image_too_large", str(error)) from None
     except Exception as error:  # PIL raises many types for garbage input
-        raise BadImage("corrupt_image", str(error)) from None
+        raise SampleRejected("corrupt_image", str(error)) from None
 
 
 def random_resized_crop_box(
@@ -103,9 +97,9 @@ def _decode(data: bytes, extension: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:
             return np.array(image.convert("RGB"))
     except Image.DecompressionBombError as error:
-        raise BadImage("image_too_large", str(error)) from None
+        raise SampleRejected("image_too_large", str(error)) from None
     except Exception as error:  # corrupt or truncated data surfaces as many exception types
-        raise BadImage("corrupt_image", str(error)) from None
+        raise SampleRejected("corrupt_image", str(error)) from None
 
 
 def decode_and_crop(
@@ -115,22 +109,22 @@ def decode_and_crop(
 ) -> torch.Tensor:
     """A uint8 [3, size, size] image: random resized crop (+ flip) with `rng`, else center crop.
 
-    Raises BadImage with reason `empty_member`, `image_too_large` or `corrupt_image`.
+    Raises SampleRejected with reason `empty_member`, `image_too_large` or `corrupt_image`.
     """
     if not data:
-        raise BadImage("empty_member", "zero-byte image")
+        raise SampleRejected("empty_member", "zero-byte image")
     width, height = image_size(data, extension)
     if width * height > max_pixels:
-        raise BadImage("image_too_large", f"{width}x{height} exceeds {max_pixels} pixels")
+        raise SampleRejected("image_too_large", f"{width}x{height} exceeds {max_pixels} pixels")
     if width < 1 or height < 1:
-        raise BadImage("corrupt_image", f"size {width}x{height}")
+        raise SampleRejected("corrupt_image", f"size {width}x{height}")
     if rng is None:
         box = center_crop_box(width, height)
     else:
         box = random_resized_crop_box(width, height, scale=scale, ratio=ratio, rng=rng)
     pixels = _decode(data, extension)
     if pixels.shape[:2] != (height, width):
-        raise BadImage("corrupt_image", f"header says {width}x{height}, decoded {pixels.shape[1]}x{pixels.shape[0]}")
+        raise SampleRejected("corrupt_image", f"header says {width}x{height}, decoded {pixels.shape[1]}x{pixels.shape[0]}")
     region = torch.from_numpy(pixels).permute(2, 0, 1)[:, box.top:box.top + box.height, box.left:box.left + box.width]
     if region.shape[1:] != (size, size):
         # A dense channels-last copy takes torch's SIMD uint8 path: 180 us instead of 300 us

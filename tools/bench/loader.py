@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Loader throughput: the mmscale loader against open_clip's PIL pipeline, same shards, one run.
 
     python tools/bench/loader.py [--data SPEC] [--tokenizer DIR] [--samples N]
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("PIL pipeline (open_clip)", "1 thread", pil_rate, pil_count),
                 ("mmscale loader", "1 thread", ours_rate, ours_count)]
         for workers in (int(w) for w in args.workers.split(",")):
-            [(rate, count)] = best_of(args.repeats, lambda: mmscale_loader(spec, tokenizer, workers))
+            [(rate, count)] = best_of(args.repeats, lambda workers=workers: mmscale_loader(spec, tokenizer, workers))
             rows.append(("mmscale loader", f"{workers} workers", rate, count))
     print(f"\n{'pipeline':28s} {'processes':>10s} {'samples/s':>10s} {'vs PIL':>7s} {'samples':>8s}")
     for name, processes, rate, count in rows:
