@@ -289,12 +289,19 @@ class BatchLoader:
 
 def build_loader(
     config: DataConfig, *, spec: str, tokenizer, batch_size: int, train: bool,
-    rank: int = 0, world_size: int = 1, epochs: int | None = None,
+    rank: int | None = None, world_size: int | None = None, epochs: int | None = None,
 ) -> BatchLoader:
     """A rank's loader for `spec`: training (augmented, shuffled, endless unless `epochs`)
-    or evaluation (center crop, in order, one pass)."""
+    or evaluation (center crop, in order, one pass).
+
+    `rank` and `world_size` default to the initialized torch.distributed group (else 0 and 1).
+    """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if rank is None or world_size is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = torch.distributed.get_rank() if distributed else 0
+        world_size = torch.distributed.get_world_size() if distributed else 1
     sources = tuple(parse_spec(spec, allow_pipe=config.allow_pipe))
     settings = StreamSettings(
         sources=sources, sampling=config.sampling if train else "epoch", rank=rank, world_size=world_size,
