@@ -222,3 +222,19 @@ def test_fsspec_urls_are_read(tmp_path, tokenizer):
         f"shard{s:03d}x{i:05d}" for s in range(2) for i in range(3))
     with pytest.raises(ShardError, match="memory://remote/absent.tar"):
         list(build_loader(CONFIG, spec="memory://remote/absent.tar", tokenizer=tokenizer, batch_size=4, train=False))
+
+
+def test_restoring_onto_another_layout_is_refused(tmp_path, tokenizer):
+    urls = write_shards(tmp_path, shards=4, per_shard=6)
+    loader = build_loader(CONFIG, spec="::".join(urls), tokenizer=tokenizer, batch_size=2, train=True)
+    next(iter(loader))
+    state = loader.state_dict()
+    fewer_shards = build_loader(CONFIG, spec="::".join(urls[:3]), tokenizer=tokenizer, batch_size=2, train=True)
+    fewer_shards.load_state_dict(state)
+    with pytest.raises(ValueError, match="resume with the same data.workers"):
+        next(iter(fewer_shards))
+    other_rank = build_loader(CONFIG, spec="::".join(urls), tokenizer=tokenizer, batch_size=2, train=True,
+                              rank=1, world_size=2)
+    other_rank.load_state_dict(state)
+    with pytest.raises(ValueError, match="resume with the same data.workers"):
+        next(iter(other_rank))

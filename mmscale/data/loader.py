@@ -120,9 +120,14 @@ class ShardStream(IterableDataset):
             state.update(shard_cursor=state["shard_cursor"] + 1, sample_cursor=0)
 
     # --- state ------------------------------------------------------------------------
-    def _fresh_state(self, worker: int) -> dict:
+    def _layout(self, worker: int, workers: int) -> str:
+        """What a saved position is only valid for: this worker of this many, over these shards."""
+        s = self.settings
+        return f"{worker}/{workers}/{s.sampling}/{s.seed}/{mix_seed(tuple(self._all_urls))}"
+
+    def _fresh_state(self, worker: int, workers: int) -> dict:
         return {
-            "worker": worker, "epoch": 0, "shard_cursor": 0, "sample_cursor": 0, "epoch_samples": 0,
+            "layout": self._layout(worker, workers), "epoch": 0, "shard_cursor": 0, "sample_cursor": 0, "epoch_samples": 0,
             "buffer": [], "rng": random.Random(mix_seed(self.settings.seed, "shuffle", worker)).getstate(),
             "skipped": Counter(), "since_last_batch": Counter(), "delivered": 0,
         }
@@ -166,11 +171,14 @@ class ShardStream(IterableDataset):
     # --- iteration --------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         worker, workers = self._worker()
-        state = self._fresh_state(worker)
+        state = self._fresh_state(worker, workers)
         if self._restored:
-            if self._restored.get("worker", worker) != worker:
-                raise ValueError("loader state belongs to a different worker layout; resume with the "
-                                 "same data.workers and world size")
+            if self._restored.get("layout") != state["layout"]:
+                raise ValueError(
+                    f"loader state was saved for layout {self._restored.get('layout')} (worker/workers/sampling/"
+                    f"seed/shards) and this loader is {state['layout']}: resume with the same data.workers, "
+                    "world size, data.sampling, data.seed and shard spec"
+                )
             state.update(self._restored)
             state["skipped"] = Counter(self._restored.get("skipped", {}))
             state["since_last_batch"] = Counter()
