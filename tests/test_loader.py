@@ -238,3 +238,10 @@ def test_restoring_onto_another_layout_is_refused(tmp_path, tokenizer):
     other_rank.load_state_dict(state)
     with pytest.raises(ValueError, match="resume with the same data.workers"):
         next(iter(other_rank))
+
+
+def test_an_evaluation_loader_reads_the_same_batches_on_every_pass(tmp_path, tokenizer):
+    urls = write_shards(tmp_path, shards=2, per_shard=5)
+    loader = build_loader(CONFIG, spec="::".join(urls), tokenizer=tokenizer, batch_size=3, train=False)
+    first = [batch["keys"] for batch in loader]
+    assert first == [batch["keys"] for batch in loader] and sum(map(len, first)) == 10

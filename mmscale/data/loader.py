@@ -29,6 +29,8 @@ from mmscale.data.text import CaptionEncoder
 # A stream that skips this many samples without one good one is broken, not noisy: stop it
 # rather than keep every rank waiting for a batch that never comes.
 MAX_SKIPS_IN_A_ROW = 20_000
+# Entries of a worker's live state that state_dict() writes in another form, or not at all.
+_DERIVED_KEYS = ("buffer", "rng", "skipped", "since_last_batch")
 
 
 def mix_seed(*parts) -> int:
@@ -127,8 +129,8 @@ class ShardStream(IterableDataset):
 
     def _fresh_state(self, worker: int, workers: int) -> dict:
         return {
-            "layout": self._layout(worker, workers), "epoch": 0, "shard_cursor": 0, "sample_cursor": 0, "epoch_samples": 0,
-            "buffer": [], "rng": random.Random(mix_seed(self.settings.seed, "shuffle", worker)).getstate(),
+            "layout": self._layout(worker, workers),
+            "epoch": 0, "shard_cursor": 0, "sample_cursor": 0, "epoch_samples": 0, "buffer": [], "rng": random.Random(mix_seed(self.settings.seed, "shuffle", worker)).getstate(),
             "skipped": Counter(), "since_last_batch": Counter(), "delivered": 0,
         }
 
@@ -138,7 +140,7 @@ class ShardStream(IterableDataset):
             return dict(self._restored) if self._restored else {}
         state, buffer, rng = self._live["state"], self._live["buffer"], self._live["rng"]
         return {
-            **{key: value for key, value in state.items() if key not in ("buffer", "rng", "skipped", "since_last_batch")},
+            **{key: value for key, value in state.items() if key not in _DERIVED_KEYS},
             "buffer": [[raw["__url__"], raw["__index__"], raw["__pass__"]] for raw in buffer],
             "rng": rng.getstate(),
             "skipped": dict(state["skipped"]),
@@ -182,6 +184,7 @@ class ShardStream(IterableDataset):
             state.update(self._restored)
             state["skipped"] = Counter(self._restored.get("skipped", {}))
             state["since_last_batch"] = Counter()
+            self._restored = None  # a later pass over this dataset starts afresh
         rng = random.Random()
         rng.setstate(_as_rng_state(state["rng"]))
         buffer = self._restore_buffer(state["buffer"])
