@@ -245,3 +245,15 @@ def test_an_evaluation_loader_reads_the_same_batches_on_every_pass(tmp_path, tok
     loader = build_loader(CONFIG, spec="::".join(urls), tokenizer=tokenizer, batch_size=3, train=False)
     first = [batch["keys"] for batch in loader]
     assert first == [batch["keys"] for batch in loader] and sum(map(len, first)) == 10
+
+
+@pytest.mark.parametrize("cut", ["member_boundary", "inside_header"])
+def test_a_tar_cut_between_members_is_counted_as_truncated(tmp_path, tokenizer, cut):
+    [url] = write_shards(tmp_path, shards=1, per_shard=3)
+    with tarfile.open(url) as tar:
+        third_sample = [m for m in tar.getmembers() if m.name.startswith("shard000x00002")][0]
+    end = third_sample.offset + (0 if cut == "member_boundary" else 100)
+    Path(url).write_bytes(Path(url).read_bytes()[:end])
+    loader = build_loader(CONFIG, spec=url, tokenizer=tokenizer, batch_size=2, train=False)
+    assert [key for batch in loader for key in batch["keys"]] == ["shard000x00000", "shard000x00001"]
+    assert loader.skipped == Counter(truncated_shard=1)

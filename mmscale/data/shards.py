@@ -129,15 +129,38 @@ def open_shard(url: str, *, allow_pipe: bool = False):
         raise ShardError(f"shard {url}: cannot open ({error})") from None
 
 
+class _EndWatcher:
+    """A read-only file wrapper that notices when a reader asks for bytes past the end.
+
+    tarfile treats a tar that stops at a member boundary (or inside a header) as complete.
+    A whole tar ends with zero blocks, so its reader stops before the end of the data; a
+    reader that runs out of data while looking for the next header has a truncated tar.
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.ran_out = False
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        if not data and size != 0:
+            self.ran_out = True
+        return data
+
+    def close(self) -> None:
+        self.stream.close()
+
+
 def iter_raw_samples(url: str, *, allow_pipe: bool = False, start: int = 0) -> Iterator[dict]:
     """Yield the samples of one shard as dicts of raw bytes, in tar order.
 
     Each dict has `__key__`, `__url__`, `__index__` (ordinal in the shard) and one entry per
     member extension (lower case). Samples before `start` are skipped without being decoded.
-    A shard that ends mid-member raises ShardTruncated after the samples read before the break;
-    each member yielded was read whole, and the member that broke is dropped.
+    A truncated shard (cut inside a member, inside a header, or at a member boundary) raises
+    ShardTruncated after the samples read before the cut; each member yielded was read
+    whole, and a sample left without one of its members is skipped downstream.
     """
-    stream = open_shard(url, allow_pipe=allow_pipe)
+    stream = _EndWatcher(open_shard(url, allow_pipe=allow_pipe))
     index = 0
     current: dict | None = None
     try:
@@ -153,11 +176,13 @@ def iter_raw_samples(url: str, *, allow_pipe: bool = False, start: int = 0) -> I
             if current is None:
                 current = {"__key__": key, "__url__": url, "__index__": index}
             current[extension.lower()] = member["data"]
+        if stream.ran_out:
+            raise tarfile.ReadError("no end-of-archive marker")
     except (tarfile.TarError, OSError, EOFError, ValueError) as error:
         if index == 0 and current is None:
             raise ShardError(f"shard {url}: not a readable tar file ({error})") from None
         if current is not None and index >= start:
-            yield current  # its members were read whole; a sample missing one is skipped downstream
+            yield current
         raise ShardTruncated(url, index + (current is not None), error) from None
     finally:
         stream.close()
