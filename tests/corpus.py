@@ -78,7 +78,7 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
 
 
 def truncate_inside_last_image(path: Path) -> None:
-    """Cut a tar in the middle of its last image's data (a cut inside a header looks like a clean end)."""
+    """Cut a tar in the middle of its last image's data."""
     with tarfile.open(path) as tar:
         last = [member for member in tar.getmembers() if member.name.endswith(".jpg")][-1]
     path.write_bytes(path.read_bytes()[: last.offset_data + last.size // 2])
