@@ -48,3 +48,20 @@ def test_rejections_name_their_reason(data, options, reason):
     with pytest.raises(SampleRejected) as rejected:
         prepare_image(data, options)
     assert rejected.value.reason == reason
+
+
+@pytest.mark.parametrize("resize", [None, 20])
+def test_exif_orientation_is_applied_so_pixels_are_upright(resize):
+    # Stored 40x20, left half red, right half blue; orientation 6 means "turn 90 degrees clockwise to view".
+    stored = Image.new("RGB", (40, 20), (255, 0, 0))
+    stored.paste((0, 0, 255), (20, 0, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", quality=95, exif=exif)
+    prepared = prepare_image(buffer.getvalue(), ImageOptions(resize=resize))
+    upright = Image.open(io.BytesIO(prepared.jpeg))
+    side = resize or 20
+    assert upright.size == (side, 2 * side) and (prepared.original_width, prepared.original_height) == (20, 40)
+    top, bottom = upright.getpixel((side // 2, side // 4)), upright.getpixel((side // 2, 2 * side - side // 4))
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60  # red on top after the turn

@@ -12,13 +12,15 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mmscale.data.shards import SampleRejected  # noqa: F401 (re-exported for the writer)
 
 # PIL's own default (Image.MAX_IMAGE_PIXELS): about 0.25 GB of 24-bit pixels.
 DEFAULT_MAX_PIXELS = 89_478_485
 _KEEP_AS_IS_MODES = ("RGB", "L")
+_EXIF_ORIENTATION = 0x0112
+_QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,9 @@ def _pixel_limit(max_pixels: int):
 def prepare_image(data: bytes, options: ImageOptions) -> PreparedImage:
     """Validate, filter, resize and JPEG-encode one image.
 
-    JPEG input that needs no resizing keeps its original bytes (after checking that it
-    decodes); everything else becomes an RGB JPEG, transparent pixels composited on white.
+    JPEG input that needs no resizing and is upright keeps its original bytes (after checking
+    that it decodes); everything else becomes an RGB JPEG, turned upright by its EXIF
+    orientation, transparent pixels composited on white. Sizes are the upright ones.
     Raises SampleRejected with reason `empty_member`, `corrupt_image`, `image_too_large`,
     `too_small` or `bad_aspect`.
     """
@@ -78,16 +81,22 @@ def prepare_image(data: bytes, options: ImageOptions) -> PreparedImage:
             raise SampleRejected("image_too_large", str(error)) from None
         except Exception as error:  # PIL raises many types for bad data
             raise SampleRejected("corrupt_image", f"cannot identify image ({error})") from None
-        width, height = image.size
+        orientation = _exif_orientation(image)
+        turned = orientation in _QUARTER_TURNS
+        width, height = image.size[::-1] if turned else image.size  # as a viewer shows it
         _check_geometry(width, height, options)
         target = _target_size(width, height, options.resize)
-        if target == (width, height) and image.format == "JPEG" and image.mode in _KEEP_AS_IS_MODES:
+        if (target == (width, height) and image.format == "JPEG" and image.mode in _KEEP_AS_IS_MODES
+                and orientation == 1):
             _load(image)
             return PreparedImage(data, width, height, width, height)
         if image.format == "JPEG" and target != (width, height):
-            image.draft("RGB", target)  # decode at a reduced DCT scale: much faster, still >= target
+            # decode at a reduced DCT scale: much faster, still >= target
+            image.draft("RGB", target[::-1] if turned else target)
         _load(image)
         try:
+            if orientation != 1:  # the loader never reads EXIF, so the pixels must be upright
+                image = ImageOps.exif_transpose(image)
             image = _to_rgb(image)
             if image.size != target:
                 image = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
@@ -96,6 +105,15 @@ def prepare_image(data: bytes, options: ImageOptions) -> PreparedImage:
         except (OSError, ValueError) as error:  # exotic modes PIL cannot turn into RGB JPEG
             raise SampleRejected("corrupt_image", f"cannot convert {image.mode} image ({error})") from None
     return PreparedImage(buffer.getvalue(), width, height, target[0], target[1])
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = upright), 1 when absent or unreadable."""
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # broken EXIF must not cost the image
+        return 1
+    return orientation if orientation in range(1, 9) else 1
 
 
 def _check_geometry(width: int, height: int, options: ImageOptions) -> None:
