@@ -24,6 +24,14 @@ from mmscale.data.sources import Loaded, Record, iter_loaded
 
 _TAR_BLOCK = 512
 _TAR_END = 2 * _TAR_BLOCK  # two zero blocks close an archive
+# Records done in this process, shared with the parent's progress bar (see set_progress_counter).
+_records_done = None
+
+
+def set_progress_counter(counter) -> None:
+    """Count every record this process finishes in `counter` (a multiprocessing.Value)."""
+    global _records_done
+    _records_done = counter
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,9 @@ def write_chunk(task: ChunkTask) -> ChunkStats:
                 writer.add(_sample_members(sample_key(ordinal), loaded, task=task))
             except SampleRejected as rejection:
                 skipped[rejection.reason] += 1
+            if _records_done is not None:
+                with _records_done.get_lock():
+                    _records_done.value += 1
         shards = writer.finish()
     finally:
         writer.abandon()

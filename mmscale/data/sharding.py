@@ -40,6 +40,7 @@ from mmscale.data.shard_writer import (
     CaptionFilter,
     ChunkTask,
     read_chunk_stats,
+    set_progress_counter,
     stats_name,
     write_chunk,
 )
@@ -224,18 +225,29 @@ def _remove_leftovers(output: str, pending_names: list[str]) -> None:
             os.remove(os.path.join(output, file_name))
 
 
-def parallel_map(function: Callable, items: list, *, workers: int, ordered: bool = True) -> Iterator:
-    """map() over a process pool (in this process when workers <= 1); `ordered=False` yields as done."""
+def parallel_map(function: Callable, items: list, *, workers: int, ordered: bool = True,
+                 progress_counter=None) -> Iterator:
+    """map() over a process pool (in this process when workers <= 1); `ordered=False` yields as done.
+
+    `progress_counter` (a multiprocessing.Value) is handed to every worker for
+    shard_writer.set_progress_counter, so record-level progress crosses processes.
+    """
     if workers <= 1 or len(items) <= 1:
-        yield from map(function, items)
+        set_progress_counter(progress_counter)
+        try:
+            yield from map(function, items)
+        finally:
+            set_progress_counter(None)
         return
-    with multiprocessing.Pool(min(workers, len(items)), initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
+    with multiprocessing.Pool(min(workers, len(items)), initializer=_start_worker,
+                              initargs=(os.getpid(), progress_counter)) as pool:
         run = pool.imap if ordered else pool.imap_unordered
         yield from run(function, items, chunksize=1)
 
 
-def _exit_with_parent(parent: int) -> None:
+def _start_worker(parent: int, progress_counter) -> None:
     """Pool workers outlive a SIGKILLed parent; make them stop within a second instead."""
+    set_progress_counter(progress_counter)
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -316,13 +328,28 @@ def _chunk_tasks(pending: list[int], chunks: list[range], *, names: list[str], r
 
 
 def _write_chunks(tasks: list[ChunkTask], options: ShardingOptions) -> None:
+    """Write the chunks in parallel with a per-record progress bar fed by the workers."""
     total = sum(len(task.records) for task in tasks)
     skipped: Counter[str] = Counter()
+    done = multiprocessing.Value("q", 0)
+    finished = threading.Event()
     with tqdm(total=total, desc="writing shards", unit="sample", disable=not options.progress) as progress:
-        for stats in parallel_map(write_chunk, tasks, workers=options.workers, ordered=False):
-            skipped.update(stats.skipped)
-            progress.update(stats.records)
-            progress.set_postfix(skipped=sum(skipped.values()), refresh=False)
+
+        def follow() -> None:
+            while not finished.wait(0.5):
+                progress.update(done.value - progress.n)
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        try:
+            for stats in parallel_map(write_chunk, tasks, workers=options.workers, ordered=False,
+                                      progress_counter=done):
+                skipped.update(stats.skipped)
+                progress.set_postfix(skipped=sum(skipped.values()), refresh=False)
+        finally:
+            finished.set()
+            follower.join()
+        progress.update(done.value - progress.n)
 
 
 def _summarize(output: str, names: list[str], *, plan: str, listing: InputListing, pending: list[range],
