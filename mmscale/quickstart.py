@@ -65,7 +65,8 @@ def run_quickstart(out: str | os.PathLike) -> int:
 
     started = _step("4/4 streaming training batches (2 workers), saving and restoring the loader mid-epoch")
     rate, resumed_ok = _loader_demo(spec, tokenizer)
-    rows.append(("loader", f"{rate:.0f} samples/s; resumed batch identical: {resumed_ok}", time.perf_counter() - started))
+    result = f"{rate:.0f} samples/s; resumed batch identical: {resumed_ok}"
+    rows.append(("loader", result, time.perf_counter() - started))
 
     print("\nstep        result" + " " * 52 + "seconds")
     for name, result, seconds in rows:

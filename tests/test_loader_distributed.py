@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from shardkit import write_shards
 
 from mmscale.data.config import DataConfig
 from mmscale.data.loader import build_loader
 from mmscale.data.text import load_tokenizer
-from shardkit import write_shards
 
 
 def _rank_main(rank: int, world_size: int, port: int, spec: str, tokenizer_dir: str, results: str) -> None:

@@ -15,7 +15,8 @@ class DataConfig:
     val: str = ""
     """Validation shard spec (read once, in order, without augmentation); empty for none."""
     sampling: Literal["epoch", "resampled"] = "epoch"
-    """`epoch`: every sample once per epoch, epochs repeat; `resampled`: shards drawn with replacement by source weight."""
+    """`epoch`: every sample once per epoch, epochs repeat; `resampled`: shards drawn with
+    replacement by source weight."""
     workers: int = 4
     """Dataloader worker processes per rank (0 reads in the training process)."""
     shuffle_buffer: int = 1000

@@ -130,7 +130,8 @@ class ShardStream(IterableDataset):
     def _fresh_state(self, worker: int, workers: int) -> dict:
         return {
             "layout": self._layout(worker, workers),
-            "epoch": 0, "shard_cursor": 0, "sample_cursor": 0, "epoch_samples": 0, "buffer": [], "rng": random.Random(mix_seed(self.settings.seed, "shuffle", worker)).getstate(),
+            "epoch": 0, "shard_cursor": 0, "sample_cursor": 0, "epoch_samples": 0, "buffer": [],
+            "rng": random.Random(mix_seed(self.settings.seed, "shuffle", worker)).getstate(),
             "skipped": Counter(), "since_last_batch": Counter(), "delivered": 0,
         }
 

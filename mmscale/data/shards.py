@@ -137,9 +137,12 @@ class _EndWatcher:
     reader that runs out of data while looking for the next header has a truncated tar.
     """
 
-    def __init__(self, stream):
-        self.stream = stream
+    def __init__(self, stream, url: str):
+        self.stream, self.url = stream, url
         self.ran_out = False
+
+    def __str__(self) -> str:  # webdataset names the file object in its error messages
+        return self.url
 
     def read(self, size: int = -1) -> bytes:
         data = self.stream.read(size)
@@ -160,7 +163,7 @@ def iter_raw_samples(url: str, *, allow_pipe: bool = False, start: int = 0) -> I
     ShardTruncated after the samples read before the cut; each member yielded was read
     whole, and a sample left without one of its members is skipped downstream.
     """
-    stream = _EndWatcher(open_shard(url, allow_pipe=allow_pipe))
+    stream = _EndWatcher(open_shard(url, allow_pipe=allow_pipe), url)
     index = 0
     current: dict | None = None
     try:
