@@ -72,6 +72,7 @@ class ShardStream(IterableDataset):
         self._all_urls = [url for source in settings.sources for url in source.urls]
         self._restored: dict | None = None
         self._live: dict | None = None
+        self._epoch_plan: tuple = (None, [])
 
     # --- positions --------------------------------------------------------------------
     def _worker(self) -> tuple[int, int]:
@@ -81,10 +82,13 @@ class ShardStream(IterableDataset):
         return s.rank * workers + worker_id, s.world_size * workers
 
     def _epoch_shards(self, epoch: int, worker: int, workers: int) -> list[str]:
-        urls = list(self._all_urls)
-        if self.settings.shuffle_shards:
-            random.Random(mix_seed(self.settings.seed, "epoch", epoch)).shuffle(urls)
-        return urls[worker::workers]
+        """This worker's shards for `epoch` (kept per epoch: a run may have 100,000s of shards)."""
+        if self._epoch_plan[0] != (epoch, worker, workers):
+            urls = list(self._all_urls)
+            if self.settings.shuffle_shards:
+                random.Random(mix_seed(self.settings.seed, "epoch", epoch)).shuffle(urls)
+            self._epoch_plan = ((epoch, worker, workers), urls[worker::workers])
+        return self._epoch_plan[1]
 
     def _drawn_shard(self, draw: int, worker: int) -> str:
         rng = random.Random(mix_seed(self.settings.seed, "draw", worker, draw))
