@@ -291,6 +291,18 @@ def test_input_errors_exit_2_with_a_clear_message(tmp_path, capsys):
     assert exit_info.value.code == 2
 
 
+def test_resharding_into_the_input_folder_is_refused_and_keeps_the_input(tmp_path, capsys):
+    source = tmp_path / "shards"
+    assert run("--input", make_input("folder", tmp_path)[0][1], "--output", source, "--samples-per-shard", 6) == 0
+    for stats in source.glob("*.stats.json"):
+        stats.unlink()  # as third-party shards would be: no stats files beside them
+    before = {path.name: path.read_bytes() for path in source.glob("*.tar")}
+    capsys.readouterr()
+    assert run("--input", f"{source}/shard-{{000000..000001}}.tar", "--output", source) == 2
+    assert "is in the output folder" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in source.glob("*.tar")} == before
+
+
 def test_synthetic_corpus_is_deterministic_and_described(tmp_path):
     first = make_image_folder(tmp_path / "a", 5, size=32, seed=4, image_format="png")
     second = make_image_folder(tmp_path / "b", 5, size=32, seed=4, image_format="png")

@@ -136,6 +136,7 @@ def make_shards(options: ShardingOptions) -> ShardingSummary:
     os.makedirs(output, exist_ok=True)
     with _output_lock(output):
         listing = list_input(options.input, count_shards=lambda urls: _count_shards(urls, options))
+        _check_no_input_shard_in_output(listing, output)
         chunks = plan_chunks(len(listing.records), options.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD)
         names = [options.name_pattern.format(index) for index in range(len(chunks))]
         plan = _fingerprint(options, listing.kind, len(listing.records))
@@ -155,6 +156,16 @@ def _check_output_is_not_input(options: ShardingOptions) -> None:
     if os.path.exists(options.input.path) and os.path.exists(options.output_dir) \
             and os.path.samefile(options.input.path, options.output_dir):
         raise InputError(f"output {options.output_dir} is the input folder; pass a new folder with --output")
+
+
+def _check_no_input_shard_in_output(listing: InputListing, output: str) -> None:
+    """Resharding into the folder being read would delete the input as stale leftovers."""
+    output = os.path.realpath(output)
+    for record in listing.records:
+        if record.shard_url and os.path.exists(record.shard_url) \
+                and os.path.dirname(os.path.realpath(record.shard_url)) == output:
+            raise InputError(f"input shard {record.shard_url} is in the output folder {output}; "
+                             "write the new shards to another folder with --output")
 
 
 @contextmanager

@@ -391,8 +391,8 @@ def _load_shard_records(records: list[Record]) -> Iterator[Loaded]:
             done += 1
             if done == len(records):
                 break
-    except (ShardError, ShardTruncated):
-        pass  # the rest are counted below: the shard changed or broke since it was counted
+    except ShardTruncated:
+        pass  # the rest are counted below: the shard was cut since it was counted
     finally:
         samples.close()
     for record in records[done:]:
