@@ -242,11 +242,28 @@ def test_restoring_onto_another_layout_is_refused(tmp_path, tokenizer):
         next(iter(other_rank))
 
 
-def test_an_evaluation_loader_reads_the_same_batches_on_every_pass(tmp_path, tokenizer):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_restored_position_applies_to_one_pass_and_a_finished_pass_restarts(tmp_path, tokenizer, workers):
     urls = write_shards(tmp_path, shards=2, per_shard=5)
-    loader = build_loader(CONFIG, spec="::".join(urls), tokenizer=tokenizer, batch_size=3, train=False)
-    first = [batch["keys"] for batch in loader]
-    assert first == [batch["keys"] for batch in loader] and sum(map(len, first)) == 10
+    config = DataConfig(image_size=32, context_length=16, workers=workers)
+
+    def loader():
+        return build_loader(config, spec="::".join(urls), tokenizer=tokenizer, batch_size=2, train=False)
+
+    first = loader()
+    full_pass = [batch["keys"] for batch in first]
+    assert sum(map(len, full_pass)) == 10
+    assert [batch["keys"] for batch in first] == full_pass  # passes repeat
+    partial = loader()
+    iterator = iter(partial)
+    next(iterator), next(iterator)
+    resumed = loader()
+    resumed.load_state_dict(partial.state_dict())
+    assert [batch["keys"] for batch in resumed] == full_pass[2:]
+    assert [batch["keys"] for batch in resumed] == full_pass  # the next pass starts from the beginning
+    finished = loader()
+    finished.load_state_dict(first.state_dict())
+    assert [batch["keys"] for batch in finished] == full_pass
 
 
 @pytest.mark.parametrize("cut", ["member_boundary", "inside_header"])
@@ -260,4 +277,64 @@ def test_a_tar_cut_between_members_is_counted_as_truncated(tmp_path, tokenizer, 
     with pytest.warns(UserWarning, match="shard-000000.tar: truncated"):
         keys = [key for batch in loader for key in batch["keys"]]
     assert keys == ["shard000x00000", "shard000x00001"]
+    assert loader.skipped == Counter(truncated_shard=1)
+
+
+def test_empty_shards_are_counted_and_never_stop_the_others(tmp_path, tokenizer):
+    urls = write_shards(tmp_path, shards=3, per_shard=4)
+    write_tar(tmp_path / "empty-000000.tar", [])
+    write_tar(tmp_path / "empty-000001.tar", [])
+    spec = "::".join(urls + [str(tmp_path / "empty-000000.tar"), str(tmp_path / "empty-000001.tar")])
+    config = DataConfig(image_size=32, context_length=16, workers=2, shuffle_buffer=0)
+    loader = build_loader(config, spec=spec, tokenizer=tokenizer, batch_size=2, train=False)
+    assert sorted(key for batch in loader for key in batch["keys"]) == sorted(
+        f"shard{s:03d}x{i:05d}" for s in range(3) for i in range(4))
+    assert loader.skipped == Counter(empty_shard=2)
+    # Endless, with half the shards empty: epochs where a worker draws only empty shards pass by.
+    endless = make_stream(tokenizer, "::".join([str(tmp_path / "empty-000000.tar"), urls[0]]), epochs=None,
+                          batch_size=2)
+    keys = [key for _, batch in zip(range(12), BatchLoader(endless, workers=2)) for key in batch["keys"]]
+    assert len(keys) == 24 and set(keys) == {f"shard000x{i:05d}" for i in range(4)}
+
+
+def test_resampling_only_empty_shards_stops_with_a_clear_error(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr("mmscale.data.loader.MAX_SKIPS_IN_A_ROW", 50)
+    write_tar(tmp_path / "empty.tar", [])
+    stream = make_stream(tokenizer, str(tmp_path / "empty.tar"), epochs=None, sampling="resampled")
+    with pytest.raises(RuntimeError, match=r"51 samples or shards in a row were skipped \(last: empty_shard"):
+        next(iter(BatchLoader(stream, workers=0)))
+
+
+def test_the_skip_limit_counts_skips_in_a_row_not_per_batch(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr("mmscale.data.loader.MAX_SKIPS_IN_A_ROW", 5)
+    good = jpeg_bytes(2)
+    alternating = []
+    for i in range(40):
+        alternating += [(f"g{i:03d}.jpg", good), (f"g{i:03d}.txt", b"good"), (f"b{i:03d}.jpg", b"bad"),
+                        (f"b{i:03d}.txt", b"corrupt image")]
+    write_tar(tmp_path / "alternating.tar", alternating)
+    loader = build_loader(CONFIG, spec=str(tmp_path / "alternating.tar"), tokenizer=tokenizer, batch_size=10,
+                          train=False)
+    assert sum(batch["size"] for batch in loader) == 40 and loader.skipped["corrupt_image"] == 40
+    bad_run = [(f"b{i:03d}.{ext}", payload) for i in range(6) for ext, payload in (("jpg", b"bad"), ("txt", b"b"))]
+    write_tar(tmp_path / "run.tar", bad_run + [("g.jpg", good), ("g.txt", b"x")])
+    with pytest.raises(RuntimeError, match="6 samples or shards in a row"):
+        list(build_loader(CONFIG, spec=str(tmp_path / "run.tar"), tokenizer=tokenizer, batch_size=1, train=False))
+
+
+def test_transparent_pixels_are_white_as_in_the_shard_writer(tmp_path, tokenizer):
+    buffer = io.BytesIO()
+    Image.new("RGBA", (40, 40), (0, 0, 0, 0)).save(buffer, "PNG")
+    write_tar(tmp_path / "alpha.tar", [("a.png", buffer.getvalue()), ("a.txt", b"nothing to see")])
+    batch = next(iter(build_loader(CONFIG, spec=str(tmp_path / "alpha.tar"), tokenizer=tokenizer, batch_size=1,
+                                   train=False)))
+    assert batch["images"].min() >= 250
+
+
+def test_a_tar_cut_inside_its_first_member_is_truncated_not_fatal(tmp_path, tokenizer):
+    [url] = write_shards(tmp_path, shards=1, per_shard=2)
+    Path(url).write_bytes(Path(url).read_bytes()[:700])
+    loader = build_loader(CONFIG, spec=url, tokenizer=tokenizer, batch_size=2, train=False)
+    with pytest.warns(UserWarning, match="truncated"):
+        assert list(loader) == []
     assert loader.skipped == Counter(truncated_shard=1)

@@ -51,3 +51,20 @@ def test_pixel_limit_is_checked_before_decoding():
     with pytest.raises(SampleRejected) as error:
         decode_and_crop(encoded("RGB"), "jpg", size=32, max_pixels=1000)
     assert error.value.reason == "image_too_large"
+
+
+def test_pixel_limit_rejects_a_bomb_from_its_header_without_decoding_it():
+    from corpus import bomb_png
+
+    # 30,000 x 30,000 in the header but only a few bytes of pixel data: decoding would fail
+    # as corrupt, so `image_too_large` shows the header was checked first.
+    with pytest.raises(SampleRejected) as error:
+        decode_and_crop(bomb_png(), "png", size=32, max_pixels=89_478_485)
+    assert error.value.reason == "image_too_large"
+
+
+def test_horizontal_flip_mirrors_the_same_crop():
+    data = encoded("RGB", size=(96, 64))
+    plain = decode_and_crop(data, "jpg", size=32, max_pixels=10**6, rng=random.Random(5), hflip_probability=0.0)
+    flipped = decode_and_crop(data, "jpg", size=32, max_pixels=10**6, rng=random.Random(5), hflip_probability=1.0)
+    assert torch.equal(flipped, plain.flip(-1)) and not torch.equal(flipped, plain)

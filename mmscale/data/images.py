@@ -97,7 +97,7 @@ def prepare_image(data: bytes, options: ImageOptions) -> PreparedImage:
         try:
             if orientation != 1:  # the loader never reads EXIF, so the pixels must be upright
                 image = ImageOps.exif_transpose(image)
-            image = _to_rgb(image)
+            image = rgb_on_white(image)
             if image.size != target:
                 image = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
             buffer = io.BytesIO()
@@ -147,7 +147,8 @@ def _load(image: Image.Image) -> None:
         raise SampleRejected("corrupt_image", f"image does not decode ({error})") from None
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def rgb_on_white(image: Image.Image) -> Image.Image:
+    """RGB, with transparent pixels composited on white (what viewers show, and what we store)."""
     if image.mode == "RGB":
         return image
     has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info

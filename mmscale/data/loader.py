@@ -26,7 +26,7 @@ from mmscale.data.samples import AugmentSettings, SampleDecoder
 from mmscale.data.shards import SampleRejected, ShardSource, ShardTruncated, iter_raw_samples, parse_spec
 from mmscale.data.text import CaptionEncoder
 
-# A stream that skips this many samples without one good one is broken, not noisy: stop it
+# A stream that skips this many samples (or empty shards) in a row is broken, not noisy: stop it
 # rather than keep every rank waiting for a batch that never comes.
 MAX_SKIPS_IN_A_ROW = 20_000
 # Entries of a worker's live state that state_dict() writes in another form, or not at all.
@@ -107,22 +107,25 @@ class ShardStream(IterableDataset):
                     return
                 shards = self._epoch_shards(state["epoch"], worker, workers)
                 if not shards:
-                    return  # more workers than shards: this one has nothing to read
+                    return  # more readers than shards (warned at build time): nothing to read, ever
                 if state["shard_cursor"] >= len(shards):
-                    if state["epoch_samples"] == 0:
-                        raise RuntimeError(f"shards {', '.join(shards[:3])}...: a whole epoch held no samples")
-                    state.update(epoch=state["epoch"] + 1, shard_cursor=0, epoch_samples=0)
+                    # Empty shards are counted as skips in a row, so shards that never hold a
+                    # sample stop the stream instead of spinning through empty epochs forever.
+                    state.update(epoch=state["epoch"] + 1, shard_cursor=0)
                     continue
                 url, shard_pass = shards[state["shard_cursor"]], state["epoch"]
+            start = state["sample_cursor"]
             try:
-                for raw in iter_raw_samples(url, allow_pipe=self.settings.allow_pipe, start=state["sample_cursor"]):
+                for raw in iter_raw_samples(url, allow_pipe=self.settings.allow_pipe, start=start):
                     raw["__pass__"] = shard_pass
                     state["sample_cursor"] = raw["__index__"] + 1
-                    state["epoch_samples"] += 1
                     yield raw
             except ShardTruncated as error:
-                _count_skip(state, "truncated_shard")
+                _count_skip(state, "truncated_shard", where=f"shard {url}")
                 warnings.warn(str(error), stacklevel=2)
+            else:
+                if start == 0 and state["sample_cursor"] == 0:
+                    _count_skip(state, "empty_shard", where=f"shard {url}")
             state.update(shard_cursor=state["shard_cursor"] + 1, sample_cursor=0)
 
     # --- state ------------------------------------------------------------------------
@@ -134,9 +137,9 @@ class ShardStream(IterableDataset):
     def _fresh_state(self, worker: int, workers: int) -> dict:
         return {
             "layout": self._layout(worker, workers),
-            "epoch": 0, "shard_cursor": 0, "sample_cursor": 0, "epoch_samples": 0, "buffer": [],
+            "epoch": 0, "shard_cursor": 0, "sample_cursor": 0, "buffer": [],
             "rng": random.Random(mix_seed(self.settings.seed, "shuffle", worker)).getstate(),
-            "skipped": Counter(), "since_last_batch": Counter(), "delivered": 0,
+            "skipped": Counter(), "since_last_batch": Counter(), "skips_in_a_row": 0, "delivered": 0,
         }
 
     def state_dict(self) -> dict:
@@ -203,7 +206,7 @@ class ShardStream(IterableDataset):
                 yield raw
                 continue
             buffer.append(raw)
-            if len(buffer) >= capacity:
+            while len(buffer) >= capacity:  # a buffer restored from a larger setting drains down
                 yield _pop_random(buffer, rng)
         while buffer:
             yield _pop_random(buffer, rng)
@@ -215,19 +218,15 @@ class ShardStream(IterableDataset):
                 pending.append(self.decoder.decode(raw, seed=mix_seed(self.settings.seed, raw["__url__"],
                                                                       raw["__index__"], raw["__pass__"])))
             except SampleRejected as bad:
-                _count_skip(state, bad.reason)
-                if sum(since.values()) > MAX_SKIPS_IN_A_ROW:
-                    raise RuntimeError(
-                        f"{sum(since.values())} samples in a row were skipped ({dict(since)}), "
-                        f"last in shard {raw['__url__']} key {raw['__key__']}: the data looks unusable"
-                    ) from None
+                _count_skip(state, bad.reason, where=f"shard {raw['__url__']} key {raw['__key__']}")
                 continue
+            state["skips_in_a_row"] = 0
             if len(pending) == self.settings.batch_size:
                 yield self._collate(state, pending)
                 pending = []
         if pending and self.settings.drop_last:
-            for _ in pending:
-                _count_skip(state, "incomplete_batch")
+            state["skipped"]["incomplete_batch"] += len(pending)
+            since["incomplete_batch"] += len(pending)
             pending = []
         if pending:
             yield self._collate(state, pending)
@@ -242,9 +241,14 @@ class ShardStream(IterableDataset):
         return batch
 
 
-def _count_skip(state: dict, reason: str) -> None:
+def _count_skip(state: dict, reason: str, *, where: str) -> None:
+    """Count a skipped sample (or shard); stop a stream that has gone bad for good."""
     state["skipped"][reason] += 1
     state["since_last_batch"][reason] += 1
+    state["skips_in_a_row"] += 1
+    if state["skips_in_a_row"] > MAX_SKIPS_IN_A_ROW:
+        raise RuntimeError(f"{state['skips_in_a_row']} samples or shards in a row were skipped "
+                           f"(last: {reason}, {where}; so far {dict(state['skipped'])}): the data looks unusable")
 
 
 def _pop_random(buffer: list, rng: random.Random):
@@ -296,8 +300,12 @@ class BatchLoader:
                 "samples_delivered": self.samples_delivered, "batches_delivered": self.batches_delivered}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore before iterating; the workers and world size must match the saved run."""
-        self._loader.load_state_dict(state["loader"])
+        """Restore before iterating; the workers and world size must match the saved run.
+
+        A state saved after a pass ended resumes with the next pass, from its start.
+        """
+        if not state["loader"].get("_iterator_finished", False):
+            self._loader.load_state_dict(state["loader"])
         self.skipped = Counter(state["skipped"])
         self.samples_delivered = state["samples_delivered"]
         self.batches_delivered = state["batches_delivered"]

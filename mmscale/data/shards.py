@@ -140,6 +140,8 @@ class _EndWatcher:
     def __init__(self, stream, url: str):
         self.stream, self.url = stream, url
         self.ran_out = False
+        self.closed = False
+        self.close_error: Exception | None = None
 
     def __str__(self) -> str:  # webdataset names the file object in its error messages
         return self.url
@@ -151,7 +153,14 @@ class _EndWatcher:
         return data
 
     def close(self) -> None:
-        self.stream.close()
+        """Close once; an error from closing (a failed pipe: command) is kept, not raised."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.stream.close()
+        except Exception as error:  # whatever the opener's close raises; reported by the reader
+            self.close_error = error
 
 
 def iter_raw_samples(url: str, *, allow_pipe: bool = False, start: int = 0) -> Iterator[dict]:
@@ -181,8 +190,11 @@ def iter_raw_samples(url: str, *, allow_pipe: bool = False, start: int = 0) -> I
             current[extension.lower()] = member["data"]
         if stream.ran_out:
             raise tarfile.ReadError("no end-of-archive marker")
+        stream.close()
+        if stream.close_error is not None:  # e.g. a pipe: command that exited with an error
+            raise ShardError(f"shard {url}: {stream.close_error}")
     except (tarfile.TarError, OSError, EOFError, ValueError) as error:
-        if index == 0 and current is None:
+        if index == 0 and current is None and "unexpected end of data" not in str(error):
             raise ShardError(f"shard {url}: not a readable tar file ({error})") from None
         if current is not None and index >= start:
             yield current

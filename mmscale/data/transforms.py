@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mmscale.data.images import rgb_on_white
 from mmscale.data.shards import SampleRejected
 
 
@@ -95,7 +96,7 @@ def _decode(data: bytes, extension: str) -> np.ndarray:
             pass  # CMYK, unusual layouts, or corrupt: PIL decides which
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return np.array(image.convert("RGB"))
+            return np.array(rgb_on_white(image))
     except Image.DecompressionBombError as error:
         raise SampleRejected("image_too_large", str(error)) from None
     except Exception as error:  # corrupt or truncated data surfaces as many exception types
