@@ -12,6 +12,7 @@ import os
 import sys
 
 from mmscale.config import ConfigError, help_text, load_config
+from mmscale.data.loader import UnusableData
 from mmscale.data.shards import ShardError
 
 
@@ -38,6 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: Exception) -> str:
+    """The message itself: an error re-raised from a dataloader worker carries the worker's
+    whole traceback, whose last line is `module.Type: message`."""
+    lines = str(error).strip().splitlines()
+    if len(lines) > 1 and ": " in lines[-1]:
+        return lines[-1].split(": ", 1)[1]
+    return lines[-1] if lines else type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; user mistakes print a one-line error and exit 2, not a traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -53,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print_report(run_data_check(config))
             return 0
-    except (ConfigError, ShardError, ValueError, FileNotFoundError) as error:
-        print(f"mmscale {args.command}: error: {error}", file=sys.stderr)
+    except (ConfigError, ShardError, UnusableData, ValueError, FileNotFoundError) as error:
+        print(f"mmscale {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     raise AssertionError(f"unhandled command {args.command}")
 

@@ -28,6 +28,28 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message says what to fix."""
 
 
+class _CommandLineText(str):
+    """An override's value as typed: read as YAML only where the field is not text, so
+    `tokenizer=0123` stays "0123" and `data.train=on` stays "on"."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_NULLS = ("", "~", "null", "Null", "NULL", "None")
+
+
 @cache
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each field of a dataclass, by field name."""
@@ -64,6 +86,13 @@ def _suggest(name: str, known: list[str]) -> str:
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check `value` against a type annotation, converting where it is unambiguous."""
     origin = typing.get_origin(annotation)
+    if isinstance(value, _CommandLineText) and annotation not in (str, Path, Any):
+        if origin in (typing.Union, types.UnionType) and str in typing.get_args(annotation):
+            return None if value in _NULLS and type(None) in typing.get_args(annotation) else str(value)
+        try:
+            value = yaml.load(value, Loader=_StrictLoader) if value.strip() else None
+        except yaml.YAMLError:
+            value = str(value)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
@@ -108,6 +137,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if annotation is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -144,16 +178,13 @@ def _deep_merge(base: dict, update: dict) -> dict:
 
 
 def parse_override(text: str) -> dict:
-    """Turn `a.b.c=value` into `{"a": {"b": {"c": value}}}`, the value parsed as YAML."""
+    """Turn `a.b.c=value` into `{"a": {"b": {"c": value}}}`; the value is read by the field's type."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value (for example data.workers=4)")
     dotted, raw = text.split("=", 1)
     if not dotted or any(not part for part in dotted.split(".")):
         raise ConfigError(f"override {text!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+    value = _CommandLineText(raw)
     for part in reversed(dotted.split(".")):
         value = {part: value}
     return value
@@ -164,7 +195,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     values: dict = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = yaml.load(Path(path).read_text(), Loader=_StrictLoader)
         except FileNotFoundError:
             raise ConfigError(f"config file {path}: no such file") from None
         except yaml.YAMLError as error:

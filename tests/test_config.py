@@ -43,11 +43,32 @@ def test_unknown_keys_name_the_closest_known_key(tmp_path):
     ("data.allow_pipe=maybe", "data.allow_pipe: expected true or false"),
     ("data.sampling=random", "not one of"),
     ("data.workers=-1", "data.workers must be >= 0"),
+    ("data.image_size=0", "data.image_size must be >= 1"),
+    ("data.crop_ratio=[0, 1]", "data.crop_ratio must satisfy"),
+    ("data.hflip_probability=1.5", "data.hflip_probability must be in"),
+    ("data.prefetch_factor=0", "data.prefetch_factor must be >= 1"),
     ("data", "not of the form key=value"),
 ])
 def test_bad_values_are_clear_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(Root, None, [override])
+
+
+def test_command_line_values_are_read_by_the_field_type(tmp_path):
+    config = load_config(Root, None, ["tokenizer=0123", "data.train=on", "data.val=1_000",
+                                      "data.hflip_probability=1e-3", "data.crop_scale=[0.5, 1]"])
+    assert (config.tokenizer, config.data.train, config.data.val) == ("0123", "on", "1_000")
+    assert config.data.hflip_probability == 0.001 and config.data.crop_scale == (0.5, 1.0)
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  mlm_probability: 1e-1\n")
+    assert load_config(Root, path).data.mlm_probability == 0.1
+
+
+def test_a_key_given_twice_in_yaml_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("batch_size: 4\nbatch_size: 8\n")
+    with pytest.raises(ConfigError, match="given twice"):
+        load_config(Root, path)
 
 
 def test_missing_or_malformed_file(tmp_path):

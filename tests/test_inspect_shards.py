@@ -30,6 +30,7 @@ def test_every_problem_is_reported_with_shard_and_key(tmp_path, capsys):
         ("000000003.jpg", good), ("000000003.txt", b"caf\xe9"),
         ("000000004.txt", b"no image at all"),
         ("000000005.jpg", good), ("000000005.txt", b"label"), ("000000005.cls", b"cat"),
+        ("000000006.jpg", good), ("000000006.txt", b"label"), ("000000006.cls", b"--5"),
     ])
     write_tar(tmp_path / "shard-000001.tar", [("000000000.jpg", good), ("000000000.txt", b"repeated key")]
               + [(f"00000001{i}.{ext}", good if ext == "jpg" else b"x") for i in range(3) for ext in ("jpg", "txt")])
@@ -43,9 +44,10 @@ def test_every_problem_is_reported_with_shard_and_key(tmp_path, capsys):
                 f"shard {first} key 000000003: caption is not UTF-8",
                 f"shard {first} key 000000004: no image member",
                 f"shard {first} key 000000005: label 'cat' in .cls is not an integer",
+                f"shard {first} key 000000006: label '--5' in .cls is not an integer",
                 f"shard {second}: truncated or corrupt tar",
                 f"shard {second} key 000000000: key repeated (also in shard {first})",
-                f"shard {first}: {tmp_path / 'sizes.json'} says 5 samples, the tar has 6"]
+                f"shard {first}: {tmp_path / 'sizes.json'} says 5 samples, the tar has 7"]
     for problem in expected:
         assert problem in err, problem
     assert "Traceback" not in err

@@ -19,6 +19,7 @@ from corpus import (
     make_input,
     read_samples,
     truncate_inside_last_image,
+    write_coco,
     write_table,
 )
 from PIL import Image
@@ -229,9 +230,16 @@ def test_bad_table_rows_are_skipped_and_counted(tmp_path):
         "bad_label": 1, "bad_text": 1, "missing_caption": 1, "missing_image": 2}
     lines = tmp_path / "rows.jsonl"
     lines.write_bytes(b'{"image": "a.jpg", "caption": "ok"}\n{"image": "a.jpg", "caption": "caf\xe9"}\n'
-                      b"{not json\n\n")
+                      b'{not json\n\n{"image": "a.jpg", "caption": ["a", "list"]}\n')
     assert run("--input", lines, "--output", tmp_path / "out2") == 0
-    assert json.loads((tmp_path / "out2" / "stats.json").read_text())["skipped"] == {"bad_row": 1, "bad_text": 1}
+    assert json.loads((tmp_path / "out2" / "stats.json").read_text())["skipped"] == {"bad_row": 1, "bad_text": 2}
+    coco = write_coco(tmp_path / "coco.json", [("a.jpg", ["a caption"])])
+    broken = json.loads(coco.read_text())
+    broken["annotations"].append(None)
+    broken["images"].append("not an image entry")
+    coco.write_text(json.dumps(broken))
+    assert run("--input", coco, "--output", tmp_path / "out3") == 0
+    assert json.loads((tmp_path / "out3" / "stats.json").read_text())["skipped"] == {"missing_image": 1}
 
 
 def test_dedup_keeps_the_first_copy(tmp_path):

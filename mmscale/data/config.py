@@ -43,13 +43,22 @@ class DataConfig:
     """Batches each worker prepares ahead."""
 
     def __post_init__(self):
-        if self.workers < 0:
-            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
-        if self.shuffle_buffer < 0:
-            raise ValueError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
-        if not 0.0 <= self.mlm_probability < 1.0:
-            raise ValueError(f"data.mlm_probability must be in [0, 1), got {self.mlm_probability}")
-        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ValueError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {list(self.crop_scale)}")
-        if self.context_length < 3:
-            raise ValueError(f"data.context_length must be >= 3, got {self.context_length}")
+        checks = [
+            (self.workers >= 0, "data.workers must be >= 0", self.workers),
+            (self.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0", self.shuffle_buffer),
+            (self.image_size >= 1, "data.image_size must be >= 1", self.image_size),
+            (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+             "data.crop_scale must satisfy 0 < low <= high <= 1", list(self.crop_scale)),
+            (0 < self.crop_ratio[0] <= self.crop_ratio[1], "data.crop_ratio must satisfy 0 < low <= high",
+             list(self.crop_ratio)),
+            (0.0 <= self.hflip_probability <= 1.0, "data.hflip_probability must be in [0, 1]",
+             self.hflip_probability),
+            (self.context_length >= 3, "data.context_length must be >= 3 ([CLS], a token, [SEP])",
+             self.context_length),
+            (0.0 <= self.mlm_probability < 1.0, "data.mlm_probability must be in [0, 1)", self.mlm_probability),
+            (self.max_pixels >= 1, "data.max_pixels must be >= 1", self.max_pixels),
+            (self.prefetch_factor >= 1, "data.prefetch_factor must be >= 1", self.prefetch_factor),
+        ]
+        for holds, rule, value in checks:
+            if not holds:
+                raise ValueError(f"{rule}, got {value}")

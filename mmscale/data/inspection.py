@@ -129,9 +129,9 @@ def _check_sample(sample: dict, report: ShardReport, *, examples: int) -> None:
         report.caption_words.append(len(caption.split()))
     if "cls" in sample:
         text = sample["cls"].decode("ascii", errors="replace").strip()
-        if text.lstrip("-").isdigit():
+        try:
             report.labels[int(text)] += 1
-        else:
+        except ValueError:
             report.problems.append(f"{where}: label {text!r} in .cls is not an integer")
     if len(report.examples) < examples:
         report.examples.append((key, size, caption or "<no caption>"))

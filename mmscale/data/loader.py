@@ -33,6 +33,10 @@ MAX_SKIPS_IN_A_ROW = 20_000
 _DERIVED_KEYS = ("buffer", "rng", "skipped", "since_last_batch")
 
 
+class UnusableData(RuntimeError):
+    """A stream that skipped too many samples or shards in a row to be worth continuing."""
+
+
 def mix_seed(*parts) -> int:
     """A 63-bit seed from any printable parts; stable across processes and runs."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
@@ -247,7 +251,7 @@ def _count_skip(state: dict, reason: str, *, where: str) -> None:
     state["since_last_batch"][reason] += 1
     state["skips_in_a_row"] += 1
     if state["skips_in_a_row"] > MAX_SKIPS_IN_A_ROW:
-        raise RuntimeError(f"{state['skips_in_a_row']} samples or shards in a row were skipped "
+        raise UnusableData(f"{state['skips_in_a_row']} samples or shards in a row were skipped "
                            f"(last: {reason}, {where}; so far {dict(state['skipped'])}): the data looks unusable")
 
 

@@ -178,10 +178,14 @@ def _list_coco(options: InputOptions) -> InputListing:
                          "lists); pass --input-kind if it is something else")
     captions = defaultdict(list)
     for annotation in data["annotations"]:
-        captions[annotation.get("image_id")].append(annotation.get("caption"))
+        if isinstance(annotation, dict):  # anything else has no image to attach a caption to
+            captions[annotation.get("image_id")].append(annotation.get("caption"))
     root = options.image_root or os.path.dirname(options.path)
     records = []
     for image in data["images"]:
+        if not isinstance(image, dict):
+            records.append(Record(source=f"{options.path}#images", problem="missing_image"))
+            continue
         name = str(image.get("file_name", ""))
         texts = captions.get(image.get("id")) or [None]
         for text in texts[:1] if options.coco_first_caption_only else texts:
@@ -305,6 +309,8 @@ def _row_record(name, caption, label, *, root: str, source: str) -> Record:
     path = os.path.join(root, str(name).strip())
     if isinstance(caption, float) and math.isnan(caption):
         caption = None
+    if caption is not None and not isinstance(caption, (str, int, float)):
+        return Record(source=source, image_path=path, problem="bad_text")  # a list or mapping, not text
     caption = str(caption).strip() if caption is not None else None
     if caption:
         try:
