@@ -49,6 +49,3 @@ def write_shards(folder: Path, *, shards: int, per_shard: int, prefix: str = "sh
     (folder / "sizes.json").write_text(json.dumps(sizes))
     return [str(folder / f"{prefix}-{shard:06d}.tar") for shard in range(shards)]
 
-
-def spec_of(urls: list[str]) -> str:
-    return "::".join(urls)
