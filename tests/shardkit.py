@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
+from corpus import write_tar
 from PIL import Image
-
-from mmscale.data.shards import tar_member
 
 
 def jpeg_bytes(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:
@@ -21,12 +19,6 @@ def jpeg_bytes(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG", quality=85)
     return buffer.getvalue()
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, payload in members:
-            tar.addfile(*tar_member(name, payload))
 
 
 def write_shards(folder: Path, *, shards: int, per_shard: int, prefix: str = "shard",

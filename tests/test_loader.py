@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from corpus import write_tar
 from PIL import Image
-from shardkit import jpeg_bytes, write_shards, write_tar
+from shardkit import jpeg_bytes, write_shards
 
 from mmscale.data.config import DataConfig
 from mmscale.data.loader import BatchLoader, ShardStream, StreamSettings, build_loader
