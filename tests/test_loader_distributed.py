@@ -44,15 +44,6 @@ def test_two_gloo_ranks_split_an_epoch_without_overlap(tmp_path, tokenizer_dir, 
     assert len(set(per_rank[0]) | set(per_rank[1])) == 64
 
 
-@pytest.fixture
-def unused_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_rank_defaults_to_one_process_without_a_group(tmp_path, tokenizer):
     write_shards(Path(tmp_path), shards=2, per_shard=4)
     loader = build_loader(DataConfig(image_size=32, context_length=16, workers=0), spec=str(tmp_path),

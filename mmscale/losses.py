@@ -1,0 +1,156 @@
+"""Contrastive (CLIP InfoNCE, SigLIP) and masked-LM losses, and the pretraining objective.
+
+Negatives come from the whole global batch. Features are all-gathered with gradients and each
+rank scores only its own rows against every column (open_clip's `local_loss` +
+`gather_with_grad`), so the logits are [B_local, B_global] and memory grows linearly with the
+number of ranks, not quadratically. Each rank's loss is the mean over its own rows; the mean of
+the ranks' losses is the loss of the global batch, and after data-parallel gradient averaging
+(DeepSpeed divides by the world size) the parameter gradients are those of the global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mmscale.models.dual_encoder import DualEncoder
+
+
+@dataclass
+class LossConfig:
+    """What the model is trained to do, and how much each part counts."""
+
+    contrastive: Literal["clip", "siglip"] = "clip"
+    """Contrastive loss: `clip` (softmax InfoNCE, both directions) or `siglip` (pairwise sigmoid,
+    arXiv:2303.15343), both with negatives from the global batch."""
+    contrastive_weight: float = 1.0
+    """Weight of the contrastive loss in the total."""
+    mlm_weight: float = 1.0
+    """Weight of the masked-LM loss in the total; 0 skips the masked text pass (needed for CLIP text towers)."""
+    siglip_bias_init: float = -10.0
+    """Initial SigLIP logit bias (the paper's -10 keeps the first steps from being swamped by negatives)."""
+
+    def __post_init__(self):
+        if self.contrastive_weight < 0 or self.mlm_weight < 0:
+            raise ValueError(f"loss weights must be >= 0, got loss.contrastive_weight={self.contrastive_weight}, "
+                             f"loss.mlm_weight={self.mlm_weight}")
+
+
+@dataclass
+class LossOutput:
+    """The total loss to backpropagate and each part of it, for logging."""
+
+    total: torch.Tensor
+    contrastive: torch.Tensor
+    mlm: torch.Tensor
+    logit_scale: torch.Tensor
+    """1/temperature used in this step (detached)."""
+
+
+def _rank_and_world(group) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's rows. NCCL does that
+    with reduce_scatter; gloo has none, so it all-reduces the (small) feature gradient and slices."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        rank, world = _rank_and_world(group)
+        ctx.rank, ctx.world = rank, world
+        gathered = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(gathered, tensor.contiguous(), group=group)
+        return torch.cat(gathered)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        if dist.get_backend(ctx.group) == dist.Backend.NCCL:
+            own = grad.new_empty((grad.shape[0] // ctx.world, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(own, grad, group=ctx.group)
+            return own, None
+        summed = grad.clone()
+        dist.all_reduce(summed, group=ctx.group)
+        return summed.chunk(ctx.world)[ctx.rank], None
+
+
+def gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's `tensor` concatenated in rank order, differentiable; `tensor` itself with one
+    process. Every rank must pass the same shape (training batches are always full)."""
+    if _rank_and_world(group)[1] == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor, group)
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, *, group=None) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE over normalized features, this rank's rows against the global batch."""
+    rank, _ = _rank_and_world(group)
+    all_images, all_texts = gather_with_grad(image, group), gather_with_grad(text, group)
+    labels = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
+    image_loss = F.cross_entropy(logit_scale * image @ all_texts.T, labels)
+    text_loss = F.cross_entropy(logit_scale * text @ all_images.T, labels)
+    return (image_loss + text_loss) / 2
+
+
+def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor, *,
+                group=None) -> torch.Tensor:
+    """SigLIP: a binary decision for every image-text pair of the global batch, summed and divided
+    by the global batch size; this rank computes its images' rows against every text."""
+    rank, _ = _rank_and_world(group)
+    all_texts = gather_with_grad(text, group)
+    logits = logit_scale * image @ all_texts.T + logit_bias
+    signs = -torch.ones_like(logits)
+    rows = torch.arange(image.shape[0], device=image.device)
+    signs[rows, rows + rank * image.shape[0]] = 1.0
+    return -F.logsigmoid(signs * logits).sum() / image.shape[0]
+
+
+def mlm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the masked positions only (`logits` holds just those rows). A batch
+    without any masked token gives 0, still connected to the head so every rank runs the same
+    modules (ZeRO-3 gathers parameters collectively)."""
+    return F.cross_entropy(logits.float(), targets, reduction="sum") / max(targets.numel(), 1)
+
+
+class PretrainingObjective(nn.Module):
+    """The dual encoder and its losses as one module: the module handed to `deepspeed.initialize`.
+    The whole loss, temperature included, is computed inside `forward`, where ZeRO-3 has the
+    parameters gathered (PITFALLS.md 3)."""
+
+    def __init__(self, model: DualEncoder, config: LossConfig):
+        super().__init__()
+        if config.mlm_weight > 0 and model.mlm_head is None:
+            raise ValueError("loss.mlm_weight > 0 but the model has no MLM head (CLIP text towers are causal and "
+                             "take none); set loss.mlm_weight=0 or model.mlm_head=true")
+        if config.contrastive == "siglip" and model.logit_bias is None:
+            raise ValueError("loss.contrastive=siglip needs a model built with a logit bias "
+                             "(build_model(..., logit_bias_init=loss.siglip_bias_init))")
+        self.model = model
+        self.config = config
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                mlm_input_ids: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None) -> LossOutput:
+        use_mlm = self.config.mlm_weight > 0
+        if use_mlm and (mlm_input_ids is None or mlm_labels is None):
+            raise ValueError("loss.mlm_weight > 0 needs masked captions; data.mlm_probability is 0")
+        out = self.model(images, input_ids, attention_mask,
+                         mlm_input_ids if use_mlm else None, mlm_labels if use_mlm else None)
+        image = F.normalize(out.image_features.float(), dim=-1)
+        text = F.normalize(out.text_features.float(), dim=-1)
+        scale = out.logit_scale.float()
+        if self.config.contrastive == "siglip":
+            contrastive = siglip_loss(image, text, scale, out.logit_bias.float())
+        else:
+            contrastive = clip_loss(image, text, scale)
+        mlm = mlm_loss(out.mlm_logits, out.mlm_targets) if use_mlm else contrastive.new_zeros(())
+        total = self.config.contrastive_weight * contrastive + self.config.mlm_weight * mlm
+        return LossOutput(total=total, contrastive=contrastive, mlm=mlm, logit_scale=scale.detach())

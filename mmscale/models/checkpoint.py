@@ -1,0 +1,222 @@
+"""Building dual encoders from a preset or a folder, and the consolidated checkpoint format.
+
+A checkpoint folder is a Hugging Face model folder first: `config.json` + `model.safetensors`
+(a `VisionTextDualEncoderModel` or `CLIPModel`), the tokenizer and the image processor, so
+`transformers.AutoModel.from_pretrained(folder)` gives the same embeddings as mmscale. Beside
+them `mmscale.json` says what mmscale adds and `mmscale_heads.safetensors` holds it (the MLM
+head without its tied decoder weight, the SigLIP bias). Weights are read from safetensors only
+and no folder's code is ever run (`trust_remote_code=False`), so untrusted folders are safe.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoModel,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPVisionModel,
+    PreTrainedModel,
+    VisionTextDualEncoderConfig,
+    VisionTextDualEncoderModel,
+    VisionTextDualEncoderProcessor,
+)
+
+from mmscale.models.config import ModelConfig
+from mmscale.models.dual_encoder import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, DualEncoder, new_towers
+
+MMSCALE_FILE = "mmscale.json"
+HEADS_FILE = "mmscale_heads.safetensors"
+FORMAT = "mmscale-dual-encoder"
+FORMAT_VERSION = 1
+EXPECTED = ("a Hugging Face CLIPModel or VisionTextDualEncoderModel folder, or an mmscale checkpoint "
+            "(for a separate vision model and text encoder set model.vision_from and model.text_from)")
+_TOWER_CLASSES = {"clip": CLIPModel, "vision-text-dual-encoder": VisionTextDualEncoderModel}
+_SAFE = {"use_safetensors": True, "trust_remote_code": False, "local_files_only": True}
+
+
+class CheckpointError(ValueError):
+    """A model folder that is missing, of the wrong kind or unsafe to read; the message says what was expected."""
+
+
+def build_model(config: ModelConfig, *, vocab_size: int | None = None, mlm_head: bool | None = None,
+                logit_bias_init: float | None = None) -> DualEncoder:
+    """The dual encoder `config` asks for: new from its preset, or started from `model.init_from`,
+    or from `model.vision_from` + `model.text_from`.
+
+    `vocab_size` (the tokenizer's) sizes a new text tower; `mlm_head` (default `model.mlm_head`)
+    adds an MLM head where the text tower is bidirectional; `logit_bias_init` adds SigLIP's bias
+    (a checkpoint's own bias wins)."""
+    want_mlm = config.mlm_head if mlm_head is None else mlm_head
+    if config.init_from:
+        return load_model(config.init_from, mlm_head=want_mlm, logit_bias_init=logit_bias_init,
+                          attention=config.attention)
+    if config.vision_from:
+        towers = _towers_from_pair(config)
+        mean, std = _image_normalization(Path(config.vision_from))
+    else:
+        towers, mean, std = new_towers(config.sizes(vocab_size=vocab_size), config), CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
+    return DualEncoder(towers, mlm_head=want_mlm, logit_bias_init=logit_bias_init,
+                       max_logit_scale=config.max_logit_scale, image_mean=mean, image_std=std)
+
+
+def load_model(folder: str | os.PathLike, *, mlm_head: bool = True, logit_bias_init: float | None = None,
+               attention: str = "sdpa") -> DualEncoder:
+    """A dual encoder from a CLIPModel, VisionTextDualEncoderModel or mmscale checkpoint folder.
+
+    An mmscale checkpoint brings back its MLM head and SigLIP bias. `mlm_head` adds a new head
+    where there is none and the text tower can take one (not CLIP's causal tower); `logit_bias_init`
+    adds a SigLIP bias where there is none. Heads the caller does not ask for are left out."""
+    folder = Path(folder)
+    kind = _model_type(folder)
+    towers = _TOWER_CLASSES[kind].from_pretrained(folder, attn_implementation=attention, **_SAFE)
+    extras = _read_extras(folder)
+    meta = extras.pop("meta", {})
+    mean, std = (meta["image_mean"], meta["image_std"]) if meta else _image_normalization(folder)
+    model = DualEncoder(
+        towers,
+        mlm_head=mlm_head and kind != "clip",
+        logit_bias_init=None if logit_bias_init is None else float(extras.get("logit_bias", logit_bias_init)),
+        max_logit_scale=meta.get("max_logit_scale", 100.0), image_mean=mean, image_std=std,
+    )
+    if model.mlm_head is not None and meta.get("mlm_head"):
+        head = {name.removeprefix("mlm_head."): tensor for name, tensor in extras.items() if name.startswith("mlm_head.")}
+        model.mlm_head.load_state_dict(head | {"decoder.weight": model.mlm_head.decoder.weight})
+    return model
+
+
+def save_model(model: DualEncoder, folder: str | os.PathLike, *, tokenizer=None) -> Path:
+    """Write `model` as a consolidated checkpoint (see the module docstring), atomically: a crash
+    mid-way leaves any earlier folder of that name as it was."""
+    folder = Path(folder)
+    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.towers.save_pretrained(staging, safe_serialization=True)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": model.image_size}, crop_size={"height": model.image_size, "width": model.image_size},
+        image_mean=model.image_mean.flatten().tolist(), image_std=model.image_std.flatten().tolist(),
+        resample=2,  # bilinear, as the loader resizes
+    )
+    if tokenizer is not None and model.kind == "vision-text-dual-encoder":
+        VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(staging)
+    else:
+        image_processor.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    heads = {}
+    if model.mlm_head is not None:
+        heads |= {f"mlm_head.{name}": tensor.detach().contiguous() for name, tensor in model.mlm_head.state_dict().items()
+                  if name != "decoder.weight"}
+    if model.logit_bias is not None:
+        heads["logit_bias"] = model.logit_bias.detach().clone()
+    save_file(heads, staging / HEADS_FILE)
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "towers": model.kind, "mlm_head": model.mlm_head is not None,
+            "logit_bias": model.logit_bias is not None, "max_logit_scale": model.max_logit_scale,
+            "image_mean": model.image_mean.flatten().tolist(), "image_std": model.image_std.flatten().tolist()}
+    (staging / MMSCALE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    _replace_folder(staging, folder)
+    return folder
+
+
+def _replace_folder(staging: Path, folder: Path) -> None:
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        folder.rename(old)
+    staging.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: unreadable ({error})") from error
+
+
+def _hf_config(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder {folder}: no such folder; expected {EXPECTED}")
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} is not a model folder (no config.json); expected {EXPECTED}")
+    return _read_json(folder / "config.json")
+
+
+def _check_weights(folder: Path) -> None:
+    if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
+        return
+    if any(folder.glob("pytorch_model*.bin")):
+        raise CheckpointError(f"{folder} has only pickle weights (pytorch_model.bin), which can run code when "
+                              "loaded; mmscale reads safetensors only: convert them where you trust the file "
+                              "(`AutoModel.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)`)")
+    raise CheckpointError(f"{folder} has a config.json but no model.safetensors")
+
+
+def _model_type(folder: Path) -> str:
+    model_type = _hf_config(folder).get("model_type")
+    if model_type not in _TOWER_CLASSES:
+        raise CheckpointError(f"{folder} holds a {model_type!r} model; expected {EXPECTED}")
+    _check_weights(folder)
+    return model_type
+
+
+def _read_extras(folder: Path) -> dict:
+    """mmscale's heads and metadata, if `folder` is an mmscale checkpoint ({} otherwise)."""
+    if not (folder / MMSCALE_FILE).is_file():
+        return {}
+    meta = _read_json(folder / MMSCALE_FILE)
+    if meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{folder / MMSCALE_FILE}: format {meta.get('format')!r} version {meta.get('version')} "
+                              f"is not one this mmscale reads ({FORMAT} <= {FORMAT_VERSION})")
+    if not (folder / HEADS_FILE).is_file():
+        raise CheckpointError(f"{folder} is an mmscale checkpoint without {HEADS_FILE}; it was not written completely")
+    return {"meta": meta} | load_file(folder / HEADS_FILE)
+
+
+def _image_normalization(folder: Path) -> tuple[list[float], list[float]]:
+    """Mean and std from the folder's image processor config (its own file, or inside the processor
+    config as transformers 5 writes it); CLIP's when it has none."""
+    config = {}
+    if (folder / "preprocessor_config.json").is_file():
+        config = _read_json(folder / "preprocessor_config.json")
+    elif (folder / "processor_config.json").is_file():
+        config = _read_json(folder / "processor_config.json").get("image_processor", {})
+    return config.get("image_mean", list(CLIP_IMAGE_MEAN)), config.get("image_std", list(CLIP_IMAGE_STD))
+
+
+def _load_vision(folder: Path, attention: str) -> PreTrainedModel:
+    model_type = _hf_config(folder).get("model_type")
+    _check_weights(folder)
+    if model_type in ("clip", "clip_vision_model"):
+        return CLIPVisionModel.from_pretrained(folder, attn_implementation=attention, **_SAFE)
+    model = AutoModel.from_pretrained(folder, attn_implementation=attention, **_SAFE)
+    if not hasattr(model.config, "image_size"):
+        raise CheckpointError(f"model.vision_from {folder} holds a {model_type!r} model, not a vision model "
+                              "(expected ViT, CLIP or CLIP vision)")
+    return model
+
+
+def _load_text(folder: Path, attention: str) -> PreTrainedModel:
+    model_type = _hf_config(folder).get("model_type")
+    _check_weights(folder)
+    model = AutoModel.from_pretrained(folder, attn_implementation=attention, **_SAFE)
+    if hasattr(model.config, "image_size") or getattr(model.config, "is_decoder", False):
+        raise CheckpointError(f"model.text_from {folder} holds a {model_type!r} model, not a text encoder "
+                              "(expected a BERT-style encoder such as BERT, RoBERTa or MiniLM)")
+    return model
+
+
+def _towers_from_pair(config: ModelConfig) -> VisionTextDualEncoderModel:
+    vision = _load_vision(Path(config.vision_from), config.attention)
+    text = _load_text(Path(config.text_from), config.attention)
+    sizes = config.sizes()
+    towers_config = VisionTextDualEncoderConfig.from_vision_text_configs(
+        vision.config, text.config, projection_dim=sizes.projection_dim,
+        logit_scale_init_value=math.log(1 / config.temperature_init),
+    )
+    return VisionTextDualEncoderModel(towers_config, vision_model=vision, text_model=text)

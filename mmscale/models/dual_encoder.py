@@ -1,0 +1,200 @@
+"""The dual encoder: `transformers` towers and projections, plus mmscale's MLM head and SigLIP bias.
+
+The towers are a Hugging Face `VisionTextDualEncoderModel` (image tower + BERT-style text
+tower + projections + `logit_scale`) or a `CLIPModel`, kept as they are so a consolidated
+checkpoint is a folder `transformers.AutoModel` loads. mmscale adds what transformers has no
+place for: the masked-LM head on the text tower and, for the SigLIP loss, a logit bias.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import (
+    BertConfig,
+    CLIPVisionConfig,
+    PreTrainedModel,
+    VisionTextDualEncoderConfig,
+    VisionTextDualEncoderModel,
+)
+from transformers.activations import ACT2FN
+
+from mmscale.data.text import IGNORE_INDEX
+from mmscale.models.config import ModelConfig, ModelSizes
+
+# OpenAI CLIP's normalization, used by new models (released checkpoints bring their own).
+CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class MaskedLMHead(nn.Module):
+    """BERT's MLM head (dense, activation, LayerNorm, decoder) with the decoder weight tied to the
+    text tower's word embeddings. The tied weight is registered on `decoder`, so under ZeRO-3 it is
+    gathered when the decoder runs, like any parameter of the module that uses it."""
+
+    def __init__(self, *, width: int, vocab_size: int, activation: str, layer_norm_eps: float,
+                 word_embeddings: nn.Embedding):
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.activation = ACT2FN[activation]
+        self.norm = nn.LayerNorm(width, eps=layer_norm_eps)
+        self.decoder = nn.Linear(width, vocab_size)
+        self.decoder.weight = word_embeddings.weight
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """BERT's initialization of the head's own weights (the tied decoder weight is the embedding's)."""
+        nn.init.normal_(self.dense.weight, std=0.02)
+        nn.init.zeros_(self.dense.bias)
+        self.norm.reset_parameters()
+        nn.init.zeros_(self.decoder.bias)
+
+    @classmethod
+    def for_text_tower(cls, text_model: PreTrainedModel) -> MaskedLMHead:
+        """A new head that fits `text_model` (any BERT-style encoder config)."""
+        config = text_model.config
+        return cls(width=config.hidden_size, vocab_size=config.vocab_size,
+                   activation=getattr(config, "hidden_act", "gelu"),
+                   layer_norm_eps=getattr(config, "layer_norm_eps", 1e-12),
+                   word_embeddings=text_model.get_input_embeddings())
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(self.activation(self.dense(hidden_states))))
+
+
+@dataclass
+class DualEncoderOutput:
+    """What one forward pass gives the losses."""
+
+    image_features: torch.Tensor
+    """Projected image embeddings [B, D], not normalized (what `get_image_features` returns)."""
+    text_features: torch.Tensor
+    """Projected text embeddings [B, D], not normalized."""
+    logit_scale: torch.Tensor
+    """exp(learned log scale), clamped to the configured maximum: 1/temperature."""
+    logit_bias: torch.Tensor | None
+    """SigLIP's learnable bias; None for models without one."""
+    mlm_logits: torch.Tensor | None
+    """Vocabulary logits at the masked positions only [M, V]; None without MLM inputs."""
+    mlm_targets: torch.Tensor | None
+    """The original token ids at those positions [M]."""
+
+
+class DualEncoder(nn.Module):
+    """Image tower + text tower + projections + temperature (the Hugging Face `towers`), an optional
+    MLM head and an optional SigLIP logit bias. Images go in as uint8 and are normalized here, on
+    the device they train on."""
+
+    def __init__(self, towers: PreTrainedModel, *, mlm_head: bool, logit_bias_init: float | None = None,
+                 max_logit_scale: float = 100.0, image_mean=CLIP_IMAGE_MEAN, image_std=CLIP_IMAGE_STD):
+        super().__init__()
+        self.towers = towers
+        if mlm_head and towers.config.text_config.model_type == "clip_text_model":
+            raise ValueError("a CLIP text tower is causal and cannot take a masked-LM head; set model.mlm_head=false "
+                             "and loss.mlm_weight=0")
+        self.mlm_head = MaskedLMHead.for_text_tower(towers.text_model) if mlm_head else None
+        self.logit_bias = None if logit_bias_init is None else nn.Parameter(torch.tensor(float(logit_bias_init)))
+        self.max_logit_scale = max_logit_scale
+        self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
+
+    @property
+    def image_size(self) -> int:
+        return self.towers.config.vision_config.image_size
+
+    @property
+    def kind(self) -> str:
+        """The Hugging Face model type of the towers: `vision-text-dual-encoder` or `clip`."""
+        return self.towers.config.model_type
+
+    def save(self, folder, *, tokenizer=None):
+        """Write a consolidated checkpoint that `transformers.AutoModel` loads (mmscale.models.checkpoint)."""
+        from mmscale.models.checkpoint import save_model
+
+        return save_model(self, folder, tokenizer=tokenizer)
+
+    def zero3_external_parameters(self) -> list[nn.Parameter]:
+        """Parameters this module's forward reads although another module owns them: ZeRO-3 gathers
+        a parameter only around its owner's forward, and `logit_scale` belongs to the towers, whose own
+        forward is never called (PITFALLS.md 3). Register these with
+        `deepspeed.zero.register_external_parameter(model, p)`."""
+        return [self.towers.logit_scale]
+
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, S, S] images as the normalized float input of the image tower; float input is
+        taken as already normalized (Hugging Face processor output)."""
+        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
+            raise ValueError(f"images are {images.shape[-2]}x{images.shape[-1]} px but the image tower takes "
+                             f"{self.image_size}x{self.image_size}; set data.image_size={self.image_size}")
+        dtype = self.towers.visual_projection.weight.dtype
+        if images.dtype == torch.uint8:
+            images = (images.float() / 255.0 - self.image_mean) / self.image_std
+        return images.to(dtype)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Projected image embeddings, not normalized: `get_image_features` of the saved model."""
+        return self.towers.get_image_features(pixel_values=self.pixel_values(images)).pooler_output
+
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Projected text embeddings, not normalized: `get_text_features` of the saved model."""
+        return self.towers.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+    def logit_scale(self) -> torch.Tensor:
+        """1/temperature. Clamped here rather than by editing the parameter in place after each step,
+        because under ZeRO-3 the optimizer's fp32 master copy would overwrite such an edit."""
+        return self.towers.logit_scale.clamp(max=math.log(self.max_logit_scale)).exp()
+
+    def mlm_logits(self, mlm_input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   mlm_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and targets at the masked positions only: the vocabulary projection is the largest
+        matmul of the text side, and 85% of positions have nothing to predict."""
+        if self.mlm_head is None:
+            raise ValueError("this model has no MLM head; set loss.mlm_weight=0 (or build it with model.mlm_head=true)")
+        hidden = self.towers.text_model(input_ids=mlm_input_ids, attention_mask=attention_mask).last_hidden_state
+        masked = mlm_labels != IGNORE_INDEX
+        return self.mlm_head(hidden[masked]), mlm_labels[masked]
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                mlm_input_ids: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None) -> DualEncoderOutput:
+        mlm_logits = mlm_targets = None
+        if mlm_input_ids is not None:
+            mlm_logits, mlm_targets = self.mlm_logits(mlm_input_ids, attention_mask, mlm_labels)
+        return DualEncoderOutput(
+            image_features=self.encode_images(images),
+            text_features=self.encode_texts(input_ids, attention_mask),
+            logit_scale=self.logit_scale(),
+            logit_bias=self.logit_bias,
+            mlm_logits=mlm_logits,
+            mlm_targets=mlm_targets,
+        )
+
+
+def towers_config(sizes: ModelSizes, config: ModelConfig) -> VisionTextDualEncoderConfig:
+    """The Hugging Face config of new towers: a CLIP-style ViT (pre-norm, class token, post-norm
+    pooling) and a BERT encoder."""
+    vision = CLIPVisionConfig(
+        image_size=sizes.image_size, patch_size=sizes.patch_size, hidden_size=sizes.vision_width,
+        num_hidden_layers=sizes.vision_layers, num_attention_heads=sizes.vision_heads,
+        intermediate_size=sizes.vision_mlp_width, hidden_act="gelu", attention_dropout=config.dropout,
+        projection_dim=sizes.projection_dim,
+    )
+    text = BertConfig(
+        vocab_size=sizes.vocab_size, hidden_size=sizes.text_width, num_hidden_layers=sizes.text_layers,
+        num_attention_heads=sizes.text_heads, intermediate_size=sizes.text_mlp_width,
+        max_position_embeddings=sizes.text_max_positions, hidden_dropout_prob=config.dropout,
+        attention_probs_dropout_prob=config.dropout,
+    )
+    return VisionTextDualEncoderConfig.from_vision_text_configs(
+        vision, text, projection_dim=sizes.projection_dim, logit_scale_init_value=math.log(1 / config.temperature_init),
+    )
+
+
+def new_towers(sizes: ModelSizes, config: ModelConfig) -> VisionTextDualEncoderModel:
+    """Freshly initialized towers. `_from_config` is the constructor that honours an active
+    `HfDeepSpeedConfig` (ZeRO-3 partitioned construction, PITFALLS.md 2)."""
+    return VisionTextDualEncoderModel._from_config(towers_config(sizes, config), attn_implementation=config.attention)

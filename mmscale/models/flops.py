@@ -1,0 +1,50 @@
+"""Training FLOPs per sample, counted from the shapes of the model's matmuls (used for MFU).
+
+Counts multiply-adds as 2 FLOPs, as PaLM's MFU definition and `torch.utils.flop_counter` do;
+norms, softmax and activations are left out (a few percent). The backward pass costs twice the
+forward for every matmul (gradients for inputs and for weights), except the patch embedding,
+whose input (the image) needs no gradient.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mmscale.models.dual_encoder import DualEncoder
+
+
+def _encoder_forward(*, tokens: int, width: int, layers: int, mlp_width: int) -> int:
+    """One pre-norm transformer stack: QKV + output projection + MLP, and the two attention matmuls."""
+    per_layer = 2 * tokens * width * (4 * width + 2 * mlp_width) + 4 * tokens * tokens * width
+    return layers * per_layer
+
+
+def training_flops_per_sample(model: DualEncoder, *, context_length: int, masked_tokens: float = 0.0,
+                              contrastive_batch_size: int = 1) -> float:
+    """Forward + backward FLOPs for one image-caption pair.
+
+    `context_length` is the padded caption length (the loader pads every caption to it);
+    `masked_tokens` the mean MLM-masked tokens per caption (0 without MLM: then the masked text pass
+    is not counted); `contrastive_batch_size` the number of candidates each row is scored against
+    (the global batch for CLIP and SigLIP with global negatives)."""
+    config = model.towers.config
+    vision, text = config.vision_config, config.text_config
+    projection = config.projection_dim
+    patches = (vision.image_size // vision.patch_size) ** 2
+    patch_embedding = 2 * patches * 3 * vision.patch_size ** 2 * vision.hidden_size
+    image_side = _encoder_forward(tokens=patches + 1, width=vision.hidden_size, layers=vision.num_hidden_layers,
+                                  mlp_width=vision.intermediate_size)
+    image_side += 2 * vision.hidden_size * projection
+    if getattr(model.towers.vision_model, "pooler", None) is not None:  # ViTModel: dense + tanh on [CLS]
+        image_side += 2 * vision.hidden_size ** 2
+    text_pass = _encoder_forward(tokens=context_length, width=text.hidden_size, layers=text.num_hidden_layers,
+                                 mlp_width=text.intermediate_size)
+    if getattr(model.towers.text_model, "pooler", None) is not None:  # BERT: dense + tanh on [CLS]
+        text_pass += 2 * text.hidden_size ** 2
+    text_side = text_pass + 2 * text.hidden_size * projection
+    if masked_tokens > 0 and model.mlm_head is not None:
+        text_side += text_pass + masked_tokens * 2 * text.hidden_size * (text.hidden_size + text.vocab_size)
+    # Each rank scores its images against every text and its texts against every image.
+    logits = 2 * 2 * contrastive_batch_size * projection
+    return 3 * (image_side + text_side + logits) + 2 * patch_embedding

@@ -1,0 +1,149 @@
+"""Presets, sizes, the FLOP count, the MLM head and the objective on one process."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from mmscale.config import ConfigError, load_config
+from mmscale.data.text import IGNORE_INDEX
+from mmscale.losses import LossConfig, PretrainingObjective, mlm_loss
+from mmscale.models import PRESETS, ModelConfig, build_model, training_flops_per_sample
+
+VOCAB = 400
+
+
+def batch(size: int = 4, *, image_size: int = 64, context: int = 16, masked: int = 3, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, VOCAB, (size, context), generator=generator)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, 1:1 + masked] = input_ids[:, 1:1 + masked]
+    mlm_input_ids = input_ids.clone()
+    mlm_input_ids[:, 1:1 + masked] = 4
+    return {"images": torch.randint(0, 256, (size, 3, image_size, image_size), dtype=torch.uint8, generator=generator),
+            "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "mlm_input_ids": mlm_input_ids, "mlm_labels": labels}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(preset="tiny"), vocab_size=VOCAB)
+
+
+# Parameter counts of the towers these presets are named after (ViT-B/16 86 M, BERT-base 110 M, ...).
+EXPECTED_MILLIONS = {"tiny": (2, 5), "base": (190, 205), "large": (620, 660), "huge": (940, 1000),
+                     "giant": (2400, 2600)}
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_instantiates_on_the_meta_device(preset):
+    with torch.device("meta"):
+        model = build_model(ModelConfig(preset=preset))
+    parameters = {id(p): p for p in model.parameters()}.values()
+    assert all(p.is_meta for p in parameters)
+    low, high = EXPECTED_MILLIONS[preset]
+    assert low <= sum(p.numel() for p in parameters) / 1e6 <= high
+    assert model.mlm_head.decoder.weight is model.towers.text_model.get_input_embeddings().weight
+
+
+def test_sizes_are_overridable_field_by_field_from_yaml(tmp_path):
+    path = tmp_path / "model.yaml"
+    path.write_text("preset: base\ntext_layers: 6\nvision_width: 512\nvision_heads: 8\n")
+    config = load_config(ModelConfig, path, ["projection_dim=256"])
+    sizes = config.sizes(vocab_size=1000)
+    assert (sizes.text_layers, sizes.vision_width, sizes.projection_dim, sizes.vocab_size) == (6, 512, 256, 1000)
+    assert sizes.vision_layers == PRESETS["base"].vision_layers
+    assert ModelConfig(preset="base", vocab_size=777).sizes(vocab_size=1000).vocab_size == 777
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["preset=medium"], "model.preset 'medium' is unknown"),
+    (["vision_width=130"], "multiple of model.vision_heads"),
+    (["image_size=60"], "multiple of model.patch_size"),
+    (["vision_from=a"], "go together"),
+    (["temperature_init=0.001"], "max_logit_scale"),
+])
+def test_bad_model_configs_say_what_is_wrong(overrides, message):
+    with pytest.raises((ConfigError, ValueError), match=message):
+        load_config(ModelConfig, None, overrides).sizes()
+
+
+def test_flop_count_matches_torch_flop_counter_on_tiny():
+    # Eager attention: the CPU's fused attention kernel is not in the flop counter's table, so
+    # with sdpa the counter would miss the attention matmuls that the formula includes.
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny", attention="eager"), vocab_size=VOCAB)
+    objective = PretrainingObjective(model, LossConfig())
+    inputs = batch(8, context=64, masked=10)
+    with FlopCounterMode(display=False) as counter:
+        objective(**inputs).total.backward()
+    predicted = 8 * training_flops_per_sample(model, context_length=64, masked_tokens=10, contrastive_batch_size=8)
+    assert predicted == pytest.approx(counter.get_total_flops(), rel=0.10)
+    without_mlm = training_flops_per_sample(model, context_length=64, masked_tokens=0, contrastive_batch_size=8)
+    assert without_mlm < predicted / 8 * 0.75  # the masked text pass and the head are a large share
+
+
+def test_mlm_loss_counts_masked_positions_only(tiny):
+    inputs = batch(4, masked=3)
+    logits, targets = tiny.mlm_logits(inputs["mlm_input_ids"], inputs["attention_mask"], inputs["mlm_labels"])
+    assert logits.shape == (12, VOCAB) and torch.equal(targets, inputs["mlm_labels"][:, 1:4].flatten())
+    hidden = tiny.towers.text_model(input_ids=inputs["mlm_input_ids"],
+                                    attention_mask=inputs["attention_mask"]).last_hidden_state
+    every_position = tiny.mlm_head(hidden)
+    reference = F.cross_entropy(every_position.flatten(0, 1), inputs["mlm_labels"].flatten(), ignore_index=IGNORE_INDEX)
+    assert mlm_loss(logits, targets).item() == pytest.approx(reference.item(), rel=1e-5)
+    # A prediction made at an unmasked position is not scored: only a label there changes the loss.
+    relabelled = inputs["mlm_labels"].clone()
+    relabelled[:, 8] = inputs["input_ids"][:, 8]
+    more_logits, more_targets = tiny.mlm_logits(inputs["mlm_input_ids"], inputs["attention_mask"], relabelled)
+    assert more_logits.shape[0] == 16
+    assert mlm_loss(more_logits, more_targets).item() != pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_a_batch_without_masked_tokens_gives_zero_mlm_loss_and_finite_gradients(tiny):
+    inputs = batch(2)
+    inputs["mlm_labels"].fill_(IGNORE_INDEX)
+    tiny.zero_grad()
+    out = PretrainingObjective(tiny, LossConfig())(**inputs)
+    assert out.mlm.item() == 0.0 and math.isfinite(out.total.item())
+    out.total.backward()
+    assert tiny.mlm_head.dense.weight.grad is not None  # the head ran, as on every other rank
+    assert all(torch.isfinite(p.grad).all() for p in tiny.parameters() if p.grad is not None)
+
+
+def test_temperature_is_clamped_in_forward_not_in_the_parameter(tiny):
+    with torch.no_grad():
+        tiny.towers.logit_scale.fill_(math.log(1000.0))
+    try:
+        assert tiny.logit_scale().item() == pytest.approx(100.0)
+        assert tiny.towers.logit_scale.item() == pytest.approx(math.log(1000.0))
+    finally:
+        with torch.no_grad():
+            tiny.towers.logit_scale.fill_(math.log(1 / 0.07))
+
+
+def test_first_contrastive_loss_is_near_log_batch(tiny):
+    out = PretrainingObjective(tiny, LossConfig())(**batch(16))
+    assert abs(out.contrastive.item() - math.log(16)) < 1.0
+    assert out.total.item() == pytest.approx(out.contrastive.item() + out.mlm.item(), rel=1e-6)
+    assert out.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-4)
+
+
+def test_images_of_the_wrong_size_are_refused_with_the_fix(tiny):
+    with pytest.raises(ValueError, match="set data.image_size=64"):
+        tiny.encode_images(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_objective_refuses_what_the_model_cannot_do(tiny):
+    with pytest.raises(ValueError, match="needs a model built with a logit bias"):
+        PretrainingObjective(tiny, LossConfig(contrastive="siglip"))
+    no_head = build_model(ModelConfig(preset="tiny"), vocab_size=VOCAB, mlm_head=False)
+    with pytest.raises(ValueError, match="set loss.mlm_weight=0"):
+        PretrainingObjective(no_head, LossConfig())
+    out = PretrainingObjective(no_head, LossConfig(mlm_weight=0))(**batch(2))
+    assert out.mlm.item() == 0.0
