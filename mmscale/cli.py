@@ -27,8 +27,27 @@ def _config_parser(subparsers, name: str, *, summary: str, config_class) -> argp
     return parser
 
 
+def _eval_parsers(subparsers) -> None:
+    evaluation = subparsers.add_parser("eval", help="evaluate a saved model (zero-shot, retrieval)")
+    kinds = evaluation.add_subparsers(dest="eval_kind", required=True)
+    for kind, summary in (("zeroshot", "zero-shot classification accuracy on labelled shards"),
+                          ("retrieval", "image-text retrieval recall@1/5/10 on caption shards")):
+        parser = kinds.add_parser(kind, help=summary, description=summary + "; the last line printed is one JSON object")
+        parser.add_argument("--checkpoint", required=True, help="model folder (mmscale final/, HF CLIP or dual encoder)")
+        parser.add_argument("--data", required=True, help="shard spec of the evaluation data")
+        parser.add_argument("--tokenizer", default="", help="tokenizer folder (default: the checkpoint's)")
+        parser.add_argument("--batch-size", type=int, default=64)
+        parser.add_argument("--context-length", type=int, default=64, help="caption tokens, as in training")
+        parser.add_argument("--workers", type=int, default=2)
+        if kind == "zeroshot":
+            parser.add_argument("--classnames", required=True, help="one class name per line; line i is label i")
+            parser.add_argument("--templates", default="", help="prompt templates, one per line with {} (default: "
+                                "'a photo of a {}.')")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mmscale.data.check import DataCheckConfig
+    from mmscale.train.config import TrainRunConfig
 
     parser = argparse.ArgumentParser(prog="mmscale", description="Image-text pretraining at scale.")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.add_argument("--out", default="mmscale-quickstart", help="folder for everything it makes")
     _config_parser(subparsers, "data-check", summary="read training batches through the loader and report "
                    "throughput and skipped samples", config_class=DataCheckConfig)
+    train = _config_parser(subparsers, "train", summary="pretrain (or continue) a dual encoder with DeepSpeed; run "
+                           "it directly or as `deepspeed ... --module mmscale.train`", config_class=TrainRunConfig)
+    train.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher's; env has it
+    _eval_parsers(subparsers)
     return parser
 
 
@@ -57,11 +80,28 @@ def main(argv: list[str] | None = None) -> int:
             from mmscale.quickstart import run_quickstart
 
             return run_quickstart(args.out)
+        if args.command == "eval":
+            from mmscale.eval.commands import run_eval_command
+
+            return run_eval_command(args)
         config = load_config(args.config_class, args.config, args.overrides)
         if args.command == "data-check":
             from mmscale.data.check import print_report, run_data_check
 
             print_report(run_data_check(config))
+            return 0
+        if args.command == "train":
+            import json
+
+            from mmscale.train.loop import NonFiniteLoss, train
+
+            try:
+                summary = train(config)
+            except NonFiniteLoss as error:
+                print(f"mmscale train: stopped: {error}", file=sys.stderr)
+                return 1
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(json.dumps(summary))
             return 0
     except (ConfigError, ShardError, UnusableData, ValueError, FileNotFoundError) as error:
         print(f"mmscale {args.command}: error: {_one_line(error)}", file=sys.stderr)

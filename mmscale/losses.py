@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
 
 from mmscale.models.dual_encoder import DualEncoder
 
@@ -42,13 +43,14 @@ class LossConfig:
 
 
 @dataclass
-class LossOutput:
-    """The total loss to backpropagate and each part of it, for logging."""
+class LossOutput(ModelOutput):
+    """The total loss to backpropagate and each part of it, for logging (a `ModelOutput`, a dict, so
+    that ZeRO-3 finds the tensors in it)."""
 
-    total: torch.Tensor
-    contrastive: torch.Tensor
-    mlm: torch.Tensor
-    logit_scale: torch.Tensor
+    total: torch.Tensor | None = None
+    contrastive: torch.Tensor | None = None
+    mlm: torch.Tensor | None = None
+    logit_scale: torch.Tensor | None = None
     """1/temperature used in this step (detached)."""
 
 

@@ -91,6 +91,16 @@ def load_model(folder: str | os.PathLike, *, mlm_head: bool = True, logit_bias_i
     return model
 
 
+def skeleton_like(model: DualEncoder) -> DualEncoder:
+    """A whole (unpartitioned) model with `model`'s architecture and settings, to load consolidated
+    weights into. Build it where no ZeRO-3 `HfDeepSpeedConfig` is alive (PITFALLS.md 4)."""
+    towers = type(model.towers)(model.towers.config)
+    return DualEncoder(towers, mlm_head=model.mlm_head is not None,
+                       logit_bias_init=0.0 if model.logit_bias is not None else None,
+                       max_logit_scale=model.max_logit_scale, image_mean=model.image_mean.flatten().tolist(),
+                       image_std=model.image_std.flatten().tolist())
+
+
 def save_model(model: DualEncoder, folder: str | os.PathLike, *, tokenizer=None) -> Path:
     """Write `model` as a consolidated checkpoint (see the module docstring), atomically: a crash
     mid-way leaves any earlier folder of that name as it was."""

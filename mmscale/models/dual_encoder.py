@@ -21,6 +21,7 @@ from transformers import (
     VisionTextDualEncoderModel,
 )
 from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
 
 from mmscale.data.text import IGNORE_INDEX
 from mmscale.models.config import ModelConfig, ModelSizes
@@ -66,20 +67,21 @@ class MaskedLMHead(nn.Module):
 
 
 @dataclass
-class DualEncoderOutput:
-    """What one forward pass gives the losses."""
+class DualEncoderOutput(ModelOutput):
+    """What one forward pass gives the losses. A `ModelOutput` (a dict) so that ZeRO-3 finds the
+    tensors in it and hooks their backward."""
 
-    image_features: torch.Tensor
+    image_features: torch.Tensor | None = None
     """Projected image embeddings [B, D], not normalized (what `get_image_features` returns)."""
-    text_features: torch.Tensor
+    text_features: torch.Tensor | None = None
     """Projected text embeddings [B, D], not normalized."""
-    logit_scale: torch.Tensor
+    logit_scale: torch.Tensor | None = None
     """exp(learned log scale), clamped to the configured maximum: 1/temperature."""
-    logit_bias: torch.Tensor | None
+    logit_bias: torch.Tensor | None = None
     """SigLIP's learnable bias; None for models without one."""
-    mlm_logits: torch.Tensor | None
+    mlm_logits: torch.Tensor | None = None
     """Vocabulary logits at the masked positions only [M, V]; None without MLM inputs."""
-    mlm_targets: torch.Tensor | None
+    mlm_targets: torch.Tensor | None = None
     """The original token ids at those positions [M]."""
 
 
@@ -96,6 +98,7 @@ class DualEncoder(nn.Module):
             raise ValueError("a CLIP text tower is causal and cannot take a masked-LM head; set model.mlm_head=false "
                              "and loss.mlm_weight=0")
         self.mlm_head = MaskedLMHead.for_text_tower(towers.text_model) if mlm_head else None
+        self.logit_bias_init = logit_bias_init
         self.logit_bias = None if logit_bias_init is None else nn.Parameter(torch.tensor(float(logit_bias_init)))
         self.max_logit_scale = max_logit_scale
         self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1),

@@ -1,0 +1,1 @@
+"""Evaluation: image-text retrieval and zero-shot classification, single process or across ranks."""

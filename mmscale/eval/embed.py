@@ -1,0 +1,117 @@
+"""Embedding a validation pass, on one process or across ranks in lockstep.
+
+Under ZeRO-3 every forward pass gathers parameters collectively, so every rank must run the
+same number of them. A finite pass gives ranks different batch counts; a rank that has run out
+runs a one-sample placeholder batch (and drops its output) until all ranks are done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mmscale.data.text import CaptionEncoder
+from mmscale.eval.metrics import contrastive_val_loss, read_lines, read_templates, retrieval_metrics, zeroshot_accuracy
+from mmscale.models import DualEncoder
+
+
+@dataclass
+class Embedded:
+    """A pass's embeddings, in the same order on every rank."""
+
+    images: torch.Tensor
+    texts: torch.Tensor
+    labels: torch.Tensor
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _placeholder(model: DualEncoder, context_length: int) -> dict:
+    return {"images": torch.zeros(1, 3, model.image_size, model.image_size, dtype=torch.uint8),
+            "input_ids": torch.zeros(1, context_length, dtype=torch.long),
+            "attention_mask": torch.ones(1, context_length, dtype=torch.long)}
+
+
+@torch.no_grad()
+def embed_pass(model: DualEncoder, batches, *, device: torch.device, context_length: int,
+               max_samples: int = 0) -> Embedded:
+    """Image and caption embeddings (and `.cls` labels) of one pass over `batches`, gathered from all ranks."""
+    images, texts, labels = [], [], []
+    iterator, seen, distributed = iter(batches), 0, _distributed()
+    while True:
+        batch = next(iterator, None) if not max_samples or seen < max_samples else None
+        if distributed:
+            pending = torch.tensor([batch is not None], dtype=torch.int32, device=device)
+            dist.all_reduce(pending, op=dist.ReduceOp.MAX)
+            if not pending.item():
+                break
+        elif batch is None:
+            break
+        inputs = batch if batch is not None else _placeholder(model, context_length)
+        image = model.encode_images(inputs["images"].to(device, non_blocking=True))
+        text = model.encode_texts(inputs["input_ids"].to(device), inputs["attention_mask"].to(device))
+        if batch is not None:
+            images.append(image.float().cpu())
+            texts.append(text.float().cpu())
+            labels.append(batch.get("labels", torch.full((len(image),), -1)).cpu())
+            seen += len(image)
+    local = Embedded(*(torch.cat(parts) if parts else torch.empty(0) for parts in (images, texts, labels)))
+    if not distributed:
+        return local
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, local)
+    keep = [part for part in everyone if part.images.numel()]
+    return Embedded(*(torch.cat([getattr(part, name) for part in keep]) for name in ("images", "texts", "labels")))
+
+
+@torch.no_grad()
+def class_embeddings(model: DualEncoder, tokenizer, classnames: list[str], templates: list[str], *,
+                     device: torch.device, context_length: int) -> torch.Tensor:
+    """One embedding per class: the normalized mean of its normalized template embeddings (CLIP's
+    prompt ensembling). Every rank computes all of them, so forward passes stay in lockstep."""
+    encoder = CaptionEncoder(tokenizer, context_length=context_length, mlm_probability=0.0)
+    prompts = [template.format(name) for name in classnames for template in templates]
+    embeddings = []
+    for start in range(0, len(prompts), 256):
+        encoded = encoder.encode(prompts[start:start + 256])
+        features = model.encode_texts(encoded["input_ids"].to(device), encoded["attention_mask"].to(device))
+        embeddings.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+    per_class = torch.cat(embeddings).view(len(classnames), len(templates), -1).mean(dim=1)
+    return torch.nn.functional.normalize(per_class, dim=-1)
+
+
+def _logit_scale(model: DualEncoder) -> float:
+    """The current 1/temperature; under ZeRO-3 the parameter is gathered first (collective)."""
+    parameter = model.towers.logit_scale
+    if not hasattr(parameter, "ds_id"):
+        return float(model.logit_scale().detach())
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([parameter]):
+        return float(model.logit_scale().detach())
+
+
+def evaluate(model: DualEncoder, batches, *, tokenizer, device: torch.device, context_length: int,
+             batch_size: int, classnames: str = "", templates: str = "", max_samples: int = 0) -> dict[str, float]:
+    """Validation loss, retrieval recall@1/5/10 and, with class names, zero-shot top-1/top-5."""
+    was_training = model.training
+    model.eval()
+    try:
+        embedded = embed_pass(model, batches, device=device, context_length=context_length, max_samples=max_samples)
+        metrics = {"samples": float(len(embedded.images))}
+        if classnames:
+            names = read_lines(classnames, "classnames")
+            classes = class_embeddings(model, tokenizer, names, read_templates(templates), device=device,
+                                       context_length=context_length)
+            metrics |= zeroshot_accuracy(embedded.images, embedded.labels, classes)
+        if len(embedded.images):
+            metrics["val_loss"] = contrastive_val_loss(embedded.images, embedded.texts, _logit_scale(model),
+                                                       batch_size)
+            metrics |= retrieval_metrics(embedded.images, embedded.texts)
+        return metrics
+    finally:
+        model.train(was_training)

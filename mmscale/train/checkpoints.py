@@ -1,0 +1,123 @@
+"""Resumable checkpoints (DeepSpeed's sharded format plus mmscale's per-rank state) and `final/`.
+
+Layout: `checkpoints/<tag>/` holds DeepSpeed's files and `trainer_state_rank<r>.pt` (loader
+position, counters, RNG states) for every rank; `checkpoints/latest` names the newest complete
+tag and is replaced (write + rename) only after every rank has finished writing, so a crash during
+a save leaves the previous checkpoint as `latest`. Older tags beyond the kept count are deleted
+after that.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+LATEST = "latest"
+
+
+@dataclass
+class Progress:
+    """Counters that say where a run is."""
+
+    step: int = 0
+    """Optimizer steps taken."""
+    samples: int = 0
+    """Training pairs consumed over all ranks."""
+    nonfinite_skipped: int = 0
+    """Micro-batches skipped for a NaN/inf loss."""
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def latest_tag(root: Path) -> str | None:
+    """The newest complete checkpoint's tag, or None."""
+    path = root / LATEST
+    return path.read_text().strip() if path.is_file() else None
+
+
+def save_checkpoint(engine, root: Path, *, progress: Progress, loader_state: dict, keep: int) -> str:
+    """Save on every rank (collective); returns the tag."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tag = f"step{progress.step:08d}"
+    (root / tag).mkdir(parents=True, exist_ok=True)
+    state = {"progress": asdict(progress), "loader": loader_state, "rng": _rng_state(), "world_size": world}
+    staging = root / tag / f".trainer_state_rank{rank}.pt.tmp"
+    torch.save(state, staging)
+    staging.replace(root / tag / f"trainer_state_rank{rank}.pt")
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    dist.barrier()
+    if rank == 0:
+        staging = root / f".{LATEST}.tmp"
+        staging.write_text(tag)
+        staging.replace(root / LATEST)
+        for old in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return tag
+
+
+def load_checkpoint(engine, root: Path, tag: str) -> tuple[Progress, dict]:
+    """Restore engine, RNG and counters from `tag`; returns the progress and this rank's loader state."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    path = root / tag / f"trainer_state_rank{rank}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {root / tag} has no state for rank {rank} ({path.name}); it was saved "
+                                f"by a run with a different number of processes or not completely")
+    # Our own file, written by this trainer: it holds numpy/python RNG states, hence full unpickling.
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["world_size"] != world:
+        raise ValueError(f"checkpoint {root / tag} was saved with {state['world_size']} processes, this run has {world}; "
+                         "resume with the same number (the loader position is per rank)")
+    load_path, _ = engine.load_checkpoint(str(root), tag=tag)
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint under {root / tag}")
+    _set_rng_state(state["rng"])
+    return Progress(**state["progress"]), state["loader"]
+
+
+def consolidate(root: Path, tag: str, skeleton: torch.nn.Module, prefix: str = "model.") -> torch.nn.Module:
+    """The fp32 master weights of checkpoint `tag`, gathered from every rank's partition by DeepSpeed's
+    zero_to_fp32, loaded into `skeleton` (a whole, unpartitioned model of the same config)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    state = {name.removeprefix(prefix): tensor for name, tensor in state.items() if name.startswith(prefix)}
+    missing, unexpected = skeleton.load_state_dict(state, strict=False)
+    tied = {name for name, _ in skeleton.named_parameters(remove_duplicate=False)} - set(
+        name for name, _ in skeleton.named_parameters())
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"checkpoint {root / tag} does not fit the model: missing {sorted(set(missing) - tied)}, "
+                           f"unexpected {sorted(unexpected)}")
+    return skeleton
+
+
+def remove_incomplete(root: Path) -> None:
+    """Delete tags newer than `latest` (a save that crashed half-way); rank 0 only."""
+    tag = latest_tag(root)
+    if tag is None or not root.is_dir():
+        return
+    for path in root.iterdir():
+        if path.is_dir() and path.name.startswith("step") and path.name > tag:
+            shutil.rmtree(path, ignore_errors=True)
+    for path in root.glob(".*.tmp"):
+        os.unlink(path)

@@ -1,0 +1,96 @@
+"""The config tree of a training run: one section per component, wired together by the trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mmscale.data.config import DataConfig
+from mmscale.losses import LossConfig
+from mmscale.models.config import ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    """Budget, batch, optimizer, schedule, precision, checkpoints and logging."""
+
+    samples: int = 0
+    """Total training samples (image-caption pairs); the run stops after samples / global_batch_size steps."""
+    steps: int = 0
+    """Total optimizer steps, when train.samples is 0."""
+    global_batch_size: int = 256
+    """Pairs per optimizer step over all ranks = micro batch x accumulation x world size."""
+    micro_batch_size: int = 0
+    """Pairs per rank per forward pass; 0: global batch / world size (no accumulation)."""
+    lr: float = 5e-4
+    """Peak learning rate (AdamW)."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 to train.lr; then cosine decay to train.min_lr."""
+    weight_decay: float = 0.2
+    """AdamW decoupled weight decay (not applied to norms, biases, embeddings' 1-D params or the temperature)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW betas (CLIP uses 0.98 for the second moment)."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Mixed precision: bf16, fp16 (dynamic loss scaling) or fp32."""
+    deepspeed: str = "configs/deepspeed/zero3.json"
+    """DeepSpeed config (JSON or YAML) passed through; mmscale fills only the batch sizes, precision and
+    gradient clipping from this section and says so at start."""
+    seed: int = 0
+    """Seed for weight init and dropout (the loader has data.seed)."""
+    max_bad_steps: int = 5
+    """Stop (after saving a checkpoint) when this many steps in a row have a NaN/inf loss; each is skipped."""
+    peak_tflops: float = 0.0
+    """Peak dense bf16 TFLOP/s of one device for MFU (989 for an H100 SXM); 0: MFU not reported."""
+    save_every_steps: int = 1000
+    """Save a resumable checkpoint every this many steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """Resumable checkpoints kept; older ones are deleted once a newer one is complete."""
+    resume: Literal["auto", "never"] = "auto"
+    """`auto`: continue from output_dir/checkpoints when a checkpoint is there; `never`: start over, and
+    refuse a run dir that already holds checkpoints."""
+    log_every_steps: int = 10
+    """Write metrics (metrics.jsonl, TensorBoard) every this many steps."""
+    tensorboard: bool = True
+    """Also write TensorBoard events under output_dir/tensorboard."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+    log_sample_keys: bool = False
+    """Append each step's sample keys to output_dir/sample_keys/rank<r>.jsonl (data lineage: which pairs
+    trained which step, for audits and for checking a resumed run)."""
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation on validation shards."""
+
+    every_steps: int = 0
+    """Evaluate every this many steps (and at the end); 0: only at the end, when data.val is set."""
+    batch_size: int = 64
+    """Pairs per rank per evaluation forward pass."""
+    classnames: str = ""
+    """File with one class name per line (line i is label i of the `.cls` labels) for zero-shot accuracy."""
+    templates: str = ""
+    """File of prompt templates, one per line with `{}` for the class name; empty: `a photo of a {}.`"""
+    max_samples: int = 0
+    """Evaluate on at most this many validation samples per rank (0: all)."""
+
+
+@dataclass
+class TrainRunConfig:
+    """A whole pretraining or fine-tuning run."""
+
+    output_dir: str = "runs/mmscale"
+    """Run directory: config.yaml, checkpoints/, final/, metrics.jsonl, tensorboard/, plots."""
+    tokenizer: str = ""
+    """Tokenizer folder (Hugging Face format, e.g. from tools/train_tokenizer.py); empty: the one in model.init_from or model.text_from."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,220 @@
+"""DeepSpeed engine setup: process group, DeepSpeed config, ZeRO-3 construction, optimizer, schedule.
+
+The DeepSpeed config is the user's file passed through (gpt-neox style); mmscale fills only
+the batch sizes, precision and gradient clipping from the `train` section and reports what it
+filled. mmscale builds the optimizer and schedule itself (it needs parameter groups), so the
+file must not carry `optimizer` or `scheduler` sections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from mmscale.losses import LossConfig, PretrainingObjective
+from mmscale.models import DualEncoder, ModelConfig, build_model
+from mmscale.models.dual_encoder import MaskedLMHead
+from mmscale.train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How the global batch is made: micro batch x accumulation x world size."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    accumulation: int
+    world_size: int
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group (one process without a launcher): NCCL on GPUs, gloo on CPU."""
+    import deepspeed
+
+    if not torch.cuda.is_available():
+        # The shared-memory comm op is a ~80 s JIT build that gloo on CPU does not need.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(name, value)
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def batch_layout(train: TrainConfig, world_size: int) -> BatchLayout:
+    """Derive micro batch and accumulation from the global batch, or say what does not fit."""
+    global_batch = train.global_batch_size
+    if global_batch % world_size:
+        raise ValueError(f"train.global_batch_size={global_batch} is not a multiple of the {world_size} processes")
+    micro = train.micro_batch_size or global_batch // world_size
+    if global_batch % (micro * world_size):
+        raise ValueError(f"train.global_batch_size={global_batch} is not micro batch x accumulation x world size: "
+                         f"{micro} x ? x {world_size}; pick train.micro_batch_size dividing {global_batch // world_size}")
+    return BatchLayout(global_batch, micro, global_batch // (micro * world_size), world_size)
+
+
+def deepspeed_config(train: TrainConfig, layout: BatchLayout) -> tuple[dict, list[str]]:
+    """The user's DeepSpeed config with batch sizes, precision and clipping filled in, and a note of each
+    value mmscale set."""
+    path = Path(train.deepspeed)
+    shipped = Path(__file__).resolve().parents[2] / path  # configs/ of a source checkout, from any directory
+    if not path.is_file() and not path.is_absolute() and shipped.is_file():
+        path = shipped
+    if not path.is_file():
+        raise FileNotFoundError(f"train.deepspeed {path}: no such file (see configs/deepspeed/)")
+    config = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+    for owned in ("optimizer", "scheduler"):
+        if owned in config:
+            raise ValueError(f"{path}: remove the {owned!r} section; mmscale builds AdamW and the warmup + cosine "
+                             "schedule from train.* (it needs parameter groups)")
+    filled = {
+        "train_batch_size": layout.global_batch_size,
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.accumulation,
+        "gradient_clipping": train.grad_clip,
+    }
+    notes = []
+    for key, value in filled.items():
+        if key in config and config[key] not in ("auto", value):
+            raise ValueError(f"{path}: {key}={config[key]} disagrees with train.* ({value}); set it to \"auto\" "
+                             "or remove it")
+        config[key] = value
+        notes.append(f"{key}={value}")
+    config["bf16"] = {**config.get("bf16", {}), "enabled": train.precision == "bf16"}
+    fp16 = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    config["fp16"] = {**fp16, **config.get("fp16", {}), "enabled": train.precision == "fp16"}
+    notes.append(f"precision={train.precision}")
+    config.setdefault("steps_per_print", 10**9)  # mmscale logs progress itself
+    return config, notes
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay for matrices, none for norms, biases and the temperature (open_clip's rule).
+    Under ZeRO-3 a parameter is a flat partition, so its true rank comes from `ds_shape`."""
+    decay, no_decay = [], []
+    for parameter in {id(p): p for p in module.parameters() if p.requires_grad}.values():
+        shape = getattr(parameter, "ds_shape", parameter.shape)
+        (decay if len(shape) >= 2 else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(groups: list[dict], train: TrainConfig, ds_config: dict) -> torch.optim.Optimizer:
+    """DeepSpeed's fused AdamW on GPUs, its CPU Adam with optimizer offload, torch's AdamW on CPU
+    (DeepSpeed's fused kernels are JIT builds a CPU run does not need)."""
+    settings = {"lr": train.lr, "betas": tuple(train.betas), "eps": train.eps}
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if torch.cuda.is_available():
+        if offload == "cpu":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **settings)
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, adam_w_mode=True, **settings)
+    return torch.optim.AdamW(groups, **settings)
+
+
+def lr_lambda(train: TrainConfig, total_steps: int):
+    """Linear warmup to train.lr, then cosine decay to train.min_lr, as a factor of train.lr."""
+    floor = train.min_lr / train.lr if train.lr else 0.0
+
+    def factor(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        progress = min(1.0, (step - train.warmup_steps) / max(1, total_steps - train.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _reinitialize(model: DualEncoder, *, temperature_init: float) -> None:
+    """Re-run each module's own initialization with its full parameters gathered, writing on rank 0:
+    construction under ZeRO-3 can leave weights uninitialized (PITFALLS.md 2)."""
+    from transformers import PreTrainedModel
+
+    rank = torch.distributed.get_rank()
+    owners = [(name, module) for name, module in model.named_modules() if isinstance(module, PreTrainedModel)]
+    owners.sort(key=lambda item: -len(item[0]))  # innermost first: vision/text towers before the dual encoder
+    # Children before parents, as transformers initializes: CLIPMLP's own std for fc1/fc2 must win over
+    # the generic Linear init.
+    for name, module in reversed(list(model.named_modules())):
+        # Some inits set their children's weights (CLIPAttention sets q/k/v_proj), so gather a module's
+        # own parameters and those of its leaf children: at most one block's matrices at a time.
+        parameters = list(module.parameters(recurse=False)) + [
+            parameter for child in module.children() if not list(child.children())
+            for parameter in child.parameters(recurse=False)]
+        owner = next((owner for prefix, owner in owners if name.startswith(prefix)), None)
+        if not parameters or owner is None:  # the MLM head and SigLIP bias are mmscale's, set below
+            continue
+        with _gathered(parameters):
+            if rank == 0:
+                for parameter in parameters:  # transformers' init functions skip tensors flagged as done
+                    parameter._is_hf_initialized = False
+                owner._init_weights(module)
+    with _gathered([model.towers.logit_scale]):
+        if rank == 0:
+            model.towers.logit_scale.data.fill_(math.log(1 / temperature_init))
+    if model.logit_bias is not None:
+        with _gathered([model.logit_bias]):
+            if rank == 0:
+                model.logit_bias.data.fill_(model.logit_bias_init)
+    if isinstance(model.mlm_head, MaskedLMHead):
+        with _gathered(list(model.mlm_head.parameters())):
+            if rank == 0:
+                model.mlm_head.reset_parameters()
+
+
+@contextlib.contextmanager
+def _gathered(parameters: list[torch.nn.Parameter]):
+    """Whole parameters, writable on rank 0 and broadcast on exit. One `GatheredParameters` per
+    parameter: DeepSpeed 0.19's coalesced gather waits only for its last all-gather, which on gloo
+    lets earlier ones land after the caller has written (half-initialized weights, a different
+    model every run)."""
+    import deepspeed
+
+    with contextlib.ExitStack() as stack:
+        for parameter in parameters:
+            stack.enter_context(deepspeed.zero.GatheredParameters([parameter], modifier_rank=0))
+        yield
+
+
+def build_objective(model_config: ModelConfig, loss: LossConfig, ds_config: dict, *,
+                    vocab_size: int) -> PretrainingObjective:
+    """The model with its losses. A new model under ZeRO-3 is built partitioned (`zero.Init`), so
+    one larger than a device's memory can be built; a model started from a folder is loaded whole
+    and partitioned by `deepspeed.initialize`."""
+    import deepspeed
+
+    bias = loss.siglip_bias_init if loss.contrastive == "siglip" else None
+    starts_from_folder = bool(model_config.init_from or model_config.vision_from)
+    mlm = model_config.mlm_head and loss.mlm_weight > 0
+    if zero_stage(ds_config) == 3 and not starts_from_folder:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3_marker = HfDeepSpeedConfig(ds_config)  # noqa: F841  # transformers partitions while it is alive
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = build_model(model_config, vocab_size=vocab_size, mlm_head=mlm, logit_bias_init=bias)
+        _reinitialize(model, temperature_init=model_config.temperature_init)
+        del zero3_marker  # later models (consolidation, eval) are built whole (PITFALLS.md 4)
+    else:
+        model = build_model(model_config, vocab_size=vocab_size, mlm_head=mlm, logit_bias_init=bias)
+    for parameter in model.zero3_external_parameters():
+        deepspeed.zero.register_external_parameter(model, parameter)
+    return PretrainingObjective(model, loss)

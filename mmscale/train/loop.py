@@ -1,0 +1,313 @@
+"""The training loop: one loop for pretraining and fine-tuning (STYLE.md 5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mmscale.config import dump_yaml
+from mmscale.data.loader import build_loader
+from mmscale.data.text import load_tokenizer
+from mmscale.eval.embed import evaluate
+from mmscale.models import DualEncoder, training_flops_per_sample
+from mmscale.models.checkpoint import skeleton_like
+from mmscale.train.checkpoints import (
+    Progress,
+    consolidate,
+    latest_tag,
+    load_checkpoint,
+    remove_incomplete,
+    save_checkpoint,
+)
+from mmscale.train.config import TrainRunConfig
+from mmscale.train.engine import (
+    BatchLayout,
+    batch_layout,
+    build_objective,
+    deepspeed_config,
+    init_distributed,
+    lr_lambda,
+    make_optimizer,
+    parameter_groups,
+)
+from mmscale.train.metrics import MetricsWriter, memory_gib
+
+MODEL_INPUTS = ("images", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many NaN/inf losses in a row; a checkpoint was saved before stopping."""
+
+
+@dataclass
+class Run:
+    """What the loop works with, set up once."""
+
+    config: TrainRunConfig
+    engine: object
+    model: DualEncoder
+    tokenizer: object
+    layout: BatchLayout
+    total_steps: int
+    output: Path
+    device: torch.device
+    flops_per_sample: float
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+
+def _tokenizer_path(config: TrainRunConfig) -> str:
+    path = config.tokenizer or config.model.init_from or config.model.text_from
+    if not path:
+        raise ValueError("tokenizer is not set: pass tokenizer=DIR (a Hugging Face tokenizer folder, e.g. from "
+                         "tools/train_tokenizer.py)")
+    return path
+
+
+def _total_steps(config: TrainRunConfig) -> int:
+    train = config.train
+    if train.samples:
+        return max(1, train.samples // train.global_batch_size)
+    if train.steps:
+        return train.steps
+    raise ValueError("set a budget: train.samples=N (training pairs) or train.steps=N")
+
+
+def _check_fit(config: TrainRunConfig, model: DualEncoder) -> None:
+    if config.data.image_size != model.image_size:
+        raise ValueError(f"data.image_size={config.data.image_size} but the model's image tower takes "
+                         f"{model.image_size} px; set data.image_size={model.image_size}")
+    positions = getattr(model.towers.config.text_config, "max_position_embeddings", None)
+    if positions is not None and config.data.context_length > positions:
+        raise ValueError(f"data.context_length={config.data.context_length} exceeds the text tower's "
+                         f"{positions} positions")
+
+
+def setup(config: TrainRunConfig) -> Run:
+    """Process group, run directory, tokenizer, engine."""
+    import deepspeed
+
+    init_distributed()
+    world = dist.get_world_size()
+    layout = batch_layout(config.train, world)
+    total_steps = _total_steps(config)
+    ds_config, notes = deepspeed_config(config.train, layout)
+    output = Path(config.output_dir)
+    if config.train.resume == "never" and latest_tag(output / "checkpoints"):
+        raise ValueError(f"{output} already holds checkpoints and train.resume=never; pick another output_dir")
+    tokenizer = load_tokenizer(_tokenizer_path(config))
+    torch.manual_seed(config.train.seed)
+    objective = build_objective(config.model, config.loss, ds_config, vocab_size=len(tokenizer))
+    _check_fit(config, objective.model)
+    optimizer = make_optimizer(parameter_groups(objective, config.train.weight_decay), config.train, ds_config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.train, total_steps))
+    engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    masked = config.data.mlm_probability * config.data.context_length if config.loss.mlm_weight > 0 else 0.0
+    flops = training_flops_per_sample(objective.model, context_length=config.data.context_length,
+                                      masked_tokens=masked, contrastive_batch_size=layout.global_batch_size)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in objective.parameters())
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in objective.parameters())
+    print(f"mmscale train: rank {dist.get_rank()} holds {local:,} of {total:,} parameter values", flush=True)
+    if dist.get_rank() == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.yaml").write_text(dump_yaml(config))
+        print(f"mmscale train: {world} processes, global batch {layout.global_batch_size} = micro "
+              f"{layout.micro_batch_size} x accumulation {layout.accumulation} x {world}; {total_steps} steps; "
+              f"DeepSpeed config {config.train.deepspeed} with {', '.join(notes)} filled by mmscale", flush=True)
+    return Run(config=config, engine=engine, model=objective.model, tokenizer=tokenizer, layout=layout,
+               total_steps=total_steps, output=output, device=engine.device, flops_per_sample=flops)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {name: batch[name].to(device, non_blocking=True) for name in MODEL_INPUTS if name in batch}
+
+
+def _all_finite(value: torch.Tensor) -> bool:
+    finite = torch.isfinite(value.detach()).to(torch.int32).reshape(1)
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], keys: list) -> torch.Tensor:
+    """One optimizer step over `accumulation` micro-batches; returns the mean [total, contrastive, mlm]
+    on this rank and appends the trained sample keys to `keys`. A micro-batch whose loss is NaN/inf on
+    any rank is skipped on all of them."""
+    sums = torch.zeros(3, dtype=torch.float64)
+    done = 0
+    while done < run.layout.accumulation:
+        batch = next(batches)
+        out = run.engine(**_to_device(batch, run.device))
+        if not _all_finite(out.total):
+            progress.nonfinite_skipped += 1
+            bad_in_row[0] += 1
+            if bad_in_row[0] >= run.config.train.max_bad_steps:
+                raise NonFiniteLoss(f"{bad_in_row[0]} NaN/inf losses in a row at step {progress.step}")
+            continue
+        bad_in_row[0] = 0
+        keys.extend(batch["keys"])
+        run.engine.backward(out.total)
+        run.engine.step()
+        sums += torch.tensor([out.total.item(), out.contrastive.item(), out.mlm.item()], dtype=torch.float64)
+        done += 1
+    progress.step += 1
+    progress.samples += run.layout.global_batch_size
+    return sums / run.layout.accumulation
+
+
+def _log_record(run: Run, progress: Progress, losses: torch.Tensor, seconds: float, steps: int, loader) -> dict:
+    dist.all_reduce(losses)
+    losses /= dist.get_world_size()
+    samples_per_second = steps * run.layout.global_batch_size / max(seconds, 1e-9)
+    tflops = run.flops_per_sample * samples_per_second / dist.get_world_size() / 1e12
+    record = {"kind": "train", "step": progress.step, "samples": progress.samples, "loss": losses[0].item(),
+              "contrastive_loss": losses[1].item(), "mlm_loss": losses[2].item(),
+              "lr": run.engine.get_lr()[0], "temperature": 1.0 / _current_scale(run),
+              "grad_norm": float(run.engine.get_global_grad_norm() or 0.0),
+              "samples_per_second": samples_per_second, "tflops_per_device": tflops,
+              "nonfinite_skipped": progress.nonfinite_skipped, "fp16_skipped_steps": run.engine.skipped_steps}
+    if run.config.train.peak_tflops:
+        record["mfu"] = tflops / run.config.train.peak_tflops
+    record |= {f"skipped_{reason}": count for reason, count in sorted(loader.skipped.items())}
+    return record | memory_gib()
+
+
+def _current_scale(run: Run) -> float:
+    from mmscale.eval.embed import _logit_scale
+
+    return _logit_scale(run.model)
+
+
+def run_eval(run: Run, step: int) -> dict | None:
+    """Validation metrics on every rank's share of data.val (None without data.val)."""
+    config = run.config
+    if not config.data.val:
+        return None
+    loader = build_loader(config.data, spec=config.data.val, tokenizer=run.tokenizer,
+                          batch_size=config.eval.batch_size, train=False)
+    metrics = evaluate(run.model, loader, tokenizer=run.tokenizer, device=run.device,
+                       context_length=config.data.context_length, batch_size=config.eval.batch_size,
+                       classnames=config.eval.classnames, templates=config.eval.templates,
+                       max_samples=config.eval.max_samples)
+    return {"kind": "eval", "step": step} | metrics
+
+
+def _save(run: Run, progress: Progress, loader) -> str:
+    return save_checkpoint(run.engine, run.output / "checkpoints", progress=progress, loader_state=loader.state_dict(),
+                           keep=run.config.train.keep_checkpoints)
+
+
+def _resume(run: Run, loader) -> Progress:
+    root = run.output / "checkpoints"
+    if run.config.train.resume != "auto" or latest_tag(root) is None:
+        return Progress()
+    if run.rank == 0:
+        remove_incomplete(root)
+    dist.barrier()
+    tag = latest_tag(root)
+    progress, loader_state = load_checkpoint(run.engine, root, tag)
+    loader.load_state_dict(loader_state)
+    if run.rank == 0:
+        print(f"mmscale train: resumed from {root / tag} at step {progress.step} ({progress.samples} samples)",
+              flush=True)
+    return progress
+
+
+def _finish(run: Run, tag: str) -> Path:
+    """Consolidate the last checkpoint into `final/` (rank 0), a folder transformers loads."""
+    final = run.output / "final"
+    if run.rank == 0:
+        model = consolidate(run.output / "checkpoints", tag, skeleton_like(run.model))
+        model.save(final, tokenizer=run.tokenizer)
+    dist.barrier()
+    return final
+
+
+def train(config: TrainRunConfig) -> dict:
+    """Run (or resume) training to the budget; returns the last train and eval records."""
+    run = setup(config)
+    loader = build_loader(config.data, spec=config.data.train, tokenizer=run.tokenizer,
+                          batch_size=run.layout.micro_batch_size, train=True)
+    progress = _resume(run, loader)
+    writer = MetricsWriter(run.output, enabled=run.rank == 0, tensorboard=config.train.tensorboard)
+    bar = _progress_bar(run, progress)
+    lineage = _lineage_file(run)
+    batches, bad_in_row, last = iter(loader), [0], {}
+    losses, window_start, window_steps = torch.zeros(3, dtype=torch.float64), time.perf_counter(), 0
+    tag = None
+    try:
+        while progress.step < run.total_steps:
+            step_keys = []
+            losses += train_step(run, batches, progress, bad_in_row, step_keys)
+            window_steps += 1
+            if lineage is not None:
+                lineage.write(json.dumps({"step": progress.step, "keys": step_keys}) + "\n")
+                lineage.flush()
+            tag = None
+            if progress.step % config.train.log_every_steps == 0 or progress.step == run.total_steps:
+                last["train"] = _log_record(run, progress, losses / window_steps, time.perf_counter() - window_start,
+                                            window_steps, loader)
+                writer.write(last["train"])
+                losses, window_start, window_steps = torch.zeros(3, dtype=torch.float64), time.perf_counter(), 0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last['train']['loss']:.3f}", refresh=False)
+            if config.eval.every_steps and progress.step % config.eval.every_steps == 0 \
+                    and progress.step != run.total_steps:
+                record = run_eval(run, progress.step)
+                if record is not None:
+                    last["eval"] = record
+                    writer.write(record)
+            if progress.step % config.train.save_every_steps == 0:
+                tag = _save(run, progress, loader)
+                _injected_fault(progress.step)
+            if bar is not None:
+                bar.update(1)
+    except NonFiniteLoss as error:
+        _save(run, progress, loader)
+        raise NonFiniteLoss(f"{error}; saved a checkpoint under {run.output / 'checkpoints'}. Lower train.lr, "
+                            "check the data, or use train.precision=bf16") from None
+    finally:
+        if bar is not None:
+            bar.close()
+        if lineage is not None:
+            lineage.close()
+    tag = tag or _save(run, progress, loader)
+    record = run_eval(run, progress.step)
+    if record is not None:
+        last["eval"] = record
+        writer.write(record)
+    final = _finish(run, tag)
+    writer.close()
+    return {"final": str(final), "step": progress.step, "samples": progress.samples} | last
+
+
+def _lineage_file(run: Run):
+    if not run.config.train.log_sample_keys:
+        return None
+    folder = run.output / "sample_keys"
+    folder.mkdir(parents=True, exist_ok=True)
+    return open(folder / f"rank{run.rank}.jsonl", "a", encoding="utf-8")  # noqa: SIM115  # open for the run
+
+
+def _injected_fault(step: int) -> None:
+    """Crash testing: MMSCALE_KILL_AFTER_CHECKPOINT=RANK:STEP makes that rank SIGKILL itself right after
+    the checkpoint of that step, as a node failure would."""
+    target = os.environ.get("MMSCALE_KILL_AFTER_CHECKPOINT", "")
+    if target and target == f"{dist.get_rank()}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _progress_bar(run: Run, progress: Progress):
+    if run.rank != 0 or not run.config.train.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=run.total_steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True)

@@ -1,0 +1,53 @@
+"""Run metrics: `metrics.jsonl` (one JSON object per record) and TensorBoard, from rank 0."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+
+def memory_gib() -> dict[str, float]:
+    """Peak device memory on a GPU, peak resident memory of this process on CPU, in GiB."""
+    if torch.cuda.is_available():
+        return {"gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"cpu_rss_gib": peak / (2**30 if sys.platform == "darwin" else 2**20)}
+
+
+class MetricsWriter:
+    """Appends records to `metrics.jsonl` (flushed each time, so a crash loses nothing written) and
+    mirrors numbers to TensorBoard. Ranks other than 0 write nothing."""
+
+    def __init__(self, output_dir: Path, *, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.board = None
+        if not enabled:
+            return
+        self.file = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115  # open for the run
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        """One record; `step` is the x axis, other numbers become TensorBoard scalars under `kind/`."""
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.board is not None:
+            prefix = record.get("kind", "train")
+            for name, value in record.items():
+                if isinstance(value, (int, float)) and name not in ("step",):
+                    self.board.add_scalar(f"{prefix}/{name}", value, record["step"])
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.board is not None:
+                self.board.close()

@@ -1,0 +1,148 @@
+"""Real DeepSpeed ZeRO-3 runs on CPU through the DeepSpeed launcher: 2 gloo ranks, no mocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from distkit import free_port
+from transformers import AutoModel, VisionTextDualEncoderModel
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    """Generated shape shards (train and labelled val), a tokenizer trained on their captions, class names."""
+    from mmscale.data.synthetic import OBJECT_COLOURS, make_synthetic_shards
+    from mmscale.data.tokenizer_train import iter_captions, train_wordpiece
+
+    root = tmp_path_factory.mktemp("corpus")
+    make_synthetic_shards(root / "train", 1024, samples_per_shard=64, seed=0)
+    make_synthetic_shards(root / "val", 128, samples_per_shard=64, seed=1)
+    train_wordpiece(iter_captions(str(root / "train")), vocab_size=200, output_dir=root / "tokenizer")
+    (root / "classnames.txt").write_text("\n".join(OBJECT_COLOURS) + "\n")
+    return {"train": root / "train", "val": root / "val", "tokenizer": root / "tokenizer",
+            "classnames": root / "classnames.txt"}
+
+
+def launch(launcher_args: list[str], overrides: list[str], *, env: dict | None = None, wait: bool = True):
+    """`deepspeed [launcher_args] --module mmscale.train --config configs/pretrain/tiny.yaml [overrides]`."""
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", *launcher_args, "--module", "mmscale.train",
+               "--config", str(TINY), *overrides]
+    environment = os.environ | {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"} | (env or {})
+    process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    if not wait:
+        return process
+    output, _ = process.communicate(timeout=600)
+    return process.returncode, output
+
+
+def run_overrides(corpus: dict, output: Path, *extra: str) -> list[str]:
+    return [f"data.train={corpus['train']}", f"tokenizer={corpus['tokenizer']}", f"output_dir={output}",
+            "data.workers=1", "data.shuffle_buffer=64", "train.global_batch_size=32", "train.warmup_steps=2",
+            "train.log_every_steps=1", "train.progress=false", "train.tensorboard=false", *extra]
+
+
+def metrics(output: Path, kind: str = "train") -> list[dict]:
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return [record for record in records if record["kind"] == kind]
+
+
+def test_zero3_on_two_ranks_partitions_learns_and_exports(corpus, tmp_path):
+    output = tmp_path / "run"
+    code, log = launch(["--num_gpus", "2", "--master_port", str(free_port())], run_overrides(
+        corpus, output, "train.samples=960", "train.save_every_steps=10", "train.keep_checkpoints=2",
+        "train.tensorboard=true", f"data.val={corpus['val']}", f"eval.classnames={corpus['classnames']}"))
+    assert code == 0, log[-3000:]
+    held = {int(rank): (int(local.replace(",", "")), int(total.replace(",", ""))) for rank, local, total in
+            re.findall(r"rank (\d) holds ([\d,]+) of ([\d,]+) parameter values", log)}
+    assert set(held) == {0, 1}
+    for local, total in held.values():  # ZeRO-3 really partitions: about half the values on each rank
+        assert 0.45 * total <= local <= 0.55 * total
+    losses = [record["loss"] for record in metrics(output)]
+    assert len(losses) == 30 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5  # the loss falls
+    assert metrics(output)[0]["contrastive_loss"] == pytest.approx(3.47, abs=0.7)  # ~ln(32) at step 1: sane init
+    evaluation = metrics(output, "eval")[-1]
+    assert evaluation["samples"] == 128 and {"top1", "i2t_r1", "t2i_r10", "val_loss"} <= set(evaluation)
+    checkpoints = output / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step00000030"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step00000020", "step00000030"]
+    assert list((output / "tensorboard").glob("events.out.tfevents.*"))
+    assert "preset: tiny" in (output / "config.yaml").read_text()
+    # final/ is a plain transformers model with mmscale's embeddings.
+    from mmscale.models import load_model
+
+    hf = AutoModel.from_pretrained(output / "final").eval()
+    assert isinstance(hf, VisionTextDualEncoderModel)
+    ours = load_model(output / "final").eval()
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(hf.get_image_features(pixel_values=ours.pixel_values(images)).pooler_output,
+                                   ours.encode_images(images), rtol=0, atol=1e-5)
+    # The eval commands read final/ and end with one JSON line.
+    for kind, extra in (("zeroshot", ["--classnames", str(corpus["classnames"])]), ("retrieval", [])):
+        result = subprocess.run([sys.executable, "-m", "mmscale.cli", "eval", kind, "--checkpoint", str(output / "final"),
+                                 "--data", str(corpus["val"]), "--context-length", "32", *extra],
+                                capture_output=True, text=True, check=True, env=os.environ | {"DS_ACCELERATOR": "cpu"})
+        summary = json.loads(result.stdout.strip().splitlines()[-1])
+        assert summary["samples"] == 128
+        assert ("top1" in summary) if kind == "zeroshot" else (0 <= summary["i2t_r1"] <= 1)
+
+
+def last_per_step(path: Path) -> dict[int, list[str]]:
+    """Sample keys by step; a step logged twice (before a crash and after the resume) keeps its last entry."""
+    entries = {}
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        entries[entry["step"]] = entry["keys"]
+    return entries
+
+
+def test_resume_after_sigkill_continues_the_straight_run_exactly(corpus, tmp_path):
+    steps, half = 12, 6
+    common = [f"train.samples={steps * 32}", f"train.save_every_steps={half}", "train.log_sample_keys=true"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    code, log = launch(["--num_gpus", "2", "--master_port", str(free_port())], run_overrides(corpus, straight, *common))
+    assert code == 0, log[-3000:]
+    code, log = launch(["--num_gpus", "2", "--master_port", str(free_port())], run_overrides(corpus, crashed, *common),
+                       env={"MMSCALE_KILL_AFTER_CHECKPOINT": f"1:{half}"})
+    assert code != 0 and not (crashed / "final").exists()
+    assert (crashed / "checkpoints" / "latest").read_text() == f"step{half:08d}"
+    code, log = launch(["--num_gpus", "2", "--master_port", str(free_port())],
+                       run_overrides(corpus, crashed, *common, "train.resume=auto"))
+    assert code == 0, log[-3000:]
+    assert f"resumed from {crashed / 'checkpoints' / f'step{half:08d}'} at step {half}" in log
+    for rank in (0, 1):
+        expected = last_per_step(straight / "sample_keys" / f"rank{rank}.jsonl")
+        assert last_per_step(crashed / "sample_keys" / f"rank{rank}.jsonl") == expected
+    seen = [key for rank in (0, 1) for keys in last_per_step(crashed / "sample_keys" / f"rank{rank}.jsonl").values()
+            for key in keys]
+    assert len(seen) == steps * 32 and len(set(seen)) == len(seen)  # 384 < 1024: nothing may repeat
+    straight_losses = {r["step"]: r["loss"] for r in metrics(straight)}
+    resumed_losses = {r["step"]: r["loss"] for r in metrics(crashed)}  # later records win, as for keys
+    for step in range(half + 1, steps + 1):
+        assert resumed_losses[step] == pytest.approx(straight_losses[step], rel=1e-4), step
+
+
+def test_two_nodes_without_ssh_train_together(corpus, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    output, port = tmp_path / "run", str(free_port())
+    nodes = [launch(["--hostfile", str(hostfile), "--no_ssh", "--num_nodes", "2", "--num_gpus", "1",
+                     "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", port],
+                    run_overrides(corpus, output, "train.samples=192"), wait=False) for rank in (0, 1)]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert "2 processes" in logs[0]
+    assert metrics(output)[-1]["step"] == 6 and (output / "final" / "model.safetensors").is_file()

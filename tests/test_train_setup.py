@@ -1,0 +1,114 @@
+"""Training setup on one process: shipped configs, batch layout, DeepSpeed config filling, schedule, eval metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmscale.config import load_config
+from mmscale.eval.metrics import read_templates, retrieval_metrics, zeroshot_accuracy
+from mmscale.models import ModelConfig, build_model
+from mmscale.train.config import TrainConfig, TrainRunConfig
+from mmscale.train.engine import batch_layout, deepspeed_config, lr_lambda, parameter_groups
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN_CONFIGS = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
+
+
+def test_the_real_configs_are_shipped():
+    assert {path.stem for path in PRETRAIN_CONFIGS} >= {"tiny", "base", "large", "huge", "giant"}
+
+
+@pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=lambda path: path.stem)
+def test_every_shipped_pretrain_config_loads_and_fits_its_model(path):
+    config = load_config(TrainRunConfig, path)
+    sizes = config.model.sizes(vocab_size=30522)
+    assert config.data.image_size == sizes.image_size
+    assert config.data.context_length <= sizes.text_max_positions
+    assert (REPO / config.train.deepspeed).is_file()
+    layout = batch_layout(config.train, world_size=8 if path.stem != "tiny" else 2)
+    ds, _ = deepspeed_config(config.train, layout)
+    assert ds["train_batch_size"] == config.train.global_batch_size
+    assert config.train.samples // config.train.global_batch_size > config.train.warmup_steps
+
+
+@pytest.mark.parametrize("name", ["zero3.json", "zero3_offload.json"])
+def test_shipped_deepspeed_configs_get_batch_and_precision_filled(name):
+    train = TrainConfig(global_batch_size=64, micro_batch_size=8, precision="bf16",
+                        deepspeed=str(REPO / "configs" / "deepspeed" / name))
+    ds, notes = deepspeed_config(train, batch_layout(train, world_size=2))
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 8, 4)
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["zero_optimization"]["stage"] == 3
+    assert any("gradient_accumulation_steps=4" in note for note in notes)
+
+
+def test_batch_layout_derives_accumulation_or_says_what_does_not_fit():
+    assert batch_layout(TrainConfig(global_batch_size=64), 2).accumulation == 1
+    assert batch_layout(TrainConfig(global_batch_size=64, micro_batch_size=8), 2).accumulation == 4
+    with pytest.raises(ValueError, match="not a multiple of the 3 processes"):
+        batch_layout(TrainConfig(global_batch_size=64), 3)
+    with pytest.raises(ValueError, match="pick train.micro_batch_size dividing 32"):
+        batch_layout(TrainConfig(global_batch_size=64, micro_batch_size=5), 2)
+
+
+def test_deepspeed_config_refuses_conflicts_and_its_own_optimizer(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": 3}}))
+    train = TrainConfig(global_batch_size=64, deepspeed=str(path))
+    with pytest.raises(ValueError, match="train_batch_size=32 disagrees with train"):
+        deepspeed_config(train, batch_layout(train, 2))
+    path.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ValueError, match="remove the 'optimizer' section"):
+        deepspeed_config(train, batch_layout(train, 2))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        deepspeed_config(TrainConfig(deepspeed=str(tmp_path / "missing.json")), batch_layout(train, 2))
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine_to_min_lr():
+    factor = lr_lambda(TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10), total_steps=110)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert factor(110) == pytest.approx(0.1) and factor(500) == pytest.approx(0.1)
+    values = [factor(step) for step in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_no_weight_decay_on_norms_biases_and_temperature():
+    model = build_model(ModelConfig(preset="tiny"), vocab_size=100)
+    decay, no_decay = parameter_groups(model, weight_decay=0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    assert id(model.towers.logit_scale) in no_decay_ids
+    assert id(model.towers.text_model.embeddings.LayerNorm.weight) in no_decay_ids
+    assert id(model.towers.visual_projection.weight) not in no_decay_ids
+    assert len(decay["params"]) + len(no_decay["params"]) == len({id(p) for p in model.parameters()})
+
+
+def test_retrieval_recall_counts_the_rank_of_the_true_pair():
+    image = torch.eye(4)
+    text = torch.eye(4)[[0, 1, 3, 2]]  # captions 2 and 3 swapped
+    metrics = retrieval_metrics(image, text, ks=(1, 2))
+    assert metrics["i2t_r1"] == 0.5 and metrics["i2t_r2"] == 1.0 and metrics["t2i_r1"] == 0.5
+    assert retrieval_metrics(image, image, ks=(1,))["i2t_r1"] == 1.0
+
+
+def test_zeroshot_accuracy_uses_labelled_images_only():
+    classes = torch.eye(3)
+    images = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 0, 0]])
+    labels = torch.tensor([0, 1, 0, -1])
+    result = zeroshot_accuracy(images, labels, classes)
+    assert result["top1"] == pytest.approx(2 / 3) and result["top5"] == 1.0
+    with pytest.raises(ValueError, match="has no class name"):
+        zeroshot_accuracy(images, torch.tensor([0, 1, 7, -1]), classes)
+
+
+def test_templates_need_exactly_one_placeholder(tmp_path):
+    path = tmp_path / "templates.txt"
+    path.write_text("a photo of a {}\nno placeholder\n")
+    with pytest.raises(ValueError, match="exactly one"):
+        read_templates(str(path))
+    assert read_templates("") == ["a photo of a {}."]
