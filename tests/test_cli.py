@@ -38,7 +38,7 @@ def test_data_check_reads_batches_and_reports_json(tmp_path, tokenizer_dir, caps
 
 def test_user_mistakes_are_one_line_errors(tmp_path, tokenizer_dir, capsys):
     assert main(["data-check", "data.shufle_buffer=3"]) == 2
-    assert "data.shufle_buffer is unknown (did you mean shuffle_buffer?)" in capsys.readouterr().err
+    assert "data.shufle_buffer is unknown (did you mean data.shuffle_buffer?)" in capsys.readouterr().err
     for workers in (0, 2):
         assert main(["data-check", f"data.train={tmp_path}/missing-{{0..1}}.tar", f"tokenizer={tokenizer_dir}",
                      f"data.workers={workers}"]) == 2

@@ -30,7 +30,7 @@ def test_defaults_then_yaml_then_command_line(tmp_path):
 
 
 def test_unknown_keys_name_the_closest_known_key(tmp_path):
-    with pytest.raises(ConfigError, match=r"data.worker is unknown \(did you mean workers\?\)"):
+    with pytest.raises(ConfigError, match=r"data.worker is unknown \(did you mean data.workers\?\)"):
         load_config(Root, None, ["data.worker=3"])
     path = tmp_path / "c.yaml"
     path.write_text("batch_sise: 3\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import time
@@ -120,7 +121,7 @@ def setup(config: TrainRunConfig) -> Run:
     if dist.get_rank() == 0:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(dump_yaml(config))
-        print(f"mmscale train: {world} processes, global batch {layout.global_batch_size} = micro "
+        print(f"mmscale train: {world} process{'es' * (world > 1)}, global batch {layout.global_batch_size} = micro "
               f"{layout.micro_batch_size} x accumulation {layout.accumulation} x {world}; {total_steps} steps; "
               f"DeepSpeed config {config.train.deepspeed} with {', '.join(notes)} filled by mmscale", flush=True)
     return Run(config=config, engine=engine, model=objective.model, tokenizer=tokenizer, layout=layout,
@@ -170,7 +171,7 @@ def _log_record(run: Run, progress: Progress, losses: torch.Tensor, seconds: flo
     tflops = run.flops_per_sample * samples_per_second / dist.get_world_size() / 1e12
     record = {"kind": "train", "step": progress.step, "samples": progress.samples, "loss": losses[0].item(),
               "contrastive_loss": losses[1].item(), "mlm_loss": losses[2].item(),
-              "lr": run.engine.get_lr()[0], "temperature": 1.0 / _current_scale(run),
+              "lr": run.engine.get_lr()[0], "temperature": 1.0 / scale if (scale := _current_scale(run)) else math.inf,
               "grad_norm": float(run.engine.get_global_grad_norm() or 0.0),
               "samples_per_second": samples_per_second, "tflops_per_device": tflops,
               "nonfinite_skipped": progress.nonfinite_skipped, "fp16_skipped_steps": run.engine.skipped_steps}

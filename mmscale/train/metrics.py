@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 from pathlib import Path
@@ -37,12 +38,15 @@ class MetricsWriter:
         """One record; `step` is the x axis, other numbers become TensorBoard scalars under `kind/`."""
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        # NaN/inf become null: strict JSON readers (jq, browsers) refuse the bare NaN Python would write.
+        clean = {name: None if isinstance(value, float) and not math.isfinite(value) else value
+                 for name, value in record.items()}
+        self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
         if self.board is not None:
             prefix = record.get("kind", "train")
-            for name, value in record.items():
-                if isinstance(value, (int, float)) and name not in ("step",):
+            for name, value in clean.items():
+                if isinstance(value, (int, float)) and name != "step":
                     self.board.add_scalar(f"{prefix}/{name}", value, record["step"])
             self.board.flush()
 
