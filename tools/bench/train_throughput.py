@@ -76,9 +76,7 @@ def plain_pytorch(model_config: ModelConfig, batches: list[dict], warmup: int, d
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = timed(step, batches, warmup)
-    del objective, optimizer
-    return seconds
+    return timed(step, batches, warmup)
 
 
 def zero3(model_config: ModelConfig, batches: list[dict], warmup: int, deepspeed_file: str) -> tuple[float, object]:
