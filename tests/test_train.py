@@ -27,7 +27,8 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("corpus")
     make_synthetic_shards(root / "train", 2048, samples_per_shard=64, seed=0)
-    make_synthetic_shards(root / "val", 256, samples_per_shard=64, seed=1)
+    # 6 val shards of unequal size: the ranks get different batch counts, which eval must survive.
+    make_synthetic_shards(root / "val", 256, samples_per_shard=48, seed=1)
     train_wordpiece(iter_captions(str(root / "train")), vocab_size=200, output_dir=root / "tokenizer")
     (root / "classnames.txt").write_text("\n".join(OBJECT_COLOURS) + "\n")
     # Prompt ensembling over the caption vocabulary (shapes x backgrounds), as CLIP ensembles templates.

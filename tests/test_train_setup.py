@@ -112,3 +112,16 @@ def test_templates_need_exactly_one_placeholder(tmp_path):
     with pytest.raises(ValueError, match="exactly one"):
         read_templates(str(path))
     assert read_templates("") == ["a photo of a {}."]
+
+
+def test_a_save_that_crashed_half_way_is_cleared_and_latest_kept(tmp_path):
+    from mmscale.train.checkpoints import latest_tag, remove_incomplete
+
+    root = tmp_path / "checkpoints"
+    for tag in ("step00000010", "step00000020", "step00000030"):
+        (root / tag).mkdir(parents=True)
+    (root / "latest").write_text("step00000020")  # step 30 was being written when the job died
+    (root / ".latest.tmp").write_text("step00000030")
+    remove_incomplete(root)
+    assert latest_tag(root) == "step00000020"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step00000010", "step00000020"]
