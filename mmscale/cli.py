@@ -45,6 +45,34 @@ def _eval_parsers(subparsers) -> None:
                                 "'a photo of a {}.')")
 
 
+def _use_parsers(subparsers) -> None:
+    export = subparsers.add_parser("export", help="merge adapters and quantize to int8 (or not); writes "
+                                   "export_report.json", description="merge adapters and quantize to int8 (or not)")
+    export.add_argument("--checkpoint", required=True, help="model folder (final/) or a LoRA adapter/ folder")
+    export.add_argument("--out", required=True, help="output folder (transformers loads it)")
+    export.add_argument("--quantize", choices=["int8", "none"], default="int8")
+    export.add_argument("--quantize-projections", action="store_true", help="put the projections in int8 too")
+    export.add_argument("--data", default="", help="evaluation shards: zero-shot / retrieval before and after")
+    export.add_argument("--classnames", default="", help="class names for zero-shot on --data")
+    export.add_argument("--templates", default="")
+    export.add_argument("--context-length", type=int, default=64)
+    embed = subparsers.add_parser("embed", help="embed images or texts to .npy or .parquet")
+    embed.add_argument("--checkpoint", required=True, help="model folder (float or int8 export)")
+    source = embed.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="glob of image files (quote it)")
+    source.add_argument("--texts", help="text file, one text per line")
+    embed.add_argument("--out", required=True, help="FILE.npy or FILE.parquet")
+    embed.add_argument("--batch-size", type=int, default=64)
+    embed.add_argument("--context-length", type=int, default=64)
+    zeroshot = subparsers.add_parser("zeroshot", help="classify one image by class names")
+    zeroshot.add_argument("--checkpoint", required=True, help="model folder (float or int8 export)")
+    zeroshot.add_argument("--image", required=True)
+    zeroshot.add_argument("--classnames", required=True, help="one class name per line")
+    zeroshot.add_argument("--templates", default="", help="prompt templates with {} (default 'a photo of a {}.')")
+    zeroshot.add_argument("--top", type=int, default=5)
+    zeroshot.add_argument("--context-length", type=int, default=64)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mmscale.data.check import DataCheckConfig
     from mmscale.train.config import TrainRunConfig
@@ -58,7 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = _config_parser(subparsers, "train", summary="pretrain (or continue) a dual encoder with DeepSpeed; run "
                            "it directly or as `deepspeed ... --module mmscale.train`", config_class=TrainRunConfig)
     train.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher's; env has it
+    finetune = _config_parser(subparsers, "finetune", summary="fine-tune a checkpoint (LoRA with "
+                              "configs/finetune/lora.yaml) through the training loop", config_class=TrainRunConfig)
+    finetune.add_argument("--checkpoint", required=True, help="model to start from: an mmscale final/, a Hugging "
+                          "Face CLIPModel or dual-encoder folder, or VISION_DIR,TEXT_DIR (a vision model and a text encoder)")
+    finetune.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     _eval_parsers(subparsers)
+    _use_parsers(subparsers)
     return parser
 
 
@@ -71,6 +105,20 @@ def _one_line(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
+def _checkpoint_overrides(checkpoint: str, overrides: list[str]) -> list[str]:
+    """`--checkpoint` as model overrides; the images follow the checkpoint's size unless data.image_size is given."""
+    from mmscale.models.checkpoint import image_size_of
+
+    if "," in checkpoint:
+        vision, text = checkpoint.split(",", 1)
+        model = [f"model.vision_from={vision}", f"model.text_from={text}"]
+    else:
+        vision, model = checkpoint, [f"model.init_from={checkpoint}"]
+    if not any(item.startswith("data.image_size=") for item in overrides):
+        model.append(f"data.image_size={image_size_of(vision)}")
+    return model + list(overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; user mistakes print a one-line error and exit 2, not a traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -80,17 +128,24 @@ def main(argv: list[str] | None = None) -> int:
             from mmscale.quickstart import run_quickstart
 
             return run_quickstart(args.out)
+        if args.command in ("export", "embed", "zeroshot"):
+            from mmscale.eval import use
+
+            return getattr(use, f"{args.command}_command")(args)
         if args.command == "eval":
             from mmscale.eval.commands import run_eval_command
 
             return run_eval_command(args)
-        config = load_config(args.config_class, args.config, args.overrides)
+        overrides = args.overrides
+        if args.command == "finetune":
+            overrides = _checkpoint_overrides(args.checkpoint, overrides)
+        config = load_config(args.config_class, args.config, overrides)
         if args.command == "data-check":
             from mmscale.data.check import print_report, run_data_check
 
             print_report(run_data_check(config))
             return 0
-        if args.command == "train":
+        if args.command in ("train", "finetune"):
             import json
 
             from mmscale.train.loop import NonFiniteLoss, train
@@ -98,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 summary = train(config)
             except NonFiniteLoss as error:
-                print(f"mmscale train: stopped: {error}", file=sys.stderr)
+                print(f"mmscale {args.command}: stopped: {error}", file=sys.stderr)
                 return 1
             if int(os.environ.get("RANK", "0")) == 0:
                 print(json.dumps(summary))

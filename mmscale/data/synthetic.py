@@ -34,10 +34,16 @@ class SyntheticSample:
     label: int
 
 
-def draw_sample(rng: random.Random, size: int = 64) -> tuple[Image.Image, str, int]:
+DOMAINS = {"plain": BACKGROUNDS, "colourful": OBJECT_COLOURS}
+"""Background colours by domain: `colourful` (a shape on another strong colour) is the shifted
+domain that fine-tuning demos adapt to."""
+
+
+def draw_sample(rng: random.Random, size: int = 64, domain: str = "plain") -> tuple[Image.Image, str, int]:
     """A random shape image with its caption and label (the shape's colour)."""
     label = rng.randrange(len(OBJECT_COLOURS))
-    colour, background, shape = OBJECT_COLOURS[label], rng.choice(BACKGROUNDS), rng.choice(SHAPES)
+    colour, shape = OBJECT_COLOURS[label], rng.choice(SHAPES)
+    background = rng.choice([name for name in DOMAINS[domain] if name != colour])
     image = Image.new("RGB", (size, size), COLOURS[background])
     draw = ImageDraw.Draw(image)
     extent = rng.uniform(0.35, 0.7) * size
@@ -59,7 +65,7 @@ def _article(word: str) -> str:
 
 
 def make_image_folder(path: str | os.PathLike, n: int, *, size: int = 64, seed: int = 0,
-                      image_format: str = "jpg", labels: bool = False) -> list[SyntheticSample]:
+                      image_format: str = "jpg", labels: bool = False, domain: str = "plain") -> list[SyntheticSample]:
     """Write n images (`000000.jpg`) with same-stem captions (`000000.txt`) and, if asked, labels (`.cls`).
 
     `image_format` is a file extension PIL can write (jpg, png, webp); the same seed gives
@@ -70,7 +76,7 @@ def make_image_folder(path: str | os.PathLike, n: int, *, size: int = 64, seed: 
     rng = random.Random(seed)
     samples = []
     for index in range(n):
-        image, caption, label = draw_sample(rng, size)
+        image, caption, label = draw_sample(rng, size, domain)
         image_path = folder / f"{index:06d}.{image_format}"
         image.save(image_path, quality=90) if image_format in ("jpg", "jpeg") else image.save(image_path)
         (folder / f"{index:06d}.txt").write_text(caption + "\n", encoding="utf-8")
@@ -81,13 +87,13 @@ def make_image_folder(path: str | os.PathLike, n: int, *, size: int = 64, seed: 
 
 
 def make_synthetic_shards(output_dir: str | os.PathLike, n: int, *, samples_per_shard: int = 16,
-                          size: int = 64, seed: int = 0, labels: bool = True) -> list[str]:
+                          size: int = 64, seed: int = 0, labels: bool = True, domain: str = "plain") -> list[str]:
     """Write n synthetic samples as shards with the real make_shards pipeline; returns the shard paths."""
     from mmscale.data.sharding import ShardingOptions, make_shards
     from mmscale.data.sources import InputOptions
 
     with tempfile.TemporaryDirectory(prefix="mmscale-synthetic-") as folder:
-        make_image_folder(folder, n, size=size, seed=seed, labels=labels)
+        make_image_folder(folder, n, size=size, seed=seed, labels=labels, domain=domain)
         summary = make_shards(ShardingOptions(input=InputOptions(path=folder, kind="folder"),
                                               output_dir=str(output_dir), samples_per_shard=samples_per_shard,
                                               workers=1, progress=False))

@@ -134,6 +134,15 @@ def save_model(model: DualEncoder, folder: str | os.PathLike, *, tokenizer=None)
     return folder
 
 
+def image_size_of(folder: str | os.PathLike) -> int:
+    """The image side a model folder's vision tower takes (a CLIP, dual-encoder, ViT or mmscale folder)."""
+    config = _hf_config(Path(folder))
+    vision = config.get("vision_config", config)
+    if "image_size" not in vision:
+        raise CheckpointError(f"{folder} has no image size in its config.json; expected a vision or dual-encoder model")
+    return int(vision["image_size"])
+
+
 def _replace_folder(staging: Path, folder: Path) -> None:
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     if folder.exists():

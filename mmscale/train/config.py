@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mmscale.data.config import DataConfig
+from mmscale.finetune.lora import LoraSettings
 from mmscale.losses import LossConfig
 from mmscale.models.config import ModelConfig
 
@@ -94,3 +95,4 @@ class TrainRunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)

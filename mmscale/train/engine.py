@@ -84,7 +84,7 @@ def deepspeed_config(train: TrainConfig, layout: BatchLayout) -> tuple[dict, lis
         "train_batch_size": layout.global_batch_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.accumulation,
-        "gradient_clipping": train.grad_clip,
+        "gradient_clipping": train.grad_clip if not manual_clipping(train, config) else 0.0,
     }
     notes = []
     for key, value in filled.items():
@@ -99,6 +99,12 @@ def deepspeed_config(train: TrainConfig, layout: BatchLayout) -> tuple[dict, lis
     notes.append(f"precision={train.precision}")
     config.setdefault("steps_per_print", 10**9)  # mmscale logs progress itself
     return config, notes
+
+
+def manual_clipping(train: TrainConfig, ds_config: dict) -> bool:
+    """fp32 without ZeRO is the one path where DeepSpeed 0.19 clips gradients itself, and that code
+    fails on 0-dim parameters (`logit_scale`); there the loop clips with torch instead."""
+    return train.precision == "fp32" and zero_stage(ds_config) == 0 and train.grad_clip > 0
 
 
 def zero_stage(ds_config: dict) -> int:

@@ -17,6 +17,7 @@ from mmscale.config import dump_yaml
 from mmscale.data.loader import build_loader
 from mmscale.data.text import load_tokenizer
 from mmscale.eval.embed import evaluate
+from mmscale.finetune.lora import apply_lora, is_adapted, merge_adapter, save_adapter
 from mmscale.models import DualEncoder, training_flops_per_sample
 from mmscale.models.checkpoint import skeleton_like
 from mmscale.train.checkpoints import (
@@ -36,7 +37,9 @@ from mmscale.train.engine import (
     init_distributed,
     lr_lambda,
     make_optimizer,
+    manual_clipping,
     parameter_groups,
+    zero_stage,
 )
 from mmscale.train.metrics import MetricsWriter, memory_gib
 
@@ -60,6 +63,9 @@ class Run:
     output: Path
     device: torch.device
     flops_per_sample: float
+    manual_clip: float = 0.0
+    """Clip gradients to this norm in the loop (0: DeepSpeed clips); see engine.manual_clipping."""
+    grad_norm: float = 0.0
 
     @property
     def rank(self) -> int:
@@ -109,6 +115,14 @@ def setup(config: TrainRunConfig) -> Run:
     torch.manual_seed(config.train.seed)
     objective = build_objective(config.model, config.loss, ds_config, vocab_size=len(tokenizer))
     _check_fit(config, objective.model)
+    if config.lora.enabled:
+        if zero_stage(ds_config) == 3:
+            raise ValueError("LoRA fine-tuning runs with ZeRO stage 0-2 (train.deepspeed=configs/deepspeed/zero0.json); "
+                             "the adapters are small and the frozen base is whole on each rank")
+        trainable, total = apply_lora(objective.model, config.lora)
+        if dist.get_rank() == 0:
+            print(f"mmscale train: LoRA r={config.lora.rank} trains {trainable:,} of {total:,} parameters "
+                  f"({trainable / total:.2%})", flush=True)
     optimizer = make_optimizer(parameter_groups(objective, config.train.weight_decay), config.train, ds_config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.train, total_steps))
     engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
@@ -125,7 +139,8 @@ def setup(config: TrainRunConfig) -> Run:
               f"{layout.micro_batch_size} x accumulation {layout.accumulation} x {world}; {total_steps} steps; "
               f"DeepSpeed config {config.train.deepspeed} with {', '.join(notes)} filled by mmscale", flush=True)
     return Run(config=config, engine=engine, model=objective.model, tokenizer=tokenizer, layout=layout,
-               total_steps=total_steps, output=output, device=engine.device, flops_per_sample=flops)
+               total_steps=total_steps, output=output, device=engine.device, flops_per_sample=flops,
+               manual_clip=config.train.grad_clip if manual_clipping(config.train, ds_config) else 0.0)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -156,6 +171,9 @@ def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], key
         bad_in_row[0] = 0
         keys.extend(batch["keys"])
         run.engine.backward(out.total)
+        if run.manual_clip and run.engine.is_gradient_accumulation_boundary():
+            run.grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in run.engine.module.parameters() if p.grad is not None], run.manual_clip))
         run.engine.step()
         sums += torch.tensor([out.total.item(), out.contrastive.item(), out.mlm.item()], dtype=torch.float64)
         done += 1
@@ -172,7 +190,7 @@ def _log_record(run: Run, progress: Progress, losses: torch.Tensor, seconds: flo
     record = {"kind": "train", "step": progress.step, "samples": progress.samples, "loss": losses[0].item(),
               "contrastive_loss": losses[1].item(), "mlm_loss": losses[2].item(),
               "lr": run.engine.get_lr()[0], "temperature": 1.0 / scale if (scale := _current_scale(run)) else math.inf,
-              "grad_norm": float(run.engine.get_global_grad_norm() or 0.0),
+              "grad_norm": float(run.engine.get_global_grad_norm() or run.grad_norm),
               "samples_per_second": samples_per_second, "tflops_per_device": tflops,
               "nonfinite_skipped": progress.nonfinite_skipped, "fp16_skipped_steps": run.engine.skipped_steps}
     if run.config.train.peak_tflops:
@@ -223,11 +241,21 @@ def _resume(run: Run, loader) -> Progress:
 
 
 def _finish(run: Run, tag: str) -> Path:
-    """Consolidate the last checkpoint into `final/` (rank 0), a folder transformers loads."""
+    """The trained model as `final/` (rank 0), a folder transformers loads: under ZeRO-3 consolidated
+    from the last checkpoint's partitions; otherwise the engine's (whole) module, with LoRA
+    adapters saved in PEFT's format under `adapter/` and then merged."""
     final = run.output / "final"
     if run.rank == 0:
-        model = consolidate(run.output / "checkpoints", tag, skeleton_like(run.model))
-        model.save(final, tokenizer=run.tokenizer)
+        if hasattr(run.model.towers.logit_scale, "ds_id"):
+            model = consolidate(run.output / "checkpoints", tag, skeleton_like(run.model))
+        else:
+            model = run.model
+            if is_adapted(model):
+                source = run.config.model
+                save_adapter(model, run.output / "adapter",
+                             base=source.init_from or f"{source.vision_from},{source.text_from}")
+                model = merge_adapter(model)
+        model.float().save(final, tokenizer=run.tokenizer)
     dist.barrier()
     return final
 

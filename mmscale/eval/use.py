@@ -1,0 +1,132 @@
+"""Using a saved model (float or int8 export): `mmscale embed`, `mmscale zeroshot`, `mmscale export`."""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmscale.data.shards import SampleRejected
+from mmscale.data.text import CaptionEncoder, load_tokenizer
+from mmscale.data.transforms import decode_and_crop
+from mmscale.eval.embed import class_embeddings
+from mmscale.eval.metrics import read_lines, read_templates
+from mmscale.models import DualEncoder, load_model
+
+MAX_PIXELS = 89_478_485
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def read_image(path: str, size: int) -> torch.Tensor:
+    """A uint8 [3, size, size] center crop of an image file, or an error naming the file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise FileNotFoundError(f"image {path}: {error.strerror or error}") from error
+    try:
+        return decode_and_crop(data, Path(path).suffix.lstrip(".").lower(), size=size, max_pixels=MAX_PIXELS)
+    except SampleRejected as error:
+        raise ValueError(f"image {path}: cannot be read as an image ({error})") from None
+
+
+def _model_and_tokenizer(checkpoint: str) -> tuple[DualEncoder, object]:
+    model = load_model(checkpoint, mlm_head=False).eval()
+    if not any(p.device.type == "cuda" for p in model.parameters()):  # int8 layers place themselves
+        model = model.to(_device())
+    return model, load_tokenizer(checkpoint)
+
+
+@torch.no_grad()
+def embed_command(args) -> int:
+    """Embeddings of images (a glob) or texts (a file, one per line) to .npy or .parquet."""
+    model, tokenizer = _model_and_tokenizer(args.checkpoint)
+    device = next(model.parameters()).device
+    if args.images:
+        names = sorted(glob.glob(args.images, recursive=True))
+        if not names:
+            raise FileNotFoundError(f"--images {args.images}: no file matches")
+        chunks = []
+        for start in range(0, len(names), args.batch_size):
+            batch = torch.stack([read_image(name, model.image_size) for name in names[start:start + args.batch_size]])
+            chunks.append(model.encode_images(batch.to(device)).float().cpu())
+    else:
+        names = read_lines(args.texts, "texts")
+        encoder = CaptionEncoder(tokenizer, context_length=args.context_length, mlm_probability=0.0)
+        chunks = []
+        for start in range(0, len(names), args.batch_size):
+            encoded = encoder.encode(names[start:start + args.batch_size])
+            chunks.append(model.encode_texts(encoded["input_ids"].to(device),
+                                             encoded["attention_mask"].to(device)).float().cpu())
+    embeddings = torch.nn.functional.normalize(torch.cat(chunks), dim=-1).numpy()
+    _write_embeddings(Path(args.out), names, embeddings)
+    print(json.dumps({"out": args.out, "count": len(names), "dim": int(embeddings.shape[1])}))
+    return 0
+
+
+def _write_embeddings(path: Path, names: list[str], embeddings: np.ndarray) -> None:
+    """L2-normalized embeddings: .npy (rows in input order) or .parquet (a `source` and an `embedding` column)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    if path.suffix == ".npy":
+        with open(staging, "wb") as handle:
+            np.save(handle, embeddings)
+    elif path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({"source": names, "embedding": [row.tolist() for row in embeddings]})
+        pq.write_table(table, staging)
+    else:
+        raise ValueError(f"--out {path}: write .npy or .parquet")
+    staging.replace(path)
+
+
+@torch.no_grad()
+def zeroshot_command(args) -> int:
+    """The classes of one image, most likely first, with softmax probabilities at the model's scale."""
+    model, tokenizer = _model_and_tokenizer(args.checkpoint)
+    device = next(model.parameters()).device
+    names = read_lines(args.classnames, "classnames")
+    classes = class_embeddings(model, tokenizer, names, read_templates(args.templates), device=device,
+                               context_length=args.context_length)
+    image = model.encode_images(read_image(args.image, model.image_size)[None].to(device)).float().cpu()
+    scores = torch.nn.functional.normalize(image, dim=-1) @ classes.T * float(model.logit_scale())
+    probabilities = scores.softmax(dim=-1)[0]
+    ranked = probabilities.argsort(descending=True)[: args.top]
+    for index in ranked.tolist():
+        print(f"{probabilities[index]:7.2%}  {names[index]}")
+    print(json.dumps({"label": names[ranked[0]], "probability": float(probabilities[ranked[0]])}))
+    return 0
+
+
+def export_command(args) -> int:
+    """Export (and optionally evaluate before and after), printing the report."""
+    from mmscale.export.quantize import export
+
+    evaluate_fn = None
+    if args.data:
+        from mmscale.data.config import DataConfig
+        from mmscale.data.loader import build_loader
+        from mmscale.eval.embed import evaluate
+
+        def evaluate_fn(model):
+            tokenizer = load_tokenizer(args.checkpoint if (Path(args.checkpoint) / "tokenizer.json").is_file()
+                                       else args.out)
+            data = DataConfig(image_size=model.image_size, context_length=args.context_length, workers=0,
+                              mlm_probability=0.0)
+            loader = build_loader(data, spec=args.data, tokenizer=tokenizer, batch_size=64, train=False,
+                                  rank=0, world_size=1)
+            return evaluate(model, loader, tokenizer=tokenizer, device=next(model.parameters()).device,
+                            context_length=args.context_length, batch_size=64, classnames=args.classnames,
+                            templates=args.templates)
+
+    report = export(args.checkpoint, args.out, quantize=args.quantize,
+                    keep_projections=not args.quantize_projections, evaluate_fn=evaluate_fn)
+    print(json.dumps(report))
+    return 0

@@ -1,0 +1,1 @@
+"""Exporting models: adapters merged, int8 quantization (bitsandbytes), Hugging Face-loadable output."""

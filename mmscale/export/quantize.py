@@ -1,0 +1,119 @@
+"""`mmscale export`: merge adapters, quantize linear layers to int8 (LLM.int8, bitsandbytes), and say
+what it cost in `export_report.json`.
+
+The output is a consolidated checkpoint (mmscale.models.checkpoint) whose `config.json` carries
+transformers' bitsandbytes quantization config, so `AutoModel.from_pretrained(out)` rebuilds the
+`Linear8bitLt` layers by itself, on CPU or GPU. Layers kept out of int8 (the projections unless
+asked, embeddings and norms always) are stored in fp16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mmscale.models import DualEncoder, load_model
+from mmscale.models.checkpoint import CheckpointError
+
+PROJECTIONS = ["visual_projection", "text_projection"]
+
+
+def load_float(checkpoint: str | os.PathLike) -> DualEncoder:
+    """A float model from a checkpoint folder, or from a PEFT adapter folder merged into its base."""
+    folder = Path(checkpoint)
+    if (folder / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+        if not Path(base).is_dir():
+            raise CheckpointError(f"adapter {folder} names base model {base!r}, which is not a folder here; "
+                                  "export the run's final/ instead (adapters already merged)")
+        model = load_model(base, mlm_head=False)
+        model.towers = PeftModel.from_pretrained(model.towers, folder).merge_and_unload()
+        return model
+    return load_model(folder, mlm_head=False)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+
+
+def quantize_int8(model: DualEncoder, *, keep_projections: bool = True) -> DualEncoder:
+    """The same model with its linear layers in int8 (bitsandbytes LLM.int8), the rest in fp16."""
+    from transformers import BitsAndBytesConfig
+
+    with tempfile.TemporaryDirectory(prefix="mmscale-export-") as staging:
+        model.towers.save_pretrained(staging, safe_serialization=True)
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=PROJECTIONS if keep_projections else [])
+        towers = type(model.towers).from_pretrained(staging, quantization_config=config, dtype=torch.float16,
+                                                    use_safetensors=True)
+    return DualEncoder(towers, mlm_head=False, max_logit_scale=model.max_logit_scale,
+                       image_mean=model.image_mean.flatten().tolist(), image_std=model.image_std.flatten().tolist())
+
+
+@torch.no_grad()
+def embedding_agreement(reference: DualEncoder, candidate: DualEncoder, images: torch.Tensor,
+                        texts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean and minimum cosine similarity of the two models' embeddings on the same inputs."""
+    result = {}
+    for kind, (ours, theirs) in {
+        "image": (reference.encode_images(images), candidate.encode_images(images)),
+        "text": (reference.encode_texts(texts["input_ids"], texts["attention_mask"]),
+                 candidate.encode_texts(texts["input_ids"], texts["attention_mask"])),
+    }.items():
+        cosine = F.cosine_similarity(ours.float(), theirs.float(), dim=-1)
+        result[f"{kind}_cosine_mean"] = float(cosine.mean())
+        result[f"{kind}_cosine_min"] = float(cosine.min())
+    return result
+
+
+def sample_inputs(model: DualEncoder, tokenizer, *, count: int = 32, context_length: int = 64) -> tuple:
+    """A fixed batch of generated shape images and their captions, when no evaluation data is given."""
+    import random
+
+    import numpy as np
+
+    from mmscale.data.synthetic import draw_sample
+    from mmscale.data.text import CaptionEncoder
+
+    rng = random.Random(0)
+    drawn = [draw_sample(rng, model.image_size) for _ in range(count)]
+    images = torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1) for image, _, _ in drawn])
+    texts = CaptionEncoder(tokenizer, context_length=context_length, mlm_probability=0.0).encode(
+        [caption for _, caption, _ in drawn])
+    return images, texts
+
+
+def export(checkpoint: str, out: str, *, quantize: str, keep_projections: bool = True, evaluate_fn=None) -> dict:
+    """Write the exported model to `out` with `export_report.json`; returns the report.
+
+    `evaluate_fn(model) -> dict`, when given, scores the float and the exported model alike."""
+    from mmscale.data.text import load_tokenizer
+
+    source = Path(checkpoint)
+    tokenizer_folder = source if (source / "tokenizer.json").is_file() or (source / "tokenizer_config.json").is_file() \
+        else Path(json.loads((source / "adapter_config.json").read_text())["base_model_name_or_path"])
+    tokenizer = load_tokenizer(tokenizer_folder)
+    float_model = load_float(source).eval()
+    exported = quantize_int8(float_model, keep_projections=keep_projections) if quantize == "int8" else float_model
+    exported.eval()
+    target = Path(out)
+    exported.save(target, tokenizer=tokenizer)
+    with tempfile.TemporaryDirectory(prefix="mmscale-float-") as staging:
+        float_model.towers.save_pretrained(staging, safe_serialization=True)
+        float_bytes = folder_bytes(Path(staging))
+    images, texts = sample_inputs(float_model, tokenizer)
+    report = {"source": str(source), "quantize": quantize, "bytes_float32": float_bytes,
+              "bytes_exported": folder_bytes(target), "projections_in_int8": not keep_projections}
+    report["size_ratio"] = report["bytes_exported"] / report["bytes_float32"]
+    report |= embedding_agreement(float_model, exported, images, texts)
+    if evaluate_fn is not None:
+        report["eval_float"] = evaluate_fn(float_model)
+        report["eval_exported"] = evaluate_fn(exported)
+    (target / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -1,0 +1,1 @@
+"""Fine-tuning released checkpoints: LoRA on the towers, through the pretraining loop."""

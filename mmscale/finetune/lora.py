@@ -1,0 +1,107 @@
+"""LoRA (PEFT) on the towers of a dual encoder, with whole-tower locking (LiT) and full-rank heads.
+
+LoRA goes on the Hugging Face towers (`model.towers`, a CLIPModel or VisionTextDualEncoderModel),
+so the adapter is saved in PEFT's own format and `peft.PeftModel.from_pretrained(AutoModel.
+from_pretrained(base), adapter)` reloads it. The projections train fully (PEFT's
+`modules_to_save`, so they are in the adapter too) and so does the temperature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mmscale.models import DualEncoder
+
+# Attention projections by tower type: CLIP/ViT-style towers and BERT-style encoders.
+DEFAULT_TARGETS = {
+    "clip_vision_model": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "clip_text_model": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "vit": ["query", "key", "value", "attention.output.dense"],
+    "bert": ["query", "key", "value", "attention.output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense"],
+    "xlm-roberta": ["query", "key", "value", "attention.output.dense"],
+}
+
+
+@dataclass
+class LoraSettings:
+    """Parameter-efficient fine-tuning: which weights train and how."""
+
+    enabled: bool = False
+    """Fine-tune with LoRA adapters instead of training every weight."""
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: float = 16.0
+    """LoRA scaling alpha (the update is scaled by alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    vision_targets: list[str] = field(default_factory=list)
+    """Module name suffixes in the image tower that get adapters (empty: the attention projections of
+    the tower's type, e.g. q_proj/k_proj/v_proj/out_proj for CLIP, query/key/value/attention.output.dense for ViT)."""
+    text_targets: list[str] = field(default_factory=list)
+    """Module name suffixes in the text tower that get adapters (empty: the attention projections of its type)."""
+    lock_vision: bool = False
+    """Freeze the whole image tower, no adapters (LiT: locked-image tuning)."""
+    lock_text: bool = False
+    """Freeze the whole text tower, no adapters."""
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+        if self.lock_vision and self.lock_text:
+            raise ValueError("lora.lock_vision and lora.lock_text together leave only the projections to train; "
+                             "unlock one tower")
+
+
+def _targets(model: DualEncoder, settings: LoraSettings) -> str:
+    """A regex over module names: the chosen suffixes inside each unlocked tower."""
+    patterns = []
+    for tower, locked, chosen in (("vision_model", settings.lock_vision, settings.vision_targets),
+                                  ("text_model", settings.lock_text, settings.text_targets)):
+        if locked:
+            continue
+        model_type = getattr(model.towers, tower).config.model_type
+        suffixes = chosen or DEFAULT_TARGETS.get(model_type)
+        if not suffixes:
+            raise ValueError(f"no default LoRA targets for a {model_type!r} {tower.split('_')[0]} tower; set "
+                             f"lora.{tower.split('_')[0]}_targets to module name suffixes")
+        alternatives = "|".join(suffix.replace(".", r"\.") for suffix in suffixes)
+        patterns.append(rf"{tower}\..*\.({alternatives})")
+    return rf"^({'|'.join(patterns)})$"
+
+
+def apply_lora(model: DualEncoder, settings: LoraSettings) -> tuple[int, int]:
+    """Wrap `model.towers` in a PEFT LoRA model; returns (trainable, total) parameter counts."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=_targets(model, settings),
+                        modules_to_save=["visual_projection", "text_projection"])
+    model.towers = get_peft_model(model.towers, config)
+    model.towers.base_model.model.logit_scale.requires_grad_(True)
+    if model.mlm_head is not None:  # the head is tied to the (frozen) embeddings; its own layers train
+        for name, parameter in model.mlm_head.named_parameters():
+            parameter.requires_grad_(name != "decoder.weight")
+    if model.logit_bias is not None:
+        model.logit_bias.requires_grad_(True)
+    unique = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
+
+
+def is_adapted(model: DualEncoder) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model.towers, PeftModel)
+
+
+def save_adapter(model: DualEncoder, folder: Path, *, base: str) -> None:
+    """The adapter in PEFT's format, naming `base` (the checkpoint it was trained on)."""
+    model.towers.peft_config["default"].base_model_name_or_path = base
+    model.towers.save_pretrained(folder)
+
+
+def merge_adapter(model: DualEncoder) -> DualEncoder:
+    """Fold the LoRA updates into the tower weights, leaving plain Hugging Face towers."""
+    model.towers = model.towers.merge_and_unload()
+    return model
