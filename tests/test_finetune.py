@@ -16,6 +16,7 @@ from transformers import AutoModel, AutoTokenizer, ViTConfig, ViTImageProcessor,
 from mmscale.finetune.lora import LoraSettings, apply_lora
 from mmscale.models import ModelConfig, build_model
 
+pytestmark = pytest.mark.slow  # each test runs mmscale in a subprocess
 REPO = Path(__file__).resolve().parents[1]
 LORA = REPO / "configs" / "finetune" / "lora.yaml"
 
@@ -35,8 +36,8 @@ def data(tmp_path_factory) -> dict[str, Path]:
     from mmscale.data.tokenizer_train import iter_captions, train_wordpiece
 
     root = tmp_path_factory.mktemp("finetune")
-    make_synthetic_shards(root / "train", 256, samples_per_shard=64, seed=0, domain="colourful")
-    make_synthetic_shards(root / "val", 64, samples_per_shard=64, seed=1, domain="colourful")
+    make_synthetic_shards(root / "train", 256, samples_per_shard=64, seed=0, domain="dim")
+    make_synthetic_shards(root / "val", 64, samples_per_shard=64, seed=1, domain="dim")
     tokenizer = train_wordpiece(iter_captions(str(root / "train")), vocab_size=200, output_dir=root / "tokenizer")
     torch.manual_seed(0)
     build_model(ModelConfig(preset="tiny"), vocab_size=len(tokenizer)).save(root / "base", tokenizer=tokenizer)
@@ -73,6 +74,14 @@ def test_lora_adapter_reloads_with_peft_and_the_merged_model_reproduces_it(data,
         assert not torch.allclose(before, merged.get_image_features(pixel_values=pixels).pooler_output, atol=1e-4)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["grad_norm"] > 0 for r in records)
+
+
+def test_eight_bit_adamw_and_gradient_checkpointing_train(data, tmp_path):
+    finetune(str(data["base"]), data, tmp_path / "run", "train.samples=64", "train.optimizer=adamw8bit",
+             "train.gradient_checkpointing=true")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(np.isfinite(r["loss"]) for r in records)
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
 def test_default_lora_on_base_trains_under_two_percent():

@@ -34,9 +34,11 @@ class SyntheticSample:
     label: int
 
 
-DOMAINS = {"plain": BACKGROUNDS, "colourful": OBJECT_COLOURS}
-"""Background colours by domain: `colourful` (a shape on another strong colour) is the shifted
+DOMAINS = {"plain": BACKGROUNDS, "colourful": OBJECT_COLOURS, "dim": BACKGROUNDS}
+"""Background colours by domain. `colourful` puts the shape on another strong colour; `dim` is the
+plain domain at 40% brightness (a night-time shift: same captions, darker colours), the shifted
 domain that fine-tuning demos adapt to."""
+BRIGHTNESS = {"dim": 0.4}
 
 
 def draw_sample(rng: random.Random, size: int = 64, domain: str = "plain") -> tuple[Image.Image, str, int]:
@@ -44,18 +46,19 @@ def draw_sample(rng: random.Random, size: int = 64, domain: str = "plain") -> tu
     label = rng.randrange(len(OBJECT_COLOURS))
     colour, shape = OBJECT_COLOURS[label], rng.choice(SHAPES)
     background = rng.choice([name for name in DOMAINS[domain] if name != colour])
-    image = Image.new("RGB", (size, size), COLOURS[background])
+    paint = {name: tuple(round(channel * BRIGHTNESS.get(domain, 1.0)) for channel in rgb) for name, rgb in COLOURS.items()}
+    image = Image.new("RGB", (size, size), paint[background])
     draw = ImageDraw.Draw(image)
     extent = rng.uniform(0.35, 0.7) * size
     left, top = rng.uniform(0, size - extent), rng.uniform(0, size - extent)
     box = (left, top, left + extent, top + extent)
     if shape == "circle":
-        draw.ellipse(box, fill=COLOURS[colour])
+        draw.ellipse(box, fill=paint[colour])
     elif shape == "square":
-        draw.rectangle(box, fill=COLOURS[colour])
+        draw.rectangle(box, fill=paint[colour])
     else:
         draw.polygon([(left + extent / 2, top), (left, top + extent), (left + extent, top + extent)],
-                     fill=COLOURS[colour])
+                     fill=paint[colour])
     caption = f"{_article(colour)} {colour} {shape} on {_article(background)} {background} background"
     return image, caption, label
 

@@ -109,24 +109,28 @@ def export_command(args) -> int:
     """Export (and optionally evaluate before and after), printing the report."""
     from mmscale.export.quantize import export
 
-    evaluate_fn = None
-    if args.data:
-        from mmscale.data.config import DataConfig
-        from mmscale.data.loader import build_loader
-        from mmscale.eval.embed import evaluate
-
-        def evaluate_fn(model):
-            tokenizer = load_tokenizer(args.checkpoint if (Path(args.checkpoint) / "tokenizer.json").is_file()
-                                       else args.out)
-            data = DataConfig(image_size=model.image_size, context_length=args.context_length, workers=0,
-                              mlm_probability=0.0)
-            loader = build_loader(data, spec=args.data, tokenizer=tokenizer, batch_size=64, train=False,
-                                  rank=0, world_size=1)
-            return evaluate(model, loader, tokenizer=tokenizer, device=next(model.parameters()).device,
-                            context_length=args.context_length, batch_size=64, classnames=args.classnames,
-                            templates=args.templates)
-
     report = export(args.checkpoint, args.out, quantize=args.quantize,
-                    keep_projections=not args.quantize_projections, evaluate_fn=evaluate_fn)
+                    keep_projections=not args.quantize_projections,
+                    evaluate_fn=_evaluator(args) if args.data else None)
     print(json.dumps(report))
     return 0
+
+
+def _evaluator(args):
+    """Zero-shot / retrieval on `--data`, for the float and the exported model alike."""
+    from mmscale.data.config import DataConfig
+    from mmscale.data.loader import build_loader
+    from mmscale.eval.embed import evaluate
+
+    def evaluate_model(model):
+        tokenizer = load_tokenizer(args.checkpoint if (Path(args.checkpoint) / "tokenizer.json").is_file()
+                                   else args.out)
+        data = DataConfig(image_size=model.image_size, context_length=args.context_length, workers=0,
+                          mlm_probability=0.0)
+        loader = build_loader(data, spec=args.data, tokenizer=tokenizer, batch_size=64, train=False,
+                              rank=0, world_size=1)
+        return evaluate(model, loader, tokenizer=tokenizer, device=next(model.parameters()).device,
+                        context_length=args.context_length, batch_size=64, classnames=args.classnames,
+                        templates=args.templates)
+
+    return evaluate_model

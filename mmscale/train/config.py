@@ -37,6 +37,10 @@ class TrainConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """`adamw`, or `adamw8bit` (bitsandbytes 8-bit optimizer state: a quarter of AdamW's memory; without ZeRO)."""
+    gradient_checkpointing: bool = False
+    """Recompute tower activations in the backward pass: much less activation memory for about a third more compute."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Mixed precision: bf16, fp16 (dynamic loss scaling) or fp32."""
     deepspeed: str = "configs/deepspeed/zero3.json"

@@ -125,6 +125,13 @@ def make_optimizer(groups: list[dict], train: TrainConfig, ds_config: dict) -> t
     """DeepSpeed's fused AdamW on GPUs, its CPU Adam with optimizer offload, torch's AdamW on CPU
     (DeepSpeed's fused kernels are JIT builds a CPU run does not need)."""
     settings = {"lr": train.lr, "betas": tuple(train.betas), "eps": train.eps}
+    if train.optimizer == "adamw8bit":
+        if zero_stage(ds_config) > 0:
+            raise ValueError("train.optimizer=adamw8bit keeps whole 8-bit states and does not combine with ZeRO; use "
+                             "train.deepspeed=configs/deepspeed/zero0.json (fine-tuning) or train.optimizer=adamw")
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, **settings)
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     if torch.cuda.is_available():
         if offload == "cpu":

@@ -123,6 +123,9 @@ def setup(config: TrainRunConfig) -> Run:
         if dist.get_rank() == 0:
             print(f"mmscale train: LoRA r={config.lora.rank} trains {trainable:,} of {total:,} parameters "
                   f"({trainable / total:.2%})", flush=True)
+    if config.train.gradient_checkpointing:
+        for tower in (objective.model.towers.vision_model, objective.model.towers.text_model):
+            tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = make_optimizer(parameter_groups(objective, config.train.weight_decay), config.train, ds_config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.train, total_steps))
     engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)

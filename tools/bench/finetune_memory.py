@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
-def measure(preset: str, mode: str, batch: int, steps: int) -> dict:
+def measure(preset: str, mode: str, batch: int, steps: int, lora_dropout: float) -> dict:
     import torch
 
     from mmscale.finetune.lora import LoraSettings, apply_lora
@@ -29,7 +29,7 @@ def measure(preset: str, mode: str, batch: int, steps: int) -> dict:
     model = build_model(ModelConfig(preset=preset), vocab_size=30522, mlm_head=False)
     trainable = sum(p.numel() for p in model.parameters())
     if mode == "lora":
-        trainable, _ = apply_lora(model, LoraSettings(enabled=True))
+        trainable, _ = apply_lora(model, LoraSettings(enabled=True, dropout=lora_dropout))
     objective = PretrainingObjective(model, LossConfig(mlm_weight=0.0)).to(device)
     optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-5)
     generator = torch.Generator().manual_seed(0)
@@ -49,15 +49,16 @@ def main() -> None:
     parser.add_argument("--preset", default="base")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="PEFT's dropout copies each adapted layer's input")
     parser.add_argument("--mode", choices=["full", "lora"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
-        print(json.dumps(measure(args.preset, args.mode, args.batch, args.steps)))
+        print(json.dumps(measure(args.preset, args.mode, args.batch, args.steps, args.lora_dropout)))
         return
     rows = []
     for mode in ("full", "lora"):
         output = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch),
-                                 "--steps", str(args.steps), "--mode", mode], capture_output=True, text=True, check=True)
+                                 "--steps", str(args.steps), "--lora-dropout", str(args.lora_dropout), "--mode", mode], capture_output=True, text=True, check=True)
         rows.append(json.loads(output.stdout.strip().splitlines()[-1]))
     key = "gpu_memory_gib" if "gpu_memory_gib" in rows[0] else "cpu_rss_gib"
     print(f"{args.preset}, batch {args.batch}, fp32, {args.steps} AdamW steps; peak {key}\n")
