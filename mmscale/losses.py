@@ -26,6 +26,11 @@ from mmscale.models.dual_encoder import DualEncoder
 class LossConfig:
     """What the model is trained to do, and how much each part counts."""
 
+    objective: Literal["contrastive", "classify"] = "contrastive"
+    """`contrastive` (image-caption pairs, plus MLM when weighted) or `classify` (a linear head over image
+    embeddings trained on the `.cls` labels)."""
+    classes: int = 0
+    """Number of classes for loss.objective=classify (labels 0..classes-1; samples without a label are ignored)."""
     contrastive: Literal["clip", "siglip"] = "clip"
     """Contrastive loss: `clip` (softmax InfoNCE, both directions) or `siglip` (pairwise sigmoid,
     arXiv:2303.15343), both with negatives from the global batch."""
@@ -37,6 +42,8 @@ class LossConfig:
     """Initial SigLIP logit bias (the paper's -10 keeps the first steps from being swamped by negatives)."""
 
     def __post_init__(self):
+        if self.objective == "classify" and self.classes < 2:
+            raise ValueError(f"loss.objective=classify needs loss.classes >= 2, got {self.classes}")
         if self.contrastive_weight < 0 or self.mlm_weight < 0:
             raise ValueError(f"loss weights must be >= 0, got loss.contrastive_weight={self.contrastive_weight}, "
                              f"loss.mlm_weight={self.mlm_weight}")
@@ -50,6 +57,7 @@ class LossOutput(ModelOutput):
     total: torch.Tensor | None = None
     contrastive: torch.Tensor | None = None
     mlm: torch.Tensor | None = None
+    classification: torch.Tensor | None = None
     logit_scale: torch.Tensor | None = None
     """1/temperature used in this step (detached)."""
 
@@ -140,7 +148,8 @@ class PretrainingObjective(nn.Module):
         self.config = config
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                mlm_input_ids: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None) -> LossOutput:
+                mlm_input_ids: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> LossOutput:
         use_mlm = self.config.mlm_weight > 0
         if use_mlm and (mlm_input_ids is None or mlm_labels is None):
             raise ValueError("loss.mlm_weight > 0 needs masked captions; data.mlm_probability is 0")
@@ -156,3 +165,23 @@ class PretrainingObjective(nn.Module):
         mlm = mlm_loss(out.mlm_logits, out.mlm_targets) if use_mlm else contrastive.new_zeros(())
         total = self.config.contrastive_weight * contrastive + self.config.mlm_weight * mlm
         return LossOutput(total=total, contrastive=contrastive, mlm=mlm, logit_scale=scale.detach())
+
+
+class ClassificationObjective(nn.Module):
+    """Cross-entropy of the model's linear head over normalized image embeddings against `.cls` labels
+    (-1, no label, is ignored); the text tower is not used."""
+
+    def __init__(self, model: DualEncoder, config: LossConfig):
+        super().__init__()
+        if model.classifier is None or model.classifier.out_features != config.classes:
+            model.add_classifier(config.classes)
+        self.model = model
+        self.config = config
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, **unused) -> LossOutput:
+        logits = self.model.classify(images).float()
+        if int(labels.max()) >= self.config.classes:
+            raise ValueError(f"label {int(labels.max())} is out of range for loss.classes={self.config.classes}")
+        loss = F.cross_entropy(logits, labels, ignore_index=-1)
+        zero = loss.new_zeros(())
+        return LossOutput(total=loss, contrastive=zero, mlm=zero, classification=loss)

@@ -142,3 +142,23 @@ def test_int8_export_loads_in_transformers_and_serves_the_use_commands(data, tmp
     missing = cli("embed", "--checkpoint", str(tmp_path / "nowhere"), "--texts", str(tmp_path / "texts.txt"), "--out",
                   str(tmp_path / "x.npy"), check=False)
     assert missing.returncode == 2 and "no such folder" in missing.stderr
+
+
+def test_classification_head_fine_tunes_on_labels_and_is_saved(data, tmp_path):
+    from mmscale.models import load_model
+
+    finetune(str(data["base"]), data, tmp_path / "run", "loss.objective=classify", "loss.classes=6",
+             f"data.val={data['val']}")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train, evaluation = records[:-1], records[-1]
+    assert all(r["classification_loss"] > 0 and r["contrastive_loss"] == 0 for r in train)
+    assert evaluation["kind"] == "eval" and 0 <= evaluation["classifier_top1"] <= 1
+    model = load_model(tmp_path / "run" / "final").eval()
+    assert model.classifier is not None and model.classifier.out_features == 6
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        assert model.classify(images).shape == (2, 6)
+    with pytest.raises(ValueError, match="loss.classes >= 2"):
+        from mmscale.losses import LossConfig
+
+        LossConfig(objective="classify")

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from mmscale.data.text import CaptionEncoder
 from mmscale.eval.metrics import contrastive_val_loss, read_lines, read_templates, retrieval_metrics, zeroshot_accuracy
 from mmscale.models import DualEncoder
+from mmscale.models.dual_encoder import classifier_input
 
 
 @dataclass
@@ -84,6 +85,17 @@ def class_embeddings(model: DualEncoder, tokenizer, classnames: list[str], templ
     return torch.nn.functional.normalize(per_class, dim=-1)
 
 
+@torch.no_grad()
+def _classifier_accuracy(model: DualEncoder, embedded: Embedded, device: torch.device) -> float:
+    """Top-1 accuracy of the classification head on the labelled images (every rank runs it: collective)."""
+    features = classifier_input(embedded.images)
+    logits = model.classifier(features.to(device, dtype=model.classifier.weight.dtype)).float().cpu()
+    labelled = embedded.labels >= 0
+    if not labelled.any():
+        return float("nan")
+    return float((logits[labelled].argmax(dim=1) == embedded.labels[labelled]).float().mean())
+
+
 def _logit_scale(model: DualEncoder) -> float:
     """The current 1/temperature; under ZeRO-3 the parameter is gathered first (collective)."""
     parameter = model.towers.logit_scale
@@ -108,6 +120,8 @@ def evaluate(model: DualEncoder, batches, *, tokenizer, device: torch.device, co
             classes = class_embeddings(model, tokenizer, names, read_templates(templates), device=device,
                                        context_length=context_length)
             metrics |= zeroshot_accuracy(embedded.images, embedded.labels, classes)
+        if model.classifier is not None and len(embedded.images):
+            metrics["classifier_top1"] = _classifier_accuracy(model, embedded, device)
         if len(embedded.images):
             metrics["val_loss"] = contrastive_val_loss(embedded.images, embedded.texts, _logit_scale(model),
                                                        batch_size)

@@ -85,6 +85,9 @@ def load_model(folder: str | os.PathLike, *, mlm_head: bool = True, logit_bias_i
         logit_bias_init=None if logit_bias_init is None else float(extras.get("logit_bias", logit_bias_init)),
         max_logit_scale=meta.get("max_logit_scale", 100.0), image_mean=mean, image_std=std,
     )
+    if meta.get("classes"):
+        model.add_classifier(int(meta["classes"]))
+        model.classifier.load_state_dict({"weight": extras["classifier.weight"], "bias": extras["classifier.bias"]})
     if model.mlm_head is not None and meta.get("mlm_head"):
         head = {name.removeprefix("mlm_head."): tensor for name, tensor in extras.items() if name.startswith("mlm_head.")}
         model.mlm_head.load_state_dict(head | {"decoder.weight": model.mlm_head.decoder.weight})
@@ -95,10 +98,13 @@ def skeleton_like(model: DualEncoder) -> DualEncoder:
     """A whole (unpartitioned) model with `model`'s architecture and settings, to load consolidated
     weights into. Build it where no ZeRO-3 `HfDeepSpeedConfig` is alive (PITFALLS.md 4)."""
     towers = type(model.towers)(model.towers.config)
-    return DualEncoder(towers, mlm_head=model.mlm_head is not None,
-                       logit_bias_init=0.0 if model.logit_bias is not None else None,
-                       max_logit_scale=model.max_logit_scale, image_mean=model.image_mean.flatten().tolist(),
-                       image_std=model.image_std.flatten().tolist())
+    skeleton = DualEncoder(towers, mlm_head=model.mlm_head is not None,
+                           logit_bias_init=0.0 if model.logit_bias is not None else None,
+                           max_logit_scale=model.max_logit_scale, image_mean=model.image_mean.flatten().tolist(),
+                           image_std=model.image_std.flatten().tolist())
+    if model.classifier is not None:
+        skeleton.add_classifier(model.classifier.out_features)
+    return skeleton
 
 
 def save_model(model: DualEncoder, folder: str | os.PathLike, *, tokenizer=None) -> Path:
@@ -125,9 +131,12 @@ def save_model(model: DualEncoder, folder: str | os.PathLike, *, tokenizer=None)
                   if name != "decoder.weight"}
     if model.logit_bias is not None:
         heads["logit_bias"] = model.logit_bias.detach().clone()
+    if model.classifier is not None:
+        heads |= {f"classifier.{name}": tensor.detach().contiguous() for name, tensor in model.classifier.state_dict().items()}
     save_file(heads, staging / HEADS_FILE)
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "towers": model.kind, "mlm_head": model.mlm_head is not None,
             "logit_bias": model.logit_bias is not None, "max_logit_scale": model.max_logit_scale,
+            "classes": model.classifier.out_features if model.classifier is not None else 0,
             "image_mean": model.image_mean.flatten().tolist(), "image_std": model.image_std.flatten().tolist()}
     (staging / MMSCALE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     _replace_folder(staging, folder)

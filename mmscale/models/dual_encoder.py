@@ -85,6 +85,11 @@ class DualEncoderOutput(ModelOutput):
     """The original token ids at those positions [M]."""
 
 
+def classifier_input(image_features: torch.Tensor) -> torch.Tensor:
+    """What the classification head reads: normalized image embeddings times sqrt(dim)."""
+    return torch.nn.functional.normalize(image_features, dim=-1) * image_features.shape[-1] ** 0.5
+
+
 class DualEncoder(nn.Module):
     """Image tower + text tower + projections + temperature (the Hugging Face `towers`), an optional
     MLM head and an optional SigLIP logit bias. Images go in as uint8 and are normalized here, on
@@ -101,6 +106,7 @@ class DualEncoder(nn.Module):
         self.logit_bias_init = logit_bias_init
         self.logit_bias = None if logit_bias_init is None else nn.Parameter(torch.tensor(float(logit_bias_init)))
         self.max_logit_scale = max_logit_scale
+        self.classifier: nn.Linear | None = None
         self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1),
                              persistent=False)
         self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1),
@@ -146,6 +152,18 @@ class DualEncoder(nn.Module):
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Projected text embeddings, not normalized: `get_text_features` of the saved model."""
         return self.towers.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+    def add_classifier(self, classes: int) -> nn.Linear:
+        """A new linear head over normalized image embeddings (for `loss.objective=classify`)."""
+        self.classifier = nn.Linear(self.towers.config.projection_dim, classes)
+        return self.classifier
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits from the linear head over normalized image embeddings, scaled to unit variance per
+        coordinate (the input scale nn.Linear's initialization assumes)."""
+        if self.classifier is None:
+            raise ValueError("this model has no classification head; fine-tune with loss.objective=classify first")
+        return self.classifier(classifier_input(self.encode_images(images)).to(self.classifier.weight.dtype))
 
     def logit_scale(self) -> torch.Tensor:
         """1/temperature. Clamped here rather than by editing the parameter in place after each step,

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from mmscale.losses import LossConfig, PretrainingObjective
+from mmscale.losses import ClassificationObjective, LossConfig, PretrainingObjective
 from mmscale.models import DualEncoder, ModelConfig, build_model
 from mmscale.models.dual_encoder import MaskedLMHead
 from mmscale.train.config import TrainConfig
@@ -209,7 +209,7 @@ def _gathered(parameters: list[torch.nn.Parameter]):
 
 
 def build_objective(model_config: ModelConfig, loss: LossConfig, ds_config: dict, *,
-                    vocab_size: int) -> PretrainingObjective:
+                    vocab_size: int) -> PretrainingObjective | ClassificationObjective:
     """The model with its losses. A new model under ZeRO-3 is built partitioned (`zero.Init`), so
     one larger than a device's memory can be built; a model started from a folder is loaded whole
     and partitioned by `deepspeed.initialize`."""
@@ -217,7 +217,7 @@ def build_objective(model_config: ModelConfig, loss: LossConfig, ds_config: dict
 
     bias = loss.siglip_bias_init if loss.contrastive == "siglip" else None
     starts_from_folder = bool(model_config.init_from or model_config.vision_from)
-    mlm = model_config.mlm_head and loss.mlm_weight > 0
+    mlm = model_config.mlm_head and loss.mlm_weight > 0 and loss.objective == "contrastive"
     if zero_stage(ds_config) == 3 and not starts_from_folder:
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -230,4 +230,6 @@ def build_objective(model_config: ModelConfig, loss: LossConfig, ds_config: dict
         model = build_model(model_config, vocab_size=vocab_size, mlm_head=mlm, logit_bias_init=bias)
     for parameter in model.zero3_external_parameters():
         deepspeed.zero.register_external_parameter(model, parameter)
+    if loss.objective == "classify":
+        return ClassificationObjective(model, loss)
     return PretrainingObjective(model, loss)

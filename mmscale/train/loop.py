@@ -43,7 +43,8 @@ from mmscale.train.engine import (
 )
 from mmscale.train.metrics import MetricsWriter, memory_gib
 
-MODEL_INPUTS = ("images", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels")
+MODEL_INPUTS = ("images", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels", "labels")
+LOSS_PARTS = ("total", "contrastive", "mlm", "classification")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -157,10 +158,10 @@ def _all_finite(value: torch.Tensor) -> bool:
 
 
 def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], keys: list) -> torch.Tensor:
-    """One optimizer step over `accumulation` micro-batches; returns the mean [total, contrastive, mlm]
+    """One optimizer step over `accumulation` micro-batches; returns the mean of each of LOSS_PARTS
     on this rank and appends the trained sample keys to `keys`. A micro-batch whose loss is NaN/inf on
     any rank is skipped on all of them."""
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums = torch.zeros(len(LOSS_PARTS), dtype=torch.float64)
     done = 0
     while done < run.layout.accumulation:
         batch = next(batches)
@@ -178,7 +179,8 @@ def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], key
             run.grad_norm = float(torch.nn.utils.clip_grad_norm_(
                 [p for p in run.engine.module.parameters() if p.grad is not None], run.manual_clip))
         run.engine.step()
-        sums += torch.tensor([out.total.item(), out.contrastive.item(), out.mlm.item()], dtype=torch.float64)
+        sums += torch.tensor([0.0 if out[part] is None else out[part].item() for part in LOSS_PARTS],
+                             dtype=torch.float64)
         done += 1
     progress.step += 1
     progress.samples += run.layout.global_batch_size
@@ -190,12 +192,13 @@ def _log_record(run: Run, progress: Progress, losses: torch.Tensor, seconds: flo
     losses /= dist.get_world_size()
     samples_per_second = steps * run.layout.global_batch_size / max(seconds, 1e-9)
     tflops = run.flops_per_sample * samples_per_second / dist.get_world_size() / 1e12
-    record = {"kind": "train", "step": progress.step, "samples": progress.samples, "loss": losses[0].item(),
-              "contrastive_loss": losses[1].item(), "mlm_loss": losses[2].item(),
-              "lr": run.engine.get_lr()[0], "temperature": 1.0 / scale if (scale := _current_scale(run)) else math.inf,
-              "grad_norm": float(run.engine.get_global_grad_norm() or run.grad_norm),
-              "samples_per_second": samples_per_second, "tflops_per_device": tflops,
-              "nonfinite_skipped": progress.nonfinite_skipped, "fp16_skipped_steps": run.engine.skipped_steps}
+    record = {"kind": "train", "step": progress.step, "samples": progress.samples, "loss": losses[0].item()}
+    record |= {f"{part}_loss": value.item() for part, value in zip(LOSS_PARTS[1:], losses[1:])}
+    scale = _current_scale(run)
+    record |= {"lr": run.engine.get_lr()[0], "temperature": 1.0 / scale if scale else math.inf,
+               "grad_norm": float(run.engine.get_global_grad_norm() or run.grad_norm),
+               "samples_per_second": samples_per_second, "tflops_per_device": tflops,
+               "nonfinite_skipped": progress.nonfinite_skipped, "fp16_skipped_steps": run.engine.skipped_steps}
     if run.config.train.peak_tflops:
         record["mfu"] = tflops / run.config.train.peak_tflops
     record |= {f"skipped_{reason}": count for reason, count in sorted(loader.skipped.items())}
@@ -273,7 +276,7 @@ def train(config: TrainRunConfig) -> dict:
     bar = _progress_bar(run, progress)
     lineage = _lineage_file(run)
     batches, bad_in_row, last = iter(loader), [0], {}
-    losses, window_start, window_steps = torch.zeros(3, dtype=torch.float64), time.perf_counter(), 0
+    losses, window_start, window_steps = torch.zeros(len(LOSS_PARTS), dtype=torch.float64), time.perf_counter(), 0
     tag = None
     try:
         while progress.step < run.total_steps:
@@ -288,7 +291,7 @@ def train(config: TrainRunConfig) -> dict:
                 last["train"] = _log_record(run, progress, losses / window_steps, time.perf_counter() - window_start,
                                             window_steps, loader)
                 writer.write(last["train"])
-                losses, window_start, window_steps = torch.zeros(3, dtype=torch.float64), time.perf_counter(), 0
+                losses, window_start, window_steps = torch.zeros(len(LOSS_PARTS), dtype=torch.float64), time.perf_counter(), 0
                 if bar is not None:
                     bar.set_postfix(loss=f"{last['train']['loss']:.3f}", refresh=False)
             if config.eval.every_steps and progress.step % config.eval.every_steps == 0 \
