@@ -74,6 +74,12 @@ def test_lora_adapter_reloads_with_peft_and_the_merged_model_reproduces_it(data,
         assert not torch.allclose(before, merged.get_image_features(pixel_values=pixels).pooler_output, atol=1e-4)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["grad_norm"] > 0 for r in records)
+    # `mmscale export` of the adapter folder merges it into its base: the same model as final/.
+    cli("export", "--checkpoint", str(adapter), "--out", str(tmp_path / "exported"), "--quantize", "none")
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModel.from_pretrained(tmp_path / "exported").get_image_features(
+            pixel_values=pixels).pooler_output, merged.get_image_features(pixel_values=pixels).pooler_output,
+            rtol=1e-4, atol=1e-5)
 
 
 def test_eight_bit_adamw_and_gradient_checkpointing_train(data, tmp_path):
@@ -132,6 +138,9 @@ def test_int8_export_loads_in_transformers_and_serves_the_use_commands(data, tmp
     import pyarrow.parquet as pq
 
     assert pq.read_table(tmp_path / "t.parquet").num_rows == 2
+    retrieval = json.loads(cli("eval", "retrieval", "--checkpoint", str(out), "--data", str(data["val"]),
+                               "--context-length", "32").stdout.strip().splitlines()[-1])
+    assert retrieval["samples"] == 64 and 0 <= retrieval["i2t_r1"] <= 1
     answer = json.loads(cli("zeroshot", "--checkpoint", str(out), "--image", str(images / "000000.jpg"),
                             "--classnames", str(data["classnames"])).stdout.strip().splitlines()[-1])
     assert answer["label"] in data["classnames"].read_text().split() and 0 < answer["probability"] <= 1

@@ -179,7 +179,7 @@ def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], key
             run.grad_norm = float(torch.nn.utils.clip_grad_norm_(
                 [p for p in run.engine.module.parameters() if p.grad is not None], run.manual_clip))
         run.engine.step()
-        sums += torch.tensor([0.0 if out[part] is None else out[part].item() for part in LOSS_PARTS],
+        sums += torch.tensor([0.0 if getattr(out, part) is None else getattr(out, part).item() for part in LOSS_PARTS],
                              dtype=torch.float64)
         done += 1
     progress.step += 1
