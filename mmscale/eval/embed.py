@@ -96,7 +96,7 @@ def _classifier_accuracy(model: DualEncoder, embedded: Embedded, device: torch.d
     return float((logits[labelled].argmax(dim=1) == embedded.labels[labelled]).float().mean())
 
 
-def _logit_scale(model: DualEncoder) -> float:
+def current_logit_scale(model: DualEncoder) -> float:
     """The current 1/temperature; under ZeRO-3 the parameter is gathered first (collective)."""
     parameter = model.towers.logit_scale
     if not hasattr(parameter, "ds_id"):
@@ -123,7 +123,7 @@ def evaluate(model: DualEncoder, batches, *, tokenizer, device: torch.device, co
         if model.classifier is not None and len(embedded.images):
             metrics["classifier_top1"] = _classifier_accuracy(model, embedded, device)
         if len(embedded.images):
-            metrics["val_loss"] = contrastive_val_loss(embedded.images, embedded.texts, _logit_scale(model),
+            metrics["val_loss"] = contrastive_val_loss(embedded.images, embedded.texts, current_logit_scale(model),
                                                        batch_size)
             metrics |= retrieval_metrics(embedded.images, embedded.texts)
         return metrics

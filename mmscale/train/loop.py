@@ -16,7 +16,7 @@ import torch.distributed as dist
 from mmscale.config import dump_yaml
 from mmscale.data.loader import build_loader
 from mmscale.data.text import load_tokenizer
-from mmscale.eval.embed import evaluate
+from mmscale.eval.embed import current_logit_scale, evaluate
 from mmscale.finetune.lora import apply_lora, is_adapted, merge_adapter, save_adapter
 from mmscale.models import DualEncoder, training_flops_per_sample
 from mmscale.models.checkpoint import skeleton_like
@@ -194,7 +194,7 @@ def _log_record(run: Run, progress: Progress, losses: torch.Tensor, seconds: flo
     tflops = run.flops_per_sample * samples_per_second / dist.get_world_size() / 1e12
     record = {"kind": "train", "step": progress.step, "samples": progress.samples, "loss": losses[0].item()}
     record |= {f"{part}_loss": value.item() for part, value in zip(LOSS_PARTS[1:], losses[1:])}
-    scale = _current_scale(run)
+    scale = current_logit_scale(run.model)
     record |= {"lr": run.engine.get_lr()[0], "temperature": 1.0 / scale if scale else math.inf,
                "grad_norm": float(run.engine.get_global_grad_norm() or run.grad_norm),
                "samples_per_second": samples_per_second, "tflops_per_device": tflops,
@@ -203,12 +203,6 @@ def _log_record(run: Run, progress: Progress, losses: torch.Tensor, seconds: flo
         record["mfu"] = tflops / run.config.train.peak_tflops
     record |= {f"skipped_{reason}": count for reason, count in sorted(loader.skipped.items())}
     return record | memory_gib()
-
-
-def _current_scale(run: Run) -> float:
-    from mmscale.eval.embed import _logit_scale
-
-    return _logit_scale(run.model)
 
 
 def run_eval(run: Run, step: int) -> dict | None:
