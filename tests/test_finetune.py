@@ -171,3 +171,25 @@ def test_classification_head_fine_tunes_on_labels_and_is_saved(data, tmp_path):
         from mmscale.losses import LossConfig
 
         LossConfig(objective="classify")
+
+
+def test_lora_fine_tuning_resumes_exactly_after_a_kill(data, tmp_path):
+    common = ("train.samples=256", "train.save_every_steps=4", "lora.dropout=0.0")
+    finetune(str(data["base"]), data, tmp_path / "straight", *common)
+    env = os.environ | {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
+                        "MMSCALE_KILL_AFTER_CHECKPOINT": "0:4"}
+    killed = subprocess.run([sys.executable, "-m", "mmscale.cli", "finetune", "--checkpoint", str(data["base"]),
+                             "--config", str(LORA), f"data.train={data['train']}", f"output_dir={tmp_path / 'resumed'}",
+                             "data.workers=0", "train.global_batch_size=32", "train.progress=false",
+                             "train.tensorboard=false", "train.log_every_steps=1", *common],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode != 0 and not (tmp_path / "resumed" / "final").exists()
+    result = finetune(str(data["base"]), data, tmp_path / "resumed", *common)
+    assert "resumed from" in result.stdout and "at step 4" in result.stdout
+
+    def losses(run: str) -> dict[int, float]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return {record["step"]: record["loss"] for record in map(json.loads, lines)}
+
+    assert losses("resumed") == pytest.approx(losses("straight"), rel=1e-6)
+    assert sorted(losses("straight")) == list(range(1, 9))
