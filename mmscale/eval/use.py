@@ -123,8 +123,7 @@ def _evaluator(args):
     from mmscale.eval.embed import evaluate
 
     def evaluate_model(model):
-        tokenizer = load_tokenizer(args.checkpoint if (Path(args.checkpoint) / "tokenizer.json").is_file()
-                                   else args.out)
+        tokenizer = load_tokenizer(args.out)  # export writes the tokenizer there before it evaluates
         data = DataConfig(image_size=model.image_size, context_length=args.context_length, workers=0,
                           mlm_probability=0.0)
         loader = build_loader(data, spec=args.data, tokenizer=tokenizer, batch_size=64, train=False,

@@ -23,35 +23,42 @@ from mmscale.models.checkpoint import CheckpointError
 PROJECTIONS = ["visual_projection", "text_projection"]
 
 
+def adapter_base(folder: Path) -> Path | None:
+    """The base model folder a PEFT adapter folder names, or None when `folder` is not an adapter."""
+    if not (folder / "adapter_config.json").is_file():
+        return None
+    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    if not Path(base).is_dir():
+        raise CheckpointError(f"adapter {folder} names base model {base!r}, which is not a folder here; "
+                              "export the run's final/ instead (adapters already merged)")
+    return Path(base)
+
+
 def load_float(checkpoint: str | os.PathLike) -> DualEncoder:
     """A float model from a checkpoint folder, or from a PEFT adapter folder merged into its base."""
     folder = Path(checkpoint)
-    if (folder / "adapter_config.json").is_file():
-        from peft import PeftModel
+    base = adapter_base(folder)
+    if base is None:
+        return load_model(folder, mlm_head=False)
+    from peft import PeftModel
 
-        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
-        if not Path(base).is_dir():
-            raise CheckpointError(f"adapter {folder} names base model {base!r}, which is not a folder here; "
-                                  "export the run's final/ instead (adapters already merged)")
-        model = load_model(base, mlm_head=False)
-        model.towers = PeftModel.from_pretrained(model.towers, folder).merge_and_unload()
-        return model
-    return load_model(folder, mlm_head=False)
+    model = load_model(base, mlm_head=False)
+    model.towers = PeftModel.from_pretrained(model.towers, folder).merge_and_unload()
+    return model
 
 
 def folder_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
 
 
-def quantize_int8(model: DualEncoder, *, keep_projections: bool = True) -> DualEncoder:
-    """The same model with its linear layers in int8 (bitsandbytes LLM.int8), the rest in fp16."""
+def quantize_int8(model: DualEncoder, float_towers: Path, *, keep_projections: bool = True) -> DualEncoder:
+    """`model` with its linear layers in int8 (bitsandbytes LLM.int8), the rest in fp16, read back from
+    `float_towers` (where `model.towers` was saved)."""
     from transformers import BitsAndBytesConfig
 
-    with tempfile.TemporaryDirectory(prefix="mmscale-export-") as staging:
-        model.towers.save_pretrained(staging, safe_serialization=True)
-        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=PROJECTIONS if keep_projections else [])
-        towers = type(model.towers).from_pretrained(staging, quantization_config=config, dtype=torch.float16,
-                                                    use_safetensors=True)
+    config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=PROJECTIONS if keep_projections else [])
+    towers = type(model.towers).from_pretrained(float_towers, quantization_config=config, dtype=torch.float16,
+                                                use_safetensors=True)
     return DualEncoder(towers, mlm_head=False, max_logit_scale=model.max_logit_scale,
                        image_mean=model.image_mean.flatten().tolist(), image_std=model.image_std.flatten().tolist())
 
@@ -96,17 +103,16 @@ def export(checkpoint: str, out: str, *, quantize: str, keep_projections: bool =
     from mmscale.data.text import load_tokenizer
 
     source = Path(checkpoint)
-    tokenizer_folder = source if (source / "tokenizer.json").is_file() or (source / "tokenizer_config.json").is_file() \
-        else Path(json.loads((source / "adapter_config.json").read_text())["base_model_name_or_path"])
-    tokenizer = load_tokenizer(tokenizer_folder)
+    tokenizer = load_tokenizer(adapter_base(source) or source)
     float_model = load_float(source).eval()
-    exported = quantize_int8(float_model, keep_projections=keep_projections) if quantize == "int8" else float_model
-    exported.eval()
     target = Path(out)
-    exported.save(target, tokenizer=tokenizer)
     with tempfile.TemporaryDirectory(prefix="mmscale-float-") as staging:
-        float_model.towers.save_pretrained(staging, safe_serialization=True)
+        float_model.towers.save_pretrained(staging, safe_serialization=True)  # measured, and int8's source
         float_bytes = folder_bytes(Path(staging))
+        exported = float_model
+        if quantize == "int8":
+            exported = quantize_int8(float_model, Path(staging), keep_projections=keep_projections).eval()
+    exported.save(target, tokenizer=tokenizer)
     images, texts = sample_inputs(float_model, tokenizer)
     report = {"source": str(source), "quantize": quantize, "bytes_float32": float_bytes,
               "bytes_exported": folder_bytes(target), "projections_in_int8": not keep_projections}
