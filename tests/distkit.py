@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import socket
+import torch
+import torch.distributed as dist
+
+from mmscale.train.engine import free_port
+
+__all__ = ["free_port", "save_from_every_rank"]
 
 
-def free_port() -> int:
-    """A free TCP port on loopback for a process group's rendezvous."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def save_from_every_rank(value, path: str) -> None:
+    """Gather every rank's `value` (any picklable object) and save the list, in rank order, from rank 0."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    if dist.get_rank() == 0:
+        torch.save(gathered, path)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from distkit import save_from_every_rank
 from shardkit import write_shards
 
 from mmscale.data.config import DataConfig
@@ -23,11 +24,7 @@ def _rank_main(rank: int, world_size: int, port: int, spec: str, tokenizer_dir: 
         config = DataConfig(image_size=32, context_length=16, shuffle_buffer=8, workers=2)
         loader = build_loader(config, spec=spec, tokenizer=load_tokenizer(tokenizer_dir), batch_size=4,
                               train=True, epochs=1)
-        keys = [key for batch in loader for key in batch["keys"]]
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, keys)
-        if rank == 0:
-            torch.save(gathered, results)
+        save_from_every_rank([key for batch in loader for key in batch["keys"]], results)
     finally:
         dist.destroy_process_group()
 

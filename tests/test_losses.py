@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from distkit import free_port
+from distkit import free_port, save_from_every_rank
 
 from mmscale.losses import clip_loss, siglip_loss
 
@@ -42,10 +42,7 @@ def _rank_main(rank: int, port: int, results: str) -> None:
     try:
         rows = slice(rank * LOCAL, (rank + 1) * LOCAL)
         outcome = {kind: loss_and_gradients(kind, global_batch(), rows) for kind in ("clip", "siglip")}
-        gathered = [None] * WORLD
-        dist.all_gather_object(gathered, outcome)
-        if rank == 0:
-            torch.save(gathered, results)
+        save_from_every_rank(outcome, results)
     finally:
         dist.destroy_process_group()
 
