@@ -96,6 +96,27 @@ def test_retrieval_recall_counts_the_rank_of_the_true_pair():
     assert retrieval_metrics(image, image, ks=(1,))["i2t_r1"] == 1.0
 
 
+def test_retrieval_counts_an_identically_captioned_pair_as_a_match():
+    """Pairs 0 and 1 share a caption; caption 0's best image is image 1: a match for that caption, not a miss."""
+    image = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    text = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    strict = retrieval_metrics(image, text, ks=(1,))
+    assert strict["t2i_r1"] == pytest.approx(1 / 3) and strict["i2t_r1"] == pytest.approx(1 / 3)
+    grouped = retrieval_metrics(image, text, ks=(1,), caption_groups=torch.tensor([7, 7, 9]))
+    assert grouped["t2i_r1"] == 1.0 and grouped["i2t_r1"] == 1.0
+    other = retrieval_metrics(image, text, ks=(1,), caption_groups=torch.tensor([7, 8, 9]))
+    assert other == strict
+
+
+def test_caption_groups_are_equal_exactly_for_identical_captions():
+    from mmscale.eval.embed import caption_groups
+
+    ids = torch.tensor([[101, 5, 6, 102, 0], [101, 5, 6, 102, 0], [101, 5, 7, 102, 0], [101, 5, 6, 102, 9]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]] * 4)
+    groups = caption_groups(ids, mask)
+    assert groups[0] == groups[1] == groups[3] and groups[0] != groups[2]  # padding is not part of the caption
+
+
 def test_zeroshot_accuracy_uses_labelled_images_only():
     classes = torch.eye(3)
     images = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 0, 0]])

@@ -7,6 +7,7 @@ runs a one-sample placeholder batch (and drops its output) until all ranks are d
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,15 @@ class Embedded:
     images: torch.Tensor
     texts: torch.Tensor
     labels: torch.Tensor
+    caption_groups: torch.Tensor
+    """int64 per pair, equal for identical captions (same token ids)."""
+
+
+def caption_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A 64-bit digest of each caption's tokens: equal captions, equal numbers, on any rank."""
+    digests = [hashlib.blake2b(row[mask.bool()].numpy().tobytes(), digest_size=8).digest()
+               for row, mask in zip(input_ids.cpu(), attention_mask.cpu())]
+    return torch.tensor([int.from_bytes(d, "little", signed=True) for d in digests], dtype=torch.int64)
 
 
 def _distributed() -> bool:
@@ -41,7 +51,7 @@ def _placeholder(model: DualEncoder, context_length: int) -> dict:
 def embed_pass(model: DualEncoder, batches, *, device: torch.device, context_length: int,
                max_samples: int = 0) -> Embedded:
     """Image and caption embeddings (and `.cls` labels) of one pass over `batches`, gathered from all ranks."""
-    images, texts, labels = [], [], []
+    images, texts, labels, groups = [], [], [], []
     iterator, seen, distributed = iter(batches), 0, _distributed()
     while True:
         batch = next(iterator, None) if not max_samples or seen < max_samples else None
@@ -59,14 +69,16 @@ def embed_pass(model: DualEncoder, batches, *, device: torch.device, context_len
             images.append(image.float().cpu())
             texts.append(text.float().cpu())
             labels.append(batch.get("labels", torch.full((len(image),), -1)).cpu())
+            groups.append(caption_groups(batch["input_ids"], batch["attention_mask"]))
             seen += len(image)
-    local = Embedded(*(torch.cat(parts) if parts else torch.empty(0) for parts in (images, texts, labels)))
+    local = Embedded(*(torch.cat(parts) if parts else torch.empty(0) for parts in (images, texts, labels, groups)))
     if not distributed:
         return local
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, local)
     keep = [part for part in everyone if part.images.numel()]
-    return Embedded(*(torch.cat([getattr(part, name) for part in keep]) for name in ("images", "texts", "labels")))
+    return Embedded(*(torch.cat([getattr(part, name) for part in keep])
+                      for name in ("images", "texts", "labels", "caption_groups")))
 
 
 @torch.no_grad()
@@ -125,7 +137,7 @@ def evaluate(model: DualEncoder, batches, *, tokenizer, device: torch.device, co
         if len(embedded.images):
             metrics["val_loss"] = contrastive_val_loss(embedded.images, embedded.texts, current_logit_scale(model),
                                                        batch_size)
-            metrics |= retrieval_metrics(embedded.images, embedded.texts)
+            metrics |= retrieval_metrics(embedded.images, embedded.texts, caption_groups=embedded.caption_groups)
         return metrics
     finally:
         model.train(was_training)

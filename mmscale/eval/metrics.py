@@ -8,26 +8,36 @@ import torch.nn.functional as F
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
-def _recall_at(scores: torch.Tensor, ks: tuple[int, ...]) -> dict[int, float]:
-    """Share of rows whose own column (the diagonal) ranks within the top k; ties count against it."""
+def _recall_at(scores: torch.Tensor, ks: tuple[int, ...], groups: torch.Tensor | None = None) -> dict[int, float]:
+    """Share of rows with a correct column within the top k. Column j is correct for row i when j == i or,
+    with `groups`, when both belong to the same group (identical captions are interchangeable: a query
+    "a red circle" that finds another image captioned "a red circle" found what it asked for). Ties count
+    for the row."""
     hits = {k: 0 for k in ks}
     for start in range(0, len(scores), 1024):
         rows = scores[start:start + 1024]
-        own = rows[torch.arange(len(rows)), torch.arange(start, start + len(rows))]
-        rank = (rows > own[:, None]).sum(dim=1)
+        index = torch.arange(start, start + len(rows))
+        if groups is None:
+            correct = torch.zeros_like(rows, dtype=torch.bool)
+            correct[torch.arange(len(rows)), index] = True
+        else:
+            correct = groups[index][:, None] == groups[None, :]
+        best = rows.masked_fill(~correct, float("-inf")).max(dim=1).values
+        rank = ((rows > best[:, None]) & ~correct).sum(dim=1)
         for k in ks:
             hits[k] += int((rank < k).sum())
     return {k: hits[k] / len(scores) for k in ks}
 
 
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
-                      ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """Image-to-text and text-to-image recall@k, pair i being image i with caption i."""
+                      ks: tuple[int, ...] = (1, 5, 10), caption_groups: torch.Tensor | None = None) -> dict[str, float]:
+    """Image-to-text and text-to-image recall@k, pair i being image i with caption i; `caption_groups[i]`
+    (equal for identical captions) makes every pair with the same caption count as a match."""
     image = F.normalize(image_features.float(), dim=-1)
     text = F.normalize(text_features.float(), dim=-1)
     scores = image @ text.T
-    metrics = {f"i2t_r{k}": value for k, value in _recall_at(scores, ks).items()}
-    metrics |= {f"t2i_r{k}": value for k, value in _recall_at(scores.T, ks).items()}
+    metrics = {f"i2t_r{k}": value for k, value in _recall_at(scores, ks, caption_groups).items()}
+    metrics |= {f"t2i_r{k}": value for k, value in _recall_at(scores.T, ks, caption_groups).items()}
     return metrics
 
 
