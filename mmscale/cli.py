@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from mmscale.config import ConfigError, help_text, load_config
 from mmscale.data.loader import UnusableData
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     _eval_parsers(subparsers)
     _use_parsers(subparsers)
+    report = subparsers.add_parser("report", help="(re)write a run directory's plots and report.md, also "
+                                   "for a run that is still going or was stopped")
+    report.add_argument("run_dir", help="a training run's output_dir")
     return parser
 
 
@@ -128,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
             from mmscale.quickstart import run_quickstart
 
             return run_quickstart(args.out)
+        if args.command == "report":
+            from mmscale.train.report import write_report
+
+            if not (Path(args.run_dir) / "metrics.jsonl").is_file():
+                raise FileNotFoundError(f"{args.run_dir}: no metrics.jsonl here; give a training run's output_dir")
+            print(write_report(args.run_dir))
+            return 0
         if args.command in ("export", "embed", "zeroshot"):
             from mmscale.eval import use
 

@@ -45,3 +45,48 @@ def test_user_mistakes_are_one_line_errors(tmp_path, tokenizer_dir, capsys):
         last_line = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
         assert last_line in (f"mmscale data-check: error: shard {tmp_path}/missing-{i}.tar: no such file"
                              for i in (0, 1)), last_line
+
+
+def test_report_writes_plots_and_a_report_from_a_run_directory(tmp_path, capsys):
+    """`mmscale report`: PNGs and report.md from config.yaml + metrics.jsonl; a step logged twice (a crash
+    after logging, then a resume that redid it) is taken from the later record."""
+    import json
+
+    import yaml
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "classnames.txt").write_text("red\ngreen\nblue\n")
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "data": {"train": "shards/", "val": "val/"}, "model": {"preset": "tiny"},
+        "train": {"global_batch_size": 64, "samples": 640, "precision": "bf16"},
+        "eval": {"classnames": str(run / "classnames.txt")}}))
+    records = [{"kind": "eval", "step": 0, "top1": 0.3, "top5": 1.0, "i2t_r1": 0.1, "t2i_r1": 0.1, "val_loss": 4.1,
+                "samples": 96.0}]
+    for step in range(1, 11):
+        records.append({"kind": "train", "step": step, "samples": 64 * step, "loss": 6.0 - 0.3 * step,
+                        "contrastive_loss": 4.2 - 0.2 * step, "mlm_loss": 3.0 - 0.2 * step, "lr": 1e-3,
+                        "temperature": 0.07, "samples_per_second": 100.0, "skipped_corrupt_image": 2})
+    records.insert(6, {"kind": "train", "step": 8, "samples": 512, "loss": 99.0})  # lost run's record, redone later
+    records.append({"kind": "eval", "step": 10, "top1": 0.9, "top5": 1.0, "i2t_r1": 0.5, "t2i_r1": 0.4,
+                    "val_loss": 1.0, "samples": 96.0})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "tr')  # cut line
+    assert main(["report", str(run)]) == 0
+    assert capsys.readouterr().out.strip() == str(run / "report.md")
+    assert sorted(p.name for p in (run / "plots").iterdir()) == [
+        "eval.png", "losses.png", "lr.png", "temperature.png", "throughput.png"]
+    for png in (run / "plots").iterdir():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    report = (run / "report.md").read_text()
+    assert "not finished (no final/ yet); 10 steps, 640 pairs seen of 640 planned" in report
+    assert "| train loss | 3 |" in report  # step 10's record; the duplicate step 8 did not become the last
+    assert "| eval top1 (step 10) | 0.9 |" in report and "corrupt_image 2" in report
+    assert "![losses](plots/losses.png)" in report and "preset: tiny" in report
+    from mmscale.train.report import read_history
+
+    assert [r["loss"] for r in read_history(run).train if r["step"] == 8] == [6.0 - 0.3 * 8]
+
+
+def test_report_of_a_folder_without_metrics_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no metrics.jsonl here" in capsys.readouterr().err

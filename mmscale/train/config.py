@@ -76,6 +76,8 @@ class EvalConfig:
 
     every_steps: int = 0
     """Evaluate every this many steps (and at the end); 0: only at the end, when data.val is set."""
+    at_start: bool = True
+    """With eval.every_steps set, also evaluate before the first step of a new run: the baseline the curves start from."""
     batch_size: int = 64
     """Pairs per rank per evaluation forward pass."""
     classnames: str = ""

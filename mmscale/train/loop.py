@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from mmscale.train.engine import (
     zero_stage,
 )
 from mmscale.train.metrics import MetricsWriter, memory_gib
+from mmscale.train.report import write_report
 
 MODEL_INPUTS = ("images", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels", "labels")
 LOSS_PARTS = ("total", "contrastive", "mlm", "classification")
@@ -201,7 +203,10 @@ def _log_record(run: Run, progress: Progress, losses: torch.Tensor, seconds: flo
                "nonfinite_skipped": progress.nonfinite_skipped, "fp16_skipped_steps": run.engine.skipped_steps}
     if run.config.train.peak_tflops:
         record["mfu"] = tflops / run.config.train.peak_tflops
-    record |= {f"skipped_{reason}": count for reason, count in sorted(loader.skipped.items())}
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, dict(loader.skipped))
+    skipped = sum((Counter(counts) for counts in per_rank), Counter())
+    record |= {f"skipped_{reason}": count for reason, count in sorted(skipped.items())}
     return record | memory_gib()
 
 
@@ -272,6 +277,9 @@ def train(config: TrainRunConfig) -> dict:
     batches, bad_in_row, last = iter(loader), [0], {}
     losses, window_start, window_steps = torch.zeros(len(LOSS_PARTS), dtype=torch.float64), time.perf_counter(), 0
     tag = None
+    if config.eval.every_steps and config.eval.at_start and progress.step == 0:
+        _eval_and_log(run, 0, writer, last)
+        window_start = time.perf_counter()
     try:
         while progress.step < run.total_steps:
             step_keys = []
@@ -288,19 +296,20 @@ def train(config: TrainRunConfig) -> dict:
                 losses, window_start, window_steps = torch.zeros(len(LOSS_PARTS), dtype=torch.float64), time.perf_counter(), 0
                 if bar is not None:
                     bar.set_postfix(loss=f"{last['train']['loss']:.3f}", refresh=False)
+            paused = time.perf_counter()  # eval and checkpoint time is not training throughput
             if config.eval.every_steps and progress.step % config.eval.every_steps == 0 \
                     and progress.step != run.total_steps:
-                record = run_eval(run, progress.step)
-                if record is not None:
-                    last["eval"] = record
-                    writer.write(record)
+                _eval_and_log(run, progress.step, writer, last)
             if progress.step % config.train.save_every_steps == 0:
                 tag = _save(run, progress, loader)
                 _injected_fault(progress.step)
+            window_start += time.perf_counter() - paused
             if bar is not None:
                 bar.update(1)
     except NonFiniteLoss as error:
         _save(run, progress, loader)
+        writer.close()
+        _report(run)
         raise NonFiniteLoss(f"{error}; saved a checkpoint under {run.output / 'checkpoints'}. Lower train.lr, "
                             "check the data, or use train.precision=bf16") from None
     finally:
@@ -309,13 +318,29 @@ def train(config: TrainRunConfig) -> dict:
         if lineage is not None:
             lineage.close()
     tag = tag or _save(run, progress, loader)
-    record = run_eval(run, progress.step)
+    _eval_and_log(run, progress.step, writer, last)
+    final = _finish(run, tag)
+    writer.close()
+    _report(run)
+    return {"final": str(final), "step": progress.step, "samples": progress.samples} | last
+
+
+def _eval_and_log(run: Run, step: int, writer: MetricsWriter, last: dict) -> None:
+    record = run_eval(run, step)
     if record is not None:
         last["eval"] = record
         writer.write(record)
-    final = _finish(run, tag)
-    writer.close()
-    return {"final": str(final), "step": progress.step, "samples": progress.samples} | last
+
+
+def _report(run: Run) -> None:
+    """Plots and report.md (rank 0); a failure here is reported, never fatal to a finished run."""
+    if run.rank != 0:
+        return
+    try:
+        print(f"report: {write_report(run.output)}", flush=True)
+    except Exception as error:  # noqa: BLE001  # the model and metrics are saved; plots are a convenience
+        print(f"warning: could not write the run report ({error}); retry with `mmscale report {run.output}`",
+              flush=True)
 
 
 def _lineage_file(run: Run):
