@@ -176,6 +176,30 @@ def test_pretrain_script_runs_one_node(corpus, tmp_path):
     assert "2 processes" in result.stdout and (output / "final" / "model.safetensors").is_file()
 
 
+def test_multinode_script_launches_every_node_through_pdsh(corpus, tmp_path):
+    """launch/multinode.sh with stand-ins for `ssh` (the launcher's reachability check) and `pdsh` (runs
+    the remote command once per host, `%n` replaced by the host's index, as pdsh does over ssh)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text("#!/bin/sh\necho stand-in-host\n")
+    (bin_dir / "pdsh").write_text(
+        "#!/bin/bash\nwhile [[ $1 == -* ]]; do [[ $1 == -w ]] && hosts=$2 && shift; [[ $1 == -f ]] && shift; shift; done\n"
+        "command=\"$*\"; pids=(); index=0\n"
+        "for host in ${hosts//,/ }; do bash -c \"${command//%n/$index}\" & pids+=($!); index=$((index + 1)); done\n"
+        "status=0; for pid in \"${pids[@]}\"; do wait $pid || status=1; done; exit $status\n")
+    for tool in ("ssh", "pdsh"):
+        (bin_dir / tool).chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    output = tmp_path / "run"
+    env = script_env(tmp_path, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    result = subprocess.run(["bash", "launch/multinode.sh", str(hostfile), str(TINY),
+                             *run_overrides(corpus, output, "train.samples=64")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "2 processes" in result.stdout + result.stderr and (output / "final" / "model.safetensors").is_file()
+
+
 def test_slurm_script_starts_one_launcher_per_node(corpus, tmp_path):
     """launch/slurm.sbatch with stand-ins for `scontrol` (two node names) and `srun` (runs its
     command once per node with that node's SLURM_NODEID, as srun does on a real allocation)."""
