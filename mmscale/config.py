@@ -248,10 +248,19 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
             default = field.default_factory()
         else:
             default = "(required)"
-        type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        type_name = _type_name(annotation)
         rows.append((key, type_name, repr(to_dict(default) if dataclasses.is_dataclass(default) else default),
                      docs.get(field.name, "")))
     return rows
+
+
+def _type_name(annotation: Any) -> str:
+    """`int`, `int | None`, `tuple[float, float]`, or a Literal's choices as `a | b`."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return " | ".join(str(choice) for choice in typing.get_args(annotation))
+    if typing.get_args(annotation):
+        return str(annotation).replace("typing.", "").replace("NoneType", "None")
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def help_text(cls: type) -> str:
@@ -261,4 +270,24 @@ def help_text(cls: type) -> str:
         lines.append(f"  {key} ({type_name}, default {default})")
         if doc:
             lines.extend("      " + line for line in textwrap.wrap(doc, 86))
+    return "\n".join(lines)
+
+
+def markdown_reference(cls: type) -> str:
+    """Markdown tables of every config key (type, default, docstring), one per top-level section,
+    each headed by its section's docstring: the README's config reference."""
+    sections: dict[str, list[tuple[str, str, str, str]]] = {}
+    for row in describe(cls):
+        sections.setdefault(row[0].split(".")[0] if "." in row[0] else "", []).append(row)
+    hints = _hints(cls)
+    lines = []
+    for section, rows in sections.items():
+        summary = (inspect.getdoc(hints[section]) or "").split("\n\n")[0].replace("\n", " ") if section else \
+            "Top-level keys."
+        lines += [f"**{section or '(top level)'}**: {summary}", "", "| key | type | default | meaning |",
+                  "|---|---|---|---|"]
+        for key, type_name, default, doc in rows:
+            cell = " ".join(doc.split()).replace("|", "\\|")
+            lines.append(f"| `{key}` | {type_name.replace('|', chr(92) + '|')} | `{default}` | {cell} |")
+        lines.append("")
     return "\n".join(lines)
