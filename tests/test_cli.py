@@ -57,8 +57,13 @@ def test_report_writes_plots_and_a_report_from_a_run_directory(tmp_path, capsys)
     run = tmp_path / "run"
     run.mkdir()
     (run / "classnames.txt").write_text("red\ngreen\nblue\n")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name in ("shard-000000.tar", "shard-000001.tar"):
+        (shards / name).write_bytes(b"")
+    (shards / "sizes.json").write_text(json.dumps({"shard-000000.tar": 320, "shard-000001.tar": 320}))
     (run / "config.yaml").write_text(yaml.safe_dump({
-        "data": {"train": "shards/", "val": "val/"}, "model": {"preset": "tiny"},
+        "data": {"train": str(shards), "val": ""}, "model": {"preset": "tiny"},
         "train": {"global_batch_size": 64, "samples": 640, "precision": "bf16"},
         "eval": {"classnames": str(run / "classnames.txt")}}))
     records = [{"kind": "eval", "step": 0, "top1": 0.3, "top5": 1.0, "i2t_r1": 0.1, "t2i_r1": 0.1, "val_loss": 4.1,
@@ -81,6 +86,7 @@ def test_report_writes_plots_and_a_report_from_a_run_directory(tmp_path, capsys)
     assert "not finished (no final/ yet); 10 steps, 640 pairs seen of 640 planned" in report
     assert "| train loss | 3 |" in report  # step 10's record; the duplicate step 8 did not become the last
     assert "| eval top1 (step 10) | 0.9 |" in report and "corrupt_image 2" in report
+    assert f"Training data `{shards}`: 640 pairs in 2 shards, 1.00 epochs seen" in report
     assert "![losses](plots/losses.png)" in report and "preset: tiny" in report
     from mmscale.train.report import read_history
 

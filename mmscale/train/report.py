@@ -180,8 +180,8 @@ def write_report(run_dir: str | Path) -> Path:
     state = "finished" if (run_dir / "final").is_dir() else "not finished (no final/ yet)"
     lines += [f"- Status: {state}; {last.get('step', 0)} steps, {last.get('samples', 0):,} pairs seen"
               f"{f' of {planned:,} planned' if planned else ''}.",
-              f"- Model: {_model_line(config)}; training data `{(config.get('data') or {}).get('train', '')}`, "
-              f"validation `{(config.get('data') or {}).get('val', '') or 'none'}`."]
+              f"- Model: {_model_line(config)}."]
+    lines += _data_lines(config, last)
     skips = {k.removeprefix("skipped_"): v for k, v in last.items() if k.startswith("skipped_") and v}
     lines.append(f"- Samples skipped (all ranks): "
                  f"{', '.join(f'{k} {v}' for k, v in sorted(skips.items())) if skips else 'none'}; "
@@ -205,6 +205,30 @@ def write_report(run_dir: str | Path) -> Path:
     staging.write_text("\n".join(lines), encoding="utf-8")
     staging.replace(report)
     return report
+
+
+def _data_lines(config: dict, last: dict) -> list[str]:
+    """Pairs and shards per split (from sizes.json, when the shards are local and have one) and epochs seen."""
+    from mmscale.data.shards import read_sizes, spec_urls
+
+    lines = []
+    for split, title in (("train", "Training"), ("val", "Validation")):
+        spec = (config.get("data") or {}).get(split)
+        if not spec:
+            lines.append(f"- {title} data: none.")
+            continue
+        try:
+            urls = spec_urls(spec)
+            sizes = read_sizes(urls)
+        except (OSError, ValueError):
+            sizes, urls = None, []
+        if not sizes:
+            lines.append(f"- {title} data `{spec}`: {len(urls)} shards (no sizes.json beside them to count pairs).")
+            continue
+        pairs = sum(sizes.values())
+        epochs = f", {last.get('samples', 0) / pairs:.2f} epochs seen" if split == "train" and pairs else ""
+        lines.append(f"- {title} data `{spec}`: {pairs:,} pairs in {len(sizes)} shards{epochs}.")
+    return lines
 
 
 def _model_line(config: dict) -> str:
