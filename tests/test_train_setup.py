@@ -108,6 +108,16 @@ def test_retrieval_counts_an_identically_captioned_pair_as_a_match():
     assert other == strict
 
 
+
+def test_image_to_text_recall_ranks_distinct_captions():
+    """Captions 1-3 are one text three times, ranked above image 0's own caption: one place, not three."""
+    text = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.9, 0.1], [0.9, 0.1]])
+    image = torch.tensor([[0.8, 0.2], [0.9, 0.1], [0.9, 0.1], [0.9, 0.1]])  # closer to captions 1-3 than to 0
+    groups = torch.tensor([1, 2, 2, 2])
+    assert retrieval_metrics(image, text, ks=(2,))["i2t_r2"] == 0.75  # each copy takes a place: image 0 ranks 4th
+    assert retrieval_metrics(image, text, ks=(2,), caption_groups=groups)["i2t_r2"] == 1.0  # 2nd distinct caption
+
+
 def test_caption_groups_are_equal_exactly_for_identical_captions():
     from mmscale.eval.embed import caption_groups
 

@@ -8,10 +8,12 @@ import torch.nn.functional as F
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
-def _recall_at(scores: torch.Tensor, ks: tuple[int, ...], groups: torch.Tensor | None = None) -> dict[int, float]:
+def _recall_at(scores: torch.Tensor, ks: tuple[int, ...], groups: torch.Tensor | None = None,
+               counted: torch.Tensor | None = None) -> dict[int, float]:
     """Share of rows with a correct column within the top k. Column j is correct for row i when j == i or,
     with `groups`, when both belong to the same group (identical captions are interchangeable: a query
-    "a red circle" that finds another image captioned "a red circle" found what it asked for). Ties count
+    "a red circle" that finds another image captioned "a red circle" found what it asked for). Only the
+    `counted` columns (default: all) take rank places, so copies of one caption count once. Ties count
     for the row."""
     hits = {k: 0 for k in ks}
     for start in range(0, len(scores), 1024):
@@ -23,20 +25,36 @@ def _recall_at(scores: torch.Tensor, ks: tuple[int, ...], groups: torch.Tensor |
         else:
             correct = groups[index][:, None] == groups[None, :]
         best = rows.masked_fill(~correct, float("-inf")).max(dim=1).values
-        rank = ((rows > best[:, None]) & ~correct).sum(dim=1)
+        ahead = (rows > best[:, None]) & ~correct
+        if counted is not None:
+            ahead &= counted[None, :]
+        rank = ahead.sum(dim=1)
         for k in ks:
             hits[k] += int((rank < k).sum())
     return {k: hits[k] / len(scores) for k in ks}
 
 
+def _first_of_each(groups: torch.Tensor) -> torch.Tensor:
+    """True at the first position of each distinct value."""
+    order = torch.argsort(groups, stable=True)
+    ordered = groups[order]
+    starts = torch.ones(len(groups), dtype=torch.bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    first = torch.zeros(len(groups), dtype=torch.bool)
+    first[order[starts]] = True
+    return first
+
+
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
                       ks: tuple[int, ...] = (1, 5, 10), caption_groups: torch.Tensor | None = None) -> dict[str, float]:
-    """Image-to-text and text-to-image recall@k, pair i being image i with caption i; `caption_groups[i]`
-    (equal for identical captions) makes every pair with the same caption count as a match."""
+    """Image-to-text and text-to-image recall@k, pair i being image i with caption i. With
+    `caption_groups` (equal for identical captions) every pair with the same caption is a match, and
+    image-to-text ranks distinct captions (copies of a caption are one retrieval result)."""
     image = F.normalize(image_features.float(), dim=-1)
     text = F.normalize(text_features.float(), dim=-1)
     scores = image @ text.T
-    metrics = {f"i2t_r{k}": value for k, value in _recall_at(scores, ks, caption_groups).items()}
+    distinct = _first_of_each(caption_groups) if caption_groups is not None else None
+    metrics = {f"i2t_r{k}": value for k, value in _recall_at(scores, ks, caption_groups, distinct).items()}
     metrics |= {f"t2i_r{k}": value for k, value in _recall_at(scores.T, ks, caption_groups).items()}
     return metrics
 
