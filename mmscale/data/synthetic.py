@@ -17,10 +17,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (240, 220, 40),
-           "orange": (245, 140, 30), "purple": (140, 50, 170), "white": (245, 245, 245), "gray": (128, 128, 128),
+# Shape colours at least 150 apart in RGB (orange and purple, 80-110 from their neighbours, took a tiny
+# model several times longer to tell apart, and the quickstart's result swung with the data order).
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 230), "yellow": (235, 225, 30),
+           "cyan": (30, 210, 220), "magenta": (210, 40, 210), "white": (245, 245, 245), "gray": (128, 128, 128),
            "black": (15, 15, 15)}
-OBJECT_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple")
+OBJECT_COLOURS = ("red", "green", "blue", "yellow", "cyan", "magenta")
 BACKGROUNDS = ("white", "gray", "black")
 SHAPES = ("circle", "square", "triangle")
 
