@@ -1,0 +1,83 @@
+"""The README stays true: its config reference is generated from the code, and every command it
+shows is run by a test or by the quickstart with the flags the README uses."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+
+# Each command the README shows -> (the files whose code runs it, what in them runs it). The tools/ scripts are
+# thin wrappers over a module's main(argv), which the tests call with the same arguments. A README command
+# without an entry here, or with a flag none of its files passes, fails the test below.
+EXERCISED_BY = {
+    "pip install": ([".ci/run"], "pip install -e '.[test]'"),
+    "pytest": ([".ci/run"], "&& pytest"),
+    "mmscale quickstart": (["tests/test_quickstart.py"], '"quickstart"'),
+    "tools/make_shards.py": (["tests/test_make_shards.py", "tests/corpus.py"], "from mmscale.data.make_shards import main"),
+    "tools/inspect_shards.py": (["tests/test_inspect_shards.py"], "from mmscale.data.inspection import main"),
+    "tools/train_tokenizer.py": (["tests/test_tokenizer_train.py"], "from mmscale.data.tokenizer_train import"),
+    "mmscale data-check": (["tests/test_cli.py"], '"data-check"'),
+    "launch/pretrain.sh": (["tests/test_train.py"], '"launch/pretrain.sh"'),
+    "deepspeed": (["tests/test_train.py", "mmscale/quickstart.py"], '"deepspeed.launcher.runner"'),
+    "launch/multinode.sh": (["tests/test_train.py"], '"launch/multinode.sh"'),
+    "launch/slurm.sbatch": (["tests/test_train.py"], '"launch/slurm.sbatch"'),
+    "mmscale eval zeroshot": (["tests/test_train.py", "mmscale/quickstart.py"], '"zeroshot"'),
+    "mmscale eval retrieval": (["tests/test_train.py", "mmscale/quickstart.py"], '"retrieval"'),
+    "mmscale report": (["tests/test_cli.py"], '"report"'),
+    "mmscale finetune": (["tests/test_finetune.py", "mmscale/quickstart.py"], '"finetune"'),
+    "mmscale export": (["tests/test_finetune.py", "mmscale/quickstart.py"], '"export"'),
+    "mmscale embed": (["tests/test_finetune.py"], '"embed"'),
+    "mmscale zeroshot": (["tests/test_finetune.py", "mmscale/quickstart.py"], '"zeroshot"'),
+    "tools/bench/loader.py": (["tests/test_bench.py"], '"loader.py"'),
+    "tools/bench/train_throughput.py": (["tests/test_bench.py"], '"train_throughput.py"'),
+    "tools/bench/finetune_memory.py": (["tests/test_bench.py"], '"finetune_memory.py"'),
+}
+
+
+def readme_commands() -> list[list[str]]:
+    """Every command line of the README's bash blocks (continuations joined, comments dropped)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" # ")[0].strip()
+            if line and not line.startswith("#"):
+                for part in line.split("&&"):
+                    commands.append(shlex.split(part))
+    return commands
+
+
+def command_name(words: list[str]) -> str:
+    """`mmscale eval zeroshot`, `tools/make_shards.py`, `launch/slurm.sbatch`, `deepspeed`, ..."""
+    if words[0] == "mmscale":
+        return " ".join(words[:3] if words[1] == "eval" else words[:2])
+    if words[0] in ("python", "sbatch", "bash"):
+        return next(word for word in words[1:] if not word.startswith("-"))
+    if words[0] == "pip":
+        return "pip install"
+    return words[0]
+
+
+def test_the_config_reference_in_the_readme_is_current():
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "config_reference.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_readme_command_is_run_by_a_test_or_the_quickstart_with_its_flags():
+    commands = readme_commands()
+    assert len(commands) >= 25  # the parser found the blocks
+    for words in commands:
+        name = command_name(words)
+        assert name in EXERCISED_BY, f"README command {' '.join(words)!r}: no test runs {name!r}"
+        files, evidence = EXERCISED_BY[name]
+        sources = "\n".join((REPO / path).read_text(encoding="utf-8") for path in files)
+        assert evidence in sources, f"{name}: {evidence} not found in {files}"
+        own = words[words.index(name) + 1:] if words[0] == "sbatch" else words  # sbatch's own flags are SLURM's
+        for flag in (word.split("=")[0] for word in own if word.startswith("--")):
+            assert flag in sources, f"README command {' '.join(words)!r}: {flag} is not used in {files}"
