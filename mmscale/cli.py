@@ -129,9 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "quickstart":
-            from mmscale.quickstart import run_quickstart
+            from mmscale.quickstart import QuickstartFailed, run_quickstart
 
-            return run_quickstart(args.out)
+            try:
+                return run_quickstart(args.out)
+            except QuickstartFailed as error:
+                print(f"mmscale quickstart: failed: {error}", file=sys.stderr)
+                return 1
         if args.command == "report":
             from mmscale.train.report import write_report
 

@@ -40,6 +40,10 @@ BATCH_SIZE = 64
 STEPS = 6
 
 
+class QuickstartFailed(Exception):
+    """A step failed; the message names it and carries the end of its log."""
+
+
 @dataclass
 class Result:
     """One summary row."""
@@ -84,7 +88,7 @@ class Quickstart:
                   f"{shards[name]}")
         report = inspect_spec(str(shards["train"]), examples=0, check_sizes=True, progress=False)
         if report.all_problems:
-            raise RuntimeError("shard verification failed:\n" + "\n".join(report.all_problems))
+            raise QuickstartFailed("shard verification failed:\n" + "\n".join(report.all_problems))
         (self.out / "classnames.txt").write_text("\n".join(OBJECT_COLOURS) + "\n")
         # Prompt ensembling over the caption vocabulary, as CLIP ensembles its templates.
         (self.out / "templates.txt").write_text("".join(f"a {{}} {shape} on a {background} background\n"
@@ -232,7 +236,7 @@ def _mmscale(*args: str) -> dict:
     with contextlib.redirect_stdout(output), contextlib.redirect_stderr(errors):
         code = main(list(args))
     if code != 0:
-        raise RuntimeError(f"mmscale {' '.join(args)} exited with {code}:\n{output.getvalue()}{errors.getvalue()}")
+        raise QuickstartFailed(f"mmscale {' '.join(args)} exited with {code}:\n{output.getvalue()}{errors.getvalue()}")
     lines = output.getvalue().strip().splitlines()
     return json.loads(lines[-1])
 
@@ -258,7 +262,8 @@ def _run_with_progress(command: list[str], *, log: Path, run: Path, steps: int) 
             bar.refresh()
     if process.returncode != 0:
         tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:])
-        raise RuntimeError(f"{' '.join(command[:6])} ... failed (exit {process.returncode}); the end of {log}:\n{tail}")
+        raise QuickstartFailed(f"{' '.join(command[2:6])} ... exited with {process.returncode}; "
+                               f"the end of {log}:\n{tail}")
 
 
 def _records(run: Path) -> list[dict]:

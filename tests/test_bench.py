@@ -36,4 +36,4 @@ def test_train_throughput_benchmark_runs_zero3_and_plain_pytorch():
 
 def test_finetune_memory_benchmark_measures_lora_and_full():
     out = bench("finetune_memory.py", "--preset", "tiny", "--batch", "2", "--steps", "1")
-    assert "LoRA" in out and "full" in out
+    assert "| lora |" in out and "| full |" in out

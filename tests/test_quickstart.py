@@ -39,3 +39,11 @@ def test_quickstart_pretrains_finetunes_exports_and_reports(tmp_path):
     assert "2 processes" in (out / "logs" / "pretrain.log").read_text()
     linear = type(AutoModel.from_pretrained(out / "runs" / "lora-int8").vision_model.encoder.layers[0].mlp.fc1)
     assert linear.__name__ == "Linear8bitLt"
+
+
+def test_quickstart_refuses_a_folder_that_holds_a_run(tmp_path, capsys):
+    from mmscale.cli import main
+
+    (tmp_path / "runs").mkdir()
+    assert main(["quickstart", "--out", str(tmp_path)]) == 2
+    assert "already holds a quickstart run" in capsys.readouterr().err

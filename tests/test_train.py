@@ -63,11 +63,11 @@ def metrics(output: Path, kind: str = "train") -> list[dict]:
 
 
 def test_zero3_on_two_ranks_partitions_learns_and_exports(corpus, tmp_path):
-    """240 steps of tiny on the generated shapes (under 3 minutes on 2 cores): ZeRO-3 partitions, the
+    """120 steps of tiny on the generated shapes in bf16 (about 90 s on 2 cores): ZeRO-3 partitions, the
     loss falls, zero-shot colour accuracy ends far above chance (1/6), final/ loads in transformers."""
     output = tmp_path / "run"
     code, log = launch(["--num_gpus", "2", "--master_port", str(free_port())], run_overrides(
-        corpus, output, "train.samples=15360", "train.global_batch_size=64", "train.warmup_steps=20",
+        corpus, output, "train.samples=7680", "train.global_batch_size=64", "train.warmup_steps=20",
         "train.log_every_steps=5", "train.save_every_steps=80", "train.keep_checkpoints=2",
         "train.tensorboard=true", f"data.val={corpus['val']}", f"eval.classnames={corpus['classnames']}",
         f"eval.templates={corpus['templates']}"))
@@ -78,15 +78,15 @@ def test_zero3_on_two_ranks_partitions_learns_and_exports(corpus, tmp_path):
     for local, total in held.values():  # ZeRO-3 really partitions: about half the values on each rank
         assert 0.45 * total <= local <= 0.55 * total
     losses = [record["contrastive_loss"] for record in metrics(output)]
-    assert len(losses) == 48 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert len(losses) == 24 and all(map(torch.isfinite, torch.tensor(losses)))
     assert losses[0] == pytest.approx(4.16, abs=0.5)  # ~ln(64), the global batch, early on: a sane init
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5  # the loss falls
     evaluation = metrics(output, "eval")[-1]
     assert evaluation["samples"] == 256 and {"top1", "i2t_r1", "t2i_r10", "val_loss"} <= set(evaluation)
     assert evaluation["top1"] > 0.4, evaluation  # chance is 1/6
     checkpoints = output / "checkpoints"
-    assert (checkpoints / "latest").read_text() == "step00000240"
-    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step00000160", "step00000240"]
+    assert (checkpoints / "latest").read_text() == "step00000120"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step00000080", "step00000120"]
     assert list((output / "tensorboard").glob("events.out.tfevents.*"))
     assert "preset: tiny" in (output / "config.yaml").read_text()
     # final/ is a plain transformers model with mmscale's embeddings.
