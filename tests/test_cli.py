@@ -85,7 +85,8 @@ def test_report_writes_plots_and_a_report_from_a_run_directory(tmp_path, capsys)
     report = (run / "report.md").read_text()
     assert "not finished (no final/ yet); 10 steps, 640 pairs seen of 640 planned" in report
     assert "| train loss | 3 |" in report  # step 10's record; the duplicate step 8 did not become the last
-    assert "| eval top1 (step 10) | 0.9 |" in report and "corrupt_image 2" in report
+    assert "| validation | step 0 | step 10 |" in report and "| top1 | 0.3 | 0.9 |" in report
+    assert "corrupt_image 2" in report
     assert f"Training data `{shards}`: 640 pairs in 2 shards, 1.00 epochs seen" in report
     assert "![losses](plots/losses.png)" in report and "preset: tiny" in report
     from mmscale.train.report import read_history

@@ -192,11 +192,14 @@ def write_report(run_dir: str | Path) -> Path:
         if last.get(name) is not None and (name in ("loss", "lr", "temperature") or last[name]):
             lines.append(f"| train {name} | {_fmt(last[name])} |")
     if history.eval:
-        final_eval = history.eval[-1]
-        for name, value in final_eval.items():
-            if name not in ("kind", "step") and value is not None:
-                label = "validation pairs" if name == "samples" else name
-                lines.append(f"| eval {label} (step {final_eval['step']}) | {_fmt(value)} |")
+        first, final = history.eval[0], history.eval[-1]
+        shown = [first, final] if first["step"] != final["step"] else [final]
+        lines += ["", "| validation | " + " | ".join(f"step {r['step']}" for r in shown) + " |",
+                  "|---|" + "---:|" * len(shown)]
+        for name in final:
+            if name not in ("kind", "step") and final[name] is not None:
+                label = "pairs" if name == "samples" else name
+                lines.append(f"| {label} | " + " | ".join(_fmt(r.get(name, "")) for r in shown) + " |")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     lines += ["", "## Resolved config", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
