@@ -107,8 +107,9 @@ class Quickstart:
 
     # -- training -----------------------------------------------------------------------------------------------
     def pretrain(self, shards: dict[str, Path], tokenizer: Path) -> Path:
-        ranks = self.devices or 2
-        where = f"{ranks} GPU{'s' if ranks > 1 else ''}" if self.devices else "2 CPU ranks (gloo)"
+        # The global batch of 64 must split evenly: the most GPUs that divide it (all of them, usually).
+        ranks = max(r for r in (1, 2, 4, 8, 16, 32, 64) if r <= self.devices) if self.devices else 2
+        where = f"{ranks} of {self.devices} GPUs" if self.devices else "2 CPU ranks (gloo)"
         started = self.begin(f"pretraining tiny: DeepSpeed ZeRO-3 on {where}, CLIP + masked-LM, "
                              f"{PRETRAIN_STEPS} steps of {BATCH_SIZE} pairs")
         run = self.out / "runs" / "pretrain"
@@ -229,9 +230,11 @@ def _shipped(name: str) -> Path:
 
 
 def _mmscale(*args: str) -> dict:
-    """Run an mmscale command in this process, echo what it prints, return its last line's JSON."""
+    """Run an mmscale command in this process (its command line shown, its output kept for a failure);
+    returns its last line's JSON."""
     from mmscale.cli import main
 
+    print(f"      $ mmscale {' '.join(args)}", flush=True)
     output, errors = io.StringIO(), io.StringIO()  # loading bars and library notices: kept for a failure
     with contextlib.redirect_stdout(output), contextlib.redirect_stderr(errors):
         code = main(list(args))

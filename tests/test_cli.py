@@ -83,7 +83,7 @@ def test_report_writes_plots_and_a_report_from_a_run_directory(tmp_path, capsys)
     for png in (run / "plots").iterdir():
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     report = (run / "report.md").read_text()
-    assert "not finished (no final/ yet); 10 steps, 640 pairs seen of 640 planned" in report
+    assert "Status: not finished; 10 steps, 640 pairs seen of 640 planned" in report
     assert "| train loss | 3 |" in report  # step 10's record; the duplicate step 8 did not become the last
     assert "| validation | step 0 | step 10 |" in report and "| top1 | 0.3 | 0.9 |" in report
     assert "corrupt_image 2" in report

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModel
 
 
@@ -31,12 +33,14 @@ def test_quickstart_pretrains_finetunes_exports_and_reports(tmp_path):
     assert numbers["int8_size_ratio"] < 0.5
     for step in ("data", "tokenizer", "pretrain", "evaluate", "lora", "export"):
         assert step in summary["steps"] and f"\n{step} " in result.stdout
-    assert "[6/6]" in result.stdout and "deepspeed --num_gpus 2" in result.stdout
+    ranks = 2 if not torch.cuda.is_available() else None  # on GPUs: however many divide the batch
+    assert "[6/6]" in result.stdout and re.search(rf"\$ deepspeed --num_gpus {ranks or '[0-9]+'} ", result.stdout)
     for run in ("pretrain", "lora"):
         report = (out / "runs" / run / "report.md").read_text()
         assert "Status: finished" in report and "![eval](plots/eval.png)" in report
         assert {p.name for p in (out / "runs" / run / "plots").iterdir()} >= {"losses.png", "eval.png", "lr.png"}
-    assert "2 processes" in (out / "logs" / "pretrain.log").read_text()
+    assert re.search(rf"mmscale train: {ranks or '[0-9]+'} processes", (out / "logs" / "pretrain.log").read_text())
+    assert "$ mmscale eval zeroshot" in result.stdout and "$ mmscale export" in result.stdout
     linear = type(AutoModel.from_pretrained(out / "runs" / "lora-int8").vision_model.encoder.layers[0].mlp.fc1)
     assert linear.__name__ == "Linear8bitLt"
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 
@@ -81,3 +83,41 @@ def test_every_readme_command_is_run_by_a_test_or_the_quickstart_with_its_flags(
         own = words[words.index(name) + 1:] if words[0] == "sbatch" else words  # sbatch's own flags are SLURM's
         for flag in (word.split("=")[0] for word in own if word.startswith("--")):
             assert flag in sources, f"README command {' '.join(words)!r}: {flag} is not used in {files}"
+
+
+def _help(command: list[str]) -> str:
+    result = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.slow  # runs each script's --help (imports torch and DeepSpeed)
+def test_every_readme_command_parses_with_the_real_parsers():
+    """mmscale commands through the CLI's own parser; scripts' flags in their --help; every key=value
+    override a config key."""
+    from mmscale.cli import build_parser
+    from mmscale.config import describe
+    from mmscale.data.check import DataCheckConfig
+    from mmscale.train.config import TrainRunConfig
+
+    helps: dict[str, str] = {}
+    for words in readme_commands():
+        name = command_name(words)
+        keys_of = DataCheckConfig if name == "mmscale data-check" else TrainRunConfig
+        for word in words:
+            if "=" in word and not word.startswith("-"):
+                key = word.split("=")[0]
+                assert key in {row[0] for row in describe(keys_of)}, f"{' '.join(words)!r}: no config key {key}"
+        if words[0] == "mmscale":
+            build_parser().parse_args(words[1:])  # exits (fails the test) on an unknown flag
+        elif name.endswith(".py") or name == "deepspeed":
+            own = words
+            if name == "deepspeed":  # the launcher's flags, then mmscale train's after `--module mmscale.train`
+                cut = words.index("--module") + 2
+                own = words[:cut]
+                build_parser().parse_args(["train", *words[cut:]])
+            script = ["-m", "deepspeed.launcher.runner"] if name == "deepspeed" else [name]
+            helps.setdefault(name, _help(script))
+            for flag in (word.split("=")[0] for word in own if word.startswith("--")):
+                assert flag in helps[name], f"{' '.join(words)!r}: {name} has no {flag}"

@@ -118,6 +118,20 @@ def test_image_to_text_recall_ranks_distinct_captions():
     assert retrieval_metrics(image, text, ks=(2,), caption_groups=groups)["i2t_r2"] == 1.0  # 2nd distinct caption
 
 
+def test_retrieval_counts_another_caption_of_the_same_image_as_a_match():
+    """COCO style: pairs 0 and 1 are one image with two captions; image 0's best caption is caption 1."""
+    image = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    text = torch.tensor([[0.6, 0.8, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    assert retrieval_metrics(image, text, ks=(1,))["i2t_r1"] == pytest.approx(2 / 3)
+    grouped = retrieval_metrics(image, text, ks=(1,), image_groups=torch.tensor([4, 4, 5]))
+    assert grouped["i2t_r1"] == 1.0 and grouped["t2i_r1"] == 1.0
+
+
+def test_retrieval_of_nan_embeddings_is_a_miss_not_a_hit():
+    image = torch.full((3, 2), float("nan"))
+    assert retrieval_metrics(image, torch.eye(3, 2), ks=(1,)) == {"i2t_r1": 0.0, "t2i_r1": 0.0}
+
+
 def test_caption_groups_are_equal_exactly_for_identical_captions():
     from mmscale.eval.embed import caption_groups
 

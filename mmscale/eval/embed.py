@@ -28,13 +28,24 @@ class Embedded:
     labels: torch.Tensor
     caption_groups: torch.Tensor
     """int64 per pair, equal for identical captions (same token ids)."""
+    image_groups: torch.Tensor
+    """int64 per pair, equal for identical images (same pixels), e.g. the five captions of a COCO image."""
+
+
+def _digests(rows) -> torch.Tensor:
+    """A 64-bit digest per row: equal contents, equal numbers, on any rank."""
+    digests = [hashlib.blake2b(row.contiguous().numpy().tobytes(), digest_size=8).digest() for row in rows]
+    return torch.tensor([int.from_bytes(d, "little", signed=True) for d in digests], dtype=torch.int64)
 
 
 def caption_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """A 64-bit digest of each caption's tokens: equal captions, equal numbers, on any rank."""
-    digests = [hashlib.blake2b(row[mask.bool()].numpy().tobytes(), digest_size=8).digest()
-               for row, mask in zip(input_ids.cpu(), attention_mask.cpu())]
-    return torch.tensor([int.from_bytes(d, "little", signed=True) for d in digests], dtype=torch.int64)
+    """Equal numbers for equal captions (their tokens, padding left out)."""
+    return _digests(row[mask.bool()] for row, mask in zip(input_ids.cpu(), attention_mask.cpu()))
+
+
+def image_groups(images: torch.Tensor) -> torch.Tensor:
+    """Equal numbers for equal images (their uint8 pixels as the eval loader crops them)."""
+    return _digests(images.cpu())
 
 
 def _distributed() -> bool:
@@ -51,7 +62,7 @@ def _placeholder(model: DualEncoder, context_length: int) -> dict:
 def embed_pass(model: DualEncoder, batches, *, device: torch.device, context_length: int,
                max_samples: int = 0) -> Embedded:
     """Image and caption embeddings (and `.cls` labels) of one pass over `batches`, gathered from all ranks."""
-    images, texts, labels, groups = [], [], [], []
+    images, texts, labels, captions, pictures = [], [], [], [], []
     iterator, seen, distributed = iter(batches), 0, _distributed()
     while True:
         batch = next(iterator, None) if not max_samples or seen < max_samples else None
@@ -69,16 +80,18 @@ def embed_pass(model: DualEncoder, batches, *, device: torch.device, context_len
             images.append(image.float().cpu())
             texts.append(text.float().cpu())
             labels.append(batch.get("labels", torch.full((len(image),), -1)).cpu())
-            groups.append(caption_groups(batch["input_ids"], batch["attention_mask"]))
+            captions.append(caption_groups(batch["input_ids"], batch["attention_mask"]))
+            pictures.append(image_groups(batch["images"]))
             seen += len(image)
-    local = Embedded(*(torch.cat(parts) if parts else torch.empty(0) for parts in (images, texts, labels, groups)))
+    local = Embedded(*(torch.cat(parts) if parts else torch.empty(0)
+                       for parts in (images, texts, labels, captions, pictures)))
     if not distributed:
         return local
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, local)
     keep = [part for part in everyone if part.images.numel()]
     return Embedded(*(torch.cat([getattr(part, name) for part in keep])
-                      for name in ("images", "texts", "labels", "caption_groups")))
+                      for name in ("images", "texts", "labels", "caption_groups", "image_groups")))
 
 
 @torch.no_grad()
@@ -137,7 +150,8 @@ def evaluate(model: DualEncoder, batches, *, tokenizer, device: torch.device, co
         if len(embedded.images):
             metrics["val_loss"] = contrastive_val_loss(embedded.images, embedded.texts, current_logit_scale(model),
                                                        batch_size)
-            metrics |= retrieval_metrics(embedded.images, embedded.texts, caption_groups=embedded.caption_groups)
+            metrics |= retrieval_metrics(embedded.images, embedded.texts, caption_groups=embedded.caption_groups,
+                                         image_groups=embedded.image_groups)
         return metrics
     finally:
         model.train(was_training)

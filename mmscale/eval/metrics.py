@@ -8,54 +8,59 @@ import torch.nn.functional as F
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
-def _recall_at(scores: torch.Tensor, ks: tuple[int, ...], groups: torch.Tensor | None = None,
-               counted: torch.Tensor | None = None) -> dict[int, float]:
-    """Share of rows with a correct column within the top k. Column j is correct for row i when j == i or,
-    with `groups`, when both belong to the same group (identical captions are interchangeable: a query
-    "a red circle" that finds another image captioned "a red circle" found what it asked for). Only the
-    `counted` columns (default: all) take rank places, so copies of one caption count once. Ties count
-    for the row."""
+def _recall_at(queries: torch.Tensor, keys: torch.Tensor, ks: tuple[int, ...], *, same_pair, results: torch.Tensor
+               ) -> dict[int, float]:
+    """Share of queries with a correct key within the top k results.
+
+    `same_pair(index) -> [len(index), N]` marks the correct keys of the queries at `index`; `results[j]` names
+    the retrieval result key j belongs to (copies of one caption, or of one image, are one result, ranked by
+    its best-scoring copy). Ties count for the query; a query whose scores are NaN is a miss. Scores are
+    computed 1,024 queries at a time, so memory grows with N, not N^2.
+    """
     hits = {k: 0 for k in ks}
-    for start in range(0, len(scores), 1024):
-        rows = scores[start:start + 1024]
-        index = torch.arange(start, start + len(rows))
-        if groups is None:
-            correct = torch.zeros_like(rows, dtype=torch.bool)
-            correct[torch.arange(len(rows)), index] = True
-        else:
-            correct = groups[index][:, None] == groups[None, :]
+    _, result_index = torch.unique(results, return_inverse=True)
+    result_count = int(result_index.max()) + 1 if len(results) else 0
+    for start in range(0, len(queries), 1024):
+        rows = queries[start:start + 1024] @ keys.T
+        correct = same_pair(torch.arange(start, start + len(rows)))
         best = rows.masked_fill(~correct, float("-inf")).max(dim=1).values
-        ahead = (rows > best[:, None]) & ~correct
-        if counted is not None:
-            ahead &= counted[None, :]
-        rank = ahead.sum(dim=1)
+        wrong = torch.full((len(rows), result_count), float("-inf")).scatter_reduce(
+            1, result_index.expand(len(rows), -1), rows.masked_fill(correct, float("-inf")), reduce="amax")
+        rank = (wrong > best[:, None]).sum(dim=1).masked_fill(best.isnan(), len(keys))
         for k in ks:
             hits[k] += int((rank < k).sum())
-    return {k: hits[k] / len(scores) for k in ks}
+    return {k: hits[k] / len(queries) for k in ks}
 
 
-def _first_of_each(groups: torch.Tensor) -> torch.Tensor:
-    """True at the first position of each distinct value."""
-    order = torch.argsort(groups, stable=True)
-    ordered = groups[order]
-    starts = torch.ones(len(groups), dtype=torch.bool)
-    starts[1:] = ordered[1:] != ordered[:-1]
-    first = torch.zeros(len(groups), dtype=torch.bool)
-    first[order[starts]] = True
-    return first
+def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10),
+                      *, caption_groups: torch.Tensor | None = None,
+                      image_groups: torch.Tensor | None = None) -> dict[str, float]:
+    """Image-to-text and text-to-image recall@k, pair i being image i with caption i.
 
-
-def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
-                      ks: tuple[int, ...] = (1, 5, 10), caption_groups: torch.Tensor | None = None) -> dict[str, float]:
-    """Image-to-text and text-to-image recall@k, pair i being image i with caption i. With
-    `caption_groups` (equal for identical captions) every pair with the same caption is a match, and
-    image-to-text ranks distinct captions (copies of a caption are one retrieval result)."""
+    `caption_groups` / `image_groups` (equal for identical captions / images) make pair j a match for pair
+    i when it has the same caption or the same image, as COCO-style evaluation counts any of an image's
+    five captions: an image found through another of its captions, or a caption repeated word for word,
+    is what the query asked for. Copies of a caption (of an image) then take one rank place.
+    """
     image = F.normalize(image_features.float(), dim=-1)
     text = F.normalize(text_features.float(), dim=-1)
-    scores = image @ text.T
-    distinct = _first_of_each(caption_groups) if caption_groups is not None else None
-    metrics = {f"i2t_r{k}": value for k, value in _recall_at(scores, ks, caption_groups, distinct).items()}
-    metrics |= {f"t2i_r{k}": value for k, value in _recall_at(scores.T, ks, caption_groups).items()}
+    count = len(image)
+
+    def same_pair(index: torch.Tensor) -> torch.Tensor:
+        correct = torch.zeros(len(index), count, dtype=torch.bool)
+        correct[torch.arange(len(index)), index] = True
+        for groups in (caption_groups, image_groups):
+            if groups is not None:
+                correct |= groups[index][:, None] == groups[None, :]
+        return correct
+
+    pairs = torch.arange(count)
+    caption_results = caption_groups if caption_groups is not None else pairs
+    image_results = image_groups if image_groups is not None else pairs
+    metrics = {f"i2t_r{k}": v for k, v in _recall_at(image, text, ks, same_pair=same_pair,
+                                                     results=caption_results).items()}
+    metrics |= {f"t2i_r{k}": v for k, v in _recall_at(text, image, ks, same_pair=same_pair,
+                                                      results=image_results).items()}
     return metrics
 
 

@@ -310,6 +310,7 @@ def train(config: TrainRunConfig) -> dict:
         _save(run, progress, loader)
         writer.close()
         _report(run)
+        dist.barrier()  # the launcher kills every rank once one exits non-zero: wait for rank 0's report
         raise NonFiniteLoss(f"{error}; saved a checkpoint under {run.output / 'checkpoints'}. Lower train.lr, "
                             "check the data, or use train.precision=bf16") from None
     finally:

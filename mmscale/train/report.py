@@ -161,6 +161,8 @@ def _median(values: list[float]) -> float:
 
 
 def _fmt(value) -> str:
+    if value is None:  # NaN/inf are written as null
+        return "n/a"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
@@ -177,7 +179,10 @@ def write_report(run_dir: str | Path) -> Path:
     last = history.train[-1] if history.train else {}
     lines = [f"# Run report: {run_dir.name}", ""]
     planned = train.get("samples") or train.get("steps", 0) * train.get("global_batch_size", 0)
-    state = "finished" if (run_dir / "final").is_dir() else "not finished (no final/ yet)"
+    batch = train.get("global_batch_size") or 1
+    planned_steps = max(1, train["samples"] // batch) if train.get("samples") else train.get("steps", 0)
+    done = (run_dir / "final").is_dir() and last.get("step", 0) >= planned_steps
+    state = "finished" if done else "not finished"
     lines += [f"- Status: {state}; {last.get('step', 0)} steps, {last.get('samples', 0):,} pairs seen"
               f"{f' of {planned:,} planned' if planned else ''}.",
               f"- Model: {_model_line(config)}."]
@@ -197,9 +202,9 @@ def write_report(run_dir: str | Path) -> Path:
         lines += ["", "| validation | " + " | ".join(f"step {r['step']}" for r in shown) + " |",
                   "|---|" + "---:|" * len(shown)]
         for name in final:
-            if name not in ("kind", "step") and final[name] is not None:
+            if name not in ("kind", "step") and any(r.get(name) is not None for r in shown):
                 label = "pairs" if name == "samples" else name
-                lines.append(f"| {label} | " + " | ".join(_fmt(r.get(name, "")) for r in shown) + " |")
+                lines.append(f"| {label} | " + " | ".join(_fmt(r.get(name)) for r in shown) + " |")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     lines += ["", "## Resolved config", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
@@ -223,7 +228,7 @@ def _data_lines(config: dict, last: dict) -> list[str]:
         try:
             urls = spec_urls(spec)
             sizes = read_sizes(urls)
-        except (OSError, ValueError):
+        except Exception:  # noqa: BLE001  # a shard spec that no longer resolves: the report still gets written
             sizes, urls = None, []
         if not sizes:
             lines.append(f"- {title} data `{spec}`: {len(urls)} shards (no sizes.json beside them to count pairs).")
