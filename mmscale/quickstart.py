@@ -169,7 +169,8 @@ class Quickstart:
                           "--templates", str(self.out / "templates.txt"))
         image = sorted((self.out / "images" / "dim-val").glob("*.jpg"))[0]
         answer = _mmscale("zeroshot", "--checkpoint", str(out), "--image", str(image),
-                          "--classnames", str(self.out / "classnames.txt"))
+                          "--classnames", str(self.out / "classnames.txt"),
+                          "--templates", str(self.out / "templates.txt"))
         truth = OBJECT_COLOURS[int(image.with_suffix(".cls").read_text())]
         self.numbers |= {"int8_size_ratio": report["size_ratio"],
                          "int8_dim_zeroshot_top1": report["eval_exported"]["top1"],
