@@ -126,7 +126,8 @@ def _eval_figure(plt, evals: list[dict], config: dict, path: Path, xlabel: str) 
             zeroshot.plot(steps, [100 * v for v in values], label=label, marker="o")
     if classes:
         zeroshot.axhline(100 / classes, color="gray", linestyle=":", label=f"top-1 chance ({classes} classes)")
-    zeroshot.set(title="Zero-shot classification", ylabel="% of validation images", ylim=(0, 100))
+    # The axes end at 102 so that points at 100% are drawn whole.
+    zeroshot.set(title="Zero-shot classification", ylabel="% of validation images", ylim=(0, 102))
     for direction, colour in (("i2t", "tab:blue"), ("t2i", "tab:orange")):
         for k, style in (("1", "-"), ("5", "--"), ("10", ":")):
             steps, values = _series(evals, f"{direction}_r{k}")
@@ -135,7 +136,7 @@ def _eval_figure(plt, evals: list[dict], config: dict, path: Path, xlabel: str) 
                                label=f"{'image→text' if direction == 'i2t' else 'text→image'} R@{k}")
     pairs = evals[-1].get("samples")
     retrieval.set(title=f"Retrieval among {int(pairs)} validation pairs" if pairs else "Retrieval",
-                  ylabel="% of queries with a match in the top k", ylim=(0, 100))
+                  ylabel="% of queries with a match in the top k", ylim=(0, 102))
     loss.plot(*_series(evals, "val_loss"), marker="o")
     loss.set(title="Validation contrastive loss", ylabel="loss (nats)")
     for axis in (zeroshot, retrieval, loss):
