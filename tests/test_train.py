@@ -167,57 +167,58 @@ def script_env(tmp_path: Path, **extra: str) -> dict:
     return os.environ | {"PATH": path, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"} | extra
 
 
+def stand_ins(tmp_path: Path, **scripts: str) -> None:
+    """Executable stand-ins for cluster tools (ssh, pdsh, srun, ...) in tmp_path/bin, first on script_env's PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+
+
+def run_launch_script(script: str, *args: str, env: dict) -> subprocess.CompletedProcess:
+    """`bash launch/SCRIPT ARGS` from the repo; asserts it succeeded."""
+    result = subprocess.run(["bash", f"launch/{script}", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result
+
+
 def test_pretrain_script_runs_one_node(corpus, tmp_path):
     output = tmp_path / "run"
-    result = subprocess.run(["bash", "launch/pretrain.sh", str(TINY), *run_overrides(corpus, output, "train.samples=64")],
-                            cwd=REPO, env=script_env(tmp_path, NUM_GPUS="2", MASTER_PORT=str(free_port())),
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    result = run_launch_script("pretrain.sh", str(TINY), *run_overrides(corpus, output, "train.samples=64"),
+                               env=script_env(tmp_path, NUM_GPUS="2", MASTER_PORT=str(free_port())))
     assert "2 processes" in result.stdout and (output / "final" / "model.safetensors").is_file()
 
 
 def test_multinode_script_launches_every_node_through_pdsh(corpus, tmp_path):
     """launch/multinode.sh with stand-ins for `ssh` (the launcher's reachability check) and `pdsh` (runs
     the remote command once per host, `%n` replaced by the host's index, as pdsh does over ssh)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "ssh").write_text("#!/bin/sh\necho stand-in-host\n")
-    (bin_dir / "pdsh").write_text(
+    stand_ins(tmp_path, ssh="#!/bin/sh\necho stand-in-host\n", pdsh=(
         "#!/bin/bash\nwhile [[ $1 == -* ]]; do [[ $1 == -w ]] && hosts=$2 && shift; [[ $1 == -f ]] && shift; shift; done\n"
         "command=\"$*\"; pids=(); index=0\n"
         "for host in ${hosts//,/ }; do bash -c \"${command//%n/$index}\" & pids+=($!); index=$((index + 1)); done\n"
-        "status=0; for pid in \"${pids[@]}\"; do wait $pid || status=1; done; exit $status\n")
-    for tool in ("ssh", "pdsh"):
-        (bin_dir / tool).chmod(0o755)
+        "status=0; for pid in \"${pids[@]}\"; do wait $pid || status=1; done; exit $status\n"))
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     output = tmp_path / "run"
-    env = script_env(tmp_path, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    result = subprocess.run(["bash", "launch/multinode.sh", str(hostfile), str(TINY),
-                             *run_overrides(corpus, output, "train.samples=64")],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    result = run_launch_script("multinode.sh", str(hostfile), str(TINY),
+                               *run_overrides(corpus, output, "train.samples=64"),
+                               env=script_env(tmp_path, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())))
     assert "2 processes" in result.stdout + result.stderr and (output / "final" / "model.safetensors").is_file()
 
 
 def test_slurm_script_starts_one_launcher_per_node(corpus, tmp_path):
     """launch/slurm.sbatch with stand-ins for `scontrol` (two node names) and `srun` (runs its
     command once per node with that node's SLURM_NODEID, as srun does on a real allocation)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'node-a\\nnode-b\\n'\n")
-    (bin_dir / "srun").write_text(
+    stand_ins(tmp_path, scontrol="#!/bin/sh\nprintf 'node-a\\nnode-b\\n'\n", srun=(
         "#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\npids=()\n"
         "for node in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$node \"$@\" & pids+=($!); done\n"
-        "status=0; for pid in \"${pids[@]}\"; do wait $pid || status=1; done; exit $status\n")
-    for tool in ("scontrol", "srun"):
-        (bin_dir / tool).chmod(0o755)
+        "status=0; for pid in \"${pids[@]}\"; do wait $pid || status=1; done; exit $status\n"))
     output = tmp_path / "run"
     env = script_env(tmp_path, SLURM_JOB_NODELIST="node-[a-b]", SLURM_NNODES="2", SLURM_JOB_ID="7", GPUS_PER_NODE="1",
                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), HOSTFILE=str(tmp_path / "hostfile"))
-    result = subprocess.run(["bash", "launch/slurm.sbatch", str(TINY), *run_overrides(corpus, output, "train.samples=64")],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    result = run_launch_script("slurm.sbatch", str(TINY), *run_overrides(corpus, output, "train.samples=64"), env=env)
     assert (tmp_path / "hostfile").read_text() == "node-a slots=1\nnode-b slots=1\n"
     assert "2 processes" in result.stdout and (output / "final" / "model.safetensors").is_file()
 
