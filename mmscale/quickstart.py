@@ -29,6 +29,7 @@ from mmscale.data.sources import InputOptions
 from mmscale.data.synthetic import BACKGROUNDS, OBJECT_COLOURS, SHAPES, make_image_folder
 from mmscale.data.tokenizer_train import iter_captions, train_wordpiece
 from mmscale.train.engine import free_port
+from mmscale.train.report import read_history
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SPLITS = {  # name: (images, domain, seed)
@@ -123,11 +124,12 @@ class Quickstart:
                    # On CPU bf16 is no faster and tiny learns more slowly in it (90% vs 97.5% zero-shot at 200 steps).
                    f"train.precision={'bf16' if self.devices else 'fp32'}", *self._eval_overrides()]
         _run_with_progress(command, log=self.out / "logs" / "pretrain.log", run=run, steps=PRETRAIN_STEPS)
-        last = _last_eval(run)
-        self.numbers |= {"pretrain_zeroshot_top1": last["top1"], "pretrain_loss_first": _first_train(run)["loss"],
-                         "pretrain_loss_last": _last_train(run)["loss"]}
-        self.record("pretrain", f"loss {_first_train(run)['loss']:.2f} -> "
-                    f"{_last_train(run)['loss']:.2f}, held-out zero-shot top-1 {last['top1']:.1%}", started)
+        history = read_history(run)
+        first, final, last = history.train[0], history.train[-1], history.eval[-1]
+        self.numbers |= {"pretrain_zeroshot_top1": last["top1"], "pretrain_loss_first": first["loss"],
+                         "pretrain_loss_last": final["loss"]}
+        self.record("pretrain", f"loss {first['loss']:.2f} -> {final['loss']:.2f}, "
+                    f"held-out zero-shot top-1 {last['top1']:.1%}", started)
         return run
 
     def evaluate(self, run: Path, shards: dict[str, Path]) -> dict:
@@ -155,7 +157,7 @@ class Quickstart:
                    f"train.deepspeed={_shipped('deepspeed/zero0.json')}", "train.log_every_steps=5",
                    "train.progress=false", "eval.every_steps=25", *self._eval_overrides()]
         _run_with_progress(command, log=self.out / "logs" / "lora.log", run=run, steps=FINETUNE_STEPS)
-        evals = _evals(run)
+        evals = read_history(run).eval
         self.numbers |= {"dim_zeroshot_top1_before": evals[0]["top1"], "dim_zeroshot_top1_after": evals[-1]["top1"]}
         self.record("lora", f"dim-domain zero-shot {evals[0]['top1']:.1%} -> {evals[-1]['top1']:.1%} "
                     f"({(evals[-1]['top1'] - evals[0]['top1']) * 100:+.1f} points)", started)
@@ -256,7 +258,7 @@ def _run_with_progress(command: list[str], *, log: Path, run: Path, steps: int) 
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, text=True)
         while process.poll() is None:
             time.sleep(1)
-            records = _train_records(run)
+            records = read_history(run).train
             if records:
                 bar.n = records[-1]["step"]
                 bar.set_postfix(loss=f"{records[-1]['loss']:.3f}", refresh=False)
@@ -268,34 +270,3 @@ def _run_with_progress(command: list[str], *, log: Path, run: Path, steps: int) 
         tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:])
         raise QuickstartFailed(f"{' '.join(command[2:6])} ... exited with {process.returncode}; "
                                f"the end of {log}:\n{tail}")
-
-
-def _records(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line being written
-            records.append(json.loads(line))
-    return records
-
-
-def _train_records(run: Path) -> list[dict]:
-    return [r for r in _records(run) if r.get("kind") == "train"]
-
-
-def _first_train(run: Path) -> dict:
-    return _train_records(run)[0]
-
-
-def _last_train(run: Path) -> dict:
-    return _train_records(run)[-1]
-
-
-def _evals(run: Path) -> list[dict]:
-    return [r for r in _records(run) if r.get("kind") == "eval"]
-
-
-def _last_eval(run: Path) -> dict:
-    return _evals(run)[-1]
