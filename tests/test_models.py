@@ -147,3 +147,32 @@ def test_objective_refuses_what_the_model_cannot_do(tiny):
         PretrainingObjective(no_head, LossConfig())
     out = PretrainingObjective(no_head, LossConfig(mlm_weight=0))(**batch(2))
     assert out.mlm.item() == 0.0
+
+
+def test_new_towers_give_captions_that_differ_in_one_word_different_features():
+    """Hugging Face's BERT init (std 0.02 everywhere) made such captions' features nearly identical
+    (mean cosine 0.9997 on tiny) and the contrastive loss sat at ln(batch) (issue 11); open_clip's
+    init (mmscale.models.init) must leave them clearly apart."""
+    from mmscale.models.init import feature_spread
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny"), vocab_size=VOCAB, mlm_head=False).eval()
+    template = torch.tensor([2, 11, 12, 13, 0, 3])  # [CLS] a picture of <class> [SEP]
+    input_ids = template.repeat(10, 1)
+    input_ids[:, 4] = torch.arange(20, 30)
+    with torch.no_grad():
+        spread = feature_spread(model.encode_texts(input_ids, torch.ones_like(input_ids)))
+    assert spread < 0.99
+    width = model.towers.config.text_config.hidden_size
+    query = model.towers.text_model.encoder.layer[0].attention.self.query.weight
+    assert query.std().item() == pytest.approx(width ** -0.5, rel=0.1)  # unit-gain attention, as open_clip
+
+
+def test_a_loaded_model_keeps_its_weights(tmp_path):
+    """The new-tower init applies to new models only: a saved folder loads back bit for bit."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny"), vocab_size=VOCAB)
+    model.save(tmp_path / "model")
+    loaded = build_model(ModelConfig(preset="tiny", init_from=str(tmp_path / "model")))
+    for (name, ours), (_, theirs) in zip(model.towers.state_dict().items(), loaded.towers.state_dict().items()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=name)

@@ -25,6 +25,7 @@ from transformers.utils import ModelOutput
 
 from mmscale.data.text import IGNORE_INDEX
 from mmscale.models.config import ModelConfig, ModelSizes
+from mmscale.models.init import init_towers
 
 # OpenAI CLIP's normalization, used by new models (released checkpoints bring their own).
 CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -216,6 +217,10 @@ def towers_config(sizes: ModelSizes, config: ModelConfig) -> VisionTextDualEncod
 
 
 def new_towers(sizes: ModelSizes, config: ModelConfig) -> VisionTextDualEncoderModel:
-    """Freshly initialized towers. `_from_config` is the constructor that honours an active
-    `HfDeepSpeedConfig` (ZeRO-3 partitioned construction, PITFALLS.md 2)."""
-    return VisionTextDualEncoderModel._from_config(towers_config(sizes, config), attn_implementation=config.attention)
+    """Freshly initialized towers, with open_clip's initialization (mmscale.models.init). `_from_config`
+    is the constructor that honours an active `HfDeepSpeedConfig` (ZeRO-3 partitioned construction,
+    PITFALLS.md 2); partitioned towers are initialized by the trainer once gathered."""
+    towers = VisionTextDualEncoderModel._from_config(towers_config(sizes, config), attn_implementation=config.attention)
+    if not any(hasattr(parameter, "ds_id") for parameter in towers.parameters()):
+        init_towers(towers)
+    return towers

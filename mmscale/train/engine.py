@@ -21,7 +21,9 @@ import yaml
 from mmscale.losses import ClassificationObjective, LossConfig, PretrainingObjective
 from mmscale.models import DualEncoder, ModelConfig, build_model
 from mmscale.models.dual_encoder import MaskedLMHead
+from mmscale.models.init import init_module
 from mmscale.train.config import TrainConfig
+from mmscale.train.precision import resolve_precision
 
 
 @dataclass(frozen=True)
@@ -97,10 +99,11 @@ def deepspeed_config(train: TrainConfig, layout: BatchLayout) -> tuple[dict, lis
                              "or remove it")
         config[key] = value
         notes.append(f"{key}={value}")
-    config["bf16"] = {**config.get("bf16", {}), "enabled": train.precision == "bf16"}
+    precision = resolve_precision(train.precision)[0]
+    config["bf16"] = {**config.get("bf16", {}), "enabled": precision == "bf16"}
     fp16 = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
-    config["fp16"] = {**fp16, **config.get("fp16", {}), "enabled": train.precision == "fp16"}
-    notes.append(f"precision={train.precision}")
+    config["fp16"] = {**fp16, **config.get("fp16", {}), "enabled": precision == "fp16"}
+    notes.append(f"precision={precision}")
     config.setdefault("steps_per_print", 10**9)  # mmscale logs progress itself
     return config, notes
 
@@ -108,7 +111,7 @@ def deepspeed_config(train: TrainConfig, layout: BatchLayout) -> tuple[dict, lis
 def manual_clipping(train: TrainConfig, ds_config: dict) -> bool:
     """fp32 without ZeRO is the one path where DeepSpeed 0.19 clips gradients itself, and that code
     fails on 0-dim parameters (`logit_scale`); there the loop clips with torch instead."""
-    return train.precision == "fp32" and zero_stage(ds_config) == 0 and train.grad_clip > 0
+    return resolve_precision(train.precision)[0] == "fp32" and zero_stage(ds_config) == 0 and train.grad_clip > 0
 
 
 def zero_stage(ds_config: dict) -> int:
@@ -162,8 +165,9 @@ def lr_lambda(train: TrainConfig, total_steps: int):
 
 
 def _reinitialize(model: DualEncoder, *, temperature_init: float) -> None:
-    """Re-run each module's own initialization with its full parameters gathered, writing on rank 0:
-    construction under ZeRO-3 can leave weights uninitialized (PITFALLS.md 2)."""
+    """Re-run each module's own initialization, then mmscale's (open_clip's scheme, as `new_towers` does
+    without ZeRO-3), with its full parameters gathered, writing on rank 0: construction under ZeRO-3 can
+    leave weights uninitialized (PITFALLS.md 2)."""
     from transformers import PreTrainedModel
 
     rank = torch.distributed.get_rank()
@@ -185,6 +189,7 @@ def _reinitialize(model: DualEncoder, *, temperature_init: float) -> None:
                 for parameter in parameters:  # transformers' init functions skip tensors flagged as done
                     parameter._is_hf_initialized = False
                 owner._init_weights(module)
+                init_module(module, towers_config=model.towers.config)
     with _gathered([model.towers.logit_scale]):
         if rank == 0:
             model.towers.logit_scale.data.fill_(math.log(1 / temperature_init))
