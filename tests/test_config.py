@@ -43,7 +43,7 @@ def test_unknown_keys_name_the_closest_known_key(tmp_path):
     ("data.allow_pipe=maybe", "data.allow_pipe: expected true or false"),
     ("data.sampling=random", "not one of"),
     ("data.workers=-1", "data.workers must be >= 0"),
-    ("data.image_size=0", "data.image_size must be >= 1"),
+    ("data.image_size=-1", "data.image_size must be >= 1"),
     ("data.crop_ratio=[0, 1]", "data.crop_ratio must satisfy"),
     ("data.hflip_probability=1.5", "data.hflip_probability must be in"),
     ("data.prefetch_factor=0", "data.prefetch_factor must be >= 1"),

@@ -170,3 +170,37 @@ def test_a_save_that_crashed_half_way_is_cleared_and_latest_kept(tmp_path):
     remove_incomplete(root)
     assert latest_tag(root) == "step00000020"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step00000010", "step00000020"]
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    ("fpu sse2 avx avx2 fma", "fp32"),  # AVX2 only: bf16 would be emulated
+    ("fpu avx2 avx512f avx512_bf16", "bf16"),
+    ("fpu avx2 amx_bf16 amx_tile", "bf16"),
+])
+def test_auto_precision_on_cpu_follows_native_bf16(flags, expected):
+    from mmscale.train.precision import resolve_precision
+
+    precision, reason = resolve_precision("auto", cuda=False, cpuinfo=f"processor : 0\nflags\t\t: {flags}\n")
+    assert precision == expected and reason.startswith("auto:")
+    assert resolve_precision("bf16", cuda=False, cpuinfo="flags : avx2") == ("bf16", "set by train.precision")
+
+
+def test_auto_precision_is_filled_into_the_deepspeed_config():
+    from mmscale.train.precision import resolve_precision
+
+    ds, notes = deepspeed_config(TrainConfig(global_batch_size=8), batch_layout(TrainConfig(global_batch_size=8), 2))
+    chosen = resolve_precision("auto")[0]
+    assert ds["bf16"]["enabled"] == (chosen == "bf16") and ds["fp16"]["enabled"] == (chosen == "fp16")
+    assert f"precision={chosen}" in notes
+
+
+def test_image_size_follows_the_model_unless_set():
+    from mmscale.train.loop import _check_fit
+
+    model = build_model(ModelConfig(preset="tiny"), vocab_size=100, mlm_head=False)
+    config = TrainRunConfig()
+    _check_fit(config, model)
+    assert config.data.image_size == 64
+    config.data.image_size = 224
+    with pytest.raises(ValueError, match="set data.image_size=64"):
+        _check_fit(config, model)

@@ -21,8 +21,8 @@ class DataConfig:
     """Dataloader worker processes per rank (0 reads in the training process)."""
     shuffle_buffer: int = 1000
     """Samples held per worker for shuffling (0 keeps shard order); shard order is shuffled per epoch too."""
-    image_size: int = 224
-    """Side of the square images in a batch, in pixels."""
+    image_size: int = 0
+    """Side of the square images in a batch, in pixels; 0: the side the model's image tower takes."""
     crop_scale: tuple[float, float] = (0.9, 1.0)
     """RandomResizedCrop area range for training, as fractions of the image (open_clip uses 0.9-1.0)."""
     crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
@@ -46,7 +46,7 @@ class DataConfig:
         checks = [
             (self.workers >= 0, "data.workers must be >= 0", self.workers),
             (self.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0", self.shuffle_buffer),
-            (self.image_size >= 1, "data.image_size must be >= 1", self.image_size),
+            (self.image_size >= 0, "data.image_size must be >= 1 (or 0: the model's)", self.image_size),
             (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
              "data.crop_scale must satisfy 0 < low <= high <= 1", list(self.crop_scale)),
             (0 < self.crop_ratio[0] <= self.crop_ratio[1], "data.crop_ratio must satisfy 0 < low <= high",

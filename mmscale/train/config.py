@@ -41,8 +41,9 @@ class TrainConfig:
     """`adamw`, or `adamw8bit` (bitsandbytes 8-bit optimizer state: a quarter of AdamW's memory; without ZeRO)."""
     gradient_checkpointing: bool = False
     """Recompute tower activations in the backward pass: much less activation memory for about a third more compute."""
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    """Mixed precision: bf16, fp16 (dynamic loss scaling) or fp32."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Mixed precision: bf16, fp16 (dynamic loss scaling), fp32, or `auto`: bf16 on GPUs that support it (else
+    fp16), fp32 on CPUs without native bf16 (AMX or AVX512-BF16), where bf16 is emulated and slower."""
     deepspeed: str = "configs/deepspeed/zero3.json"
     """DeepSpeed config (JSON or YAML) passed through; mmscale fills only the batch sizes, precision and
     gradient clipping from this section and says so at start."""

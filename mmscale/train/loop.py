@@ -43,6 +43,7 @@ from mmscale.train.engine import (
     zero_stage,
 )
 from mmscale.train.metrics import MetricsWriter, memory_gib
+from mmscale.train.precision import resolve_precision
 from mmscale.train.report import write_report
 
 MODEL_INPUTS = ("images", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels", "labels")
@@ -93,6 +94,9 @@ def _total_steps(config: TrainRunConfig) -> int:
 
 
 def _check_fit(config: TrainRunConfig, model: DualEncoder) -> None:
+    """Check the data settings against the model; data.image_size=0 takes the model's side."""
+    if not config.data.image_size:
+        config.data.image_size = model.image_size
     if config.data.image_size != model.image_size:
         raise ValueError(f"data.image_size={config.data.image_size} but the model's image tower takes "
                          f"{model.image_size} px; set data.image_size={model.image_size}")
@@ -110,6 +114,7 @@ def setup(config: TrainRunConfig) -> Run:
     world = dist.get_world_size()
     layout = batch_layout(config.train, world)
     total_steps = _total_steps(config)
+    config.train.precision, precision_reason = resolve_precision(config.train.precision)
     ds_config, notes = deepspeed_config(config.train, layout)
     output = Path(config.output_dir)
     if config.train.resume == "never" and latest_tag(output / "checkpoints"):
@@ -144,6 +149,7 @@ def setup(config: TrainRunConfig) -> Run:
         print(f"mmscale train: {world} process{'es' * (world > 1)}, global batch {layout.global_batch_size} = micro "
               f"{layout.micro_batch_size} x accumulation {layout.accumulation} x {world}; {total_steps} steps; "
               f"DeepSpeed config {config.train.deepspeed} with {', '.join(notes)} filled by mmscale", flush=True)
+        print(f"mmscale train: precision {config.train.precision} ({precision_reason})", flush=True)
     return Run(config=config, engine=engine, model=objective.model, tokenizer=tokenizer, layout=layout,
                total_steps=total_steps, output=output, device=engine.device, flops_per_sample=flops,
                manual_clip=config.train.grad_clip if manual_clipping(config.train, ds_config) else 0.0)
