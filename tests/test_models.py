@@ -130,7 +130,7 @@ def test_temperature_is_clamped_in_forward_not_in_the_parameter(tiny):
 def test_first_contrastive_loss_is_near_log_batch(tiny):
     out = PretrainingObjective(tiny, LossConfig())(**batch(16))
     assert abs(out.contrastive.item() - math.log(16)) < 1.0
-    assert out.total.item() == pytest.approx(out.contrastive.item() + out.mlm.item(), rel=1e-6)
+    assert out.total.item() == pytest.approx(out.contrastive.item() + LossConfig().mlm_weight * out.mlm.item(), rel=1e-6)
     assert out.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-4)
 
 
