@@ -1,21 +1,34 @@
-"""Small synthetic image–caption corpora for tests, the quickstart and benchmarks.
+"""Synthetic image–caption corpora for tests, the quickstart and benchmarks.
 
-Each image is one coloured shape of random size and position on a neutral background, and
-its caption says so ("a red circle on a gray background"). The label (`.cls`) is the shape's
-colour, an index into OBJECT_COLOURS: an attribute a tiny model learns from captions alone
-within minutes on a CPU (telling the shapes apart takes a ViT trained from scratch much
-longer), so zero-shot classification of the colour has a right answer well above chance.
+Three corpora, each with its class names and the caption templates that name a class (so a
+zero-shot evaluation can prompt with them):
+
+- `shapes`: one coloured shape on a neutral background; the label is the shape's *colour*.
+  A tiny model learns it within minutes on a CPU, and the mean pixel value nearly solves it,
+  so it proves plumbing, not learning.
+- `forms`: one shape of a random colour on a random contrasting background; the label is the
+  *shape* (circle, square, triangle, diamond, star, cross). Colour carries no information.
+- `characters`: a digit or letter rendered with one of several fonts, at a random size,
+  position and rotation, in random ink on random paper, with sparse noise; the label is the
+  character. Only the glyph's form tells the classes apart (`digits` is its 10-class subset).
+
+Fonts come from matplotlib's own font folder (a dependency), so every machine renders the same
+glyphs without system fonts.
 """
 
 from __future__ import annotations
 
+import colorsys
+import math
 import os
 import random
+import string
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 # Shape colours at least 150 apart in RGB (orange and purple, 80-110 from their neighbours, took a tiny
 # model several times longer to tell apart, and the quickstart's result swung with the data order).
@@ -25,11 +38,20 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 230), 
 OBJECT_COLOURS = ("red", "green", "blue", "yellow", "cyan", "magenta")
 BACKGROUNDS = ("white", "gray", "black")
 SHAPES = ("circle", "square", "triangle")
+FORMS = ("circle", "square", "triangle", "diamond", "star", "cross")
+DIGITS = tuple(string.digits)
+# Letters that some fonts draw like a digit or like each other (i, l, o beside 1 and 0) are left out.
+CHARACTERS = DIGITS + tuple(letter for letter in string.ascii_lowercase if letter not in "ilo")
+# Fonts of several families and styles; matplotlib ships them (mpl-data/fonts/ttf).
+# Bold faces: at 64 px a regular face's strokes are 2-3 px, thinner than what a patch-8 ViT learns from
+# in a short run.
+FONT_FILES = ("DejaVuSans-Bold.ttf", "DejaVuSans-BoldOblique.ttf", "DejaVuSerif-Bold.ttf",
+              "DejaVuSerif-BoldItalic.ttf", "DejaVuSansMono-Bold.ttf", "STIXGeneralBol.ttf")
 
 
 @dataclass(frozen=True)
 class SyntheticSample:
-    """One generated image file, its caption and its label (index into OBJECT_COLOURS)."""
+    """One generated image file, its caption and its label (index into the corpus's class names)."""
 
     image_path: str
     caption: str
@@ -37,32 +59,175 @@ class SyntheticSample:
 
 
 DOMAINS = {"plain": BACKGROUNDS, "colourful": OBJECT_COLOURS, "dim": BACKGROUNDS}
-"""Background colours by domain. `colourful` puts the shape on another strong colour; `dim` is the
-plain domain at 40% brightness (a night-time shift: same captions, darker colours), the shifted
-domain that fine-tuning demos adapt to."""
+"""Background colours by domain (the `shapes` corpus). `colourful` puts the shape on another strong colour;
+`dim` is the plain domain at 40% brightness (a night-time shift: same captions, darker colours), the
+shifted domain that fine-tuning demos adapt to. The other corpora darken their colours the same way in `dim`."""
 BRIGHTNESS = {"dim": 0.4}
 
 
+@dataclass(frozen=True)
+class Corpus:
+    """A generator of captioned images with a known label, and what a zero-shot evaluation of it needs."""
+
+    name: str
+    classnames: tuple[str, ...]
+    """Class names; label i is classnames[i]."""
+    templates: tuple[str, ...]
+    """Prompt templates with `{}` for the class name: the caption vocabulary, for zero-shot prompting."""
+    draw: Callable[[random.Random, int, str], tuple[Image.Image, str, int]]
+    """(rng, size, domain) -> (image, caption, label)."""
+    summary: str
+    """What the label is, in a few words."""
+
+
 def draw_sample(rng: random.Random, size: int = 64, domain: str = "plain") -> tuple[Image.Image, str, int]:
-    """A random shape image with its caption and label (the shape's colour)."""
+    """A random `shapes` image with its caption and label (the shape's colour)."""
     label = rng.randrange(len(OBJECT_COLOURS))
     colour, shape = OBJECT_COLOURS[label], rng.choice(SHAPES)
     background = rng.choice([name for name in DOMAINS[domain] if name != colour])
-    paint = {name: tuple(round(channel * BRIGHTNESS.get(domain, 1.0)) for channel in rgb) for name, rgb in COLOURS.items()}
+    paint = {name: _dimmed(rgb, domain) for name, rgb in COLOURS.items()}
     image = Image.new("RGB", (size, size), paint[background])
-    draw = ImageDraw.Draw(image)
     extent = rng.uniform(0.35, 0.7) * size
     left, top = rng.uniform(0, size - extent), rng.uniform(0, size - extent)
-    box = (left, top, left + extent, top + extent)
-    if shape == "circle":
-        draw.ellipse(box, fill=paint[colour])
-    elif shape == "square":
-        draw.rectangle(box, fill=paint[colour])
-    else:
-        draw.polygon([(left + extent / 2, top), (left, top + extent), (left + extent, top + extent)],
-                     fill=paint[colour])
+    _draw_form(ImageDraw.Draw(image), shape, (left, top, extent), paint[colour], rotation=0.0)
     caption = f"{_article(colour)} {colour} {shape} on {_article(background)} {background} background"
     return image, caption, label
+
+
+FORM_TEMPLATES = ("a {}", "a picture of a {}", "a coloured {}", "a {} on a plain background", "an image of a {}",
+                  "a drawing of a {}", "a {} shape", "a small picture showing a {}")
+
+
+def draw_form(rng: random.Random, size: int = 64, domain: str = "plain") -> tuple[Image.Image, str, int]:
+    """A `forms` image: one shape of a random colour on a random background of clearly different
+    lightness; the label is the shape, so colour tells nothing about it."""
+    label = rng.randrange(len(FORMS))
+    ink, paper = _contrasting_colours(rng, domain)
+    image = Image.new("RGB", (size, size), paper)
+    extent = rng.uniform(0.4, 0.8) * size
+    left, top = rng.uniform(0, size - extent), rng.uniform(0, size - extent)
+    _draw_form(ImageDraw.Draw(image), FORMS[label], (left, top, extent), ink, rotation=rng.uniform(-20, 20))
+    return image, rng.choice(FORM_TEMPLATES).format(FORMS[label]), label
+
+
+CHARACTER_TEMPLATES = ("the character {}", "a picture of the character {}", "the symbol {} written on paper",
+                       "a printed {}", "an image of the sign {}", "the glyph {} in ink", "a scan of a {}",
+                       "{} written in some font")
+
+
+def draw_character(rng: random.Random, size: int = 64, domain: str = "plain", *,
+                   charset: tuple[str, ...] = CHARACTERS) -> tuple[Image.Image, str, int]:
+    """A `characters` image: one glyph in a random bold font, size, rotation and position near the centre,
+    dark ink of random colour on light paper of random colour, plus sparse speckle; the label is the character."""
+    label = rng.randrange(len(charset))
+    ink, paper = _contrasting_colours(rng, domain)
+    font = _font(rng.choice(FONT_FILES), round(rng.uniform(0.55, 0.85) * size))
+    glyph = Image.new("L", (size * 2, size * 2), 0)  # drawn large, rotated, then cropped to its ink
+    ImageDraw.Draw(glyph).text((size, size), charset[label], font=font, fill=255, anchor="mm")
+    glyph = glyph.rotate(rng.uniform(-12, 12), resample=Image.BILINEAR)
+    glyph = glyph.crop(glyph.getbbox() or (0, 0, 1, 1))
+    if max(glyph.size) > size * 0.9:
+        scale = size * 0.9 / max(glyph.size)
+        glyph = glyph.resize((max(1, round(glyph.width * scale)), max(1, round(glyph.height * scale))), Image.BILINEAR)
+    image = Image.new("RGB", (size, size), paper)
+    jitter = size * 0.12  # around the centre, inside the image
+
+    def place(extent: int) -> int:
+        return round(min(max((size - extent) / 2 + rng.uniform(-jitter, jitter), 0), size - extent))
+
+    position = (place(glyph.width), place(glyph.height))
+    image.paste(Image.new("RGB", glyph.size, ink), position, glyph)
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randrange(0, size // 8)):  # dust and scanner speckle
+        x, y = rng.randrange(size), rng.randrange(size)
+        draw.point((x, y), fill=ink if rng.random() < 0.5 else paper)
+    return image, rng.choice(CHARACTER_TEMPLATES).format(charset[label]), label
+
+
+def draw_digit(rng: random.Random, size: int = 64, domain: str = "plain") -> tuple[Image.Image, str, int]:
+    """A `digits` image: draw_character over 0-9 only."""
+    return draw_character(rng, size, domain, charset=DIGITS)
+
+
+CORPORA: dict[str, Corpus] = {
+    "shapes": Corpus("shapes", OBJECT_COLOURS,
+                     tuple(f"a {{}} {shape} on a {background} background" for shape in SHAPES for background in BACKGROUNDS),
+                     draw_sample, "the shape's colour"),
+    "forms": Corpus("forms", FORMS, FORM_TEMPLATES, draw_form, "the shape, in random colours"),
+    "characters": Corpus("characters", CHARACTERS, CHARACTER_TEMPLATES, draw_character,
+                         "the character (digits and letters) in random fonts, sizes, rotations and colours"),
+    "digits": Corpus("digits", DIGITS, CHARACTER_TEMPLATES, draw_digit,
+                     "the digit in random fonts, sizes, rotations and colours"),
+}
+
+
+def corpus(name: str) -> Corpus:
+    """The corpus called `name`, or an error that lists them."""
+    if name not in CORPORA:
+        raise ValueError(f"synthetic corpus {name!r} is unknown; choose one of {', '.join(CORPORA)}")
+    return CORPORA[name]
+
+
+def write_zeroshot_files(folder: str | os.PathLike, corpus_name: str) -> tuple[Path, Path]:
+    """`classnames.txt` and `templates.txt` for zero-shot evaluation of a corpus; returns their paths."""
+    chosen, folder = corpus(corpus_name), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    classnames, templates = folder / "classnames.txt", folder / "templates.txt"
+    classnames.write_text("".join(f"{name}\n" for name in chosen.classnames), encoding="utf-8")
+    templates.write_text("".join(f"{template}\n" for template in chosen.templates), encoding="utf-8")
+    return classnames, templates
+
+
+def _dimmed(rgb: tuple[int, int, int], domain: str) -> tuple[int, int, int]:
+    return tuple(round(channel * BRIGHTNESS.get(domain, 1.0)) for channel in rgb)
+
+
+def _contrasting_colours(rng: random.Random, domain: str) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Dark ink on light paper, each of random hue and saturation, their lightness at least 0.25 apart."""
+    ink_light, paper_light = rng.uniform(0.05, 0.4), rng.uniform(0.65, 0.95)
+
+    def colour(lightness: float) -> tuple[int, int, int]:
+        rgb = colorsys.hls_to_rgb(rng.random(), lightness, rng.uniform(0.0, 0.9))
+        return _dimmed(tuple(round(channel * 255) for channel in rgb), domain)
+
+    return colour(ink_light), colour(paper_light)
+
+
+def _draw_form(draw: ImageDraw.ImageDraw, form: str, box: tuple[float, float, float], fill, *, rotation: float):
+    """Draw `form` filling the square (left, top, extent), rotated by `rotation` degrees about its centre."""
+    left, top, extent = box
+    if form == "circle":
+        draw.ellipse((left, top, left + extent, top + extent), fill=fill)
+        return
+    corners = {
+        "square": [(0, 0), (1, 0), (1, 1), (0, 1)],
+        "triangle": [(0.5, 0), (1, 1), (0, 1)],
+        "diamond": [(0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5)],
+        "cross": [(0.35, 0), (0.65, 0), (0.65, 0.35), (1, 0.35), (1, 0.65), (0.65, 0.65), (0.65, 1), (0.35, 1),
+                  (0.35, 0.65), (0, 0.65), (0, 0.35), (0.35, 0.35)],
+        "star": [(0.5 + 0.5 * (1 if i % 2 == 0 else 0.4) * math.sin(i * math.pi / 5),
+                  0.5 - 0.5 * (1 if i % 2 == 0 else 0.4) * math.cos(i * math.pi / 5)) for i in range(10)],
+    }[form]
+    angle = math.radians(rotation)
+    centre = (left + extent / 2, top + extent / 2)
+    points = []
+    for x, y in corners:
+        dx, dy = (x - 0.5) * extent, (y - 0.5) * extent
+        points.append((centre[0] + dx * math.cos(angle) - dy * math.sin(angle),
+                       centre[1] + dx * math.sin(angle) + dy * math.cos(angle)))
+    draw.polygon(points, fill=fill)
+
+
+_FONTS: dict[tuple[str, int], ImageFont.FreeTypeFont] = {}
+
+
+def _font(name: str, size: int) -> ImageFont.FreeTypeFont:
+    key = (name, size)
+    if key not in _FONTS:
+        import matplotlib
+
+        _FONTS[key] = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name), size)
+    return _FONTS[key]
 
 
 def _article(word: str) -> str:
@@ -70,18 +235,20 @@ def _article(word: str) -> str:
 
 
 def make_image_folder(path: str | os.PathLike, n: int, *, size: int = 64, seed: int = 0,
-                      image_format: str = "jpg", labels: bool = False, domain: str = "plain") -> list[SyntheticSample]:
+                      image_format: str = "jpg", labels: bool = False, domain: str = "plain",
+                      corpus_name: str = "shapes") -> list[SyntheticSample]:
     """Write n images (`000000.jpg`) with same-stem captions (`000000.txt`) and, if asked, labels (`.cls`).
 
     `image_format` is a file extension PIL can write (jpg, png, webp); the same seed gives
-    the same files.
+    the same files. `corpus_name` picks the generator (see CORPORA).
     """
+    draw = corpus(corpus_name).draw
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     samples = []
     for index in range(n):
-        image, caption, label = draw_sample(rng, size, domain)
+        image, caption, label = draw(rng, size, domain)
         image_path = folder / f"{index:06d}.{image_format}"
         image.save(image_path, quality=90) if image_format in ("jpg", "jpeg") else image.save(image_path)
         (folder / f"{index:06d}.txt").write_text(caption + "\n", encoding="utf-8")
@@ -92,13 +259,14 @@ def make_image_folder(path: str | os.PathLike, n: int, *, size: int = 64, seed: 
 
 
 def make_synthetic_shards(output_dir: str | os.PathLike, n: int, *, samples_per_shard: int = 16,
-                          size: int = 64, seed: int = 0, labels: bool = True, domain: str = "plain") -> list[str]:
+                          size: int = 64, seed: int = 0, labels: bool = True, domain: str = "plain",
+                          corpus_name: str = "shapes") -> list[str]:
     """Write n synthetic samples as shards with the real make_shards pipeline; returns the shard paths."""
     from mmscale.data.sharding import ShardingOptions, make_shards
     from mmscale.data.sources import InputOptions
 
     with tempfile.TemporaryDirectory(prefix="mmscale-synthetic-") as folder:
-        make_image_folder(folder, n, size=size, seed=seed, labels=labels, domain=domain)
+        make_image_folder(folder, n, size=size, seed=seed, labels=labels, domain=domain, corpus_name=corpus_name)
         summary = make_shards(ShardingOptions(input=InputOptions(path=folder, kind="folder"),
                                               output_dir=str(output_dir), samples_per_shard=samples_per_shard,
                                               workers=1, progress=False))
