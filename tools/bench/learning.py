@@ -1,0 +1,152 @@
+"""Does mmscale learn what open_clip learns? Both trainers on the same shards, in one run.
+
+Generates rendered-character shards (mmscale.data.synthetic: glyphs in several fonts, sizes,
+positions, rotations and colours; the label is the character, so colour tells nothing), trains
+
+- mmscale: `tiny`, DeepSpeed ZeRO-3 through its launcher on 2 CPU ranks, CLIP + masked-LM
+  (configs/pretrain/tiny.yaml), and
+- open_clip: its own trainer (`open_clip_train.main`) with a matched ViT/text transformer
+  (tools/bench/open_clip_driver.py), one process,
+
+with the same batch, epochs, learning rate, warmup and weight decay, then scores both zero-shot on
+held-out shards with the same class names and templates. open_clip's webdataset loader needs
+webdataset 0.2.x, so open_clip is installed into its own `--target` folder (--open-clip-dir) and put
+on its PYTHONPATH only. Wall times are the training commands' own, start-up included.
+
+    python tools/bench/learning.py                          # characters, 4,000 pairs x 6 epochs
+    python tools/bench/learning.py --corpus digits --train-samples 1400 --epochs 10
+
+The last line is one JSON object: {"mmscale_top1", "open_clip_top1", "mmscale_seconds", "open_clip_seconds"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+OPEN_CLIP_PACKAGES = ("open-clip-torch==3.3.0", "webdataset==0.2.86", "timm", "ftfy", "braceexpand", "wcwidth",
+                      "pandas", "pytz", "tzdata")
+
+
+def ensure_open_clip(folder: Path) -> None:
+    """open_clip and webdataset 0.2.x in their own folder, installed once (no effect on this environment)."""
+    if (folder / "open_clip_train" / "main.py").is_file() and (folder / "webdataset").is_dir():
+        return
+    print(f"installing open_clip into {folder} ...", flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(folder),
+                    *OPEN_CLIP_PACKAGES], check=True)
+
+
+def make_data(root: Path, *, corpus: str, train_samples: int, test_samples: int, per_shard: int) -> dict:
+    """Train and held-out shards of one corpus, its zero-shot files and a WordPiece tokenizer."""
+    from mmscale.data.synthetic import make_synthetic_shards, write_zeroshot_files
+    from mmscale.data.tokenizer_train import iter_captions, train_wordpiece
+
+    train = make_synthetic_shards(root / "train", train_samples, samples_per_shard=per_shard, seed=0,
+                                  corpus_name=corpus)
+    test = make_synthetic_shards(root / "test", test_samples, samples_per_shard=per_shard, seed=1,
+                                 corpus_name=corpus)
+    classnames, templates = write_zeroshot_files(root, corpus)
+    train_wordpiece(iter_captions(str(root / "train")), vocab_size=1000, output_dir=root / "tokenizer")
+    brace = f"{root / 'train'}/shard-{{000000..{len(train) - 1:06d}}}.tar"
+    return {"train": brace, "test": str(root / "test"), "test_glob": str(root / "test" / "*.tar"), "count": len(train),
+            "tokenizer": str(root / "tokenizer"), "classnames": str(classnames), "templates": str(templates),
+            "test_files": test}
+
+
+def run_mmscale(data: dict, args, output: Path) -> tuple[float, float, list[dict]]:
+    """(zero-shot top-1, training seconds, train metrics) of mmscale's tiny on 2 ranks."""
+    env = os.environ | {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    from mmscale.train.engine import free_port
+
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
+               "--master_port", str(free_port()), "--module", "mmscale.train",
+               "--config", str(REPO / "configs" / "pretrain" / "tiny.yaml"), f"output_dir={output}",
+               f"data.train={data['train']}", f"tokenizer={data['tokenizer']}",
+               f"train.samples={args.train_samples * args.epochs}", f"train.global_batch_size={args.batch}",
+               f"train.lr={args.lr}", f"train.warmup_steps={args.warmup}", f"train.weight_decay={args.wd}",
+               "train.min_lr=0", "train.progress=false", "train.tensorboard=false",
+               f"train.save_every_steps={10**9}", *args.mmscale_overrides]
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    (output.parent / "mmscale.log").write_text(result.stdout + result.stderr)
+    if result.returncode:
+        raise SystemExit(f"mmscale training failed (log: {output.parent / 'mmscale.log'}):\n{result.stderr[-3000:]}")
+    evaluation = subprocess.run(
+        [sys.executable, "-m", "mmscale.cli", "eval", "zeroshot", "--checkpoint", str(output / "final"),
+         "--data", data["test"], "--classnames", data["classnames"], "--templates", data["templates"]],
+        cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return json.loads(evaluation.stdout.strip().splitlines()[-1])["top1"], seconds, [
+        record for record in records if record["kind"] == "train"]
+
+
+def run_open_clip(data: dict, args, output: Path) -> tuple[float, float]:
+    """(zero-shot top-1, training seconds) of open_clip's trainer on the same shards."""
+    env = os.environ | {"PYTHONPATH": str(args.open_clip_dir), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, str(REPO / "tools" / "bench" / "open_clip_driver.py"), "--train", data["train"],
+               "--train-samples", str(args.train_samples), "--test", data["test_glob"],
+               "--classnames", data["classnames"], "--templates", data["templates"], "--tokenizer", data["tokenizer"],
+               "--output", str(output), "--epochs", str(args.epochs), "--batch-size", str(args.batch),
+               "--lr", str(args.lr), "--warmup", str(args.warmup), "--wd", str(args.wd)]
+    result = subprocess.run(command, cwd=output.parent, env=env, capture_output=True, text=True)
+    (output.parent / "open_clip.log").write_text(result.stdout + result.stderr)
+    if result.returncode:
+        raise SystemExit(f"open_clip failed (log: {output.parent / 'open_clip.log'}):\n{result.stderr[-3000:]}")
+    numbers = json.loads(result.stdout.strip().splitlines()[-1])
+    return numbers["top1"], numbers["seconds"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", default="characters", help="mmscale.data.synthetic corpus (characters, digits, forms)")
+    parser.add_argument("--train-samples", type=int, default=4000)
+    parser.add_argument("--test-samples", type=int, default=620)
+    parser.add_argument("--per-shard", type=int, default=500)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--wd", type=float, default=0.1)
+    parser.add_argument("--ranks", type=int, default=2, help="mmscale's CPU ranks")
+    parser.add_argument("--open-clip-dir", type=Path, default=Path.home() / ".cache" / "mmscale" / "open_clip_bench",
+                        help="where open_clip and webdataset 0.2.x are installed (once)")
+    parser.add_argument("--output", type=Path, help="keep data, runs and logs here (default: a temporary folder)")
+    parser.add_argument("--skip-open-clip", action="store_true", help="train mmscale only")
+    parser.add_argument("mmscale_overrides", nargs="*", help="extra key=value overrides for mmscale")
+    args = parser.parse_args(argv)
+    if not args.skip_open_clip:
+        ensure_open_clip(args.open_clip_dir)
+    with tempfile.TemporaryDirectory(prefix="mmscale-learning-") as scratch:
+        root = args.output or Path(scratch)
+        root.mkdir(parents=True, exist_ok=True)
+        data = make_data(root / "data", corpus=args.corpus, train_samples=args.train_samples,
+                         test_samples=args.test_samples, per_shard=args.per_shard)
+        chance = 1 / len(Path(data["classnames"]).read_text().split())
+        print(f"{args.corpus}: {args.train_samples} training / {args.test_samples} held-out pairs; "
+              f"{args.epochs} epochs of batch {args.batch}, lr {args.lr}, warmup {args.warmup}", flush=True)
+        ours, ours_seconds, curve = run_mmscale(data, args, root / "mmscale")
+        theirs, theirs_seconds = (float("nan"), float("nan")) if args.skip_open_clip else \
+            run_open_clip(data, args, root / "open_clip")
+    print("\ncontrastive loss (mmscale): " + ", ".join(f"{r['step']}: {r['contrastive_loss']:.2f}" for r in curve))
+    print(f"\n{'trainer':34s} {'zero-shot top-1':>16s} {'train seconds':>14s}")
+    print(f"{'mmscale tiny, ZeRO-3, ' + str(args.ranks) + ' ranks':34s} {ours:16.3f} {ours_seconds:14.1f}")
+    print(f"{'open_clip_train, 1 process':34s} {theirs:16.3f} {theirs_seconds:14.1f}")
+    print(f"(chance {chance:.3f}; {os.cpu_count()} cores)")
+    print(json.dumps({"mmscale_top1": round(ours, 4), "open_clip_top1": round(theirs, 4),
+                      "mmscale_seconds": round(ours_seconds, 1), "open_clip_seconds": round(theirs_seconds, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
