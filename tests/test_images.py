@@ -65,3 +65,30 @@ def test_exif_orientation_is_applied_so_pixels_are_upright(resize):
     assert upright.size == (side, 2 * side) and (prepared.original_width, prepared.original_height) == (20, 40)
     top, bottom = upright.getpixel((side // 2, side // 4)), upright.getpixel((side // 2, 2 * side - side // 4))
     assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60  # red on top after the turn
+
+
+@pytest.mark.parametrize("name", ["shapes", "forms", "characters", "digits"])
+def test_every_synthetic_corpus_draws_labelled_captioned_images(name, tmp_path):
+    """Each generator gives images of the asked size, a caption from its templates naming the label's
+    class, and the same images for the same seed; the zero-shot files list its classes and templates."""
+    import random
+
+    from mmscale.data.synthetic import corpus, write_zeroshot_files
+
+    chosen = corpus(name)
+    drawn = [chosen.draw(random.Random(seed), 48, "plain") for seed in range(12)]
+    for image, caption, label in drawn:
+        assert image.size == (48, 48) and 0 <= label < len(chosen.classnames)
+        assert any(template.format(chosen.classnames[label]) == caption for template in chosen.templates)
+    again = chosen.draw(random.Random(0), 48, "plain")
+    assert again[0].tobytes() == drawn[0][0].tobytes() and again[1:] == drawn[0][1:]
+    classnames, templates = write_zeroshot_files(tmp_path, name)
+    assert classnames.read_text().split("\n")[:-1] == list(chosen.classnames)
+    assert templates.read_text().split("\n")[:-1] == list(chosen.templates)
+
+
+def test_an_unknown_corpus_is_named_with_the_choices():
+    from mmscale.data.synthetic import corpus
+
+    with pytest.raises(ValueError, match="choose one of shapes, forms, characters, digits"):
+        corpus("letters")

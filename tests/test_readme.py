@@ -39,6 +39,7 @@ EXERCISED_BY = {
     "tools/bench/loader.py": (["tests/test_bench.py"], '"loader.py"'),
     "tools/bench/train_throughput.py": (["tests/test_bench.py"], '"train_throughput.py"'),
     "tools/bench/finetune_memory.py": (["tests/test_bench.py"], '"finetune_memory.py"'),
+    "tools/bench/learning.py": (["tests/test_bench.py"], '"learning.py"'),
 }
 
 

@@ -204,3 +204,19 @@ def test_image_size_follows_the_model_unless_set():
     config.data.image_size = 224
     with pytest.raises(ValueError, match="set data.image_size=64"):
         _check_fit(config, model)
+
+
+def test_cpu_ranks_share_the_cores_unless_told(monkeypatch):
+    import os
+
+    from mmscale.train.engine import cpu_threads_per_rank
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_SIZE", "2")  # the deepspeed launcher's count of ranks on this node
+    assert cpu_threads_per_rank() == max(1, cores // 2)
+    monkeypatch.setenv("LOCAL_SIZE", str(4 * cores))
+    assert cpu_threads_per_rank() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_threads_per_rank() == 3

@@ -84,22 +84,31 @@ def pil_pipeline(spec: str, encoder: CaptionEncoder):
         transforms.ToTensor(),
         transforms.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     ])
-    dataset = (wds.WebDataset(spec_urls(spec), shardshuffle=False, empty_check=False)
-               .decode("pilrgb").to_tuple("jpg;png;jpeg;webp", "txt").map_tuple(preprocess, lambda text: text)
+    skip = wds.ignore_and_continue  # open_clip's loader logs and goes on past a bad sample
+    dataset = (wds.WebDataset(spec_urls(spec), shardshuffle=False, empty_check=False, handler=skip)
+               .decode("pilrgb", handler=skip).to_tuple("jpg;png;jpeg;webp", "txt", handler=skip)
+               .map_tuple(preprocess, lambda text: text, handler=skip)
                .batched(BATCH_SIZE, partial=True))
     for images, captions in dataset:
         yield {"images": images, **encoder.encode(list(captions))}
 
 
 def bare_decode(spec: str):
-    """Reading the tars and decoding each JPEG with PIL, nothing else: the calibration row."""
+    """Reading the tars and decoding each JPEG with PIL, nothing else: the calibration row. A sample
+    without an image or with one PIL cannot decode (a truncated JPEG) is passed over, as both loaders do."""
     from PIL import Image
 
     from mmscale.data.shards import iter_raw_samples, sample_image_bytes
 
     for url in spec_urls(spec):
         for raw in iter_raw_samples(url):
-            yield {"images": [Image.open(io.BytesIO(sample_image_bytes(raw)[1])).convert("RGB")]}
+            found = sample_image_bytes(raw)
+            try:
+                image = Image.open(io.BytesIO(found[1])).convert("RGB") if found else None
+            except (OSError, ValueError, Image.DecompressionBombError):
+                image = None
+            if image is not None:
+                yield {"images": [image]}
 
 
 def mmscale_loader(spec: str, tokenizer, workers: int):
