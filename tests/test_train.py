@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -17,25 +18,25 @@ from transformers import AutoModel, VisionTextDualEncoderModel
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
 pytestmark = pytest.mark.slow
+LEARNED_MARGIN = 0.5  # nats below ln(64) that the last five logged contrastive losses must average
+ZEROSHOT_FLOOR = 0.25  # held-out digits, chance 0.1
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, Path]:
-    """Generated shape shards (train and labelled val), a tokenizer trained on their captions, class names."""
-    from mmscale.data.synthetic import BACKGROUNDS, OBJECT_COLOURS, SHAPES, make_synthetic_shards
+    """Rendered digits (train and labelled val: glyphs in several fonts, sizes, rotations and colours, so
+    only the shape tells them apart), a tokenizer trained on their captions, class names and templates."""
+    from mmscale.data.synthetic import make_synthetic_shards, write_zeroshot_files
     from mmscale.data.tokenizer_train import iter_captions, train_wordpiece
 
     root = tmp_path_factory.mktemp("corpus")
-    make_synthetic_shards(root / "train", 2048, samples_per_shard=64, seed=0)
+    make_synthetic_shards(root / "train", 2048, samples_per_shard=64, seed=0, corpus_name="digits")
     # 6 val shards of unequal size: the ranks get different batch counts, which eval must survive.
-    make_synthetic_shards(root / "val", 256, samples_per_shard=48, seed=1)
+    make_synthetic_shards(root / "val", 256, samples_per_shard=48, seed=1, corpus_name="digits")
     train_wordpiece(iter_captions(str(root / "train")), vocab_size=200, output_dir=root / "tokenizer")
-    (root / "classnames.txt").write_text("\n".join(OBJECT_COLOURS) + "\n")
-    # Prompt ensembling over the caption vocabulary (shapes x backgrounds), as CLIP ensembles templates.
-    (root / "templates.txt").write_text("".join(f"a {{}} {shape} on a {background} background\n"
-                                                for shape in SHAPES for background in BACKGROUNDS))
+    classnames, templates = write_zeroshot_files(root, "digits")  # prompt ensembling over the caption templates
     return {"train": root / "train", "val": root / "val", "tokenizer": root / "tokenizer",
-            "classnames": root / "classnames.txt", "templates": root / "templates.txt"}
+            "classnames": classnames, "templates": templates}
 
 
 def launch(launcher_args: list[str], overrides: list[str], *, env: dict | None = None, wait: bool = True):
@@ -63,30 +64,33 @@ def metrics(output: Path, kind: str = "train") -> list[dict]:
 
 
 def test_zero3_on_two_ranks_partitions_learns_and_exports(corpus, tmp_path):
-    """120 steps of tiny on the generated shapes in bf16 (about 90 s on 2 cores): ZeRO-3 partitions, the
-    loss falls, zero-shot colour accuracy ends far above chance (1/6), final/ loads in transformers."""
+    """The CI learning test: 160 steps of tiny (CLIP + MLM, train.precision=auto: fp32 on CPUs without native
+    bf16) on rendered digits, 2 ranks: ZeRO-3 partitions, the contrastive loss falls well below ln(64) and
+    held-out zero-shot ends far above chance (1/10); final/ loads in transformers. Before issue 11 the loss
+    sat at ln(64) here."""
     output = tmp_path / "run"
     code, log = launch(["--num_gpus", "2", "--master_port", str(free_port())], run_overrides(
-        corpus, output, "train.samples=7680", "train.global_batch_size=64", "train.warmup_steps=20",
+        corpus, output, "train.samples=10240", "train.global_batch_size=64", "train.warmup_steps=20",
         "train.log_every_steps=5", "train.save_every_steps=80", "train.keep_checkpoints=2",
         "train.tensorboard=true", f"data.val={corpus['val']}", f"eval.classnames={corpus['classnames']}",
         f"eval.templates={corpus['templates']}"))
     assert code == 0, log[-3000:]
+    assert re.search(r"precision (fp32|bf16) \(auto: ", log)
     held = {int(rank): (int(local.replace(",", "")), int(total.replace(",", ""))) for rank, local, total in
             re.findall(r"rank (\d) holds ([\d,]+) of ([\d,]+) parameter values", log)}
     assert set(held) == {0, 1}
     for local, total in held.values():  # ZeRO-3 really partitions: about half the values on each rank
         assert 0.45 * total <= local <= 0.55 * total
     losses = [record["contrastive_loss"] for record in metrics(output)]
-    assert len(losses) == 24 and all(map(torch.isfinite, torch.tensor(losses)))
-    assert losses[0] == pytest.approx(4.16, abs=0.5)  # ~ln(64), the global batch, early on: a sane init
-    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5  # the loss falls
+    assert len(losses) == 32 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert losses[0] == pytest.approx(math.log(64), abs=0.3)  # a sane init
+    assert sum(losses[-5:]) / 5 < math.log(64) - LEARNED_MARGIN, losses  # well below ln(batch)
     evaluation = metrics(output, "eval")[-1]
     assert evaluation["samples"] == 256 and {"top1", "i2t_r1", "t2i_r10", "val_loss"} <= set(evaluation)
-    assert evaluation["top1"] > 0.4, evaluation  # chance is 1/6
+    assert evaluation["top1"] > ZEROSHOT_FLOOR, evaluation  # chance is 1/10
     checkpoints = output / "checkpoints"
-    assert (checkpoints / "latest").read_text() == "step00000120"
-    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step00000080", "step00000120"]
+    assert (checkpoints / "latest").read_text() == "step00000160"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step00000080", "step00000160"]
     assert list((output / "tensorboard").glob("events.out.tfevents.*"))
     assert "preset: tiny" in (output / "config.yaml").read_text()
     # final/ is a plain transformers model with mmscale's embeddings.
@@ -107,7 +111,7 @@ def test_zero3_on_two_ranks_partitions_learns_and_exports(corpus, tmp_path):
                                 capture_output=True, text=True, check=True, env=os.environ | {"DS_ACCELERATOR": "cpu"})
         summary = json.loads(result.stdout.strip().splitlines()[-1])
         assert summary["samples"] == 256
-        if kind == "zeroshot":  # the same model and data as the run's last eval, bf16 weights aside
+        if kind == "zeroshot":  # the same model and data as the run's last eval
             assert summary["top1"] == pytest.approx(evaluation["top1"], abs=0.05)
         else:
             assert summary["i2t_r1"] == pytest.approx(evaluation["i2t_r1"], abs=0.05)
