@@ -33,7 +33,7 @@ def test_loader_benchmark_passes_over_a_truncated_jpeg_in_its_baselines(tmp_path
     from corpus import image_bytes, write_tar
 
     members = []
-    for index in range(40):
+    for index in range(160):  # two full batches of 64 after the skip
         jpeg = image_bytes((96, 80), seed=index)
         members += [(f"{index:04d}.jpg", jpeg[: len(jpeg) // 2] if index == 7 else jpeg),
                     (f"{index:04d}.txt", f"caption number {index}".encode())]
