@@ -75,7 +75,6 @@ def run_mmscale(data: dict, args, output: Path) -> tuple[float, float, list[dict
                f"train.samples={args.train_samples * args.epochs}", f"train.global_batch_size={args.batch}",
                f"train.lr={args.lr}", f"train.warmup_steps={args.warmup}", f"train.weight_decay={args.wd}",
                "train.min_lr=0", "train.progress=false", "train.tensorboard=false",
-               "data.crop_scale=[0.9,1.0]", "data.hflip_probability=0",  # open_clip's train augmentation
                f"train.save_every_steps={10**9}", *args.mmscale_overrides]
     started = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
