@@ -26,7 +26,7 @@ import torch
 from mmscale.data.inspection import inspect_spec
 from mmscale.data.sharding import ShardingOptions, make_shards
 from mmscale.data.sources import InputOptions
-from mmscale.data.synthetic import BACKGROUNDS, OBJECT_COLOURS, SHAPES, make_image_folder
+from mmscale.data.synthetic import OBJECT_COLOURS, corpus, make_image_folder, write_zeroshot_files
 from mmscale.data.tokenizer_train import iter_captions, train_wordpiece
 from mmscale.train.engine import free_port
 from mmscale.train.report import read_history
@@ -90,12 +90,10 @@ class Quickstart:
         report = inspect_spec(str(shards["train"]), examples=0, check_sizes=True, progress=False)
         if report.all_problems:
             raise QuickstartFailed("shard verification failed:\n" + "\n".join(report.all_problems))
-        (self.out / "classnames.txt").write_text("\n".join(OBJECT_COLOURS) + "\n")
         # Prompt ensembling over the caption vocabulary, as CLIP ensembles its templates.
-        (self.out / "templates.txt").write_text("".join(f"a {{}} {shape} on a {background} background\n"
-                                                        for shape in SHAPES for background in BACKGROUNDS))
+        write_zeroshot_files(self.out, "shapes")
         total = sum(count for count, _, _ in SPLITS.values())
-        self.record("data", f"{total:,} pairs in 4 splits, verified; the label is the shape's colour "
+        self.record("data", f"{total:,} pairs in 4 splits, verified; the label is {corpus('shapes').summary} "
                     f"({len(OBJECT_COLOURS)} classes)", started)
         return shards
 

@@ -17,8 +17,6 @@ module's parameters gathered at a time.
 
 from __future__ import annotations
 
-import math
-
 from torch import nn
 
 
@@ -88,11 +86,3 @@ def init_towers(towers: nn.Module) -> None:
     for module in towers.modules():
         init_module(module, towers_config=towers.config)
 
-
-def feature_spread(features) -> float:
-    """Mean pairwise cosine similarity of a batch of features (1.0: all the same direction)."""
-    import torch.nn.functional as F
-
-    unit = F.normalize(features.float(), dim=-1)
-    count = unit.shape[0]
-    return float(((unit @ unit.T).sum() - count) / (count * count - count)) if count > 1 else math.nan
