@@ -19,7 +19,7 @@ from mmscale.data.config import DataConfig
 from mmscale.data.loader import BatchLoader, ShardStream, StreamSettings, build_loader
 from mmscale.data.samples import AugmentSettings, SampleDecoder
 from mmscale.data.shards import ShardError, parse_spec
-from mmscale.data.text import CaptionEncoder
+from mmscale.data.text import IGNORE_INDEX, CaptionEncoder
 
 CONFIG = DataConfig(image_size=32, context_length=16, shuffle_buffer=16, workers=0)
 
@@ -41,9 +41,16 @@ def test_batch_layout(tmp_path, tokenizer):
     loader = build_loader(CONFIG, spec="::".join(urls), tokenizer=tokenizer, batch_size=4, train=True)
     batch = next(iter(loader))
     assert batch["images"].shape == (4, 3, 32, 32) and batch["images"].dtype == torch.uint8
+    width = batch["input_ids"].shape[1]  # the longest caption's length, rounded up to a multiple of 8
+    assert width % 8 == 0 and width <= 16 and batch["attention_mask"][:, width - 8:].sum(1).max() > 0
     for name in ("input_ids", "attention_mask", "mlm_input_ids", "mlm_labels"):
-        assert batch[name].shape == (4, 16) and batch[name].dtype == torch.long
+        assert batch[name].shape == (4, width) and batch[name].dtype == torch.long
     assert batch["input_ids"][:, 0].eq(tokenizer.cls_token_id).all()
+    # The masked positions, flat into 4 x width, with their targets: the same tokens mlm_labels names.
+    positions, targets = batch["mlm_positions"], batch["mlm_targets"]
+    real = targets != IGNORE_INDEX
+    assert len(positions) % 16 == 0 and torch.equal(targets[real], batch["mlm_labels"].flatten()[positions[real]])
+    assert int(real.sum()) == int((batch["mlm_labels"] != IGNORE_INDEX).sum())
     assert set(batch["labels"].tolist()) <= {0, 1, 2}
     assert len(batch["keys"]) == 4
 

@@ -53,3 +53,22 @@ def test_masking_is_deterministic_per_seed(tokenizer):
 def test_a_missing_tokenizer_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such folder"):
         load_tokenizer(tmp_path / "absent")
+
+
+def test_captions_are_padded_to_the_longest_in_the_batch_unless_asked_for_the_context(tokenizer):
+    captions = ["red circle", "a small blue star"]
+    longest = CaptionEncoder(tokenizer, context_length=32, mlm_probability=0.0).encode(captions)
+    fixed = CaptionEncoder(tokenizer, context_length=32, mlm_probability=0.0, pad_to_longest=False).encode(captions)
+    assert longest["input_ids"].shape == (2, 8) and fixed["input_ids"].shape == (2, 32)
+    assert torch.equal(fixed["input_ids"][:, :8], longest["input_ids"]) and not fixed["attention_mask"][:, 8:].any()
+
+
+def test_masked_positions_are_flat_indices_padded_with_ignored_targets():
+    from mmscale.data.text import masked_positions
+
+    labels = torch.full((2, 4), IGNORE_INDEX)
+    labels[0, 1], labels[1, 3] = 7, 9
+    positions, targets = masked_positions(labels, multiple=4)
+    assert positions.tolist() == [1, 7, 0, 0] and targets.tolist() == [7, 9, IGNORE_INDEX, IGNORE_INDEX]
+    nothing, ignored = masked_positions(torch.full((2, 4), IGNORE_INDEX), multiple=4)
+    assert len(nothing) == 4 and (ignored == IGNORE_INDEX).all()  # never empty: every rank runs the head

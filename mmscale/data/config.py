@@ -31,6 +31,10 @@ class DataConfig:
     """Probability of a horizontal flip in training; set 0 when captions mention left and right."""
     context_length: int = 64
     """Text tokens per caption, [CLS] and [SEP] included; longer captions are truncated."""
+    pad_to_longest: bool = True
+    """Pad each batch's captions to its longest caption (rounded up to a multiple of 8) instead of to
+    context_length: short captions then cost the text tower a fraction of the work. false: every batch
+    is context_length wide (fixed shapes)."""
     mlm_probability: float = 0.15
     """Fraction of caption tokens chosen for masked-LM (80% [MASK], 10% random, 10% kept); 0 turns MLM off."""
     max_pixels: int = 89_478_485

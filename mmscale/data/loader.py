@@ -63,10 +63,10 @@ class StreamSettings:
 class ShardStream(IterableDataset):
     """An IterableDataset of whole batches with a `state_dict` for exact mid-epoch resume.
 
-    Batches are dicts: `images` uint8 [B, 3, S, S], `input_ids`, `attention_mask`
-    (and `mlm_input_ids`, `mlm_labels` when MLM is on), `labels` (-1 where a sample has
-    no `.cls`), `keys`, and `skipped` (samples skipped since the previous batch, by
-    reason). In finite mode a last batch of size 0 carries the trailing skip counts.
+    Batches are dicts: `images` uint8 [B, 3, S, S], `input_ids`, `attention_mask` (and
+    `mlm_input_ids`, `mlm_labels`, `mlm_positions`, `mlm_targets` when MLM is on), `labels`
+    (-1 where a sample has no `.cls`), `keys`, and `skipped` (samples skipped since the
+    previous batch, by reason). In finite mode a last batch of size 0 carries the trailing skip counts.
     """
 
     def __init__(self, settings: StreamSettings, decoder: SampleDecoder):
@@ -346,6 +346,6 @@ def build_loader(
         crop_ratio=config.crop_ratio, hflip_probability=config.hflip_probability,
     )
     captions = CaptionEncoder(tokenizer, context_length=config.context_length,
-                              mlm_probability=config.mlm_probability)
+                              mlm_probability=config.mlm_probability, pad_to_longest=config.pad_to_longest)
     stream = ShardStream(settings, SampleDecoder(augment, captions))
     return BatchLoader(stream, workers=config.workers, prefetch_factor=config.prefetch_factor)

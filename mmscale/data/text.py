@@ -50,7 +50,7 @@ class CaptionEncoder:
     Picklable, so dataloader workers get their own copy.
     """
 
-    def __init__(self, tokenizer, *, context_length: int, mlm_probability: float):
+    def __init__(self, tokenizer, *, context_length: int, mlm_probability: float, pad_to_longest: bool = True):
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer has no padding token; add one (e.g. [PAD]) before training")
         if mlm_probability > 0 and tokenizer.mask_token_id is None:
@@ -59,8 +59,11 @@ class CaptionEncoder:
         self.mlm_probability = mlm_probability
         self.backend = tokenizer.backend_tokenizer.__class__.from_str(tokenizer.backend_tokenizer.to_str())
         self.backend.enable_truncation(max_length=context_length)
-        self.backend.enable_padding(length=context_length, pad_id=tokenizer.pad_token_id,
-                                    pad_token=tokenizer.pad_token)
+        # Padding to the batch's longest caption (rounded up to a multiple of 8, so shapes stay few):
+        # captions are mostly far shorter than the context, and padding costs the text tower as much
+        # as tokens do. Masked attention makes the embeddings the same either way.
+        self.backend.enable_padding(length=None if pad_to_longest else context_length, pad_id=tokenizer.pad_token_id,
+                                    pad_token=tokenizer.pad_token, pad_to_multiple_of=8 if pad_to_longest else None)
         self.masking = MaskingSpec(
             mask_token_id=tokenizer.mask_token_id if tokenizer.mask_token_id is not None else -1,
             pad_token_id=tokenizer.pad_token_id,
@@ -69,7 +72,8 @@ class CaptionEncoder:
         )
 
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """`input_ids` and `attention_mask`, int64 [batch, context_length]."""
+        """`input_ids` and `attention_mask`, int64 [batch, length]: length is context_length, or with
+        `pad_to_longest` the longest caption's rounded up to a multiple of 8 (at most context_length)."""
         encodings = self.backend.encode_batch(captions)
         return {
             "input_ids": torch.tensor([e.ids for e in encodings], dtype=torch.long),
@@ -84,7 +88,24 @@ class CaptionEncoder:
             masked, labels = mask_tokens(batch["input_ids"], spec=self.masking,
                                          probability=self.mlm_probability, generator=generator)
             batch["mlm_input_ids"], batch["mlm_labels"] = masked, labels
+            batch["mlm_positions"], batch["mlm_targets"] = masked_positions(labels)
         return batch
+
+
+def masked_positions(mlm_labels: torch.Tensor, *, multiple: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masked positions of [B, L] `mlm_labels` as flat indices into B x L, and their target ids,
+    padded (position 0, target IGNORE_INDEX) to a multiple of `multiple`, at least one multiple.
+
+    Computed where the masks are made, on the CPU, so the model picks the masked rows with
+    `index_select` instead of a boolean mask, which would make the device wait for the host to
+    learn how many rows there are. Padding to a multiple keeps the shapes few (one compiled graph
+    covers many batches) and never empty (every rank runs the MLM head)."""
+    flat = mlm_labels.reshape(-1)
+    positions = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    length = max(1, -(-len(positions) // multiple)) * multiple
+    padding = length - len(positions)
+    return (torch.cat([positions, positions.new_zeros(padding)]),
+            torch.cat([flat[positions], flat.new_full((padding,), IGNORE_INDEX)]))
 
 
 def mask_tokens(
