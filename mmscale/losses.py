@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
+from mmscale.data.text import IGNORE_INDEX
 from mmscale.models.dual_encoder import DualEncoder
 
 
@@ -71,8 +72,10 @@ def _rank_and_world(group) -> tuple[int, int]:
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient for this rank's rows. NCCL does that
-    with reduce_scatter; gloo has none, so it all-reduces the (small) feature gradient and slices."""
+    """all_gather whose backward sums every rank's gradient for this rank's rows. On CUDA tensors
+    (NCCL) that is one reduce_scatter; gloo has none, so CPU tensors all-reduce the (small) feature
+    gradient and slice. The choice follows the tensor's device, as the process group's backend does
+    (`cpu:gloo,cuda:nccl`)."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
@@ -86,7 +89,7 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
-        if dist.get_backend(ctx.group) == dist.Backend.NCCL:
+        if grad.device.type == "cuda":
             own = grad.new_empty((grad.shape[0] // ctx.world, *grad.shape[1:]))
             dist.reduce_scatter_tensor(own, grad, group=ctx.group)
             return own, None
@@ -127,10 +130,12 @@ def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tens
 
 
 def mlm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the masked positions only (`logits` holds just those rows). A batch
-    without any masked token gives 0, still connected to the head so every rank runs the same
-    modules (ZeRO-3 gathers parameters collectively)."""
-    return F.cross_entropy(logits.float(), targets, reduction="sum") / max(targets.numel(), 1)
+    """Cross-entropy over the masked positions only (`logits` holds just those rows; rows whose
+    target is IGNORE_INDEX are padding). A batch without any masked token gives 0, still connected
+    to the head so every rank runs the same modules (ZeRO-3 gathers parameters collectively). The
+    count stays on the device: no host sync."""
+    summed = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return summed / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 class PretrainingObjective(nn.Module):
@@ -151,12 +156,15 @@ class PretrainingObjective(nn.Module):
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 mlm_input_ids: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> LossOutput:
+                labels: torch.Tensor | None = None, mlm_positions: torch.Tensor | None = None,
+                mlm_targets: torch.Tensor | None = None) -> LossOutput:
         use_mlm = self.config.mlm_weight > 0
-        if use_mlm and (mlm_input_ids is None or mlm_labels is None):
+        if use_mlm and (mlm_input_ids is None or (mlm_labels is None and mlm_positions is None)):
             raise ValueError("loss.mlm_weight > 0 needs masked captions; data.mlm_probability is 0")
-        out = self.model(images, input_ids, attention_mask,
-                         mlm_input_ids if use_mlm else None, mlm_labels if use_mlm else None)
+        if not use_mlm:
+            mlm_input_ids = mlm_labels = mlm_positions = mlm_targets = None
+        out = self.model(images, input_ids, attention_mask, mlm_input_ids, mlm_labels,
+                         mlm_positions=mlm_positions, mlm_targets=mlm_targets)
         image = F.normalize(out.image_features.float(), dim=-1)
         text = F.normalize(out.text_features.float(), dim=-1)
         scale = out.logit_scale.float()

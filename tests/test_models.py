@@ -175,3 +175,64 @@ def test_a_loaded_model_keeps_its_weights(tmp_path):
     loaded = build_model(ModelConfig(preset="tiny", init_from=str(tmp_path / "model")))
     for (name, ours), (_, theirs) in zip(model.towers.state_dict().items(), loaded.towers.state_dict().items()):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=name)
+
+
+def test_one_text_pass_gives_the_saved_models_text_features_and_the_masked_logits(tiny):
+    """Clean and masked captions go through the text tower as one batch: the features are
+    get_text_features' (what the saved model gives) and the MLM logits those of a pass of their own."""
+    from mmscale.data.text import masked_positions
+
+    inputs = batch(4, masked=3)
+    inputs["attention_mask"][0, 10:] = 0  # padded captions: the mask is applied alike in both passes
+    inputs["attention_mask"][2, 6:] = 0
+    tiny.eval()
+    with torch.no_grad():
+        positions, targets = masked_positions(inputs["mlm_labels"])
+        out = tiny(inputs["images"], inputs["input_ids"], inputs["attention_mask"], inputs["mlm_input_ids"],
+                   mlm_positions=positions, mlm_targets=targets)
+        expected = tiny.towers.get_text_features(input_ids=inputs["input_ids"],
+                                                 attention_mask=inputs["attention_mask"]).pooler_output
+        torch.testing.assert_close(out.text_features, expected, rtol=1e-4, atol=1e-5)
+        logits, labelled = tiny.mlm_logits(inputs["mlm_input_ids"], inputs["attention_mask"], inputs["mlm_labels"])
+        real = targets != IGNORE_INDEX
+        assert len(positions) == 16 and int(real.sum()) == 12  # padded to a multiple of 16
+        torch.testing.assert_close(out.mlm_logits[real], logits, rtol=1e-4, atol=1e-5)
+        assert torch.equal(out.mlm_targets[real], labelled)
+        assert mlm_loss(out.mlm_logits, out.mlm_targets).item() == pytest.approx(mlm_loss(logits, labelled).item(),
+                                                                                 rel=1e-5)
+        # [B, L] labels instead of positions: the same, computed in forward.
+        again = tiny(inputs["images"], inputs["input_ids"], inputs["attention_mask"], inputs["mlm_input_ids"],
+                     inputs["mlm_labels"])
+        torch.testing.assert_close(again.mlm_logits, out.mlm_logits)
+
+
+def test_patch_dropout_drops_patches_in_training_only_and_is_not_saved(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny", patch_dropout=0.5), vocab_size=VOCAB)
+    embeddings = model.towers.vision_model.embeddings
+    lengths = []
+    hook = embeddings.register_forward_hook(lambda module, inputs, output: lengths.append(output.shape[1]))
+    images = batch(2)["images"]
+    model.train()
+    first, second = model.encode_images(images), model.encode_images(images)
+    model.eval()
+    with torch.no_grad():
+        whole, again = model.encode_images(images), model.encode_images(images)
+    hook.remove()
+    # The hook registered last sees what the tower gets: 64 patches + class token, half the patches in training.
+    assert lengths == [33, 33, 65, 65] and model.kept_patches(64) == 32
+    assert not torch.allclose(first, second)  # a different random subset each pass
+    assert torch.equal(whole, again)
+    model.set_patch_dropout(0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_images(images), whole)
+    model.set_patch_dropout(0.5)
+    model.save(tmp_path / "saved")
+    from transformers import AutoModel
+
+    plain = AutoModel.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain.get_image_features(pixel_values=model.pixel_values(images)).pooler_output,
+                                   whole, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"model.patch_dropout must be in \[0, 1\)"):
+        ModelConfig(patch_dropout=1.0)

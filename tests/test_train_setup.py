@@ -220,3 +220,10 @@ def test_cpu_ranks_share_the_cores_unless_told(monkeypatch):
     assert cpu_threads_per_rank() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert cpu_threads_per_rank() == 3
+
+
+def test_process_group_serves_cpu_and_cuda_tensors_on_gpu_machines():
+    from mmscale.train.engine import process_group_backend
+
+    assert process_group_backend(cuda=True) == "cpu:gloo,cuda:nccl"  # CPU objects/counters keep a backend
+    assert process_group_backend(cuda=False) == "gloo"

@@ -55,15 +55,19 @@ def build_model(config: ModelConfig, *, vocab_size: int | None = None, mlm_head:
     (a checkpoint's own bias wins)."""
     want_mlm = config.mlm_head if mlm_head is None else mlm_head
     if config.init_from:
-        return load_model(config.init_from, mlm_head=want_mlm, logit_bias_init=logit_bias_init,
-                          attention=config.attention)
-    if config.vision_from:
-        towers = _towers_from_pair(config)
-        mean, std = _image_normalization(Path(config.vision_from))
+        model = load_model(config.init_from, mlm_head=want_mlm, logit_bias_init=logit_bias_init,
+                           attention=config.attention)
     else:
-        towers, mean, std = new_towers(config.sizes(vocab_size=vocab_size), config), CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
-    return DualEncoder(towers, mlm_head=want_mlm, logit_bias_init=logit_bias_init,
-                       max_logit_scale=config.max_logit_scale, image_mean=mean, image_std=std)
+        if config.vision_from:
+            towers = _towers_from_pair(config)
+            mean, std = _image_normalization(Path(config.vision_from))
+        else:
+            towers = new_towers(config.sizes(vocab_size=vocab_size), config)
+            mean, std = CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
+        model = DualEncoder(towers, mlm_head=want_mlm, logit_bias_init=logit_bias_init,
+                            max_logit_scale=config.max_logit_scale, image_mean=mean, image_std=std)
+    model.set_patch_dropout(config.patch_dropout)
+    return model
 
 
 def load_model(folder: str | os.PathLike, *, mlm_head: bool = True, logit_bias_init: float | None = None,

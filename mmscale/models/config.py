@@ -98,6 +98,9 @@ class ModelConfig:
     """Upper bound on the logit scale (1/temperature), applied inside forward as CLIP does."""
     dropout: float = 0.0
     """Dropout in both towers (CLIP-style pretraining uses none)."""
+    patch_dropout: float = 0.0
+    """Fraction of the image tower's patch tokens dropped at random in training (FLIP, arXiv:2212.00794):
+    0.5 halves the image tower's work per sample; never applied in eval, and saved models do not carry it."""
     attention: str = "sdpa"
     """Attention implementation passed to transformers: sdpa, eager or flash_attention_2."""
 
@@ -115,6 +118,8 @@ class ModelConfig:
                              f"({1 / self.temperature_init:g})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"model.patch_dropout must be in [0, 1), got {self.patch_dropout}")
 
     def sizes(self, *, vocab_size: int | None = None) -> ModelSizes:
         """The preset's sizes with this config's overrides; `vocab_size` (the tokenizer's) fills an unset

@@ -108,6 +108,8 @@ class DualEncoder(nn.Module):
         self.logit_bias = None if logit_bias_init is None else nn.Parameter(torch.tensor(float(logit_bias_init)))
         self.max_logit_scale = max_logit_scale
         self.classifier: nn.Linear | None = None
+        self.patch_dropout = 0.0
+        self._patch_dropout_hook = None
         self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1),
                              persistent=False)
         self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1),
@@ -134,6 +136,38 @@ class DualEncoder(nn.Module):
         forward is never called (PITFALLS.md 3). Register these with
         `deepspeed.zero.register_external_parameter(model, p)`."""
         return [self.towers.logit_scale]
+
+    def set_patch_dropout(self, fraction: float) -> None:
+        """FLIP's patch dropout (arXiv:2212.00794): in training, each image keeps a random (1 - fraction)
+        of its patch tokens, after the position embeddings, and always its class token. A forward hook on
+        the image tower's embeddings does it, so the towers stay plain `transformers` modules and the
+        saved folder is unchanged; in eval (`model.eval()`) every patch is used."""
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"patch dropout must be in [0, 1), got {fraction}")
+        if self._patch_dropout_hook is not None:
+            self._patch_dropout_hook.remove()
+            self._patch_dropout_hook = None
+        self.patch_dropout = fraction
+        if fraction > 0:
+            embeddings = getattr(self.towers.vision_model, "embeddings", None)
+            if embeddings is None:
+                raise ValueError(f"patch dropout needs an image tower with an `embeddings` module; "
+                                 f"{type(self.towers.vision_model).__name__} has none")
+            self._patch_dropout_hook = embeddings.register_forward_hook(self._drop_patches)
+
+    def kept_patches(self, patches: int) -> int:
+        """How many of `patches` patch tokens a training image keeps under patch dropout."""
+        return max(1, int(patches * (1.0 - self.patch_dropout)))
+
+    def _drop_patches(self, module: nn.Module, inputs, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.patch_dropout <= 0:
+            return tokens
+        patches = tokens[:, 1:]
+        keep = self.kept_patches(patches.shape[1])
+        # A random permutation per image (argsort of uniform noise), its first `keep` positions: no host sync.
+        chosen = torch.rand(patches.shape[:2], device=tokens.device).argsort(dim=1)[:, :keep]
+        kept = patches.gather(1, chosen.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        return torch.cat([tokens[:, :1], kept], dim=1)
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, S, S] images as the normalized float input of the image tower; float input is
@@ -173,22 +207,60 @@ class DualEncoder(nn.Module):
 
     def mlm_logits(self, mlm_input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    mlm_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and targets at the masked positions only: the vocabulary projection is the largest
-        matmul of the text side, and 85% of positions have nothing to predict."""
-        if self.mlm_head is None:
-            raise ValueError("this model has no MLM head; set loss.mlm_weight=0 (or build it with model.mlm_head=true)")
+        """Logits and targets at the masked positions of [B, L] `mlm_labels` only: the vocabulary
+        projection is the largest matmul of the text side, and 85% of positions have nothing to
+        predict. (The training forward gets the positions from the loader, without a host sync.)"""
+        self._require_mlm_head()
         hidden = self.towers.text_model(input_ids=mlm_input_ids, attention_mask=attention_mask).last_hidden_state
         masked = mlm_labels != IGNORE_INDEX
         return self.mlm_head(hidden[masked]), mlm_labels[masked]
 
+    def _require_mlm_head(self) -> None:
+        if self.mlm_head is None:
+            raise ValueError("this model has no MLM head; set loss.mlm_weight=0 (or build it with model.mlm_head=true)")
+
+    def _text_attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The [B, L] padding mask as the additive [B, 1, 1, L] mask eager and SDPA attention take, which
+        transformers uses as given. Handed the [B, L] mask, transformers first asks whether it has any
+        padding at all (`mask.all()`), a blocking device-to-host read in every training step."""
+        if self.towers.text_model.config._attn_implementation not in ("eager", "sdpa"):
+            return attention_mask  # flash attention unpads with the [B, L] mask itself
+        dtype = self.towers.text_model.embeddings.word_embeddings.weight.dtype
+        return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+    def encode_texts_and_masked(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                mlm_input_ids: torch.Tensor, mlm_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(projected text embeddings of the clean captions, MLM logits at `mlm_positions` of the masked
+        ones) from one text-tower pass over both as a single batch of 2B: under ZeRO-3 the tower's weights
+        are gathered once per step instead of twice, and the matmuls are twice as tall. The embeddings are
+        what `get_text_features` gives (the saved model's), row for row."""
+        self._require_mlm_head()
+        batch = input_ids.shape[0]
+        both = self.towers.text_model(input_ids=torch.cat([input_ids, mlm_input_ids]),
+                                      attention_mask=self._text_attention_mask(torch.cat([attention_mask, attention_mask])))
+        features = self.towers.text_projection(both.pooler_output[:batch])
+        hidden = both.last_hidden_state[batch:]
+        return features, self.mlm_head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, mlm_positions))
+
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                mlm_input_ids: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None) -> DualEncoderOutput:
-        mlm_logits = mlm_targets = None
-        if mlm_input_ids is not None:
-            mlm_logits, mlm_targets = self.mlm_logits(mlm_input_ids, attention_mask, mlm_labels)
+                mlm_input_ids: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None, *,
+                mlm_positions: torch.Tensor | None = None, mlm_targets: torch.Tensor | None = None) -> DualEncoderOutput:
+        """Features of both towers and, with masked captions, MLM logits. The masked positions come as
+        flat indices (`mlm_positions`, `mlm_targets`: mmscale.data.text.masked_positions, made by the
+        loader) or, slower, as [B, L] `mlm_labels`, from which they are computed here."""
+        mlm_logits = None
+        if mlm_input_ids is None:
+            text_features = self.encode_texts(input_ids, attention_mask)
+        else:
+            if mlm_positions is None:
+                from mmscale.data.text import masked_positions
+
+                mlm_positions, mlm_targets = (tensor.to(input_ids.device) for tensor in masked_positions(mlm_labels))
+            text_features, mlm_logits = self.encode_texts_and_masked(input_ids, attention_mask, mlm_input_ids,
+                                                                     mlm_positions)
         return DualEncoderOutput(
             image_features=self.encode_images(images),
-            text_features=self.encode_texts(input_ids, attention_mask),
+            text_features=text_features,
             logit_scale=self.logit_scale(),
             logit_bias=self.logit_bias,
             mlm_logits=mlm_logits,

@@ -24,7 +24,9 @@ def training_flops_per_sample(model: DualEncoder, *, context_length: int, masked
                               contrastive_batch_size: int = 1) -> float:
     """Forward + backward FLOPs for one image-caption pair.
 
-    `context_length` is the padded caption length (the loader pads every caption to it);
+    `context_length` is the padded caption length (data.context_length, or the mean length of the
+    batches when they are padded to their longest caption); patch dropout (`model.patch_dropout`)
+    shortens the image tower's sequence;
     `masked_tokens` the mean MLM-masked tokens per caption (0 without MLM: then the masked text pass
     is not counted); `contrastive_batch_size` the number of candidates each row is scored against
     (the global batch for CLIP and SigLIP with global negatives)."""
@@ -33,7 +35,8 @@ def training_flops_per_sample(model: DualEncoder, *, context_length: int, masked
     projection = config.projection_dim
     patches = (vision.image_size // vision.patch_size) ** 2
     patch_embedding = 2 * patches * 3 * vision.patch_size ** 2 * vision.hidden_size
-    image_side = _encoder_forward(tokens=patches + 1, width=vision.hidden_size, layers=vision.num_hidden_layers,
+    kept = model.kept_patches(patches) if model.patch_dropout else patches  # the image tower's tokens in training
+    image_side = _encoder_forward(tokens=kept + 1, width=vision.hidden_size, layers=vision.num_hidden_layers,
                                   mlp_width=vision.intermediate_size)
     image_side += 2 * vision.hidden_size * projection
     if getattr(model.towers.vision_model, "pooler", None) is not None:  # ViTModel: dense + tanh on [CLS]

@@ -45,8 +45,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def process_group_backend(cuda: bool) -> str:
+    """The torch.distributed backend: on CUDA machines one group with a backend per device type, NCCL for
+    the step's CUDA tensors and gloo for CPU ones (NCCL refuses CPU tensors: "No backend type associated
+    with device type cpu"), so `all_gather_object`, barriers and CPU counters keep working; gloo alone
+    without CUDA."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
 def init_distributed() -> None:
-    """Join the launcher's process group (one process without a launcher): NCCL on GPUs, gloo on CPU."""
+    """Join the launcher's process group (one process without a launcher): NCCL for CUDA tensors and gloo for
+    CPU ones on GPU machines, gloo on CPU (process_group_backend)."""
     import deepspeed
 
     if not torch.cuda.is_available():
@@ -55,7 +64,7 @@ def init_distributed() -> None:
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(name, value)
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=process_group_backend(torch.cuda.is_available()))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     else:

@@ -8,7 +8,7 @@ import os
 import signal
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,7 +46,9 @@ from mmscale.train.metrics import MetricsWriter, memory_gib
 from mmscale.train.precision import resolve_precision
 from mmscale.train.report import write_report
 
-MODEL_INPUTS = ("images", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels", "labels")
+# The masked captions go in as flat positions and targets (computed by the loader, on the CPU), not as
+# [B, L] labels: picking rows by a boolean mask would make the device wait for the host.
+MODEL_INPUTS = ("images", "input_ids", "attention_mask", "mlm_input_ids", "mlm_positions", "mlm_targets", "labels")
 LOSS_PARTS = ("total", "contrastive", "mlm", "classification")
 
 
@@ -66,10 +68,12 @@ class Run:
     total_steps: int
     output: Path
     device: torch.device
-    flops_per_sample: float
+    text_shapes: list = field(default_factory=list)
+    """(caption length, masked positions per caption) of each micro-batch since the last log: the work
+    the text tower did, for the FLOP count (captions are padded per batch)."""
     manual_clip: float = 0.0
     """Clip gradients to this norm in the loop (0: DeepSpeed clips); see engine.manual_clipping."""
-    grad_norm: float = 0.0
+    grad_norm: float | torch.Tensor = 0.0
 
     @property
     def rank(self) -> int:
@@ -137,9 +141,6 @@ def setup(config: TrainRunConfig) -> Run:
     optimizer = make_optimizer(parameter_groups(objective, config.train.weight_decay), config.train, ds_config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.train, total_steps))
     engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    masked = config.data.mlm_probability * config.data.context_length if config.loss.mlm_weight > 0 else 0.0
-    flops = training_flops_per_sample(objective.model, context_length=config.data.context_length,
-                                      masked_tokens=masked, contrastive_batch_size=layout.global_batch_size)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in objective.parameters())
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in objective.parameters())
     print(f"mmscale train: rank {dist.get_rank()} holds {local:,} of {total:,} parameter values", flush=True)
@@ -151,7 +152,7 @@ def setup(config: TrainRunConfig) -> Run:
               f"DeepSpeed config {config.train.deepspeed} with {', '.join(notes)} filled by mmscale", flush=True)
         print(f"mmscale train: precision {config.train.precision} ({precision_reason})", flush=True)
     return Run(config=config, engine=engine, model=objective.model, tokenizer=tokenizer, layout=layout,
-               total_steps=total_steps, output=output, device=engine.device, flops_per_sample=flops,
+               total_steps=total_steps, output=output, device=engine.device,
                manual_clip=config.train.grad_clip if manual_clipping(config.train, ds_config) else 0.0)
 
 
@@ -160,16 +161,25 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 def _all_finite(value: torch.Tensor) -> bool:
+    """Whether `value` is finite on every rank: the step's one blocking device-to-host read."""
     finite = torch.isfinite(value.detach()).to(torch.int32).reshape(1)
     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item())
 
 
+def _loss_parts(out) -> torch.Tensor:
+    """LOSS_PARTS of one micro-batch as one float32 tensor on the device (no host sync)."""
+    total = out.total.detach()
+    return torch.stack([total.new_zeros(()) if getattr(out, part) is None else getattr(out, part).detach().float()
+                        for part in LOSS_PARTS])
+
+
 def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], keys: list) -> torch.Tensor:
-    """One optimizer step over `accumulation` micro-batches; returns the mean of each of LOSS_PARTS
-    on this rank and appends the trained sample keys to `keys`. A micro-batch whose loss is NaN/inf on
-    any rank is skipped on all of them."""
-    sums = torch.zeros(len(LOSS_PARTS), dtype=torch.float64)
+    """One optimizer step over `accumulation` micro-batches; returns the sum over its micro-batches of
+    each of LOSS_PARTS on this rank, on the device (read at log steps only), and appends the trained
+    sample keys to `keys`. A micro-batch whose loss is NaN/inf on any rank is skipped on all of them,
+    before its gradients are reduced: the one blocking read of a micro-batch."""
+    sums = None
     done = 0
     while done < run.layout.accumulation:
         batch = next(batches)
@@ -182,26 +192,41 @@ def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], key
             continue
         bad_in_row[0] = 0
         keys.extend(batch["keys"])
+        rows = len(batch["input_ids"])
+        run.text_shapes.append((batch["input_ids"].shape[1], len(batch.get("mlm_positions", ())) / max(rows, 1)))
         run.engine.backward(out.total)
         if run.manual_clip and run.engine.is_gradient_accumulation_boundary():
-            run.grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                [p for p in run.engine.module.parameters() if p.grad is not None], run.manual_clip))
+            run.grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in run.engine.module.parameters() if p.grad is not None], run.manual_clip)
         run.engine.step()
-        sums += torch.tensor([0.0 if getattr(out, part) is None else getattr(out, part).item() for part in LOSS_PARTS],
-                             dtype=torch.float64)
+        parts = _loss_parts(out)
+        sums = parts if sums is None else sums + parts
         done += 1
     progress.step += 1
     progress.samples += run.layout.global_batch_size
     return sums / run.layout.accumulation
 
 
+def _flops_per_sample(run: Run) -> float:
+    """Training FLOPs per pair over the micro-batches since the last log (their mean caption length and
+    masked positions), then forgets them."""
+    shapes, run.text_shapes = run.text_shapes or [(run.config.data.context_length, 0.0)], []
+    length = sum(shape[0] for shape in shapes) / len(shapes)
+    masked = sum(shape[1] for shape in shapes) / len(shapes) if run.config.loss.mlm_weight > 0 else 0.0
+    return training_flops_per_sample(run.model, context_length=round(length), masked_tokens=masked,
+                                     contrastive_batch_size=run.layout.global_batch_size)
+
+
 def _log_record(run: Run, progress: Progress, losses: torch.Tensor, seconds: float, steps: int, loader) -> dict:
+    """The train record of a log step: losses averaged over the window and the ranks (reduced on the
+    device, NCCL takes no CPU tensors), throughput, optimizer state, skips, memory."""
+    losses = losses.detach().to(torch.float32).clone()
     dist.all_reduce(losses)
-    losses /= dist.get_world_size()
+    values = (losses / dist.get_world_size()).tolist()
     samples_per_second = steps * run.layout.global_batch_size / max(seconds, 1e-9)
-    tflops = run.flops_per_sample * samples_per_second / dist.get_world_size() / 1e12
-    record = {"kind": "train", "step": progress.step, "samples": progress.samples, "loss": losses[0].item()}
-    record |= {f"{part}_loss": value.item() for part, value in zip(LOSS_PARTS[1:], losses[1:])}
+    tflops = _flops_per_sample(run) * samples_per_second / dist.get_world_size() / 1e12
+    record = {"kind": "train", "step": progress.step, "samples": progress.samples, "loss": values[0]}
+    record |= {f"{part}_loss": value for part, value in zip(LOSS_PARTS[1:], values[1:])}
     scale = current_logit_scale(run.model)
     record |= {"lr": run.engine.get_lr()[0], "temperature": 1.0 / scale if scale else math.inf,
                "grad_norm": float(run.engine.get_global_grad_norm() or run.grad_norm),
@@ -252,12 +277,14 @@ def _resume(run: Run, loader) -> Progress:
 
 
 def _finish(run: Run, tag: str) -> Path:
-    """The trained model as `final/` (rank 0), a folder transformers loads: under ZeRO-3 consolidated
-    from the last checkpoint's partitions; otherwise the engine's (whole) module, with LoRA
-    adapters saved in PEFT's format under `adapter/` and then merged."""
+    """The trained model as `final/` (rank 0), a folder transformers loads: the fp32 master weights
+    consolidated from the last checkpoint's partitions under ZeRO-3, and under ZeRO-1/2 in 16-bit
+    precision (where the module holds only their rounded copy); otherwise the engine's (whole) module,
+    with LoRA adapters saved in PEFT's format under `adapter/` and then merged."""
     final = run.output / "final"
     if run.rank == 0:
-        if hasattr(run.model.towers.logit_scale, "ds_id"):
+        masters_elsewhere = run.engine.zero_optimization_stage() in (1, 2) and run.config.train.precision != "fp32"
+        if hasattr(run.model.towers.logit_scale, "ds_id") or (masters_elsewhere and not is_adapted(run.model)):
             model = consolidate(run.output / "checkpoints", tag, skeleton_like(run.model))
         else:
             model = run.model
@@ -281,7 +308,7 @@ def train(config: TrainRunConfig) -> dict:
     bar = _progress_bar(run, progress)
     lineage = _lineage_file(run)
     batches, bad_in_row, last = iter(loader), [0], {}
-    losses, window_start, window_steps = torch.zeros(len(LOSS_PARTS), dtype=torch.float64), time.perf_counter(), 0
+    losses, window_start, window_steps = 0, time.perf_counter(), 0
     tag = None
     if config.eval.every_steps and config.eval.at_start and progress.step == 0:
         _eval_and_log(run, 0, writer, last)
@@ -299,7 +326,7 @@ def train(config: TrainRunConfig) -> dict:
                 last["train"] = _log_record(run, progress, losses / window_steps, time.perf_counter() - window_start,
                                             window_steps, loader)
                 writer.write(last["train"])
-                losses, window_start, window_steps = torch.zeros(len(LOSS_PARTS), dtype=torch.float64), time.perf_counter(), 0
+                losses, window_start, window_steps = 0, time.perf_counter(), 0
                 if bar is not None:
                     bar.set_postfix(loss=f"{last['train']['loss']:.3f}", refresh=False)
             paused = time.perf_counter()  # eval and checkpoint time is not training throughput
