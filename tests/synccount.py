@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -74,20 +75,30 @@ class SyncCounter(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_training_syncs(config, counter: SyncCounter) -> dict:
+def count_training_syncs(config, counter: SyncCounter, *, cuda_sync_debug: bool = False) -> dict:
     """Run `mmscale.train.loop.train(config)` under `counter`, with each optimizer step and each log
-    record in a phase of its own: {"steps": [counts of step 1, 2, ...], "log": [...], "log_steps": [...]}."""
+    record in a phase of its own: {"steps": [counts of step 1, 2, ...], "log": [...], "log_steps": [...]}.
+    With `cuda_sync_debug`, CUDA itself reports every synchronizing call inside a step
+    (`torch.cuda.set_sync_debug_mode`), counted per step in "cuda_syncs"."""
     from mmscale.train import loop
 
     step_counts, log_counts, log_steps, original_step, original_log = [], [], [], loop.train_step, loop._log_record
+    cuda_syncs = []
 
     def counted_step(run, *args, **kwargs):
         counter.phase = f"step{len(step_counts)}"
-        try:
-            return original_step(run, *args, **kwargs)
-        finally:
-            step_counts.append(dict(counter.counts.pop(counter.phase, {})))
-            counter.phase = "between"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if cuda_sync_debug:
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return original_step(run, *args, **kwargs)
+            finally:
+                if cuda_sync_debug:
+                    torch.cuda.set_sync_debug_mode("default")
+                cuda_syncs.append(sum("synchroniz" in str(warning.message) for warning in caught))
+                step_counts.append(dict(counter.counts.pop(counter.phase, {})))
+                counter.phase = "between"
 
     def counted_log(run, progress, *args, **kwargs):
         counter.phase = "log"
@@ -104,7 +115,7 @@ def count_training_syncs(config, counter: SyncCounter) -> dict:
             loop.train(config)
     finally:
         loop.train_step, loop._log_record = original_step, original_log
-    return {"steps": step_counts, "log": log_counts, "log_steps": log_steps}
+    return {"steps": step_counts, "log": log_counts, "log_steps": log_steps, "cuda_syncs": cuda_syncs}
 
 
 def main() -> int:
@@ -135,9 +146,7 @@ def main() -> int:
         f"train.deepspeed={args.deepspeed}", "train.progress=false", "train.tensorboard=false",
         f"train.save_every_steps={10**9}"])
     counter = SyncCounter(where=args.where)
-    if args.cuda_sync_debug and torch.cuda.is_available():
-        torch.cuda.set_sync_debug_mode("warn")
-    result = count_training_syncs(config, counter)
+    result = count_training_syncs(config, counter, cuda_sync_debug=args.cuda_sync_debug and torch.cuda.is_available())
     print(json.dumps(result))
     return 0
 

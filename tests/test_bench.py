@@ -43,10 +43,14 @@ def test_loader_benchmark_passes_over_a_truncated_jpeg_in_its_baselines(tmp_path
     assert numbers["mmscale_samples_per_s"] > 0 and numbers["pil_samples_per_s"] > 0
 
 
-def test_train_throughput_benchmark_runs_zero3_and_plain_pytorch():
+def test_train_throughput_benchmark_runs_every_stage_patch_dropout_and_plain_pytorch():
+    """The GPU benchmark's variants at tiny size on CPU (compile is left to the GPU run: minutes on CPU)."""
     out = bench("train_throughput.py", "--preset", "tiny", "--batch", "8", "--steps", "2", "--warmup", "1",
-                "--peak-tflops", "989")
-    assert "plain PyTorch" in out and "ZeRO-3" in out
+                "--variants", "plain,zero1,zero2,zero3,zero2+pd0.5", "--peak-tflops", "989")
+    results = json.loads(out.strip().splitlines()[-1])["variants"]
+    assert set(results) == {"plain", "zero1", "zero2", "zero3", "zero2+pd0.5"}
+    assert all(row["samples_per_s"] > 0 for row in results.values())
+    assert results["zero2+pd0.5"]["gflop_per_sample"] < results["zero2"]["gflop_per_sample"]  # half the patches
 
 
 def test_finetune_memory_benchmark_measures_lora_and_full():
@@ -58,7 +62,19 @@ def test_learning_benchmark_trains_mmscale_on_rendered_characters_end_to_end():
     """The mmscale half of tools/bench/learning.py at toy size (open_clip's half needs open-clip-torch
     installed into its own folder from PyPI, which the full benchmark does)."""
     out = bench("learning.py", "--corpus", "digits", "--train-samples", "128", "--test-samples", "40",
-                "--per-shard", "64", "--epochs", "1", "--batch", "32", "--warmup", "1", "--skip-open-clip")
+                "--per-shard", "64", "--epochs", "1", "--batch", "32", "--warmup", "1", "--skip-open-clip", "--skip-zero3")
     numbers = json.loads(out.strip().splitlines()[-1])
     assert 0.0 <= numbers["mmscale_top1"] <= 1.0 and numbers["mmscale_seconds"] > 0
     assert "contrastive loss (mmscale): 4: " in out
+
+
+def test_gpu_check_runs_its_cpu_half_and_writes_one_json_file(tmp_path):
+    """tools/gpu_check.sh without CUDA: the gpu tests are collected and skip, the throughput benchmark
+    runs tiny, and the results land in one JSON file."""
+    out = tmp_path / "gpu_check.json"
+    result = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), str(out)], cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env=os.environ | {"PYTHON": sys.executable, "DS_ACCELERATOR": "cpu"})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["pytest"]["tests"] >= 4 and summary["pytest"]["skipped"] == summary["pytest"]["tests"]
+    assert summary["throughput"]["variants"]["zero3"]["samples_per_s"] > 0

@@ -90,3 +90,12 @@ def test_siglip_loss_scores_every_pair_once():
     loss = siglip_loss(batch["image"], batch["text"], batch["scale"], batch["bias"])
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert math.isfinite(loss.item())
+
+
+@pytest.mark.slow
+def test_gather_with_grad_backward_equals_the_single_process_gradient():
+    """Two gloo ranks through the same harness the GPU check runs on NCCL (tests/test_gpu.py): each rank's
+    feature gradient, after the gather's backward, is the single-process gradient of its rows."""
+    from distkit import gather_grad_check
+
+    assert gather_grad_check(2, "cpu") == []

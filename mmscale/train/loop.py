@@ -141,6 +141,8 @@ def setup(config: TrainRunConfig) -> Run:
     optimizer = make_optimizer(parameter_groups(objective, config.train.weight_decay), config.train, ds_config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.train, total_steps))
     engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if config.train.compile:
+        engine.compile()
     total = sum(getattr(p, "ds_numel", p.numel()) for p in objective.parameters())
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in objective.parameters())
     print(f"mmscale train: rank {dist.get_rank()} holds {local:,} of {total:,} parameter values", flush=True)

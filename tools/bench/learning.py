@@ -3,8 +3,9 @@
 Generates rendered-character shards (mmscale.data.synthetic: glyphs in several fonts, sizes,
 positions, rotations and colours; the label is the character, so colour tells nothing), trains
 
-- mmscale: `tiny`, DeepSpeed ZeRO-3 through its launcher on 2 CPU ranks, CLIP + masked-LM
-  (configs/pretrain/tiny.yaml), and
+- mmscale: `tiny`, DeepSpeed through its launcher on 2 CPU ranks, CLIP + masked-LM
+  (configs/pretrain/tiny.yaml: ZeRO-2, the stage tiny ships with), and again under ZeRO-3
+  (configs/deepspeed/zero3.json, the stage of models that do not fit a device), and
 - open_clip: its own trainer (`open_clip_train.main`) with a matched ViT/text transformer
   (tools/bench/open_clip_driver.py), one process,
 
@@ -16,7 +17,8 @@ on its PYTHONPATH only. Wall times are the training commands' own, start-up incl
     python tools/bench/learning.py                          # characters, 4,000 pairs x 6 epochs
     python tools/bench/learning.py --corpus digits --train-samples 1400 --epochs 10
 
-The last line is one JSON object: {"mmscale_top1", "open_clip_top1", "mmscale_seconds", "open_clip_seconds"}.
+The last line is one JSON object: {"mmscale_top1", "open_clip_top1", "mmscale_seconds", "open_clip_seconds",
+"mmscale_zero3_top1", "mmscale_zero3_seconds"}; the first four are the shipped config's.
 """
 
 from __future__ import annotations
@@ -63,25 +65,29 @@ def make_data(root: Path, *, corpus: str, train_samples: int, test_samples: int,
             "test_files": test}
 
 
-def run_mmscale(data: dict, args, output: Path) -> tuple[float, float, list[dict]]:
-    """(zero-shot top-1, training seconds, train metrics) of mmscale's tiny on 2 ranks."""
+def run_mmscale(data: dict, args, output: Path, *extra: str, repo: Path = REPO) -> tuple[float, float, list[dict]]:
+    """(zero-shot top-1, training seconds, train metrics) of mmscale's tiny on 2 ranks, with `extra` overrides,
+    trained by the mmscale of `repo` (another checkout: an earlier version) and scored by this one."""
     env = os.environ | {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    if repo != REPO:
+        env["PYTHONPATH"] = str(repo)  # ahead of this checkout's editable install
     from mmscale.train.engine import free_port
 
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
                "--master_port", str(free_port()), "--module", "mmscale.train",
-               "--config", str(REPO / "configs" / "pretrain" / "tiny.yaml"), f"output_dir={output}",
+               "--config", str(repo / "configs" / "pretrain" / "tiny.yaml"), f"output_dir={output}",
                f"data.train={data['train']}", f"tokenizer={data['tokenizer']}",
                f"train.samples={args.train_samples * args.epochs}", f"train.global_batch_size={args.batch}",
                f"train.lr={args.lr}", f"train.warmup_steps={args.warmup}", f"train.weight_decay={args.wd}",
                "train.min_lr=0", "train.progress=false", "train.tensorboard=false",
-               f"train.save_every_steps={10**9}", *args.mmscale_overrides]
+               f"train.save_every_steps={10**9}", *extra, *args.mmscale_overrides]
     started = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
-    (output.parent / "mmscale.log").write_text(result.stdout + result.stderr)
+    log = output.parent / f"{output.name}.log"
+    log.write_text(result.stdout + result.stderr)
     if result.returncode:
-        raise SystemExit(f"mmscale training failed (log: {output.parent / 'mmscale.log'}):\n{result.stderr[-3000:]}")
+        raise SystemExit(f"mmscale training failed (log: {log}):\n{result.stderr[-3000:]}")
     evaluation = subprocess.run(
         [sys.executable, "-m", "mmscale.cli", "eval", "zeroshot", "--checkpoint", str(output / "final"),
          "--data", data["test"], "--classnames", data["classnames"], "--templates", data["templates"]],
@@ -123,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="where open_clip and webdataset 0.2.x are installed (once)")
     parser.add_argument("--output", type=Path, help="keep data, runs and logs here (default: a temporary folder)")
     parser.add_argument("--skip-open-clip", action="store_true", help="train mmscale only")
+    parser.add_argument("--skip-zero3", action="store_true", help="leave out mmscale's ZeRO-3 run")
+    parser.add_argument("--patch-dropout", type=float, default=0.0, help="add a run with this model.patch_dropout")
+    parser.add_argument("--before", metavar="GIT_REF", help="add a run trained by mmscale at this commit (a git "
+                        "worktree of this checkout), for before/after comparisons")
     parser.add_argument("mmscale_overrides", nargs="*", help="extra key=value overrides for mmscale")
     args = parser.parse_args(argv)
     if not args.skip_open_clip:
@@ -136,15 +146,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.corpus}: {args.train_samples} training / {args.test_samples} held-out pairs; "
               f"{args.epochs} epochs of batch {args.batch}, lr {args.lr}, warmup {args.warmup}", flush=True)
         ours, ours_seconds, curve = run_mmscale(data, args, root / "mmscale")
+        zero3, zero3_seconds = (float("nan"), float("nan")) if args.skip_zero3 else run_mmscale(
+            data, args, root / "mmscale_zero3", f"train.deepspeed={REPO / 'configs' / 'deepspeed' / 'zero3.json'}")[:2]
+        extra_rows = []
+        if args.patch_dropout:
+            result = run_mmscale(data, args, root / "mmscale_patch_dropout", f"model.patch_dropout={args.patch_dropout}")
+            extra_rows.append((f"mmscale tiny, patch dropout {args.patch_dropout:g}", *result))
+        if args.before:
+            checkout = Path(scratch) / "before"
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(checkout), args.before],
+                           check=True, capture_output=True)
+            try:
+                result = run_mmscale(data, args, root / "mmscale_before", repo=checkout)
+            finally:
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(checkout)], check=False)
+            extra_rows.append((f"mmscale tiny at {args.before} (before)", *result))
         theirs, theirs_seconds = (float("nan"), float("nan")) if args.skip_open_clip else \
             run_open_clip(data, args, root / "open_clip")
     print("\ncontrastive loss (mmscale): " + ", ".join(f"{r['step']}: {r['contrastive_loss']:.2f}" for r in curve))
     print(f"\n{'trainer':34s} {'zero-shot top-1':>16s} {'train seconds':>14s}")
-    print(f"{'mmscale tiny, ZeRO-3, ' + str(args.ranks) + ' ranks':34s} {ours:16.3f} {ours_seconds:14.1f}")
+    print(f"{'mmscale tiny (ZeRO-2), ' + str(args.ranks) + ' ranks':34s} {ours:16.3f} {ours_seconds:14.1f}")
+    print(f"{'mmscale tiny, ZeRO-3, ' + str(args.ranks) + ' ranks':34s} {zero3:16.3f} {zero3_seconds:14.1f}")
     print(f"{'open_clip_train, 1 process':34s} {theirs:16.3f} {theirs_seconds:14.1f}")
+    for label, top1, seconds, records in extra_rows:
+        rate = sum(r["samples_per_second"] for r in records[1:]) / max(1, len(records) - 1)
+        print(f"{label:34s} {top1:16.3f} {seconds:14.1f}   ({rate:.0f} pairs/s after the first log window)")
+    rate = sum(r["samples_per_second"] for r in curve[1:]) / max(1, len(curve) - 1)
+    print(f"(mmscale as shipped: {rate:.0f} pairs/s after the first log window)")
     print(f"(chance {chance:.3f}; {os.cpu_count()} cores)")
     print(json.dumps({"mmscale_top1": round(ours, 4), "open_clip_top1": round(theirs, 4),
-                      "mmscale_seconds": round(ours_seconds, 1), "open_clip_seconds": round(theirs_seconds, 1)}))
+                      "mmscale_seconds": round(ours_seconds, 1), "open_clip_seconds": round(theirs_seconds, 1),
+                      "mmscale_zero3_top1": round(zero3, 4), "mmscale_zero3_seconds": round(zero3_seconds, 1)}))
     return 0
 
 
