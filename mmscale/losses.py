@@ -177,9 +177,19 @@ class PretrainingObjective(nn.Module):
         return LossOutput(total=total, contrastive=contrastive, mlm=mlm, logit_scale=scale.detach())
 
 
+def check_labels(labels: torch.Tensor, classes: int) -> None:
+    """Refuse `.cls` labels outside 0..classes-1 (-1, no label, is fine). Called on the CPU batch before it
+    moves to the device, where reading the maximum back would stall the step."""
+    if len(labels) and (int(labels.max()) >= classes or int(labels.min()) < -1):
+        bad = labels[(labels >= classes) | (labels < -1)][0]
+        raise ValueError(f"label {int(bad)} is out of range for loss.classes={classes} (labels are 0..{classes - 1}, "
+                         "-1 for none)")
+
+
 class ClassificationObjective(nn.Module):
     """Cross-entropy of the model's linear head over normalized image embeddings against `.cls` labels
-    (-1, no label, is ignored); the text tower is not used."""
+    (-1, no label, is ignored); the text tower is not used. The labels' range is checked on the CPU
+    (`check_labels`, by the training loop)."""
 
     def __init__(self, model: DualEncoder, config: LossConfig):
         super().__init__()
@@ -190,8 +200,6 @@ class ClassificationObjective(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, **unused) -> LossOutput:
         logits = self.model.classify(images).float()
-        if int(labels.max()) >= self.config.classes:
-            raise ValueError(f"label {int(labels.max())} is out of range for loss.classes={self.config.classes}")
         loss = F.cross_entropy(logits, labels, ignore_index=-1)
         zero = loss.new_zeros(())
         return LossOutput(total=loss, contrastive=zero, mlm=zero, classification=loss)

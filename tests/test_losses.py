@@ -99,3 +99,11 @@ def test_gather_with_grad_backward_equals_the_single_process_gradient():
     from distkit import gather_grad_check
 
     assert gather_grad_check(2, "cpu") == []
+
+
+def test_classification_labels_out_of_range_are_refused_on_the_cpu():
+    from mmscale.losses import check_labels
+
+    check_labels(torch.tensor([0, 2, -1]), 3)
+    with pytest.raises(ValueError, match=r"label 3 is out of range for loss.classes=3"):
+        check_labels(torch.tensor([0, 3, -1]), 3)

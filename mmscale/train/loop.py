@@ -18,6 +18,7 @@ from mmscale.config import dump_yaml
 from mmscale.data.loader import build_loader
 from mmscale.data.text import load_tokenizer
 from mmscale.eval.embed import current_logit_scale, evaluate
+from mmscale.losses import check_labels
 from mmscale.finetune.lora import apply_lora, is_adapted, merge_adapter, save_adapter
 from mmscale.models import DualEncoder, training_flops_per_sample
 from mmscale.models.checkpoint import skeleton_like
@@ -185,6 +186,8 @@ def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], key
     done = 0
     while done < run.layout.accumulation:
         batch = next(batches)
+        if run.config.loss.objective == "classify":
+            check_labels(batch["labels"], run.config.loss.classes)
         out = run.engine(**_to_device(batch, run.device))
         if not _all_finite(out.total):
             progress.nonfinite_skipped += 1
