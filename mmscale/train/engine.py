@@ -169,7 +169,15 @@ def make_optimizer(groups: list[dict], train: TrainConfig, ds_config: dict) -> t
             return DeepSpeedCPUAdam(groups, adamw_mode=True, **settings)
         from deepspeed.ops.adam import FusedAdam
 
-        return FusedAdam(groups, adam_w_mode=True, **settings)
+        try:
+            return FusedAdam(groups, adam_w_mode=True, **settings)
+        except Exception as error:  # noqa: BLE001  # its kernel is a JIT build that needs nvcc and ninja
+            import warnings
+
+            warnings.warn(f"DeepSpeed's FusedAdam could not be built ({type(error).__name__}: {error}); training with "
+                          "torch's fused AdamW instead (install DeepSpeed with DS_BUILD_FUSED_ADAM=1 to prebuild it)",
+                          stacklevel=2)
+            return torch.optim.AdamW(groups, fused=True, **settings)
     return torch.optim.AdamW(groups, **settings)
 
 
