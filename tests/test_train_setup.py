@@ -227,3 +227,9 @@ def test_process_group_serves_cpu_and_cuda_tensors_on_gpu_machines():
 
     assert process_group_backend(cuda=True) == "cpu:gloo,cuda:nccl"  # CPU objects/counters keep a backend
     assert process_group_backend(cuda=False) == "gloo"
+
+
+@pytest.mark.parametrize("name", ["keep_checkpoints", "save_every_steps", "log_every_steps", "max_bad_steps"])
+def test_checkpoint_and_logging_intervals_must_be_positive(name):
+    with pytest.raises(ValueError, match=rf"train.{name} must be >= 1, got 0"):
+        TrainConfig(**{name: 0})

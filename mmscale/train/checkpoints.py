@@ -55,10 +55,33 @@ def latest_tag(root: Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, and the folders themselves, to stable storage."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() or path.is_dir():
+            _fsync(path)
+    _fsync(folder)
+
+
 def save_checkpoint(engine, root: Path, *, progress: Progress, loader_state: dict, keep: int) -> str:
-    """Save on every rank (collective); returns the tag."""
+    """Save on every rank (collective); returns the tag. The tag that `latest` names is never written
+    again (a save at the step of the last checkpoint, as the final or a NaN-abort save can be, keeps
+    that checkpoint as it is), and every file is on stable storage before `latest` moves to a new tag."""
+    if keep < 1:
+        raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}")
     rank, world = dist.get_rank(), dist.get_world_size()
     tag = f"step{progress.step:08d}"
+    if latest_tag(root) == tag:  # every rank reads the same file: all skip alike
+        dist.barrier()
+        return tag
     (root / tag).mkdir(parents=True, exist_ok=True)
     state = {"progress": asdict(progress), "loader": loader_state, "rng": _rng_state(), "world_size": world}
     staging = root / tag / f".trainer_state_rank{rank}.pt.tmp"
@@ -67,9 +90,12 @@ def save_checkpoint(engine, root: Path, *, progress: Progress, loader_state: dic
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     dist.barrier()
     if rank == 0:
+        _fsync_tree(root / tag)
         staging = root / f".{LATEST}.tmp"
         staging.write_text(tag)
+        _fsync(staging)
         staging.replace(root / LATEST)
+        _fsync(root)
         for old in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()

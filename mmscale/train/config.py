@@ -74,6 +74,11 @@ class TrainConfig:
     """Append each step's sample keys to output_dir/sample_keys/rank<r>.jsonl (data lineage: which pairs
     trained which step, for audits and for checking a resumed run)."""
 
+    def __post_init__(self):
+        for name in ("keep_checkpoints", "save_every_steps", "log_every_steps", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
 
 @dataclass
 class EvalConfig:
