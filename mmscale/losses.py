@@ -180,9 +180,9 @@ class PretrainingObjective(nn.Module):
 def check_labels(labels: torch.Tensor, classes: int) -> None:
     """Refuse `.cls` labels outside 0..classes-1 (-1, no label, is fine). Called on the CPU batch before it
     moves to the device, where reading the maximum back would stall the step."""
-    if len(labels) and (int(labels.max()) >= classes or int(labels.min()) < -1):
-        bad = labels[(labels >= classes) | (labels < -1)][0]
-        raise ValueError(f"label {int(bad)} is out of range for loss.classes={classes} (labels are 0..{classes - 1}, "
+    bad = labels[(labels >= classes) | (labels < -1)]
+    if len(bad):
+        raise ValueError(f"label {int(bad[0])} is out of range for loss.classes={classes} (labels are 0..{classes - 1}, "
                          "-1 for none)")
 
 

@@ -23,7 +23,7 @@ from transformers import (
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
-from mmscale.data.text import IGNORE_INDEX
+from mmscale.data.text import IGNORE_INDEX, masked_positions
 from mmscale.models.config import ModelConfig, ModelSizes
 from mmscale.models.init import init_towers
 
@@ -253,8 +253,6 @@ class DualEncoder(nn.Module):
             text_features = self.encode_texts(input_ids, attention_mask)
         else:
             if mlm_positions is None:
-                from mmscale.data.text import masked_positions
-
                 mlm_positions, mlm_targets = (tensor.to(input_ids.device) for tensor in masked_positions(mlm_labels))
             text_features, mlm_logits = self.encode_texts_and_masked(input_ids, attention_mask, mlm_input_ids,
                                                                      mlm_positions)

@@ -18,8 +18,8 @@ from mmscale.config import dump_yaml
 from mmscale.data.loader import build_loader
 from mmscale.data.text import load_tokenizer
 from mmscale.eval.embed import current_logit_scale, evaluate
-from mmscale.losses import check_labels
 from mmscale.finetune.lora import apply_lora, is_adapted, merge_adapter, save_adapter
+from mmscale.losses import check_labels
 from mmscale.models import DualEncoder, training_flops_per_sample
 from mmscale.models.checkpoint import skeleton_like
 from mmscale.train.checkpoints import (
@@ -178,7 +178,7 @@ def _loss_parts(out) -> torch.Tensor:
 
 
 def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], keys: list) -> torch.Tensor:
-    """One optimizer step over `accumulation` micro-batches; returns the sum over its micro-batches of
+    """One optimizer step over `accumulation` micro-batches; returns the mean over its micro-batches of
     each of LOSS_PARTS on this rank, on the device (read at log steps only), and appends the trained
     sample keys to `keys`. A micro-batch whose loss is NaN/inf on any rank is skipped on all of them,
     before its gradients are reduced: the one blocking read of a micro-batch."""

@@ -97,6 +97,11 @@ def run_mmscale(data: dict, args, output: Path, *extra: str, repo: Path = REPO) 
         record for record in records if record["kind"] == "train"]
 
 
+def steady_rate(records: list[dict]) -> float:
+    """Mean training pairs/s of a run's log windows after the first (which holds the start-up)."""
+    return sum(r["samples_per_second"] for r in records[1:]) / max(1, len(records) - 1)
+
+
 def run_open_clip(data: dict, args, output: Path) -> tuple[float, float]:
     """(zero-shot top-1, training seconds) of open_clip's trainer on the same shards."""
     env = os.environ | {"PYTHONPATH": str(args.open_clip_dir), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -169,10 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'mmscale tiny, ZeRO-3, ' + str(args.ranks) + ' ranks':34s} {zero3:16.3f} {zero3_seconds:14.1f}")
     print(f"{'open_clip_train, 1 process':34s} {theirs:16.3f} {theirs_seconds:14.1f}")
     for label, top1, seconds, records in extra_rows:
-        rate = sum(r["samples_per_second"] for r in records[1:]) / max(1, len(records) - 1)
-        print(f"{label:34s} {top1:16.3f} {seconds:14.1f}   ({rate:.0f} pairs/s after the first log window)")
-    rate = sum(r["samples_per_second"] for r in curve[1:]) / max(1, len(curve) - 1)
-    print(f"(mmscale as shipped: {rate:.0f} pairs/s after the first log window)")
+        print(f"{label:34s} {top1:16.3f} {seconds:14.1f}   ({steady_rate(records):.0f} pairs/s after the first log window)")
+    print(f"(mmscale as shipped: {steady_rate(curve):.0f} pairs/s after the first log window)")
     print(f"(chance {chance:.3f}; {os.cpu_count()} cores)")
     print(json.dumps({"mmscale_top1": round(ours, 4), "open_clip_top1": round(theirs, 4),
                       "mmscale_seconds": round(ours_seconds, 1), "open_clip_seconds": round(theirs_seconds, 1),
