@@ -65,7 +65,7 @@ def test_learning_benchmark_trains_mmscale_on_rendered_characters_end_to_end():
                 "--per-shard", "64", "--epochs", "1", "--batch", "32", "--warmup", "1", "--skip-open-clip", "--skip-zero3")
     numbers = json.loads(out.strip().splitlines()[-1])
     assert 0.0 <= numbers["mmscale_top1"] <= 1.0 and numbers["mmscale_seconds"] > 0
-    assert "contrastive loss (mmscale): 4: " in out
+    assert "contrastive loss (mmscale, seed 0): 4: " in out
 
 
 def test_gpu_check_runs_its_cpu_half_and_writes_one_json_file(tmp_path):

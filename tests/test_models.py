@@ -13,6 +13,7 @@ from mmscale.config import ConfigError, load_config
 from mmscale.data.text import IGNORE_INDEX
 from mmscale.losses import LossConfig, PretrainingObjective, mlm_loss
 from mmscale.models import PRESETS, ModelConfig, build_model, training_flops_per_sample
+from mmscale.models.config import resolve_attention
 
 VOCAB = 400
 
@@ -236,3 +237,29 @@ def test_patch_dropout_drops_patches_in_training_only_and_is_not_saved(tmp_path)
                                    whole, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match=r"model.patch_dropout must be in \[0, 1\)"):
         ModelConfig(patch_dropout=1.0)
+
+
+def test_auto_attention_is_eager_for_16_bit_on_cpus_and_sdpa_elsewhere():
+    assert resolve_attention("auto", precision="bf16", cuda=False) == "eager"
+    assert resolve_attention("auto", precision="fp16", cuda=False) == "eager"
+    assert resolve_attention("auto", precision="fp32", cuda=False) == "sdpa"
+    assert resolve_attention("auto", precision="bf16", cuda=True) == "sdpa"
+    assert resolve_attention("flash_attention_2", precision="bf16", cuda=False) == "flash_attention_2"
+    built = build_model(ModelConfig(preset="tiny"), vocab_size=VOCAB)  # outside training: as for fp32
+    assert built.towers.config.vision_config._attn_implementation == "sdpa"
+
+
+def test_eager_and_sdpa_attention_compute_the_same_model():
+    # model.attention=auto swaps the implementation by device and precision; the weights mean the same either way.
+    inputs = batch(4, masked=3)
+    losses, grads = [], []
+    for attention in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        objective = PretrainingObjective(build_model(ModelConfig(preset="tiny", attention=attention), vocab_size=VOCAB),
+                                         LossConfig())
+        out = objective(**inputs)
+        out.total.backward()
+        losses.append(out.total.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in objective.parameters() if p.grad is not None]))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)

@@ -10,12 +10,14 @@ and no folder's code is ever run (`trust_remote_code=False`), so untrusted folde
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModel,
@@ -28,7 +30,7 @@ from transformers import (
     VisionTextDualEncoderProcessor,
 )
 
-from mmscale.models.config import ModelConfig
+from mmscale.models.config import ModelConfig, resolve_attention
 from mmscale.models.dual_encoder import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, DualEncoder, new_towers
 
 MMSCALE_FILE = "mmscale.json"
@@ -54,6 +56,8 @@ def build_model(config: ModelConfig, *, vocab_size: int | None = None, mlm_head:
     adds an MLM head where the text tower is bidirectional; `logit_bias_init` adds SigLIP's bias
     (a checkpoint's own bias wins)."""
     want_mlm = config.mlm_head if mlm_head is None else mlm_head
+    if config.attention == "auto":
+        config = dataclasses.replace(config, attention=resolve_attention("auto", cuda=torch.cuda.is_available()))
     if config.init_from:
         model = load_model(config.init_from, mlm_head=want_mlm, logit_bias_init=logit_bias_init,
                            attention=config.attention)

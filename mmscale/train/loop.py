@@ -22,6 +22,7 @@ from mmscale.finetune.lora import apply_lora, is_adapted, merge_adapter, save_ad
 from mmscale.losses import check_labels
 from mmscale.models import DualEncoder, training_flops_per_sample
 from mmscale.models.checkpoint import skeleton_like
+from mmscale.models.config import resolve_attention
 from mmscale.train.checkpoints import (
     Progress,
     consolidate,
@@ -120,6 +121,8 @@ def setup(config: TrainRunConfig) -> Run:
     layout = batch_layout(config.train, world)
     total_steps = _total_steps(config)
     config.train.precision, precision_reason = resolve_precision(config.train.precision)
+    config.model.attention = resolve_attention(config.model.attention, precision=config.train.precision,
+                                               cuda=torch.cuda.is_available())
     ds_config, notes = deepspeed_config(config.train, layout)
     output = Path(config.output_dir)
     if config.train.resume == "never" and latest_tag(output / "checkpoints"):
@@ -153,7 +156,8 @@ def setup(config: TrainRunConfig) -> Run:
         print(f"mmscale train: {world} process{'es' * (world > 1)}, global batch {layout.global_batch_size} = micro "
               f"{layout.micro_batch_size} x accumulation {layout.accumulation} x {world}; {total_steps} steps; "
               f"DeepSpeed config {config.train.deepspeed} with {', '.join(notes)} filled by mmscale", flush=True)
-        print(f"mmscale train: precision {config.train.precision} ({precision_reason})", flush=True)
+        print(f"mmscale train: precision {config.train.precision} ({precision_reason}), {config.model.attention} "
+              "attention", flush=True)
     return Run(config=config, engine=engine, model=objective.model, tokenizer=tokenizer, layout=layout,
                total_steps=total_steps, output=output, device=engine.device,
                manual_clip=config.train.grad_clip if manual_clipping(config.train, ds_config) else 0.0)

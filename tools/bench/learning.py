@@ -12,13 +12,17 @@ positions, rotations and colours; the label is the character, so colour tells no
 with the same batch, epochs, learning rate, warmup and weight decay, then scores both zero-shot on
 held-out shards with the same class names and templates. open_clip's webdataset loader needs
 webdataset 0.2.x, so open_clip is installed into its own `--target` folder (--open-clip-dir) and put
-on its PYTHONPATH only. Wall times are the training commands' own, start-up included.
+on its PYTHONPATH only. mmscale's wall time is its whole training command, from the `deepspeed` launcher's
+start (about 14 s of imports and process start-up before the first step) to its exit; open_clip's is its
+`main()` alone, after its imports: the comparison leans towards open_clip by a few seconds.
 
     python tools/bench/learning.py                          # characters, 4,000 pairs x 6 epochs
     python tools/bench/learning.py --corpus digits --train-samples 1400 --epochs 10
+    python tools/bench/learning.py --seeds 3                # mean and spread over 3 seeds per trainer
 
 The last line is one JSON object: {"mmscale_top1", "open_clip_top1", "mmscale_seconds", "open_clip_seconds",
-"mmscale_zero3_top1", "mmscale_zero3_seconds"}; the first four are the shipped config's.
+"mmscale_zero3_top1", "mmscale_zero3_seconds"}, means over the seeds (with --seeds > 1 also the per-seed
+top-1 lists); the first four are the shipped config's.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ def run_mmscale(data: dict, args, output: Path, *extra: str, repo: Path = REPO) 
                f"train.lr={args.lr}", f"train.warmup_steps={args.warmup}", f"train.weight_decay={args.wd}",
                "train.min_lr=0", "train.progress=false", "train.tensorboard=false",
                f"train.save_every_steps={10**9}", *extra, *args.mmscale_overrides]
+    output.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -102,14 +107,15 @@ def steady_rate(records: list[dict]) -> float:
     return sum(r["samples_per_second"] for r in records[1:]) / max(1, len(records) - 1)
 
 
-def run_open_clip(data: dict, args, output: Path) -> tuple[float, float]:
+def run_open_clip(data: dict, args, output: Path, seed: int = 0) -> tuple[float, float]:
     """(zero-shot top-1, training seconds) of open_clip's trainer on the same shards."""
     env = os.environ | {"PYTHONPATH": str(args.open_clip_dir), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, str(REPO / "tools" / "bench" / "open_clip_driver.py"), "--train", data["train"],
                "--train-samples", str(args.train_samples), "--test", data["test_glob"],
                "--classnames", data["classnames"], "--templates", data["templates"], "--tokenizer", data["tokenizer"],
                "--output", str(output), "--epochs", str(args.epochs), "--batch-size", str(args.batch),
-               "--lr", str(args.lr), "--warmup", str(args.warmup), "--wd", str(args.wd)]
+               "--lr", str(args.lr), "--warmup", str(args.warmup), "--wd", str(args.wd), "--seed", str(seed)]
+    output.parent.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(command, cwd=output.parent, env=env, capture_output=True, text=True)
     (output.parent / "open_clip.log").write_text(result.stdout + result.stderr)
     if result.returncode:
@@ -138,10 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patch-dropout", type=float, default=0.0, help="add a run with this model.patch_dropout")
     parser.add_argument("--before", metavar="GIT_REF", help="add a run trained by mmscale at this commit (a git "
                         "worktree of this checkout), for before/after comparisons")
+    parser.add_argument("--seeds", type=int, default=1, help="train every row with seeds 0..N-1 and report the "
+                        "mean and spread (zero-shot scores of a run this short move by a few points between seeds)")
     parser.add_argument("mmscale_overrides", nargs="*", help="extra key=value overrides for mmscale")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
     if not args.skip_open_clip:
         ensure_open_clip(args.open_clip_dir)
+    rows: dict[str, list] = {}  # row label -> [(top-1, seconds, train records or None) per seed]
     with tempfile.TemporaryDirectory(prefix="mmscale-learning-") as scratch:
         root = args.output or Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
@@ -149,39 +160,74 @@ def main(argv: list[str] | None = None) -> int:
                          test_samples=args.test_samples, per_shard=args.per_shard)
         chance = 1 / len(Path(data["classnames"]).read_text().split())
         print(f"{args.corpus}: {args.train_samples} training / {args.test_samples} held-out pairs; "
-              f"{args.epochs} epochs of batch {args.batch}, lr {args.lr}, warmup {args.warmup}", flush=True)
-        ours, ours_seconds, curve = run_mmscale(data, args, root / "mmscale")
-        zero3, zero3_seconds = (float("nan"), float("nan")) if args.skip_zero3 else run_mmscale(
-            data, args, root / "mmscale_zero3", f"train.deepspeed={REPO / 'configs' / 'deepspeed' / 'zero3.json'}")[:2]
-        extra_rows = []
-        if args.patch_dropout:
-            result = run_mmscale(data, args, root / "mmscale_patch_dropout", f"model.patch_dropout={args.patch_dropout}")
-            extra_rows.append((f"mmscale tiny, patch dropout {args.patch_dropout:g}", *result))
+              f"{args.epochs} epochs of batch {args.batch}, lr {args.lr}, warmup {args.warmup}; "
+              f"{args.seeds} seed{'s' * (args.seeds > 1)}", flush=True)
+        checkout = None
         if args.before:
             checkout = Path(scratch) / "before"
             subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(checkout), args.before],
                            check=True, capture_output=True)
-            try:
-                result = run_mmscale(data, args, root / "mmscale_before", repo=checkout)
-            finally:
+        try:
+            for seed in range(args.seeds):
+                for label, result in runs_of_seed(data, args, root / f"seed{seed}", seed, checkout):
+                    rows.setdefault(label, []).append(result)
+                    print(f"seed {seed}: {label}: zero-shot top-1 {result[0]:.3f}, {result[1]:.1f} s", flush=True)
+        finally:
+            if checkout is not None:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(checkout)], check=False)
-            extra_rows.append((f"mmscale tiny at {args.before} (before)", *result))
-        theirs, theirs_seconds = (float("nan"), float("nan")) if args.skip_open_clip else \
-            run_open_clip(data, args, root / "open_clip")
-    print("\ncontrastive loss (mmscale): " + ", ".join(f"{r['step']}: {r['contrastive_loss']:.2f}" for r in curve))
-    print(f"\n{'trainer':34s} {'zero-shot top-1':>16s} {'train seconds':>14s}")
-    print(f"{'mmscale tiny (ZeRO-2), ' + str(args.ranks) + ' ranks':34s} {ours:16.3f} {ours_seconds:14.1f}")
-    print(f"{'mmscale tiny, ZeRO-3, ' + str(args.ranks) + ' ranks':34s} {zero3:16.3f} {zero3_seconds:14.1f}")
-    print(f"{'open_clip_train, 1 process':34s} {theirs:16.3f} {theirs_seconds:14.1f}")
-    for label, top1, seconds, records in extra_rows:
-        print(f"{label:34s} {top1:16.3f} {seconds:14.1f}   ({steady_rate(records):.0f} pairs/s after the first log window)")
-    print(f"(mmscale as shipped: {steady_rate(curve):.0f} pairs/s after the first log window)")
-    print(f"(chance {chance:.3f}; {os.cpu_count()} cores)")
-    print(json.dumps({"mmscale_top1": round(ours, 4), "open_clip_top1": round(theirs, 4),
-                      "mmscale_seconds": round(ours_seconds, 1), "open_clip_seconds": round(theirs_seconds, 1),
-                      "mmscale_zero3_top1": round(zero3, 4), "mmscale_zero3_seconds": round(zero3_seconds, 1)}))
+    curve = rows[SHIPPED][0][2]
+    print("\ncontrastive loss (mmscale, seed 0): " + ", ".join(f"{r['step']}: {r['contrastive_loss']:.2f}" for r in curve))
+    print(f"\n{'trainer':40s} {'zero-shot top-1':>22s} {'train seconds':>16s} {'pairs/s':>8s}")
+    for label, results in rows.items():
+        top1, seconds = mean_and_spread([r[0] for r in results], 3), mean_and_spread([r[1] for r in results], 1)
+        rate = f"{sum(steady_rate(r[2]) for r in results) / len(results):8.0f}" if results[0][2] else f"{'':8s}"
+        print(f"{label:40s} {top1:>22s} {seconds:>16s} {rate}")
+    print(f"(mean +- standard deviation over {args.seeds} seed{'s' * (args.seeds > 1)}; pairs/s after the first log "
+          f"window; chance {chance:.3f}; {os.cpu_count()} cores)")
+    summary = {"mmscale_top1": mean(rows, SHIPPED, 0, 4), "open_clip_top1": mean(rows, OPEN_CLIP, 0, 4),
+               "mmscale_seconds": mean(rows, SHIPPED, 1, 1), "open_clip_seconds": mean(rows, OPEN_CLIP, 1, 1),
+               "mmscale_zero3_top1": mean(rows, ZERO3, 0, 4), "mmscale_zero3_seconds": mean(rows, ZERO3, 1, 1)}
+    if args.seeds > 1:
+        summary |= {"seeds": args.seeds, "mmscale_top1_per_seed": [round(r[0], 4) for r in rows[SHIPPED]],
+                    "open_clip_top1_per_seed": [round(r[0], 4) for r in rows.get(OPEN_CLIP, [])]}
+    print(json.dumps(summary))
     return 0
 
+
+SHIPPED, ZERO3, OPEN_CLIP = "mmscale tiny (ZeRO-2), 2 ranks", "mmscale tiny, ZeRO-3, 2 ranks", "open_clip_train, 1 process"
+
+
+def runs_of_seed(data: dict, args, root: Path, seed: int, checkout: Path | None):
+    """(row label, (top-1, seconds, train records or None)) of every trainer the arguments ask for, trained
+    with `seed` (mmscale's train.seed and data.seed; open_clip's --seed)."""
+    seeded = (f"train.seed={seed}", f"data.seed={seed}")
+    yield SHIPPED, run_mmscale(data, args, root / "mmscale", *seeded)
+    if not args.skip_zero3:
+        yield ZERO3, run_mmscale(data, args, root / "mmscale_zero3", *seeded,
+                                 f"train.deepspeed={REPO / 'configs' / 'deepspeed' / 'zero3.json'}")
+    if args.patch_dropout:
+        yield f"mmscale tiny, patch dropout {args.patch_dropout:g}", run_mmscale(
+            data, args, root / "mmscale_patch_dropout", *seeded, f"model.patch_dropout={args.patch_dropout}")
+    if checkout is not None:
+        yield f"mmscale tiny at {args.before} (before)", run_mmscale(data, args, root / "mmscale_before", *seeded,
+                                                                     repo=checkout)
+    if not args.skip_open_clip:
+        yield OPEN_CLIP, (*run_open_clip(data, args, root / "open_clip", seed), None)
+
+
+def mean_and_spread(values: list[float], digits: int) -> str:
+    """"mean +- sample standard deviation" (the mean alone for one value)."""
+    average = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{average:.{digits}f}"
+    spread = (sum((v - average) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{average:.{digits}f} +- {spread:.{digits}f}"
+
+
+def mean(rows: dict, label: str, index: int, digits: int) -> float:
+    """The mean over seeds of one number of a row; NaN for a row that was not run."""
+    results = rows.get(label)
+    return round(sum(r[index] for r in results) / len(results), digits) if results else float("nan")
 
 if __name__ == "__main__":
     raise SystemExit(main())
