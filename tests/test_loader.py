@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tarfile
@@ -16,7 +17,7 @@ from PIL import Image
 from shardkit import jpeg_bytes, write_shards
 
 from mmscale.data.config import DataConfig
-from mmscale.data.loader import BatchLoader, ShardStream, StreamSettings, build_loader
+from mmscale.data.loader import BatchLoader, ShardStream, StreamSettings, UnusableData, build_loader
 from mmscale.data.samples import AugmentSettings, SampleDecoder
 from mmscale.data.shards import ShardError, parse_spec
 from mmscale.data.text import IGNORE_INDEX, CaptionEncoder
@@ -185,12 +186,100 @@ def test_every_bad_input_kind_is_skipped_and_counted(tmp_path, tokenizer):
                                      empty_member=2, image_too_large=1, truncated_shard=1)
 
 
-def test_missing_shard_is_an_error_naming_it(tmp_path, tokenizer):
+def unreadable_shards(folder: Path) -> dict[str, str]:
+    """A missing shard, a zero-byte one and a file that is not a tar, by the reason each is skipped under."""
+    (folder / "zero-000000.tar").write_bytes(b"")
+    (folder / "text-000000.tar").write_text("not a tar file, but named like one\n" * 40)
+    return {"shard_missing": str(folder / "nope-000001.tar"), "shard_empty": str(folder / "zero-000000.tar"),
+            "shard_not_a_tar": str(folder / "text-000000.tar")}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_shards_are_skipped_counted_and_named(tmp_path, tokenizer, workers):
+    urls = write_shards(tmp_path, shards=3, per_shard=3)
+    bad = unreadable_shards(tmp_path)
+    config = DataConfig(image_size=32, context_length=16, workers=workers, max_bad_shard_fraction=0.7)
+    loader = build_loader(config, spec="::".join(urls + list(bad.values())), tokenizer=tokenizer, batch_size=2,
+                          train=False)
+    # Worker processes warn on their own stderr, out of pytest's reach.
+    named = pytest.warns(UserWarning, match="skipped shard .*nope-000001.tar: no such file") if workers == 0 \
+        else contextlib.nullcontext()
+    with named:
+        keys = [key for batch in loader for key in batch["keys"]]
+    assert sorted(keys) == sorted(f"shard{s:03d}x{i:05d}" for s in range(3) for i in range(3))
+    assert loader.skipped == Counter({reason: 1 for reason in bad})
+
+
+def test_too_many_unreadable_shards_stop_with_the_numbers(tmp_path, tokenizer):
     urls = write_shards(tmp_path, shards=1, per_shard=3)
-    loader = build_loader(CONFIG, spec=f"{urls[0]}::{tmp_path}/nope-000001.tar", tokenizer=tokenizer,
-                          batch_size=2, train=False)
-    with pytest.raises(ShardError, match="nope-000001.tar: no such file"):
+    spec = f"{urls[0]}::{tmp_path}/nope-000001.tar"
+    loader = build_loader(CONFIG, spec=spec, tokenizer=tokenizer, batch_size=2, train=False)  # the default 0.05
+    with pytest.warns(UserWarning, match="skipped shard"), pytest.raises(
+            UnusableData, match=r"found 1 of its 2 shards this epoch unreadable, more than "
+                                r"data.max_bad_shard_fraction=0.05 \(last: shard .*nope-000001.tar: no such file"):
         list(loader)
+    tolerant = DataConfig(image_size=32, context_length=16, workers=0, max_bad_shard_fraction=0.5)
+    with pytest.warns(UserWarning, match="skipped shard"):
+        assert len(list(build_loader(tolerant, spec=spec, tokenizer=tokenizer, batch_size=3, train=False))) == 1
+
+
+def test_resampling_judges_unreadable_shards_over_its_last_draws(tmp_path, tokenizer):
+    urls = write_shards(tmp_path, shards=1, per_shard=4)
+    spec = f"{urls[0]}::{tmp_path}/nope-000001.tar"  # half the draws hit the missing shard
+    stream = make_stream(tokenizer, spec, epochs=None, sampling="resampled", batch_size=4)
+    with pytest.warns(UserWarning, match="skipped shard"), pytest.raises(UnusableData, match="of its last 20 draws"):
+        for _ in zip(range(100), BatchLoader(stream, workers=0)):
+            pass
+
+
+def test_a_permission_denied_shard_is_skipped(tmp_path, tokenizer, monkeypatch):
+    # Tests may run as root, whom chmod does not stop: deny the one file at open() instead.
+    urls = write_shards(tmp_path, shards=2, per_shard=3)
+    real_open = open
+    def guarded(path, *args, **kwargs):
+        if str(path) == urls[1]:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr("mmscale.data.shards.open", guarded, raising=False)
+    config = DataConfig(image_size=32, context_length=16, workers=0, max_bad_shard_fraction=0.5)
+    loader = build_loader(config, spec="::".join(urls), tokenizer=tokenizer, batch_size=3, train=False)
+    with pytest.warns(UserWarning, match="permission denied"):
+        assert [key for batch in loader for key in batch["keys"]] == [f"shard000x{i:05d}" for i in range(3)]
+    assert loader.skipped == Counter(shard_permission=1)
+
+
+def test_remote_shards_are_retried_with_backoff_then_skipped(tmp_path, tokenizer, monkeypatch):
+    import fsspec
+
+    urls = write_shards(tmp_path, shards=2, per_shard=3)
+    memory = fsspec.filesystem("memory")
+    for url in urls:
+        memory.pipe(f"/flaky/{Path(url).name}", Path(url).read_bytes())
+    failures = Counter({"memory://flaky/shard-000000.tar": 2, "memory://flaky/shard-000001.tar": 99})
+    real_open, sleeps = fsspec.open, []
+    def flaky(url, *args, **kwargs):
+        if failures[url] > 0:
+            failures[url] -= 1
+            raise ConnectionError("connection reset by peer")
+        return real_open(url, *args, **kwargs)
+    monkeypatch.setattr(fsspec, "open", flaky)
+    monkeypatch.setattr("mmscale.data.shards.time.sleep", sleeps.append)
+    config = DataConfig(image_size=32, context_length=16, workers=0, max_bad_shard_fraction=0.5)
+    loader = build_loader(config, spec="memory://flaky/shard-{000000..000001}.tar", tokenizer=tokenizer,
+                          batch_size=3, train=False)
+    with pytest.warns(UserWarning, match=r"shard-000001.tar: cannot open after 4 attempts \(connection reset"):
+        keys = [key for batch in loader for key in batch["keys"]]
+    assert keys == [f"shard000x{i:05d}" for i in range(3)]  # opened on its third try
+    assert sleeps == [1.0, 2.0, 1.0, 2.0, 4.0] and loader.skipped == Counter(shard_remote=1)
+
+
+def test_training_with_fewer_shards_than_readers_is_refused_with_sizes_that_work(tmp_path, tokenizer):
+    urls = write_shards(tmp_path, shards=3, per_shard=3)
+    config = DataConfig(image_size=32, context_length=16, workers=2)
+    with pytest.raises(ValueError, match=r"3 shards for 4 readers \(2 ranks x 2 workers\): .*set data.workers=1 "
+                                         r"or fewer, or write at least 4 shards"):
+        build_loader(config, spec="::".join(urls), tokenizer=tokenizer, batch_size=2, train=True, rank=0, world_size=2)
+    build_loader(config, spec="::".join(urls), tokenizer=tokenizer, batch_size=2, train=True, rank=0, world_size=1)
 
 
 def test_pipe_urls_are_refused_unless_allowed(tmp_path, tokenizer):
@@ -230,7 +319,7 @@ def test_fsspec_urls_are_read(tmp_path, tokenizer):
                           batch_size=4, train=False)
     assert sorted(key for batch in loader for key in batch["keys"]) == sorted(
         f"shard{s:03d}x{i:05d}" for s in range(2) for i in range(3))
-    with pytest.raises(ShardError, match="memory://remote/absent.tar"):
+    with pytest.warns(UserWarning, match="skipped shard"), pytest.raises(UnusableData, match="memory://remote/absent.tar"):
         list(build_loader(CONFIG, spec="memory://remote/absent.tar", tokenizer=tokenizer, batch_size=4, train=False))
 
 

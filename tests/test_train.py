@@ -162,6 +162,36 @@ def test_resume_after_sigkill_continues_the_straight_run_exactly(corpus, tmp_pat
         assert resumed_losses[step] == pytest.approx(straight_losses[step], rel=1e-4), step
 
 
+def test_unreadable_shards_are_skipped_and_every_good_sample_trains(corpus, tmp_path):
+    from mmscale.data.synthetic import make_synthetic_shards
+
+    good = make_synthetic_shards(tmp_path / "good", 128, samples_per_shard=16, seed=3, corpus_name="digits")
+    (tmp_path / "zero-000000.tar").write_bytes(b"")
+    (tmp_path / "text-000000.tar").write_text("an HTML error page saved under a shard's name\n" * 40)
+    bad = [str(tmp_path / "nope-000000.tar"), str(tmp_path / "zero-000000.tar"), str(tmp_path / "text-000000.tar")]
+    spec = "::".join(good + bad)  # 11 shards, 5 or 6 per rank each epoch, up to 3 of them unreadable
+    output = tmp_path / "run"
+    overrides = run_overrides(corpus, output, f"data.train={spec}", "train.samples=256", "train.log_sample_keys=true",
+                              "data.shuffle_buffer=0", "data.max_bad_shard_fraction=0.75")
+    code, log = launch(["--num_gpus", "2", "--master_port", str(free_port())], overrides)
+    assert code == 0, log[-3000:]
+    assert re.search(r"skipped shard \S*nope-000000.tar: no such file", log)
+    trained = [key for rank in (0, 1) for keys in last_per_step(output / "sample_keys" / f"rank{rank}.jsonl").values()
+               for key in keys]
+    # Without a shuffle buffer each rank's epoch is its shards in order: 8 steps of 16 per rank cover the at
+    # most 6 x 16 good samples a rank is given in the first epoch.
+    assert set(trained) == {key for shard in good for key in _keys_of(shard)}
+    last = metrics(output)[-1]
+    assert min(last.get(f"skipped_shard_{reason}", 0) for reason in ("missing", "empty", "not_a_tar")) >= 1, last
+
+
+def _keys_of(shard: str) -> list[str]:
+    import tarfile
+
+    with tarfile.open(shard) as archive:
+        return sorted({member.name.split(".")[0] for member in archive.getmembers()})
+
+
 def test_two_nodes_without_ssh_train_together(corpus, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")

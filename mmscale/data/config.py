@@ -45,6 +45,10 @@ class DataConfig:
     """Seed for shard order, shuffling, augmentation and masking (same seed, same batches)."""
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
+    max_bad_shard_fraction: float = 0.05
+    """Unreadable shards (missing, empty, permission denied, not a tar, remote open failing after retries)
+    are skipped and counted as `skipped_shard_<reason>`; a reader that finds more than this fraction of
+    its shards of an epoch unreadable (of its last draws in `resampled` sampling) stops the run."""
 
     def __post_init__(self):
         checks = [
@@ -62,6 +66,8 @@ class DataConfig:
             (0.0 <= self.mlm_probability < 1.0, "data.mlm_probability must be in [0, 1)", self.mlm_probability),
             (self.max_pixels >= 1, "data.max_pixels must be >= 1", self.max_pixels),
             (self.prefetch_factor >= 1, "data.prefetch_factor must be >= 1", self.prefetch_factor),
+            (0.0 <= self.max_bad_shard_fraction <= 1.0, "data.max_bad_shard_fraction must be in [0, 1]",
+             self.max_bad_shard_fraction),
         ]
         for holds, rule, value in checks:
             if not holds:

@@ -23,12 +23,21 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mmscale.data.config import DataConfig
 from mmscale.data.samples import AugmentSettings, SampleDecoder
-from mmscale.data.shards import SampleRejected, ShardSource, ShardTruncated, iter_raw_samples, parse_spec
+from mmscale.data.shards import (
+    SampleRejected,
+    ShardError,
+    ShardSource,
+    ShardTruncated,
+    iter_raw_samples,
+    parse_spec,
+)
 from mmscale.data.text import CaptionEncoder
 
 # A stream that skips this many samples (or empty shards) in a row is broken, not noisy: stop it
 # rather than keep every rank waiting for a batch that never comes.
 MAX_SKIPS_IN_A_ROW = 20_000
+# In `resampled` sampling the unreadable-shard fraction is judged over a reader's last this many draws.
+BAD_SHARD_WINDOW = 20
 # Entries of a worker's live state that state_dict() writes in another form, or not at all.
 _DERIVED_KEYS = ("buffer", "rng", "skipped", "since_last_batch")
 
@@ -58,6 +67,7 @@ class StreamSettings:
     shuffle_shards: bool = True
     drop_last: bool = False
     allow_pipe: bool = False
+    max_bad_shard_fraction: float = 0.05
 
 
 class ShardStream(IterableDataset):
@@ -115,7 +125,7 @@ class ShardStream(IterableDataset):
                 if state["shard_cursor"] >= len(shards):
                     # Empty shards are counted as skips in a row, so shards that never hold a
                     # sample stop the stream instead of spinning through empty epochs forever.
-                    state.update(epoch=state["epoch"] + 1, shard_cursor=0)
+                    state.update(epoch=state["epoch"] + 1, shard_cursor=0, bad_shards=[])
                     continue
                 url, shard_pass = shards[state["shard_cursor"]], state["epoch"]
             start = state["sample_cursor"]
@@ -127,10 +137,30 @@ class ShardStream(IterableDataset):
             except ShardTruncated as error:
                 _count_skip(state, "truncated_shard", where=f"shard {url}")
                 warnings.warn(str(error), stacklevel=2)
+            except ShardError as error:
+                self._skip_shard(state, error, shards=None if resampled else len(shards))
             else:
                 if start == 0 and state["sample_cursor"] == 0:
                     _count_skip(state, "empty_shard", where=f"shard {url}")
             state.update(shard_cursor=state["shard_cursor"] + 1, sample_cursor=0)
+
+    def _skip_shard(self, state: dict, error: ShardError, *, shards: int | None) -> None:
+        """Count an unreadable shard and go on; stop once more than max_bad_shard_fraction of this reader's
+        `shards` of the epoch (None: of its last BAD_SHARD_WINDOW draws) were unreadable."""
+        _count_skip(state, f"shard_{error.reason}", where=str(error))
+        warnings.warn(f"skipped {error}", stacklevel=3)
+        bad = state["bad_shards"]  # shard_cursor of each unreadable shard of the epoch (or window)
+        bad.append(state["shard_cursor"])
+        if shards is None:
+            if state["shard_cursor"] + 1 < BAD_SHARD_WINDOW:
+                return  # too few draws to judge yet
+            bad[:] = [draw for draw in bad if draw > state["shard_cursor"] - BAD_SHARD_WINDOW]
+        limit = self.settings.max_bad_shard_fraction
+        if len(bad) > limit * (shards or BAD_SHARD_WINDOW):
+            share = f"of its last {BAD_SHARD_WINDOW} draws" if shards is None else f"of its {shards} shards this epoch"
+            raise UnusableData(f"one reader found {len(bad)} {share} unreadable, more than data.max_bad_shard_fraction="
+                               f"{limit:g} (last: {error}; skips so far {dict(state['skipped'])}): fix or remove those "
+                               "shards, or raise data.max_bad_shard_fraction")
 
     # --- state ------------------------------------------------------------------------
     def _layout(self, worker: int, workers: int) -> str:
@@ -144,6 +174,7 @@ class ShardStream(IterableDataset):
             "epoch": 0, "shard_cursor": 0, "sample_cursor": 0, "buffer": [],
             "rng": random.Random(mix_seed(self.settings.seed, "shuffle", worker)).getstate(),
             "skipped": Counter(), "since_last_batch": Counter(), "skips_in_a_row": 0, "delivered": 0,
+            "bad_shards": [],
         }
 
     def state_dict(self) -> dict:
@@ -335,12 +366,17 @@ def build_loader(
         sources=sources, sampling=config.sampling if train else "epoch", rank=rank, world_size=world_size,
         seed=config.seed, shuffle_buffer=config.shuffle_buffer if train else 0, batch_size=batch_size,
         epochs=epochs if train else 1, shuffle_shards=train, drop_last=train, allow_pipe=config.allow_pipe,
+        max_bad_shard_fraction=config.max_bad_shard_fraction,
     )
     shard_count = sum(len(source.urls) for source in sources)
     readers = world_size * max(config.workers, 1)
     if settings.sampling == "epoch" and shard_count < readers:
-        warnings.warn(f"{shard_count} shards for {readers} readers ({world_size} ranks x {max(config.workers, 1)} "
-                      "workers): some read nothing; write more, smaller shards", stacklevel=2)
+        layout = f"{shard_count} shards for {readers} readers ({world_size} ranks x {max(config.workers, 1)} workers)"
+        if train:  # a reader without shards would end its rank's stream while the others train on: a hang
+            fits = f"set data.workers={shard_count // world_size} or fewer, or " if shard_count >= world_size else ""
+            raise ValueError(f"{layout}: in epoch sampling every reader needs a shard of its own; {fits}write at "
+                             f"least {readers} shards (many more balance better), or use data.sampling=resampled")
+        warnings.warn(f"{layout}: some read nothing; write more, smaller shards", stacklevel=2)
     augment = AugmentSettings(
         image_size=config.image_size, max_pixels=config.max_pixels, train=train, crop_scale=config.crop_scale,
         crop_ratio=config.crop_ratio, hflip_probability=config.hflip_probability,

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import tarfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +27,22 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 SIZES_FILE = "sizes.json"
+# Opening a remote shard (fsspec) is retried this many times, after 1, 2, 4, ... x REMOTE_BACKOFF_S
+# seconds, before the shard counts as unreadable; a missing object is not retried.
+REMOTE_RETRIES = 3
+REMOTE_BACKOFF_S = 1.0
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _WEIGHT = re.compile(r"@(\d+(?:\.\d*)?|\.\d+)$")
 
 
 class ShardError(Exception):
-    """A shard that cannot be opened or read at all; the message names the shard."""
+    """A shard that cannot be opened or read at all; the message names the shard and `reason` says why
+    (`missing`, `empty`, `permission`, `not_a_tar`, `remote`, `unreadable`): the training loader
+    skips such a shard and counts it as `shard_<reason>`."""
+
+    def __init__(self, message: str, reason: str = "unreadable"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class SampleRejected(Exception):
@@ -114,19 +125,36 @@ def open_shard(url: str, *, allow_pipe: bool = False):
     if _is_local(url):
         local = url[len("file:"):] if url.startswith("file:") else url
         try:
-            return open(local, "rb")
+            handle = open(local, "rb")
         except FileNotFoundError:
-            raise ShardError(f"shard {url}: no such file") from None
+            raise ShardError(f"shard {url}: no such file", "missing") from None
+        except PermissionError as error:
+            raise ShardError(f"shard {url}: permission denied ({error.strerror or error})", "permission") from None
         except OSError as error:
             raise ShardError(f"shard {url}: cannot open ({error.strerror or error})") from None
+        if os.fstat(handle.fileno()).st_size == 0:
+            handle.close()
+            raise ShardError(f"shard {url}: empty file (0 bytes)", "empty")
+        return handle
+    return _open_remote(url)
+
+
+def _open_remote(url: str, *, retries: int | None = None, backoff: float | None = None):
+    """Open an fsspec URL, retrying failures other than a missing object with exponential backoff."""
     import fsspec
 
-    try:
-        return fsspec.open(url, "rb").open()
-    except FileNotFoundError:
-        raise ShardError(f"shard {url}: no such file") from None
-    except Exception as error:  # fsspec backends raise many types; name the shard either way
-        raise ShardError(f"shard {url}: cannot open ({error})") from None
+    retries = REMOTE_RETRIES if retries is None else retries
+    backoff = REMOTE_BACKOFF_S if backoff is None else backoff
+    for attempt in range(retries + 1):
+        try:
+            return fsspec.open(url, "rb").open()
+        except FileNotFoundError:
+            raise ShardError(f"shard {url}: no such file", "missing") from None
+        except Exception as error:  # noqa: BLE001  # fsspec backends raise many types; name the shard either way
+            if attempt == retries:
+                raise ShardError(f"shard {url}: cannot open after {retries + 1} attempts ({error})", "remote") from None
+            time.sleep(backoff * 2 ** attempt)
+    raise AssertionError("unreachable")
 
 
 class _EndWatcher:
@@ -195,7 +223,7 @@ def iter_raw_samples(url: str, *, allow_pipe: bool = False, start: int = 0) -> I
             raise ShardError(f"shard {url}: {stream.close_error}")
     except (tarfile.TarError, OSError, EOFError, ValueError) as error:
         if index == 0 and current is None and "unexpected end of data" not in str(error):
-            raise ShardError(f"shard {url}: not a readable tar file ({error})") from None
+            raise ShardError(f"shard {url}: not a readable tar file ({error})", "not_a_tar") from None
         if current is not None and index >= start:
             yield current
         raise ShardTruncated(url, index + (current is not None), error) from None
