@@ -14,6 +14,7 @@ from mmscale.data.text import IGNORE_INDEX
 from mmscale.losses import LossConfig, PretrainingObjective, mlm_loss
 from mmscale.models import PRESETS, ModelConfig, build_model, training_flops_per_sample
 from mmscale.models.config import resolve_attention
+from mmscale.models.dual_encoder import clamp_returnable
 
 VOCAB = 400
 
@@ -126,6 +127,26 @@ def test_temperature_is_clamped_in_forward_not_in_the_parameter(tiny):
     finally:
         with torch.no_grad():
             tiny.towers.logit_scale.fill_(math.log(1 / 0.07))
+
+
+def test_a_temperature_beyond_the_bound_can_come_back():
+    # The logit scale crossed its bound (1/temperature = 100): the forward value stays at the bound, a
+    # gradient that asks for a larger scale is zeroed, and one that asks for a smaller scale gets through.
+    for wants_smaller, moves in ((True, True), (False, False)):
+        parameter = torch.nn.Parameter(torch.tensor(math.log(120.0)))
+        optimizer = torch.optim.SGD([parameter], lr=0.05)
+        for _ in range(10):
+            scale = clamp_returnable(parameter, math.log(100.0)).exp()
+            assert scale.item() == pytest.approx(min(100.0, parameter.exp().item()), rel=1e-6)
+            optimizer.zero_grad()
+            (scale if wants_smaller else -scale).backward()
+            optimizer.step()
+        assert (parameter.exp().item() < 100.0) == moves
+        assert parameter.exp().item() <= 120.0 + 1e-4  # never pushed further up
+    # A plain clamp has no gradient there: the scale could never come back.
+    parameter = torch.nn.Parameter(torch.tensor(math.log(120.0)))
+    parameter.clamp(max=math.log(100.0)).exp().backward()
+    assert parameter.grad.item() == 0.0
 
 
 def test_first_contrastive_loss_is_near_log_batch(tiny):

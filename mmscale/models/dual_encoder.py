@@ -86,6 +86,26 @@ class DualEncoderOutput(ModelOutput):
     """The original token ids at those positions [M]."""
 
 
+class _ClampReturnable(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, bound: float) -> torch.Tensor:
+        ctx.save_for_backward(value)
+        ctx.bound = bound
+        return value.clamp(max=bound)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (value,) = ctx.saved_tensors
+        # Above the bound, pass only the gradient that lowers the value (gradient descent goes against
+        # grad: grad > 0 lowers it); the one that would raise it further is zeroed, as a clamp's is.
+        return torch.where((value <= ctx.bound) | (grad > 0), grad, torch.zeros_like(grad)), None
+
+
+def clamp_returnable(value: torch.Tensor, bound: float) -> torch.Tensor:
+    """`value.clamp(max=bound)` whose gradient above the bound still pulls the value back down (no host sync)."""
+    return _ClampReturnable.apply(value, bound)
+
+
 def classifier_input(image_features: torch.Tensor) -> torch.Tensor:
     """What the classification head reads: normalized image embeddings times sqrt(dim)."""
     return torch.nn.functional.normalize(image_features, dim=-1) * image_features.shape[-1] ** 0.5
@@ -201,9 +221,11 @@ class DualEncoder(nn.Module):
         return self.classifier(classifier_input(self.encode_images(images)).to(self.classifier.weight.dtype))
 
     def logit_scale(self) -> torch.Tensor:
-        """1/temperature. Clamped here rather than by editing the parameter in place after each step,
-        because under ZeRO-3 the optimizer's fp32 master copy would overwrite such an edit."""
-        return self.towers.logit_scale.clamp(max=math.log(self.max_logit_scale)).exp()
+        """1/temperature, at most max_logit_scale. Bounded here rather than by editing the parameter in
+        place after each step, because the optimizer's fp32 master copy (ZeRO) would overwrite such an edit,
+        and by `clamp_returnable`, whose gradient still lowers a parameter above the bound: with a plain
+        clamp the gradient there is zero and a temperature that crossed the bound could never come back."""
+        return clamp_returnable(self.towers.logit_scale, math.log(self.max_logit_scale)).exp()
 
     def mlm_logits(self, mlm_input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    mlm_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
