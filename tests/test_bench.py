@@ -58,6 +58,16 @@ def test_finetune_memory_benchmark_measures_lora_and_full():
     assert "| lora |" in out and "| full |" in out
 
 
+def test_final_save_benchmark_compares_both_methods_and_finds_the_same_weights():
+    """tools/bench/final_save.py at tiny size: both methods run in their own DeepSpeed jobs (2 ranks) and the
+    script itself stops if their weights differ in any bit."""
+    out = bench("final_save.py", "--preset", "tiny", "--batch", "2")
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["identical_weights"] and report["parameters"] > 0
+    for method in ("before", "after"):
+        assert report[method]["seconds"] > 0 and len(report[method]["peak_mib_per_rank"]) == 2
+
+
 def test_learning_benchmark_trains_mmscale_on_rendered_characters_end_to_end():
     """The mmscale half of tools/bench/learning.py at toy size (open_clip's half needs open-clip-torch
     installed into its own folder from PyPI, which the full benchmark does)."""

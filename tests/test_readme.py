@@ -40,6 +40,7 @@ EXERCISED_BY = {
     "tools/bench/train_throughput.py": (["tests/test_bench.py"], '"train_throughput.py"'),
     "tools/bench/finetune_memory.py": (["tests/test_bench.py"], '"finetune_memory.py"'),
     "tools/bench/learning.py": (["tests/test_bench.py"], '"learning.py"'),
+    "tools/bench/final_save.py": (["tests/test_bench.py"], '"final_save.py"'),
     "tools/gpu_check.sh": (["tests/test_bench.py"], '"gpu_check.sh"'),
 }
 

@@ -106,6 +106,16 @@ def test_zero3_on_two_ranks_partitions_learns_and_exports(corpus, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf.get_image_features(pixel_values=ours.pixel_values(images)).pooler_output,
                                    ours.encode_images(images), rtol=0, atol=1e-5)
+    # final/ holds the fp32 masters gathered from every rank's memory: bit for bit what DeepSpeed's
+    # zero_to_fp32 makes of the last checkpoint's files.
+    from mmscale.models.checkpoint import skeleton_like
+    from mmscale.train.checkpoints import consolidate
+
+    reference = consolidate(checkpoints, "step00000160", skeleton_like(ours)).state_dict()
+    saved = ours.state_dict()
+    assert set(saved) <= set(reference)
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, reference[name]), name
     # The eval commands read final/ and end with one JSON line.
     for kind, extra in (("zeroshot", ["--classnames", str(corpus["classnames"]), "--templates",
                                       str(corpus["templates"])]), ("retrieval", [])):

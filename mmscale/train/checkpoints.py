@@ -137,6 +137,35 @@ def consolidate(root: Path, tag: str, skeleton: torch.nn.Module, prefix: str = "
     return skeleton
 
 
+def gather_fp32_weights(model: torch.nn.Module, skeleton: torch.nn.Module | None) -> torch.nn.Module | None:
+    """The fp32 master weights of a DeepSpeed-trained `model` (ZeRO 1-3), gathered from the optimizer
+    partitions in every rank's memory one parameter at a time, into `skeleton` (a whole model of the same
+    config, on rank 0; None elsewhere, which returns None). A collective: every rank calls it. Parameters
+    without a master (frozen ones) come from the module itself, gathered under ZeRO-3.
+
+    Each rank holds at most one whole parameter beside its partitions, and rank 0 the skeleton: no
+    checkpoint file is read, where zero_to_fp32 has rank 0 load every rank's optimizer files (Adam's
+    moments included) while the others wait."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    targets = dict(skeleton.named_parameters()) if skeleton is not None else {}
+    for name, parameter in model.named_parameters():  # the same order on every rank
+        full = safe_get_full_fp32_param(parameter)
+        if full is None:
+            with deepspeed.zero.GatheredParameters([parameter]):  # a no-op unless ZeRO-3 partitions it
+                full = parameter.detach().clone() if skeleton is not None else None
+        if skeleton is not None:
+            if name not in targets:
+                raise RuntimeError(f"parameter {name} of the trained model is not in the model being saved")
+            target = targets.pop(name)
+            with torch.no_grad():
+                target.copy_(full.reshape(target.shape).to(target.dtype))
+    if skeleton is not None and targets:
+        raise RuntimeError(f"the trained model has no values for {sorted(targets)}")
+    return skeleton
+
+
 def remove_incomplete(root: Path) -> None:
     """Delete tags newer than `latest` (a save that crashed half-way); rank 0 only."""
     tag = latest_tag(root)

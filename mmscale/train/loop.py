@@ -25,7 +25,7 @@ from mmscale.models.checkpoint import skeleton_like
 from mmscale.models.config import resolve_attention
 from mmscale.train.checkpoints import (
     Progress,
-    consolidate,
+    gather_fp32_weights,
     latest_tag,
     load_checkpoint,
     remove_incomplete,
@@ -285,23 +285,24 @@ def _resume(run: Run, loader) -> Progress:
     return progress
 
 
-def _finish(run: Run, tag: str) -> Path:
+def _finish(run: Run) -> Path:
     """The trained model as `final/` (rank 0), a folder transformers loads: the fp32 master weights
-    consolidated from the last checkpoint's partitions under ZeRO-3, and under ZeRO-1/2 in 16-bit
-    precision (where the module holds only their rounded copy); otherwise the engine's (whole) module,
-    with LoRA adapters saved in PEFT's format under `adapter/` and then merged."""
+    gathered from the optimizer's partitions under ZeRO-3, and under ZeRO-1/2 in 16-bit precision (where
+    the module holds only their rounded copy); otherwise the engine's (whole) module, with LoRA adapters
+    saved in PEFT's format under `adapter/` and then merged."""
     final = run.output / "final"
+    zero3 = hasattr(run.model.towers.logit_scale, "ds_id")
+    masters_elsewhere = run.engine.zero_optimization_stage() in (1, 2) and run.config.train.precision != "fp32"
+    if zero3 or (masters_elsewhere and not is_adapted(run.model)):
+        model = gather_fp32_weights(run.model, skeleton_like(run.model) if run.rank == 0 else None)
+    elif run.rank == 0:
+        model = run.model
+        if is_adapted(model):
+            source = run.config.model
+            save_adapter(model, run.output / "adapter",
+                         base=source.init_from or f"{source.vision_from},{source.text_from}")
+            model = merge_adapter(model)
     if run.rank == 0:
-        masters_elsewhere = run.engine.zero_optimization_stage() in (1, 2) and run.config.train.precision != "fp32"
-        if hasattr(run.model.towers.logit_scale, "ds_id") or (masters_elsewhere and not is_adapted(run.model)):
-            model = consolidate(run.output / "checkpoints", tag, skeleton_like(run.model))
-        else:
-            model = run.model
-            if is_adapted(model):
-                source = run.config.model
-                save_adapter(model, run.output / "adapter",
-                             base=source.init_from or f"{source.vision_from},{source.text_from}")
-                model = merge_adapter(model)
         model.float().save(final, tokenizer=run.tokenizer)
     dist.barrier()
     return final
@@ -360,9 +361,10 @@ def train(config: TrainRunConfig) -> dict:
             bar.close()
         if lineage is not None:
             lineage.close()
-    tag = tag or _save(run, progress, loader)
+    if tag is None:  # the run ends on a checkpoint (resuming a finished run does nothing)
+        _save(run, progress, loader)
     _eval_and_log(run, progress.step, writer, last)
-    final = _finish(run, tag)
+    final = _finish(run)
     writer.close()
     _report(run)
     return {"final": str(final), "step": progress.step, "samples": progress.samples} | last
