@@ -43,6 +43,12 @@ class LossConfig:
     CLIP's loss stayed at ln(batch) for 150 steps at 0.25 and 0.5, and left it at step ~70 at 0.1 as without MLM."""
     siglip_bias_init: float = -10.0
     """Initial SigLIP logit bias (the paper's -10 keeps the first steps from being swamped by negatives)."""
+    whole_batch_negatives: bool = True
+    """With gradient accumulation, score every pair against the whole global batch (all micro-batches of
+    all ranks), as one big batch would: each step first encodes all its micro-batches without gradients
+    (one extra image + text forward per micro-batch, about a third more compute), then recomputes each
+    with gradients against the cached rest (GradCache, open_clip's --accum-freq). Off: each micro-batch's
+    negatives are only the micro batch x world size pairs of that micro-batch."""
 
     def __post_init__(self):
         if self.objective == "classify" and self.classes < 2:
@@ -63,6 +69,12 @@ class LossOutput(ModelOutput):
     classification: torch.Tensor | None = None
     logit_scale: torch.Tensor | None = None
     """1/temperature used in this step (detached)."""
+    image_features: torch.Tensor | None = None
+    """Normalized image features (the feature pass of whole-batch negatives only)."""
+    text_features: torch.Tensor | None = None
+    """Normalized text features (the feature pass only)."""
+    logit_bias: torch.Tensor | None = None
+    """SigLIP's bias used in this step (detached; the feature pass only)."""
 
 
 def _rank_and_world(group) -> tuple[int, int]:
@@ -116,26 +128,105 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
     return (image_loss + text_loss) / 2
 
 
+def _neighbour_exchange(tensor: torch.Tensor, send_to: int, receive_from: int, group) -> torch.Tensor:
+    """Send `tensor` to one rank and receive a tensor of the same shape from another, as one batch of
+    point-to-point operations (NCCL and gloo both run them)."""
+    received = torch.empty_like(tensor)
+    global_rank = (lambda rank: rank) if group is None else (lambda rank: dist.get_global_rank(group, rank))
+    operations = [dist.P2POp(dist.isend, tensor.contiguous(), global_rank(send_to), group=group),
+                  dist.P2POp(dist.irecv, received, global_rank(receive_from), group=group)]
+    for request in dist.batch_isend_irecv(operations):
+        request.wait()
+    return received
+
+
+class _NeighbourExchangeWithGrad(torch.autograd.Function):
+    """Pass a tensor one rank to the right round the ring; its gradient goes back one rank to the left."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        rank, world = _rank_and_world(group)
+        ctx.group, ctx.left, ctx.right = group, (rank - 1) % world, (rank + 1) % world
+        return _neighbour_exchange(tensor, ctx.right, ctx.left, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _neighbour_exchange(grad, ctx.left, ctx.right, ctx.group), None
+
+
 def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor, *,
                 group=None) -> torch.Tensor:
     """SigLIP: a binary decision for every image-text pair of the global batch, summed and divided
-    by the global batch size; this rank computes its images' rows against every text."""
-    rank, _ = _rank_and_world(group)
-    all_texts = gather_with_grad(text, group)
-    logits = logit_scale * image @ all_texts.T + logit_bias
-    signs = -torch.ones_like(logits)
-    rows = torch.arange(image.shape[0], device=image.device)
-    signs[rows, rows + rank * image.shape[0]] = 1.0
-    return -F.logsigmoid(signs * logits).sum() / image.shape[0]
+    by the global batch size. Texts travel round the ring of ranks (big_vision's and open_clip's
+    neighbour exchange): a rank scores its images against its own texts, then against each other
+    rank's as they pass, holding [B_local, B_local] logits at a time and never the gathered batch;
+    the gradients of the visiting texts travel back the same way. Every rank's batch has the same size."""
+    _, world = _rank_and_world(group)
+
+    def pairs(texts: torch.Tensor, matching: bool) -> torch.Tensor:
+        logits = logit_scale * image @ texts.T + logit_bias
+        signs = -torch.ones_like(logits)
+        if matching:
+            signs.diagonal().fill_(1.0)
+        return -F.logsigmoid(signs * logits).sum()
+
+    total = pairs(text, matching=True)
+    visiting = text
+    for _ in range(world - 1):
+        visiting = _NeighbourExchangeWithGrad.apply(visiting, group)
+        total = total + pairs(visiting, matching=False)
+    return total / image.shape[0]
 
 
-def mlm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the masked positions only (`logits` holds just those rows; rows whose
-    target is IGNORE_INDEX are padding). A batch without any masked token gives 0, still connected
-    to the head so every rank runs the same modules (ZeRO-3 gathers parameters collectively). The
-    count stays on the device: no host sync."""
+def mlm_loss(logits: torch.Tensor, targets: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy summed over the masked positions (`logits` holds just those rows; rows whose target
+    is IGNORE_INDEX are padding), divided by `tokens`, or by this batch's count of masked tokens. The
+    trainer passes the global batch's count divided by micro-batches x ranks, so that after DeepSpeed's
+    averaging over both the loss is the mean over every masked token of the step (a token-weighted mean,
+    not a mean of per-batch means). A batch without any masked token gives 0, still connected to the
+    head so every rank runs the same modules (ZeRO-3 gathers parameters collectively). The counts stay
+    on the device: no host sync."""
     summed = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return summed / (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return summed / (tokens if tokens is not None else (targets != IGNORE_INDEX).sum().clamp(min=1))
+
+
+def contrastive_loss(config: LossConfig, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                     logit_bias: torch.Tensor | None) -> torch.Tensor:
+    """`config.contrastive` over normalized features, this rank's rows against the global batch."""
+    if config.contrastive == "siglip":
+        return siglip_loss(image, text, logit_scale, logit_bias)
+    return clip_loss(image, text, logit_scale)
+
+
+@dataclass
+class FeatureGradients:
+    """What the feature pass of a step leaves for the gradient pass: the step's contrastive loss on this
+    rank (over all its micro-batches' features against the global batch's) and its gradients with
+    respect to this rank's features and the temperature and bias it used."""
+
+    loss: torch.Tensor
+    image: torch.Tensor
+    """[accumulation x micro batch, D]: every rank's loss terms, summed (the gathers' backward)."""
+    text: torch.Tensor
+    logit_scale: torch.Tensor
+    """This rank's loss only; DeepSpeed's averaging over ranks makes it the global batch's."""
+    logit_bias: torch.Tensor | None
+
+
+def feature_gradients(config: LossConfig, passes: list[LossOutput]) -> FeatureGradients:
+    """The contrastive loss of the whole step from the feature pass's outputs of its micro-batches (no
+    gradients in them), and its gradient with respect to each feature: one big batch's loss, at the cost
+    of holding [accumulation x micro batch, global batch] logits at once for CLIP."""
+    image = torch.cat([out.image_features for out in passes]).detach().requires_grad_()
+    text = torch.cat([out.text_features for out in passes]).detach().requires_grad_()
+    scale = passes[0].logit_scale.detach().float().requires_grad_()
+    bias = passes[0].logit_bias
+    bias = bias.detach().float().requires_grad_() if bias is not None else None
+    with torch.enable_grad():
+        loss = contrastive_loss(config, image, text, scale, bias)
+        loss.backward()
+    return FeatureGradients(loss=loss.detach(), image=image.grad, text=text.grad, logit_scale=scale.grad,
+                            logit_bias=bias.grad if bias is not None else None)
 
 
 class PretrainingObjective(nn.Module):
@@ -157,10 +248,33 @@ class PretrainingObjective(nn.Module):
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 mlm_input_ids: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, mlm_positions: torch.Tensor | None = None,
-                mlm_targets: torch.Tensor | None = None) -> LossOutput:
-        use_mlm = self.config.mlm_weight > 0
+                mlm_targets: torch.Tensor | None = None, *, features_only: bool = False,
+                feature_gradients: tuple[torch.Tensor, ...] | None = None, accumulation: int = 1,
+                mlm_tokens: torch.Tensor | None = None) -> LossOutput:
+        """The losses of one micro-batch. Three uses:
+
+        - plain: the contrastive loss of this micro-batch against every rank's, plus MLM;
+        - `features_only=True` (run without gradients): the normalized features, temperature and bias,
+          for `feature_gradients` over all micro-batches of the step;
+        - `feature_gradients=(image, text, logit_scale, logit_bias)` (this micro-batch's slices of a
+          FeatureGradients): `total` is a surrogate whose gradient, after DeepSpeed's averaging over
+          `accumulation` micro-batches and the ranks, is the whole step's contrastive gradient (GradCache),
+          plus MLM; `contrastive` is then 0 (the caller has the step's loss).
+
+        `mlm_tokens`: the MLM loss's divisor (see mlm_loss)."""
+        use_mlm = self.config.mlm_weight > 0 and not features_only
         if use_mlm and (mlm_input_ids is None or (mlm_labels is None and mlm_positions is None)):
             raise ValueError("loss.mlm_weight > 0 needs masked captions; data.mlm_probability is 0")
+        if features_only:
+            # Text before images, as the model's forward runs them: the same random draws (patch dropout)
+            # when the trainer replays the generator state for the gradient pass.
+            text = self.model.encode_texts(input_ids, attention_mask)
+            image = self.model.encode_images(images)
+            bias = self.model.logit_bias
+            return LossOutput(image_features=F.normalize(image.float(), dim=-1),
+                              text_features=F.normalize(text.float(), dim=-1),
+                              logit_scale=self.model.logit_scale().float().detach(),
+                              logit_bias=bias.float().detach() if bias is not None else None)
         if not use_mlm:
             mlm_input_ids = mlm_labels = mlm_positions = mlm_targets = None
         out = self.model(images, input_ids, attention_mask, mlm_input_ids, mlm_labels,
@@ -168,12 +282,19 @@ class PretrainingObjective(nn.Module):
         image = F.normalize(out.image_features.float(), dim=-1)
         text = F.normalize(out.text_features.float(), dim=-1)
         scale = out.logit_scale.float()
-        if self.config.contrastive == "siglip":
-            contrastive = siglip_loss(image, text, scale, out.logit_bias.float())
+        bias = out.logit_bias.float() if out.logit_bias is not None else None
+        if feature_gradients is None:
+            contrastive = contrastive_loss(self.config, image, text, scale, bias)
+            weighted = self.config.contrastive_weight * contrastive
         else:
-            contrastive = clip_loss(image, text, scale)
-        mlm = mlm_loss(out.mlm_logits, out.mlm_targets) if use_mlm else contrastive.new_zeros(())
-        total = self.config.contrastive_weight * contrastive + self.config.mlm_weight * mlm
+            image_grad, text_grad, scale_grad, bias_grad = feature_gradients
+            surrogate = accumulation * ((image * image_grad).sum() + (text * text_grad).sum()) + scale * scale_grad
+            if bias is not None:
+                surrogate = surrogate + bias * bias_grad
+            contrastive = scale.new_zeros(())
+            weighted = self.config.contrastive_weight * surrogate
+        mlm = mlm_loss(out.mlm_logits, out.mlm_targets, mlm_tokens) if use_mlm else scale.new_zeros(())
+        total = weighted + self.config.mlm_weight * mlm
         return LossOutput(total=total, contrastive=contrastive, mlm=mlm, logit_scale=scale.detach())
 
 

@@ -1,4 +1,4 @@
-"""Contrastive losses with global negatives: 2 real gloo ranks against one process on the global batch."""
+"""Contrastive losses with global negatives: 3 real gloo ranks against one process on the global batch."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from distkit import free_port, save_from_every_rank
 
-from mmscale.losses import clip_loss, siglip_loss
+from mmscale.data.text import IGNORE_INDEX
+from mmscale.losses import clip_loss, mlm_loss, siglip_loss
 
-WORLD, LOCAL, DIM = 2, 4, 8
+WORLD, LOCAL, DIM = 3, 4, 8
 
 
 def global_batch() -> dict[str, torch.Tensor]:
@@ -56,7 +57,9 @@ def per_rank(tmp_path_factory) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
-def test_two_ranks_equal_one_process_on_the_global_batch(per_rank, kind):
+def test_three_ranks_equal_one_process_on_the_global_batch(per_rank, kind):
+    """CLIP through the gathered features, SigLIP through the ring (texts passed rank to rank, never
+    gathered): both give the loss and gradients of one process on the whole batch."""
     single = loss_and_gradients(kind, global_batch(), slice(None))
     ranks = [outcome[kind] for outcome in per_rank]
     # The ranks' mean loss is the global loss.
@@ -107,3 +110,17 @@ def test_classification_labels_out_of_range_are_refused_on_the_cpu():
     check_labels(torch.tensor([0, 2, -1]), 3)
     with pytest.raises(ValueError, match=r"label 3 is out of range for loss.classes=3"):
         check_labels(torch.tensor([0, 3, -1]), 3)
+
+
+def test_mlm_loss_with_the_step_token_count_is_the_mean_over_every_masked_token():
+    """Two micro-batches with 3 and 9 masked tokens (and padding rows): divided by the step's count per
+    micro-batch, their mean (what DeepSpeed's averaging makes of them) is the mean over all 12 tokens."""
+    generator = torch.Generator().manual_seed(1)
+    logits = [torch.randn(5, 11, generator=generator), torch.randn(10, 11, generator=generator)]
+    targets = [torch.tensor([1, 2, 3, IGNORE_INDEX, IGNORE_INDEX]), torch.tensor([4] * 9 + [IGNORE_INDEX])]
+    per_micro_batch = torch.tensor(12 / 2)
+    step = sum(mlm_loss(l, t, per_micro_batch) for l, t in zip(logits, targets)) / 2
+    every_token = F.cross_entropy(torch.cat(logits), torch.cat(targets), ignore_index=IGNORE_INDEX)
+    assert step.item() == pytest.approx(every_token.item(), rel=1e-6)
+    mean_of_means = sum(mlm_loss(l, t) for l, t in zip(logits, targets)) / 2  # what it was before
+    assert mean_of_means.item() != pytest.approx(every_token.item(), rel=1e-3)

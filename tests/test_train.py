@@ -202,6 +202,53 @@ def _keys_of(shard: str) -> list[str]:
         return sorted({member.name.split(".")[0] for member in archive.getmembers()})
 
 
+@pytest.fixture(scope="module")
+def first_step_setup(corpus, tmp_path_factory) -> dict:
+    """One model folder (every run starts from the same weights whatever its ZeRO stage and world size) and two
+    shards of 32 pairs: one rank reads both in its first step of 64, two ranks one each."""
+    from mmscale.data.synthetic import make_synthetic_shards
+    from mmscale.data.text import load_tokenizer
+    from mmscale.models import ModelConfig, build_model
+
+    root = tmp_path_factory.mktemp("first-step")
+    tokenizer = load_tokenizer(str(corpus["tokenizer"]))
+    torch.manual_seed(0)
+    build_model(ModelConfig(preset="tiny"), vocab_size=len(tokenizer), mlm_head=False).save(root / "model",
+                                                                                             tokenizer=tokenizer)
+    shards = make_synthetic_shards(root / "shards", 64, samples_per_shard=32, seed=5, corpus_name="digits")
+    return {"model": root / "model", "spec": "::".join(shards)}
+
+
+def first_step(setup: dict, corpus: dict, output: Path, ranks: int, micro: int, stage: int, *extra: str) -> dict:
+    """Step 1's logged train record: 64 pairs, fp32, no augmentation, no MLM."""
+    overrides = run_overrides(
+        corpus, output, f"model.init_from={setup['model']}", f"data.train={setup['spec']}", "train.samples=64",
+        "train.global_batch_size=64", f"train.micro_batch_size={micro}", "train.precision=fp32", "loss.mlm_weight=0",
+        "data.shuffle_buffer=0", "data.crop_scale=[1.0,1.0]", "data.crop_ratio=[1.0,1.0]", "data.hflip_probability=0",
+        f"train.deepspeed={REPO / 'configs' / 'deepspeed' / f'zero{stage}.json'}", *extra)
+    code, log = launch(["--num_gpus", str(ranks), "--master_port", str(free_port())], overrides)
+    assert code == 0, log[-3000:]
+    return metrics(output)[0]
+
+
+@pytest.mark.parametrize("contrastive", ["clip", "siglip"])
+def test_accumulated_steps_score_against_the_whole_global_batch(corpus, first_step_setup, tmp_path, contrastive):
+    """GradCache (loss.whole_batch_negatives, the default): micro 16 x accumulation 4 on one rank, and 2 ZeRO-3
+    ranks x micro 16 x accumulation 2, give step 1 the contrastive loss and gradient norm of micro 64 on one
+    rank; without it, each micro-batch sees only its own 16 (or 32) pairs."""
+    loss = f"loss.contrastive={contrastive}"
+    whole = first_step(first_step_setup, corpus, tmp_path / "whole", 1, 64, 2, loss)
+    accumulated = first_step(first_step_setup, corpus, tmp_path / "accumulated", 1, 16, 2, loss)
+    two_ranks = first_step(first_step_setup, corpus, tmp_path / "two-ranks", 2, 16, 3, loss)
+    for run in (accumulated, two_ranks):
+        assert run["contrastive_loss"] == pytest.approx(whole["contrastive_loss"], rel=1e-4)
+        assert run["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
+    if contrastive == "clip":
+        local = first_step(first_step_setup, corpus, tmp_path / "local", 1, 16, 2, loss,
+                           "loss.whole_batch_negatives=false")
+        assert local["contrastive_loss"] < whole["contrastive_loss"] - 0.5  # 16 candidates instead of 64
+
+
 def test_two_nodes_without_ssh_train_together(corpus, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")

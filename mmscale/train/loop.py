@@ -16,10 +16,10 @@ import torch.distributed as dist
 
 from mmscale.config import dump_yaml
 from mmscale.data.loader import build_loader
-from mmscale.data.text import load_tokenizer
+from mmscale.data.text import IGNORE_INDEX, load_tokenizer
 from mmscale.eval.embed import current_logit_scale, evaluate
 from mmscale.finetune.lora import apply_lora, is_adapted, merge_adapter, save_adapter
-from mmscale.losses import check_labels
+from mmscale.losses import check_labels, feature_gradients
 from mmscale.models import DualEncoder, training_flops_per_sample
 from mmscale.models.checkpoint import skeleton_like
 from mmscale.models.config import resolve_attention
@@ -184,22 +184,58 @@ def _loss_parts(out) -> torch.Tensor:
 def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], keys: list) -> torch.Tensor:
     """One optimizer step over `accumulation` micro-batches; returns the mean over its micro-batches of
     each of LOSS_PARTS on this rank, on the device (read at log steps only), and appends the trained
-    sample keys to `keys`. A micro-batch whose loss is NaN/inf on any rank is skipped on all of them,
-    before its gradients are reduced: the one blocking read of a micro-batch."""
+    sample keys to `keys`. The MLM loss is the mean over every masked token of the global step.
+
+    With accumulation and loss.whole_batch_negatives, the step is GradCache's two passes: features of every
+    micro-batch without gradients, the step's contrastive loss over all of them (every rank's) and its
+    gradient with respect to each feature, then each micro-batch again with gradients, replaying the random
+    generator state of its first pass (patch dropout draws the same patches). A step whose feature pass is
+    NaN/inf on any rank is skipped on all of them (new batches are drawn); without the feature pass, a
+    micro-batch whose loss is NaN/inf is skipped alike, before its gradients are reduced: the one blocking
+    read of a micro-batch."""
+    config = run.config.loss
+    accumulation = run.layout.accumulation
+    cached = config.objective == "contrastive" and accumulation > 1 and config.whole_batch_negatives
+    while True:
+        micro = [next(batches) for _ in range(accumulation)]
+        if config.objective == "classify":
+            for batch in micro:
+                check_labels(batch["labels"], config.classes)
+        inputs = [_to_device(batch, run.device) for batch in micro]
+        extra = {}
+        if config.objective == "contrastive" and config.mlm_weight > 0 and all("mlm_targets" in b for b in micro):
+            extra["mlm_tokens"] = _mlm_tokens(run, micro)
+        if not cached:
+            break
+        states, passes = [], []
+        with torch.no_grad():
+            for batch in inputs:
+                states.append(_generator_states(run.device))
+                passes.append(run.engine(**batch, features_only=True))
+        gradients = feature_gradients(config, passes)
+        if _all_finite(gradients.loss):
+            break
+        _count_nonfinite(run, progress, bad_in_row)
+    bad_in_row[0] = 0
     sums = None
-    done = 0
-    while done < run.layout.accumulation:
-        batch = next(batches)
-        if run.config.loss.objective == "classify":
-            check_labels(batch["labels"], run.config.loss.classes)
-        out = run.engine(**_to_device(batch, run.device))
+    pending = list(zip(micro, inputs))
+    while pending:
+        batch, device_batch = pending.pop(0)
+        index = accumulation - len(pending) - 1
+        if cached:
+            _restore_generator_states(states[index], run.device)
+            rows = slice(index * run.layout.micro_batch_size, (index + 1) * run.layout.micro_batch_size)
+            extra |= {"feature_gradients": (gradients.image[rows], gradients.text[rows], gradients.logit_scale,
+                                            gradients.logit_bias), "accumulation": accumulation}
+        out = run.engine(**device_batch, **extra)
         if not _all_finite(out.total):
-            progress.nonfinite_skipped += 1
-            bad_in_row[0] += 1
-            if bad_in_row[0] >= run.config.train.max_bad_steps:
-                raise NonFiniteLoss(f"{bad_in_row[0]} NaN/inf losses in a row at step {progress.step}")
+            if cached:  # earlier micro-batches of this step are in the gradients already
+                raise NonFiniteLoss(f"a NaN/inf loss in the gradient pass of step {progress.step} after a finite "
+                                    "feature pass (the masked-LM loss)")
+            _count_nonfinite(run, progress, bad_in_row)
+            replacement = next(batches)
+            pending.insert(0, (replacement, _to_device(replacement, run.device)))
             continue
-        bad_in_row[0] = 0
         keys.extend(batch["keys"])
         rows = len(batch["input_ids"])
         run.text_shapes.append((batch["input_ids"].shape[1], len(batch.get("mlm_positions", ())) / max(rows, 1)))
@@ -210,10 +246,40 @@ def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], key
         run.engine.step()
         parts = _loss_parts(out)
         sums = parts if sums is None else sums + parts
-        done += 1
     progress.step += 1
     progress.samples += run.layout.global_batch_size
-    return sums / run.layout.accumulation
+    means = sums / accumulation
+    if cached:  # the step's contrastive loss comes from the feature pass; the gradient pass's total is a surrogate
+        contrastive = gradients.loss.float()
+        means = torch.stack([config.contrastive_weight * contrastive + config.mlm_weight * means[2], contrastive,
+                             *means[2:]])
+    return means
+
+
+def _count_nonfinite(run: Run, progress: Progress, bad_in_row: list[int]) -> None:
+    progress.nonfinite_skipped += 1
+    bad_in_row[0] += 1
+    if bad_in_row[0] >= run.config.train.max_bad_steps:
+        raise NonFiniteLoss(f"{bad_in_row[0]} NaN/inf losses in a row at step {progress.step}")
+
+
+def _mlm_tokens(run: Run, micro: list[dict]) -> torch.Tensor:
+    """The masked tokens of the global step (every micro-batch, every rank) per micro-batch and rank: the
+    divisor that makes the MLM loss a token-weighted mean after DeepSpeed's averaging (mlm_loss). Counted on
+    the CPU batches, summed on the device: no host sync."""
+    count = sum((batch["mlm_targets"] != IGNORE_INDEX).sum() for batch in micro).to(run.device, torch.float32)
+    dist.all_reduce(count)
+    return count.clamp(min=1.0) / (run.layout.accumulation * dist.get_world_size())
+
+
+def _generator_states(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _restore_generator_states(states: tuple, device: torch.device) -> None:
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state(states[1], device)
 
 
 def _flops_per_sample(run: Run) -> float:
