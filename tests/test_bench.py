@@ -68,6 +68,14 @@ def test_final_save_benchmark_compares_both_methods_and_finds_the_same_weights()
         assert report[method]["seconds"] > 0 and len(report[method]["peak_mib_per_rank"]) == 2
 
 
+def test_eval_scaling_benchmark_times_both_methods_on_one_and_two_ranks():
+    """tools/bench/eval_scaling.py at toy size; the script itself stops if any run's metrics differ."""
+    out = bench("eval_scaling.py", "--pairs", "600", "--dim", "32")
+    runs = json.loads(out.strip().splitlines()[-1])["runs"]
+    assert [(run["ranks"], run["method"]) for run in runs] == [(1, "before"), (1, "after"), (2, "before"), (2, "after")]
+    assert all(run["seconds"] > 0 for run in runs) and "identical metrics" in out
+
+
 def test_learning_benchmark_trains_mmscale_on_rendered_characters_end_to_end():
     """The mmscale half of tools/bench/learning.py at toy size (open_clip's half needs open-clip-torch
     installed into its own folder from PyPI, which the full benchmark does)."""

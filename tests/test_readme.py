@@ -41,6 +41,7 @@ EXERCISED_BY = {
     "tools/bench/finetune_memory.py": (["tests/test_bench.py"], '"finetune_memory.py"'),
     "tools/bench/learning.py": (["tests/test_bench.py"], '"learning.py"'),
     "tools/bench/final_save.py": (["tests/test_bench.py"], '"final_save.py"'),
+    "tools/bench/eval_scaling.py": (["tests/test_bench.py"], '"eval_scaling.py"'),
     "tools/gpu_check.sh": (["tests/test_bench.py"], '"gpu_check.sh"'),
 }
 

@@ -14,14 +14,15 @@ import torch
 import torch.distributed as dist
 
 from mmscale.data.text import CaptionEncoder
-from mmscale.eval.metrics import contrastive_val_loss, read_lines, read_templates, retrieval_metrics, zeroshot_accuracy
+from mmscale.eval.metrics import contrastive_val_loss, read_lines, read_templates
+from mmscale.eval.shared import all_reduce_sum, rank_sizes, shared_retrieval_metrics, shared_zeroshot_accuracy
 from mmscale.models import DualEncoder
 from mmscale.models.dual_encoder import classifier_input
 
 
 @dataclass
 class Embedded:
-    """A pass's embeddings, in the same order on every rank."""
+    """This rank's share of a pass's embeddings, on the evaluation device."""
 
     images: torch.Tensor
     texts: torch.Tensor
@@ -61,7 +62,8 @@ def _placeholder(model: DualEncoder, context_length: int) -> dict:
 @torch.no_grad()
 def embed_pass(model: DualEncoder, batches, *, device: torch.device, context_length: int,
                max_samples: int = 0) -> Embedded:
-    """Image and caption embeddings (and `.cls` labels) of one pass over `batches`, gathered from all ranks."""
+    """Image and caption embeddings (and `.cls` labels) of this rank's share of one pass over `batches`,
+    on `device`, where mmscale.eval.shared scores them without gathering them."""
     images, texts, labels, captions, pictures = [], [], [], [], []
     iterator, seen, distributed = iter(batches), 0, _distributed()
     while True:
@@ -77,21 +79,17 @@ def embed_pass(model: DualEncoder, batches, *, device: torch.device, context_len
         image = model.encode_images(inputs["images"].to(device, non_blocking=True))
         text = model.encode_texts(inputs["input_ids"].to(device), inputs["attention_mask"].to(device))
         if batch is not None:
-            images.append(image.float().cpu())
-            texts.append(text.float().cpu())
-            labels.append(batch.get("labels", torch.full((len(image),), -1)).cpu())
-            captions.append(caption_groups(batch["input_ids"], batch["attention_mask"]))
-            pictures.append(image_groups(batch["images"]))
+            images.append(image.float())
+            texts.append(text.float())
+            labels.append(batch.get("labels", torch.full((len(image),), -1)).to(device))
+            captions.append(caption_groups(batch["input_ids"], batch["attention_mask"]).to(device))
+            pictures.append(image_groups(batch["images"]).to(device))
             seen += len(image)
-    local = Embedded(*(torch.cat(parts) if parts else torch.empty(0)
-                       for parts in (images, texts, labels, captions, pictures)))
-    if not distributed:
-        return local
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, local)
-    keep = [part for part in everyone if part.images.numel()]
-    return Embedded(*(torch.cat([getattr(part, name) for part in keep])
-                      for name in ("images", "texts", "labels", "caption_groups", "image_groups")))
+    width = model.towers.config.projection_dim
+    empty = (torch.empty(0, width, device=device), torch.empty(0, width, device=device),
+             *(torch.empty(0, dtype=torch.int64, device=device) for _ in range(3)))
+    return Embedded(*(torch.cat(parts) if parts else blank
+                      for parts, blank in zip((images, texts, labels, captions, pictures), empty)))
 
 
 @torch.no_grad()
@@ -112,13 +110,13 @@ def class_embeddings(model: DualEncoder, tokenizer, classnames: list[str], templ
 
 @torch.no_grad()
 def _classifier_accuracy(model: DualEncoder, embedded: Embedded, device: torch.device) -> float:
-    """Top-1 accuracy of the classification head on the labelled images (every rank runs it: collective)."""
+    """Top-1 accuracy of the classification head on the labelled images of every rank (collective)."""
     features = classifier_input(embedded.images)
-    logits = model.classifier(features.to(device, dtype=model.classifier.weight.dtype)).float().cpu()
+    logits = model.classifier(features.to(device, dtype=model.classifier.weight.dtype)).float()
     labelled = embedded.labels >= 0
-    if not labelled.any():
-        return float("nan")
-    return float((logits[labelled].argmax(dim=1) == embedded.labels[labelled]).float().mean())
+    count, correct = all_reduce_sum([float(labelled.sum()),
+                                     float((logits[labelled].argmax(dim=1) == embedded.labels[labelled]).sum())], device)
+    return correct / count if count else float("nan")
 
 
 def current_logit_scale(model: DualEncoder) -> float:
@@ -139,19 +137,22 @@ def evaluate(model: DualEncoder, batches, *, tokenizer, device: torch.device, co
     model.eval()
     try:
         embedded = embed_pass(model, batches, device=device, context_length=context_length, max_samples=max_samples)
-        metrics = {"samples": float(len(embedded.images))}
+        samples = sum(rank_sizes(len(embedded.images), device))
+        metrics = {"samples": float(samples)}
         if classnames:
             names = read_lines(classnames, "classnames")
             classes = class_embeddings(model, tokenizer, names, read_templates(templates), device=device,
                                        context_length=context_length)
-            metrics |= zeroshot_accuracy(embedded.images, embedded.labels, classes)
-        if model.classifier is not None and len(embedded.images):
+            metrics |= shared_zeroshot_accuracy(embedded.images, embedded.labels, classes)
+        if model.classifier is not None and samples:
             metrics["classifier_top1"] = _classifier_accuracy(model, embedded, device)
-        if len(embedded.images):
-            metrics["val_loss"] = contrastive_val_loss(embedded.images, embedded.texts, current_logit_scale(model),
-                                                       batch_size)
-            metrics |= retrieval_metrics(embedded.images, embedded.texts, caption_groups=embedded.caption_groups,
-                                         image_groups=embedded.image_groups)
+        if samples:
+            loss, pairs = contrastive_val_loss(embedded.images, embedded.texts, current_logit_scale(model), batch_size,
+                                               mean=False)
+            loss, pairs = all_reduce_sum([loss, pairs], device)
+            metrics["val_loss"] = loss / pairs
+            metrics |= shared_retrieval_metrics(embedded.images, embedded.texts, caption_groups=embedded.caption_groups,
+                                                image_groups=embedded.image_groups)
         return metrics
     finally:
         model.train(was_training)

@@ -65,17 +65,20 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
 
 
 def contrastive_val_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: float,
-                         batch_size: int) -> float:
-    """Mean CLIP loss over consecutive chunks of `batch_size` pairs (open_clip's validation loss)."""
+                         batch_size: int, *, mean: bool = True) -> float | tuple[float, float]:
+    """Mean CLIP loss over consecutive chunks of `batch_size` pairs (open_clip's validation loss), weighted
+    by chunk size; with mean=False the (weighted sum, pairs) to combine across ranks, each rank chunking
+    its own pairs."""
     image = F.normalize(image_features.float(), dim=-1)
     text = F.normalize(text_features.float(), dim=-1)
     losses, weights = [], []
     for start in range(0, len(image), batch_size):
         logits = logit_scale * image[start:start + batch_size] @ text[start:start + batch_size].T
-        labels = torch.arange(len(logits))
+        labels = torch.arange(len(logits), device=logits.device)
         losses.append(float(F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2)
         weights.append(len(logits))
-    return sum(loss * weight for loss, weight in zip(losses, weights)) / max(sum(weights), 1)
+    total = sum(loss * weight for loss, weight in zip(losses, weights))
+    return total / max(sum(weights), 1) if mean else (total, float(sum(weights)))
 
 
 def zeroshot_accuracy(image_features: torch.Tensor, labels: torch.Tensor,
