@@ -6,6 +6,9 @@ rank scores only its own rows against every column (open_clip's `local_loss` +
 number of ranks, not quadratically. Each rank's loss is the mean over its own rows; the mean of
 the ranks' losses is the loss of the global batch, and after data-parallel gradient averaging
 (DeepSpeed divides by the world size) the parameter gradients are those of the global batch.
+SigLIP passes texts round the ring of ranks instead of gathering them (siglip_loss). With gradient
+accumulation, the trainer caches every micro-batch's features first (`feature_gradients`, GradCache),
+so the negatives are the whole step's, not one micro-batch's.
 """
 
 from __future__ import annotations
