@@ -20,7 +20,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -41,12 +40,30 @@ def embeddings(pairs: int, dim: int, classes: int):
             "labels": pictures % classes, "classes": F.normalize(torch.stack([centres[c::classes].mean(0) for c in range(classes)]), dim=-1)}
 
 
-def rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+def _before(local, classes, ranks: int) -> dict:
+    """Every embedding to every rank, everything scored there."""
+    import torch
+    import torch.distributed as dist
+
+    from mmscale.eval.embed import Embedded
+    from mmscale.eval.metrics import retrieval_metrics, zeroshot_accuracy
+
+    everyone = [None] * ranks
+    dist.all_gather_object(everyone, local)
+    whole = Embedded(*(torch.cat([getattr(part, name) for part in everyone])
+                       for name in ("images", "texts", "labels", "caption_groups", "image_groups")))
+    metrics = retrieval_metrics(whole.images, whole.texts, caption_groups=whole.caption_groups,
+                                image_groups=whole.image_groups)
+    return metrics | zeroshot_accuracy(whole.images, whole.labels, classes)
+
+
+def _after(local, classes) -> dict:
+    """Each rank its own queries."""
+    from mmscale.eval.shared import shared_retrieval_metrics, shared_zeroshot_accuracy
+
+    metrics = shared_retrieval_metrics(local.images, local.texts, caption_groups=local.caption_groups,
+                                       image_groups=local.image_groups)
+    return metrics | shared_zeroshot_accuracy(local.images, local.labels, classes)
 
 
 def _rank(rank: int, ranks: int, port: int, method: str, pairs: int, dim: int, output: str) -> None:
@@ -54,8 +71,7 @@ def _rank(rank: int, ranks: int, port: int, method: str, pairs: int, dim: int, o
     import torch.distributed as dist
 
     from mmscale.eval.embed import Embedded
-    from mmscale.eval.metrics import retrieval_metrics, zeroshot_accuracy
-    from mmscale.eval.shared import shared_retrieval_metrics, shared_zeroshot_accuracy
+    from tools.bench.final_save import PeakRss
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -64,35 +80,13 @@ def _rank(rank: int, ranks: int, port: int, method: str, pairs: int, dim: int, o
     share = slice(rank * pairs // ranks, (rank + 1) * pairs // ranks)
     local = Embedded(data["images"][share], data["texts"][share], data["labels"][share],
                      data["caption_groups"][share], data["image_groups"][share])
-    peak, running = [rss_mib()], [True]
-
-    def sample():
-        while running[0]:
-            peak[0] = max(peak[0], rss_mib())
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    start_rss = peak[0]
-    sampler.start()
-    dist.barrier()
-    started = time.perf_counter()
-    if method == "before":
-        everyone = [None] * ranks
-        dist.all_gather_object(everyone, local)
-        whole = Embedded(*(torch.cat([getattr(part, name) for part in everyone])
-                           for name in ("images", "texts", "labels", "caption_groups", "image_groups")))
-        metrics = retrieval_metrics(whole.images, whole.texts, caption_groups=whole.caption_groups,
-                                    image_groups=whole.image_groups)
-        metrics |= zeroshot_accuracy(whole.images, whole.labels, data["classes"])
-    else:
-        metrics = shared_retrieval_metrics(local.images, local.texts, caption_groups=local.caption_groups,
-                                           image_groups=local.image_groups)
-        metrics |= shared_zeroshot_accuracy(local.images, local.labels, data["classes"])
-    seconds = time.perf_counter() - started
-    running[0] = False
-    sampler.join()
+    with PeakRss() as memory:
+        dist.barrier()
+        started = time.perf_counter()
+        metrics = _before(local, data["classes"], ranks) if method == "before" else _after(local, data["classes"])
+        seconds = time.perf_counter() - started
     gathered = [None] * ranks
-    dist.all_gather_object(gathered, (seconds, peak[0] - start_rss, metrics))
+    dist.all_gather_object(gathered, (seconds, memory.added, metrics))
     if rank == 0:
         Path(output).write_text(json.dumps({"seconds": max(g[0] for g in gathered),
                                             "peak_mib": max(g[1] for g in gathered), "metrics": gathered[0][2]}))
