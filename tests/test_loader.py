@@ -17,7 +17,14 @@ from PIL import Image
 from shardkit import jpeg_bytes, write_shards
 
 from mmscale.data.config import DataConfig
-from mmscale.data.loader import BatchLoader, ShardStream, StreamSettings, UnusableData, build_loader
+from mmscale.data.loader import (
+    BatchLoader,
+    ShardStream,
+    StreamSettings,
+    UnusableData,
+    build_loader,
+    repartitioned_state,
+)
 from mmscale.data.samples import AugmentSettings, SampleDecoder
 from mmscale.data.shards import ShardError, parse_spec
 from mmscale.data.text import IGNORE_INDEX, CaptionEncoder
@@ -121,6 +128,88 @@ def test_restored_state_yields_exactly_the_uninterrupted_batches(tmp_path, token
     for expected in straight[13:]:
         assert _batches_equal(next(resumed_iter), expected)
     assert resumed.samples_delivered == 30 * 4
+
+
+@pytest.mark.parametrize("old_batches,epochs", [(4, 1), (8, 2), (11, 2)], ids=["mid-epoch", "one-reader-past-it",
+                                                                               "both-readers-past-it"])
+@pytest.mark.parametrize("new_ranks,new_workers", [(1, 0), (3, 0), (3, 2)])
+def test_a_changed_number_of_readers_trains_the_rest_exactly_once(tmp_path, tokenizer, old_batches, epochs, new_ranks,
+                                                                  new_workers):
+    """2 ranks x 1 worker read some batches and save; the rest goes on with 1 or 3 ranks of 0 or 2 workers.
+    Whatever sat in shuffle buffers goes back to the pool: over the epochs every key is trained exactly
+    once per epoch, none twice, none lost. (8 batches of 4 per rank cross into the second epoch on the rank
+    with fewer samples, 11 on both, with samples of the first still in their buffers.)"""
+    urls = write_shards(tmp_path, shards=7, per_shard=10)
+    spec = "::".join(urls)
+
+    def loader(rank, world, workers):
+        stream = make_stream(tokenizer, spec, rank=rank, world_size=world, epochs=epochs, shuffle_buffer=8)
+        return BatchLoader(stream, workers=workers)
+
+    trained, saved = Counter(), []
+    for rank in range(2):
+        old = loader(rank, 2, 1)
+        batches = iter(old)
+        for _ in range(old_batches):
+            trained.update(next(batches)["keys"])
+        saved.append(old.state_dict())
+        del batches
+    for rank in range(new_ranks):
+        new = loader(rank, new_ranks, new_workers)
+        new.load_state_dict(repartitioned_state(saved, rank=rank, step=old_batches))
+        for batch in new:
+            trained.update(batch["keys"])
+    everything = {f"shard{shard:03d}x{i:05d}" for shard in range(7) for i in range(10)}
+    assert set(trained) == everything
+    assert set(trained.values()) == {epochs}, {key: n for key, n in trained.items() if n != epochs}
+
+
+def test_a_second_change_before_the_first_carry_is_spent_keeps_both():
+    """2 old readers -> 3 -> again: what the first two trained stays trained where the three had not got to
+    yet. Positions 0..5 of one epoch: old reader 0 (positions 0, 2, 4) trained 0 and 3 samples of 2 and had
+    sample 1 of shard 0 in its buffer; old reader 1 (1, 3, 5) trained shards 1, 3 and 5 (it is in the next
+    epoch). Then reader 0 of three (positions 0, 3) trained shard 0 and 2 samples of shard 3 (which needed
+    nothing: a re-read it skips), reader 1 (1, 4) nothing, reader 2 (2, 5) 5 samples of shard 2."""
+    from mmscale.data.loader import _carried_rests
+
+    urls = [f"s{i}" for i in range(6)]
+    first = {"readers": 2, "positions": [[0, 1, 3], [1, 0, 0]], "pending": [["s0", 1, 0]]}
+    second = {"readers": 3, "positions": [[0, 1, 2], [0, 0, 0], [0, 0, 5]], "pending": [], "before": first}
+    def needed(carry):  # a position without a rest is needed whole
+        rests = _carried_rests(carry, 0, urls)
+        return {url: [i for i in range(10) if position not in rests or rests[position].needs(i)]
+                for position, url in enumerate(urls)}
+
+    assert needed(second) == {"s0": [], "s1": [], "s2": [5, 6, 7, 8, 9], "s3": [], "s4": list(range(10)), "s5": []}
+    alone = needed({key: value for key, value in second.items() if key != "before"})
+    assert alone["s1"] == list(range(10))  # without the first carry, shard 1 would be trained twice
+
+
+def test_a_changed_layout_in_resampled_sampling_starts_new_streams(tmp_path, tokenizer):
+    urls = write_shards(tmp_path, shards=4, per_shard=6)
+    spec = "::".join(urls)
+    old = BatchLoader(make_stream(tokenizer, spec, sampling="resampled", epochs=None, world_size=2), workers=0)
+    batches = iter(old)
+    first = [next(batches)["keys"] for _ in range(3)]
+    resumed = BatchLoader(make_stream(tokenizer, spec, sampling="resampled", epochs=None), workers=0)
+    resumed.load_state_dict(repartitioned_state([old.state_dict(), old.state_dict()], rank=0, step=3))
+    again = iter(resumed)
+    continued = [next(again)["keys"] for _ in range(3)]
+    later = [next(batches)["keys"] for _ in range(3)]  # what the old reader 0 would have drawn next
+    assert continued != first and continued != later  # a new stream, not a replay of the old one
+    assert len({key for keys in continued for key in keys}) > 1
+
+
+def test_a_changed_layout_over_other_shards_is_refused(tmp_path, tokenizer):
+    urls = write_shards(tmp_path, shards=4, per_shard=6)
+    old = BatchLoader(make_stream(tokenizer, "::".join(urls), world_size=2), workers=0)
+    batches = iter(old)
+    next(batches)
+    saved = [old.state_dict()] * 2
+    other = BatchLoader(make_stream(tokenizer, "::".join(urls[:3])), workers=0)
+    other.load_state_dict(repartitioned_state(saved, rank=0, step=1))
+    with pytest.raises(ValueError, match="resume with the same data.sampling, data.seed and shard spec"):
+        next(iter(other))
 
 
 def test_resume_decodes_only_unseen_samples(tmp_path, tokenizer):

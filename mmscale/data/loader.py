@@ -12,6 +12,7 @@ those positions are in (raw bytes, no decoding) and continues with the next unse
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import warnings
 from collections import Counter
@@ -87,6 +88,7 @@ class ShardStream(IterableDataset):
         self._restored: dict | None = None
         self._live: dict | None = None
         self._epoch_plan: tuple = (None, [])
+        self._carry_plan: tuple = (None, {})
 
     # --- positions --------------------------------------------------------------------
     def _worker(self) -> tuple[int, int]:
@@ -98,14 +100,20 @@ class ShardStream(IterableDataset):
     def _epoch_shards(self, epoch: int, worker: int, workers: int) -> list[str]:
         """This worker's shards for `epoch` (kept per epoch: a run may have 100,000s of shards)."""
         if self._epoch_plan[0] != (epoch, worker, workers):
-            urls = list(self._all_urls)
-            if self.settings.shuffle_shards:
-                random.Random(mix_seed(self.settings.seed, "epoch", epoch)).shuffle(urls)
-            self._epoch_plan = ((epoch, worker, workers), urls[worker::workers])
+            self._epoch_plan = ((epoch, worker, workers), self._epoch_urls(epoch)[worker::workers])
         return self._epoch_plan[1]
 
-    def _drawn_shard(self, draw: int, worker: int) -> str:
-        rng = random.Random(mix_seed(self.settings.seed, "draw", worker, draw))
+    def _epoch_urls(self, epoch: int) -> list[str]:
+        """Every shard of `epoch`, in the order the readers split it (reader w takes positions w, w + readers, ...)."""
+        urls = list(self._all_urls)
+        if self.settings.shuffle_shards:
+            random.Random(mix_seed(self.settings.seed, "epoch", epoch)).shuffle(urls)
+        return urls
+
+    def _drawn_shard(self, draw: int, worker: int, salt=None) -> str:
+        """The shard of a reader's `draw`; `salt` (the step of a re-partition) starts new streams there."""
+        rng = random.Random(mix_seed(self.settings.seed, "draw", worker, draw) if salt is None
+                            else mix_seed(self.settings.seed, "draw", worker, draw, "resumed", salt))
         sources = self.settings.sources
         source = rng.choices(sources, weights=[s.weight for s in sources])[0]
         return rng.choice(source.urls)
@@ -115,7 +123,8 @@ class ShardStream(IterableDataset):
         resampled = self.settings.sampling == "resampled"
         while True:
             if resampled:
-                url, shard_pass = self._drawn_shard(state["shard_cursor"], worker), state["shard_cursor"]
+                url = self._drawn_shard(state["shard_cursor"], worker, state.get("draw_salt"))
+                shard_pass = state["shard_cursor"]
             else:
                 if self.settings.epochs is not None and state["epoch"] >= self.settings.epochs:
                     return
@@ -128,9 +137,19 @@ class ShardStream(IterableDataset):
                     state.update(epoch=state["epoch"] + 1, shard_cursor=0, bad_shards=[])
                     continue
                 url, shard_pass = shards[state["shard_cursor"]], state["epoch"]
-            start = state["sample_cursor"]
+            start, wanted = state["sample_cursor"], None
+            if not resampled and "carry" in state:
+                wanted = self._carried_rest(state, worker + state["shard_cursor"] * workers)
+                if wanted is not None and wanted.first == math.inf:  # trained whole before the re-partition
+                    state.update(shard_cursor=state["shard_cursor"] + 1, sample_cursor=0)
+                    continue
+                start = max(start, wanted.first) if wanted is not None else start
             try:
                 for raw in iter_raw_samples(url, allow_pipe=self.settings.allow_pipe, start=start):
+                    if wanted is not None and not wanted.needs(raw["__index__"]):
+                        if wanted.past(raw["__index__"]):
+                            break
+                        continue
                     raw["__pass__"] = shard_pass
                     state["sample_cursor"] = raw["__index__"] + 1
                     yield raw
@@ -140,7 +159,7 @@ class ShardStream(IterableDataset):
             except ShardError as error:
                 self._skip_shard(state, error, shards=None if resampled else len(shards))
             else:
-                if start == 0 and state["sample_cursor"] == 0:
+                if start == 0 and state["sample_cursor"] == 0 and wanted is None:
                     _count_skip(state, "empty_shard", where=f"shard {url}")
             state.update(shard_cursor=state["shard_cursor"] + 1, sample_cursor=0)
 
@@ -161,6 +180,18 @@ class ShardStream(IterableDataset):
             raise UnusableData(f"one reader found {len(bad)} {share} unreadable, more than data.max_bad_shard_fraction="
                                f"{limit:g} (last: {error}; skips so far {dict(state['skipped'])}): fix or remove those "
                                "shards, or raise data.max_bad_shard_fraction")
+
+    def _carried_rest(self, state: dict, position: int) -> _Rest | None:
+        """What is left to read of the shard at `position` of this epoch's list after a re-partition (None:
+        all of it, or the carry is spent and dropped once this reader is past every old reader's epoch)."""
+        carry = state["carry"]
+        epoch = state["epoch"]
+        if epoch > _newest_epoch(carry):
+            del state["carry"]
+            return None
+        if self._carry_plan[0] != epoch:
+            self._carry_plan = (epoch, _carried_rests(carry, epoch, self._epoch_urls(epoch)))
+        return self._carry_plan[1].get(position)
 
     # --- state ------------------------------------------------------------------------
     def _layout(self, worker: int, workers: int) -> str:
@@ -190,8 +221,27 @@ class ShardStream(IterableDataset):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a `state_dict()` taken by the same worker of the same configuration."""
+        """Continue from a `state_dict()` taken by the same worker of the same configuration, or from
+        {"repartition": ...} (repartitioned_state) after a change in the number of readers."""
         self._restored = dict(state) if state else None
+
+    def _repartitioned_state(self, plan: dict, worker: int, workers: int) -> dict:
+        """A reader's start in a new layout. `epoch` sampling: the old readers' positions and shuffle buffers
+        (the carry) say what each shard of the unfinished epochs still holds, and this reader reads that
+        rest of its shards of the new split; `resampled`: new streams of draws salted with the step."""
+        state = self._fresh_state(worker, workers)
+        if plan["layout"] != state["layout"].split("/", 2)[2]:
+            raise ValueError(f"the checkpoint's loader read {plan['layout']} (sampling/seed/shards) and this run reads "
+                             f"{state['layout'].split('/', 2)[2]}: resume with the same data.sampling, data.seed and "
+                             "shard spec")
+        state["rng"] = random.Random(mix_seed(self.settings.seed, "shuffle", worker, "resumed", plan["step"])).getstate()
+        if self.settings.sampling == "resampled":
+            state["draw_salt"] = plan["step"]
+        else:
+            state["carry"] = plan["carry"]
+            # From the oldest epoch anything is left of: a buffer can still hold samples of an epoch its reader has left.
+            state["epoch"] = _oldest_epoch(plan["carry"])
+        return state
 
     def _restore_buffer(self, positions: list) -> list[dict]:
         """Re-read the raw samples at buffered positions (no decoding), in buffered order.
@@ -217,7 +267,10 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         worker, workers = self._worker()
         state = self._fresh_state(worker, workers)
-        if self._restored:
+        if self._restored and "repartition" in self._restored:
+            state = self._repartitioned_state(self._restored["repartition"], worker, workers)
+            self._restored = None
+        elif self._restored:
             if self._restored.get("layout") != state["layout"]:
                 raise ValueError(
                     f"loader state was saved for layout {self._restored.get('layout')} (worker/workers/sampling/"
@@ -247,7 +300,7 @@ class ShardStream(IterableDataset):
             yield _pop_random(buffer, rng)
 
     def _batches(self, state: dict, buffer: list, rng: random.Random, raw_stream) -> Iterator[dict]:
-        pending, since = [], state["since_last_batch"]
+        pending, passes, since = [], [], state["since_last_batch"]
         for raw in self._shuffled(buffer, rng, raw_stream):
             try:
                 pending.append(self.decoder.decode(raw, seed=mix_seed(self.settings.seed, raw["__url__"],
@@ -255,25 +308,130 @@ class ShardStream(IterableDataset):
             except SampleRejected as bad:
                 _count_skip(state, bad.reason, where=f"shard {raw['__url__']} key {raw['__key__']}")
                 continue
+            passes.append(raw["__pass__"])
             state["skips_in_a_row"] = 0
             if len(pending) == self.settings.batch_size:
-                yield self._collate(state, pending)
-                pending = []
+                yield self._collate(state, pending, passes)
+                pending, passes = [], []
         if pending and self.settings.drop_last:
             state["skipped"]["incomplete_batch"] += len(pending)
             since["incomplete_batch"] += len(pending)
             pending = []
         if pending:
-            yield self._collate(state, pending)
+            yield self._collate(state, pending, passes)
         elif since:
             yield {"size": 0, "skipped": dict(since)}
 
-    def _collate(self, state: dict, samples: list) -> dict:
+    def _collate(self, state: dict, samples: list, passes: list[int]) -> dict:
         batch = self.decoder.collate(samples, seed=mix_seed(*(sample.seed for sample in samples)))
+        batch["passes"] = list(passes)  # each sample's epoch (its draw in resampled sampling)
         state["delivered"] += len(samples)
         batch["skipped"] = dict(state["since_last_batch"])
         state["since_last_batch"].clear()
         return batch
+
+
+@dataclass(frozen=True)
+class _Rest:
+    """The samples of one shard still to train in an epoch after a re-partition: every index from `prefix`
+    on, and the `extra` ones before it (they sat in a shuffle buffer)."""
+
+    prefix: float
+    extra: frozenset
+
+    @property
+    def first(self) -> float:
+        return min(self.prefix, min(self.extra, default=math.inf))
+
+    def needs(self, index: int) -> bool:
+        return index >= self.prefix or index in self.extra
+
+    def past(self, index: int) -> bool:
+        return self.prefix == math.inf and index >= max(self.extra, default=-1)
+
+    def __and__(self, other: _Rest) -> _Rest:
+        """What both leave to train (two re-partitions in a row)."""
+        prefix = max(self.prefix, other.prefix)
+        extra = {i for i in self.extra if other.needs(i)} | {i for i in other.extra if self.needs(i)}
+        return _Rest(prefix, frozenset(i for i in extra if i < prefix))
+
+
+def _carried_rests(carry: dict, epoch: int, urls: list[str]) -> dict[int, _Rest]:
+    """For each position of `epoch`'s shard list, what the old readers had not trained of it: old reader
+    p % R read its shards p // R in order, each up to its cursors; what sat in a buffer goes back."""
+    readers, positions = carry["readers"], carry["positions"]
+    buffered: dict[str, set[int]] = {}
+    for url, index, shard_pass in carry["pending"]:
+        if shard_pass == epoch:
+            buffered.setdefault(url, set()).add(index)
+    rests, seen = {}, set()
+    for position, url in enumerate(urls):
+        old_epoch, shard_cursor, sample_cursor = positions[position % readers]
+        turn = position // readers
+        if old_epoch > epoch or (old_epoch == epoch and turn < shard_cursor):
+            prefix = math.inf
+        elif old_epoch == epoch and turn == shard_cursor:
+            prefix = sample_cursor
+        else:
+            prefix = 0
+        extra = frozenset(buffered.get(url, ())) if url not in seen else frozenset()  # a repeated url: once
+        seen.add(url)
+        if prefix or extra:
+            rests[position] = _Rest(prefix, extra)
+    if "before" in carry:  # an earlier re-partition's readers had not trained everything either
+        earlier = _carried_rests(carry["before"], epoch, urls)
+        for position in range(len(urls)):
+            rest = rests.get(position, _Rest(0, frozenset())) & earlier.get(position, _Rest(0, frozenset()))
+            if rest.prefix or rest.extra:
+                rests[position] = rest
+            else:
+                rests.pop(position, None)
+    return rests
+
+
+def _newest_epoch(carry: dict) -> int:
+    """The newest epoch any old reader (of this or an earlier re-partition) had reached."""
+    newest = max(old[0] for old in carry["positions"])
+    return max(newest, _newest_epoch(carry["before"])) if "before" in carry else newest
+
+
+def _oldest_epoch(carry: dict) -> int:
+    """The oldest epoch a carry leaves anything of (a buffer can hold samples of an epoch its reader has left)."""
+    oldest = min([old[0] for old in carry["positions"]] + [shard_pass for _, _, shard_pass in carry["pending"]])
+    return min(oldest, _oldest_epoch(carry["before"])) if "before" in carry else oldest
+
+
+def repartitioned_state(saved: list[dict], *, rank: int, step: int) -> dict:
+    """A BatchLoader state for `rank` of a run with a different number of ranks or workers than the run
+    that saved `saved` (every old rank's BatchLoader.state_dict(), in rank order) at `step`. In `epoch`
+    sampling the rest of the unfinished epochs is exactly what the old readers had not trained (what sat in
+    their shuffle buffers goes back to the pool), split among the new readers by the new layout; in
+    `resampled` sampling the new readers start new streams derived from (seed, step). Counts carry over
+    on rank 0."""
+    readers = [reader for state in saved for reader in _reader_states(state["loader"])]
+    layouts = {reader["layout"].split("/", 2)[2] for reader in readers if reader}
+    if len(layouts) != 1:
+        raise ValueError(f"the checkpoint's loader states disagree on their layout: {sorted(layouts)}")
+    carry = {"readers": len(readers),
+             "positions": [[r["epoch"], r["shard_cursor"], r["sample_cursor"]] if r else [0, 0, 0] for r in readers],
+             "pending": [list(position) for r in readers if r for position in r["buffer"]]}
+    earlier = next((reader["carry"] for reader in readers if reader and "carry" in reader), None)
+    if earlier is not None:  # re-partitioned again before the old carry was spent: both apply
+        carry["before"] = earlier
+    skipped = sum((Counter(state["skipped"]) for state in saved), Counter()) if rank == 0 else Counter()
+    return {"repartition": {"carry": carry, "step": step, "layout": layouts.pop()}, "skipped": dict(skipped),
+            "samples_delivered": sum(state["samples_delivered"] for state in saved) if rank == 0 else 0,
+            "batches_delivered": 0}
+
+
+def _reader_states(loader_state: dict) -> list[dict | None]:
+    """Each worker's ShardStream state in a StatefulDataLoader state (None: a worker that never delivered)."""
+    if "dataset_state" in loader_state:  # no worker processes
+        return [loader_state["dataset_state"] or None]
+    snapshot = loader_state["_snapshot"]
+    workers = snapshot["_main_snapshot"]["_num_workers"]
+    return [(snapshot["_worker_snapshots"].get(f"worker_{i}") or {}).get("dataset_state") or None
+            for i in range(workers)]
 
 
 def _count_skip(state: dict, reason: str, *, where: str) -> None:
@@ -339,7 +497,9 @@ class BatchLoader:
 
         A state saved after a pass ended resumes with the next pass, from its start.
         """
-        if not state["loader"].get("_iterator_finished", False):
+        if "repartition" in state:
+            self.stream.load_state_dict({"repartition": state["repartition"]})
+        elif not state["loader"].get("_iterator_finished", False):
             self._loader.load_state_dict(state["loader"])
         self.skipped = Counter(state["skipped"])
         self.samples_delivered = state["samples_delivered"]
