@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -130,12 +131,13 @@ def test_zero3_on_two_ranks_partitions_learns_and_exports(corpus, tmp_path):
             assert summary["i2t_r1"] == pytest.approx(evaluation["i2t_r1"], abs=0.05)
 
 
-def last_per_step(path: Path) -> dict[int, list[str]]:
-    """Sample keys by step; a step logged twice (before a crash and after the resume) keeps its last entry."""
+def last_per_step(path: Path, *, with_epochs: bool = False) -> dict[int, list]:
+    """Sample keys (or (key, epoch) pairs) by step; a step logged twice (before a crash and after the resume)
+    keeps its last entry."""
     entries = {}
     for line in path.read_text().splitlines():
         entry = json.loads(line)
-        entries[entry["step"]] = entry["keys"]
+        entries[entry["step"]] = list(zip(entry["keys"], entry["epochs"])) if with_epochs else entry["keys"]
     return entries
 
 
@@ -170,6 +172,55 @@ def test_resume_after_sigkill_continues_the_straight_run_exactly(corpus, tmp_pat
     resumed_losses = {r["step"]: r["loss"] for r in metrics(crashed)}  # later records win, as for keys
     for step in range(half + 1, steps + 1):
         assert resumed_losses[step] == pytest.approx(straight_losses[step], rel=1e-4), step
+
+
+@pytest.fixture(scope="module")
+def killed_run(corpus, tmp_path_factory) -> dict:
+    """A 2-rank run (960 pairs of 240, batch 48, shuffle buffers of 16) whose rank 1 SIGKILLed itself right
+    after the checkpoint of step 12: mid-epoch, mid-shard, with samples in the buffers."""
+    from mmscale.data.synthetic import make_synthetic_shards
+
+    root = tmp_path_factory.mktemp("killed")
+    shards = make_synthetic_shards(root / "shards", 240, samples_per_shard=20, seed=4, corpus_name="digits")
+    common = [f"data.train={'::'.join(shards)}", "train.global_batch_size=48", "train.samples=960",
+              "train.save_every_steps=12", "train.log_sample_keys=true", "data.shuffle_buffer=16"]
+    output = root / "run"
+    code, log = launch(["--num_gpus", "2", "--master_port", str(free_port())], run_overrides(corpus, output, *common),
+                       env={"MMSCALE_KILL_AFTER_CHECKPOINT": "1:12"})
+    assert code != 0 and (output / "checkpoints" / "latest").read_text() == "step00000012", log[-3000:]
+    return {"output": output, "shards": shards, "common": common}
+
+
+@pytest.mark.parametrize("new_ranks", [1, 3])
+def test_a_run_killed_on_two_ranks_resumes_on_another_number(corpus, killed_run, tmp_path, new_ranks):
+    """Elastic resume: the killed 2-rank run resumed on 1 or 3 ranks through DeepSpeed's universal checkpoint,
+    the loader's position re-partitioned: in every epoch every key trains exactly once, and the loss goes on
+    from where it was."""
+    import shutil
+
+    crashed = killed_run["output"]
+    before = [{step: keys for step, keys in last_per_step(crashed / "sample_keys" / f"rank{rank}.jsonl",
+                                                          with_epochs=True).items() if step <= 12} for rank in (0, 1)]
+    losses_before = [record["loss"] for record in metrics(crashed) if record["step"] <= 12]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(crashed, resumed)
+    shutil.rmtree(resumed / "sample_keys")
+    code, log = launch(["--num_gpus", str(new_ranks), "--master_port", str(free_port())],
+                       run_overrides(corpus, resumed, *killed_run["common"]))
+    assert code == 0, log[-3000:]
+    assert f"saved by 2 processes and this run has {new_ranks}" in log and "at step 12" in log
+    after = [last_per_step(resumed / "sample_keys" / f"rank{rank}.jsonl", with_epochs=True) for rank in range(new_ranks)]
+    assert sorted(step for entries in after for step in entries) == sorted(list(range(13, 21)) * new_ranks)
+    trained = Counter(pair for entries in [*before, *after] for keys in entries.values() for pair in keys)
+    every_key = {key for shard in killed_run["shards"] for key in _keys_of(shard)}
+    assert max(epoch for _, epoch in trained) >= 3  # 960 samples of 240: the third epoch (2) was cut by the kill
+    for epoch in (0, 1, 2):  # complete; epoch 3 may still be under way when the budget ends
+        assert {key for key, e in trained if e == epoch} == every_key, epoch
+    assert set(trained.values()) == {1}, [pair for pair, count in trained.items() if count > 1][:5]
+    first_after = [record["loss"] for record in metrics(resumed) if record["step"] == 13][0]
+    last_ten = losses_before[-10:]
+    spread = max(last_ten) - min(last_ten)
+    assert min(last_ten) - spread <= first_after <= max(last_ten), (first_after, last_ten)
 
 
 def test_unreadable_shards_are_skipped_and_every_good_sample_trains(corpus, tmp_path):

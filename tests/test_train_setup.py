@@ -49,7 +49,7 @@ def test_shipped_deepspeed_configs_get_batch_and_precision_filled(name):
 def test_batch_layout_derives_accumulation_or_says_what_does_not_fit():
     assert batch_layout(TrainConfig(global_batch_size=64), 2).accumulation == 1
     assert batch_layout(TrainConfig(global_batch_size=64, micro_batch_size=8), 2).accumulation == 4
-    with pytest.raises(ValueError, match="not a multiple of the 3 processes"):
+    with pytest.raises(ValueError, match="not a multiple of the 3 processes; process counts that fit it: 1, 2, 4, 8$"):
         batch_layout(TrainConfig(global_batch_size=64), 3)
     with pytest.raises(ValueError, match="pick train.micro_batch_size dividing 32"):
         batch_layout(TrainConfig(global_batch_size=64, micro_batch_size=5), 2)

@@ -102,23 +102,95 @@ def save_checkpoint(engine, root: Path, *, progress: Progress, loader_state: dic
     return tag
 
 
-def load_checkpoint(engine, root: Path, tag: str) -> tuple[Progress, dict]:
-    """Restore engine, RNG and counters from `tag`; returns the progress and this rank's loader state."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    path = root / tag / f"trainer_state_rank{rank}.pt"
+def saved_world_size(root: Path) -> int | None:
+    """How many processes saved the newest complete checkpoint (None: there is none)."""
+    tag = latest_tag(root)
+    if tag is None:
+        return None
+    return _trainer_state(root / tag / "trainer_state_rank0.pt")["world_size"]
+
+
+def _trainer_state(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {root / tag} has no state for rank {rank} ({path.name}); it was saved "
-                                f"by a run with a different number of processes or not completely")
+        raise FileNotFoundError(f"checkpoint {path.parent} has no {path.name}: it was not saved completely")
     # Our own file, written by this trainer: it holds numpy/python RNG states, hence full unpickling.
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["world_size"] != world:
-        raise ValueError(f"checkpoint {root / tag} was saved with {state['world_size']} processes, this run has {world}; "
-                         "resume with the same number (the loader position is per rank)")
-    load_path, _ = engine.load_checkpoint(str(root), tag=tag)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_checkpoint(engine, root: Path, tag: str, *, seed: int = 0) -> tuple[Progress, dict]:
+    """Restore engine, RNG and counters from `tag`; returns the progress and this rank's loader state.
+
+    A checkpoint saved by another number of processes is loaded through DeepSpeed's universal checkpoint
+    (`ds_to_universal`, run here by rank 0 into `<root>/universal/<tag>`; the engine must have been built with
+    `checkpoint.load_universal`), and the loader position is re-partitioned (loader.repartitioned_state);
+    ranks beyond the old world start their random generators from (seed, step, rank)."""
+    from mmscale.data.loader import repartitioned_state
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    first = _trainer_state(root / tag / "trainer_state_rank0.pt")
+    saved_world = first["world_size"]
+    if saved_world == world:
+        state = _trainer_state(root / tag / f"trainer_state_rank{rank}.pt") if rank else first
+        load_path, _ = engine.load_checkpoint(str(root), tag=tag)
+        if load_path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint under {root / tag}")
+        _set_rng_state(state["rng"])
+        return Progress(**state["progress"]), state["loader"]
+    states = [first] + [_trainer_state(root / tag / f"trainer_state_rank{r}.pt") for r in range(1, saved_world)]
+    universal = root / "universal"
+    if rank == 0:
+        _to_universal(root / tag, universal / tag)
+    dist.barrier()
+    load_path, _ = engine.load_checkpoint(str(universal), tag=tag)
     if load_path is None:
-        raise FileNotFoundError(f"DeepSpeed found no checkpoint under {root / tag}")
-    _set_rng_state(state["rng"])
-    return Progress(**state["progress"]), state["loader"]
+        raise FileNotFoundError(f"DeepSpeed found no universal checkpoint under {universal / tag}")
+    progress = Progress(**first["progress"])
+    if rank < saved_world:
+        _set_rng_state(states[rank]["rng"])
+    else:
+        _seed_everything(seed, progress.step, rank)
+    loader = repartitioned_state([state["loader"] for state in states], rank=rank, step=progress.step)
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(universal, ignore_errors=True)  # the next save is in this run's own layout
+    return progress, loader
+
+
+def _to_universal(source: Path, target: Path) -> None:
+    """DeepSpeed's ds_to_universal on one tag: every parameter's fp32 weights and optimizer moments as whole
+    tensors, which ZeRO 1-3 of any world size can partition again."""
+    import argparse
+
+    import deepspeed.checkpoint.ds_to_universal as converter
+
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # DeepSpeed 0.19's converter concatenates each parameter's slices, which fails on 0-dim parameters
+    # (`logit_scale`) under ZeRO-1/2, and its loader chunks them, which fails too: they go in as 1-element
+    # tensors (the loader flattens every parameter anyway).
+    merge_shards = converter._merge_zero_shards
+
+    def merge_keeping_scalars(slice_base_path, state, *args, **kwargs):
+        slices = merge_shards(slice_base_path, state, *args, **kwargs)
+        if slices and torch.is_tensor(slices[0]) and slices[0].dim() == 0:
+            return [piece.reshape(1) for piece in slices]
+        return slices
+
+    converter._merge_zero_shards = merge_keeping_scalars
+    try:
+        converter.main(argparse.Namespace(input_folder=str(source), output_folder=str(target), num_extract_workers=1,
+                                          num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                          inject_missing_state=True))
+    finally:
+        converter._merge_zero_shards = merge_shards
+
+
+def _seed_everything(seed: int, step: int, rank: int) -> None:
+    mixed = hash((seed, step, rank)) % 2**31
+    random.seed(mixed)
+    np.random.seed(mixed)
+    torch.manual_seed(mixed)
 
 
 def consolidate(root: Path, tag: str, skeleton: torch.nn.Module, prefix: str = "model.") -> torch.nn.Module:

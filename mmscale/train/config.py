@@ -71,8 +71,8 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar on rank 0."""
     log_sample_keys: bool = False
-    """Append each step's sample keys to output_dir/sample_keys/rank<r>.jsonl (data lineage: which pairs
-    trained which step, for audits and for checking a resumed run)."""
+    """Append each step's sample keys, and the epoch each was read in, to output_dir/sample_keys/rank<r>.jsonl
+    (data lineage: which pairs trained which step, for audits and for checking a resumed run)."""
 
     def __post_init__(self):
         for name in ("keep_checkpoints", "save_every_steps", "log_every_steps", "max_bad_steps"):

@@ -86,7 +86,9 @@ def batch_layout(train: TrainConfig, world_size: int) -> BatchLayout:
     """Derive micro batch and accumulation from the global batch, or say what does not fit."""
     global_batch = train.global_batch_size
     if global_batch % world_size:
-        raise ValueError(f"train.global_batch_size={global_batch} is not a multiple of the {world_size} processes")
+        fits = [count for count in range(1, min(global_batch, 4 * world_size) + 1) if global_batch % count == 0]
+        raise ValueError(f"train.global_batch_size={global_batch} is not a multiple of the {world_size} processes; "
+                         f"process counts that fit it: {', '.join(map(str, fits))}")
     micro = train.micro_batch_size or global_batch // world_size
     if global_batch % (micro * world_size):
         raise ValueError(f"train.global_batch_size={global_batch} is not micro batch x accumulation x world size: "

@@ -30,6 +30,7 @@ from mmscale.train.checkpoints import (
     load_checkpoint,
     remove_incomplete,
     save_checkpoint,
+    saved_world_size,
 )
 from mmscale.train.config import TrainRunConfig
 from mmscale.train.engine import (
@@ -127,6 +128,13 @@ def setup(config: TrainRunConfig) -> Run:
     output = Path(config.output_dir)
     if config.train.resume == "never" and latest_tag(output / "checkpoints"):
         raise ValueError(f"{output} already holds checkpoints and train.resume=never; pick another output_dir")
+    saved_world = saved_world_size(output / "checkpoints") if config.train.resume == "auto" else None
+    if saved_world not in (None, world):  # elastic resume: DeepSpeed re-partitions a universal checkpoint
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+        if dist.get_rank() == 0:
+            print(f"mmscale train: the checkpoint was saved by {saved_world} processes and this run has {world}: "
+                  f"its state is re-partitioned (DeepSpeed universal checkpoint, the loader's position split among "
+                  f"the new readers); global batch {layout.global_batch_size} kept", flush=True)
     tokenizer = load_tokenizer(_tokenizer_path(config))
     torch.manual_seed(config.train.seed)
     objective = build_objective(config.model, config.loss, ds_config, vocab_size=len(tokenizer))
@@ -183,8 +191,8 @@ def _loss_parts(out) -> torch.Tensor:
 
 def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], keys: list) -> torch.Tensor:
     """One optimizer step over `accumulation` micro-batches; returns the mean over its micro-batches of
-    each of LOSS_PARTS on this rank, on the device (read at log steps only), and appends the trained
-    sample keys to `keys`. The MLM loss is the mean over every masked token of the global step.
+    each of LOSS_PARTS on this rank, on the device (read at log steps only), and appends (key, epoch) of
+    every trained sample to `keys`. The MLM loss is the mean over every masked token of the global step.
 
     With accumulation and loss.whole_batch_negatives, the step is GradCache's two passes: features of every
     micro-batch without gradients, the step's contrastive loss over all of them (every rank's) and its
@@ -236,7 +244,7 @@ def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], key
             replacement = next(batches)
             pending.insert(0, (replacement, _to_device(replacement, run.device)))
             continue
-        keys.extend(batch["keys"])
+        keys.extend(zip(batch["keys"], batch.get("passes", [None] * len(batch["keys"]))))
         rows = len(batch["input_ids"])
         run.text_shapes.append((batch["input_ids"].shape[1], len(batch.get("mlm_positions", ())) / max(rows, 1)))
         run.engine.backward(out.total)
@@ -343,7 +351,7 @@ def _resume(run: Run, loader) -> Progress:
         remove_incomplete(root)
     dist.barrier()
     tag = latest_tag(root)
-    progress, loader_state = load_checkpoint(run.engine, root, tag)
+    progress, loader_state = load_checkpoint(run.engine, root, tag, seed=run.config.train.seed)
     loader.load_state_dict(loader_state)
     if run.rank == 0:
         print(f"mmscale train: resumed from {root / tag} at step {progress.step} ({progress.samples} samples)",
@@ -395,7 +403,8 @@ def train(config: TrainRunConfig) -> dict:
             losses += train_step(run, batches, progress, bad_in_row, step_keys)
             window_steps += 1
             if lineage is not None:
-                lineage.write(json.dumps({"step": progress.step, "keys": step_keys}) + "\n")
+                lineage.write(json.dumps({"step": progress.step, "keys": [key for key, _ in step_keys],
+                                          "epochs": [epoch for _, epoch in step_keys]}) + "\n")
                 lineage.flush()
             tag = None
             if progress.step % config.train.log_every_steps == 0 or progress.step == run.total_steps:
