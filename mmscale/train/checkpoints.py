@@ -34,14 +34,15 @@ class Progress:
     """Micro-batches skipped for a NaN/inf loss."""
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
+    """Every random generator's state (python, numpy, torch, CUDA), for set_rng_state."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -83,7 +84,7 @@ def save_checkpoint(engine, root: Path, *, progress: Progress, loader_state: dic
         dist.barrier()
         return tag
     (root / tag).mkdir(parents=True, exist_ok=True)
-    state = {"progress": asdict(progress), "loader": loader_state, "rng": _rng_state(), "world_size": world}
+    state = {"progress": asdict(progress), "loader": loader_state, "rng": rng_state(), "world_size": world}
     staging = root / tag / f".trainer_state_rank{rank}.pt.tmp"
     torch.save(state, staging)
     staging.replace(root / tag / f"trainer_state_rank{rank}.pt")
@@ -134,7 +135,7 @@ def load_checkpoint(engine, root: Path, tag: str, *, seed: int = 0) -> tuple[Pro
         load_path, _ = engine.load_checkpoint(str(root), tag=tag)
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint under {root / tag}")
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         return Progress(**state["progress"]), state["loader"]
     states = [first] + [_trainer_state(root / tag / f"trainer_state_rank{r}.pt") for r in range(1, saved_world)]
     universal = root / "universal"
@@ -146,7 +147,7 @@ def load_checkpoint(engine, root: Path, tag: str, *, seed: int = 0) -> tuple[Pro
         raise FileNotFoundError(f"DeepSpeed found no universal checkpoint under {universal / tag}")
     progress = Progress(**first["progress"])
     if rank < saved_world:
-        _set_rng_state(states[rank]["rng"])
+        set_rng_state(states[rank]["rng"])
     else:
         _seed_everything(seed, progress.step, rank)
     loader = repartitioned_state([state["loader"] for state in states], rank=rank, step=progress.step)

@@ -29,8 +29,10 @@ from mmscale.train.checkpoints import (
     latest_tag,
     load_checkpoint,
     remove_incomplete,
+    rng_state,
     save_checkpoint,
     saved_world_size,
+    set_rng_state,
 )
 from mmscale.train.config import TrainRunConfig
 from mmscale.train.engine import (
@@ -218,7 +220,7 @@ def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], key
         states, passes = [], []
         with torch.no_grad():
             for batch in inputs:
-                states.append(_generator_states(run.device))
+                states.append(rng_state())
                 passes.append(run.engine(**batch, features_only=True))
         gradients = feature_gradients(config, passes)
         if _all_finite(gradients.loss):
@@ -231,7 +233,7 @@ def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], key
         batch, device_batch = pending.pop(0)
         index = accumulation - len(pending) - 1
         if cached:
-            _restore_generator_states(states[index], run.device)
+            set_rng_state(states[index])
             rows = slice(index * run.layout.micro_batch_size, (index + 1) * run.layout.micro_batch_size)
             extra |= {"feature_gradients": (gradients.image[rows], gradients.text[rows], gradients.logit_scale,
                                             gradients.logit_bias), "accumulation": accumulation}
@@ -278,16 +280,6 @@ def _mlm_tokens(run: Run, micro: list[dict]) -> torch.Tensor:
     count = sum((batch["mlm_targets"] != IGNORE_INDEX).sum() for batch in micro).to(run.device, torch.float32)
     dist.all_reduce(count)
     return count.clamp(min=1.0) / (run.layout.accumulation * dist.get_world_size())
-
-
-def _generator_states(device: torch.device) -> tuple:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _restore_generator_states(states: tuple, device: torch.device) -> None:
-    torch.set_rng_state(states[0])
-    if states[1] is not None:
-        torch.cuda.set_rng_state(states[1], device)
 
 
 def _flops_per_sample(run: Run) -> float:
