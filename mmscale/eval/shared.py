@@ -17,20 +17,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mmscale.losses import _neighbour_exchange, _rank_and_world
+
 CHUNK = 4096
 """Candidates scored at once (a result's copies are never split, so a chunk can be longer)."""
 QUERY_BLOCK = 1024
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def rank_sizes(count: int, device: torch.device) -> list[int]:
     """Every rank's `count` (one small all_gather; a list on the host)."""
-    rank, world = _world()
+    rank, world = _rank_and_world(None)
     if world == 1:
         return [count]
     local = torch.tensor([count], dtype=torch.int64, device=device)
@@ -41,7 +37,7 @@ def rank_sizes(count: int, device: torch.device) -> list[int]:
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """`values` summed over the ranks (float64 on the device: NCCL takes no CPU tensors)."""
-    if _world()[1] == 1:
+    if _rank_and_world(None)[1] == 1:
         return values
     summed = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(summed)
@@ -51,9 +47,7 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def _ring(tensors: tuple[torch.Tensor, ...], sizes: list[int]) -> Iterator[tuple[torch.Tensor, ...]]:
     """Every rank's `tensors` in turn (this rank's first, then the one from its left, ...), passed round
     the ring of ranks; rows are padded to the longest rank's and cut back to each rank's `sizes`."""
-    from mmscale.losses import _neighbour_exchange
-
-    rank, world = _world()
+    rank, world = _rank_and_world(None)
     yield tensors
     if world == 1:
         return
@@ -68,7 +62,7 @@ def _owned(candidates: tuple[torch.Tensor, ...], result: int, sizes: list[int]) 
     """The candidates whose result group (column `result` of the id tensors) this rank owns (group mod
     world size), gathered from every rank round the ring and sorted by group, so a result's copies are
     contiguous and on one rank."""
-    rank, world = _world()
+    rank, world = _rank_and_world(None)
     pieces = []
     for visiting in _ring(candidates, sizes):
         mine = torch.remainder(visiting[1][:, result], world) == rank
@@ -137,7 +131,7 @@ def shared_retrieval_metrics(image_features: torch.Tensor, text_features: torch.
     device = image_features.device
     count = len(image_features)
     sizes = rank_sizes(count, device)
-    rank, _ = _world()
+    rank, _ = _rank_and_world(None)
     pair = torch.arange(count, device=device) + sum(sizes[:rank])
     captions = caption_groups.to(device) if caption_groups is not None else pair
     pictures = image_groups.to(device) if image_groups is not None else pair
@@ -159,7 +153,7 @@ def shared_zeroshot_accuracy(image_features: torch.Tensor, labels: torch.Tensor,
     labels = labels.to(device)
     labelled = labels >= 0
     largest = labels.max().to(torch.float64) if len(labels) else torch.tensor(-1.0, dtype=torch.float64, device=device)
-    if _world()[1] > 1:
+    if _rank_and_world(None)[1] > 1:
         dist.all_reduce(largest, op=dist.ReduceOp.MAX)
     scores = (F.normalize(image_features[labelled].float(), dim=-1)
               @ F.normalize(class_embeddings.to(device).float(), dim=-1).T)
