@@ -286,8 +286,6 @@ def test_input_errors_exit_2_with_a_clear_message(tmp_path, capsys):
     (tmp_path / "empty.csv").write_text("image,caption\n")
     assert "no rows" in error("--input", tmp_path / "empty.csv")
     assert "--image-root" in error("--input", table, "--image-root", tmp_path / "elsewhere")
-    urls = write_table(tmp_path / "urls.tsv", [{"url": "https://example.com/a.jpg", "caption": "c"}], "tsv")
-    assert "download them first" in error("--input", urls, "--image-column", "url")
     embedded = write_table(tmp_path / "e.parquet", [{"image": b"\xff\xd8", "caption": "c"}], "parquet")
     assert "holds bytes values" in error("--input", embedded)
     (tmp_path / "notes.xyz").write_text("?")

@@ -21,6 +21,12 @@ DEFAULT_MAX_PIXELS = 89_478_485
 _KEEP_AS_IS_MODES = ("RGB", "L")
 _EXIF_ORIENTATION = 0x0112
 _QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+# Leading bytes of JPEG, PNG, GIF, WebP/RIFF, BMP, TIFF: bytes that start so but do not open are a
+# corrupt image; anything else (an HTML error page, say) is not an image at all.
+_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
+
+
+RESIZE_MODES = ("keep_ratio", "center_crop", "border", "no")
 
 
 @dataclass(frozen=True)
@@ -28,7 +34,11 @@ class ImageOptions:
     """What the writer does to every image."""
 
     resize: int | None = None
-    """Shrink so the shorter side is this many pixels (never enlarge); None keeps the size."""
+    """Target size in pixels; None keeps the size (see resize_mode)."""
+    resize_mode: str = "keep_ratio"
+    """img2dataset's modes: `keep_ratio` shrinks the shorter side to `resize` (never enlarges);
+    `center_crop` scales the shorter side to `resize` and crops the middle square; `border` scales
+    the longer side to `resize` and pads to a square with black; `no` keeps the size."""
     jpeg_quality: int = 90
     """JPEG quality for images that must be re-encoded."""
     min_side: int | None = None
@@ -69,8 +79,8 @@ def prepare_image(data: bytes, options: ImageOptions) -> PreparedImage:
     JPEG input that needs no resizing and is upright keeps its original bytes (after checking
     that it decodes); everything else becomes an RGB JPEG, turned upright by its EXIF
     orientation, transparent pixels composited on white. Sizes are the upright ones.
-    Raises SampleRejected with reason `empty_member`, `corrupt_image`, `image_too_large`,
-    `too_small` or `bad_aspect`.
+    Raises SampleRejected with reason `empty_member`, `not_an_image` (no image signature, e.g. an
+    HTML page), `corrupt_image`, `image_too_large`, `too_small` or `bad_aspect`.
     """
     if not data:
         raise SampleRejected("empty_member", "image has no bytes")
@@ -80,31 +90,62 @@ def prepare_image(data: bytes, options: ImageOptions) -> PreparedImage:
         except Image.DecompressionBombError as error:
             raise SampleRejected("image_too_large", str(error)) from None
         except Exception as error:  # PIL raises many types for bad data
-            raise SampleRejected("corrupt_image", f"cannot identify image ({error})") from None
+            reason = "corrupt_image" if data.startswith(_IMAGE_SIGNATURES) else "not_an_image"
+            raise SampleRejected(reason, f"cannot identify image ({error})") from None
         orientation = _exif_orientation(image)
         turned = orientation in _QUARTER_TURNS
         width, height = image.size[::-1] if turned else image.size  # as a viewer shows it
         _check_geometry(width, height, options)
-        target = _target_size(width, height, options.resize)
-        if (target == (width, height) and image.format == "JPEG" and image.mode in _KEEP_AS_IS_MODES
-                and orientation == 1):
-            _load(image)
+        layout = _layout(width, height, options)
+        if (layout.scaled == layout.canvas == (width, height) and image.format == "JPEG"
+                and image.mode in _KEEP_AS_IS_MODES and orientation == 1):
+            _load(image)  # within bounds: the original bytes go in, not a re-encoded copy
             return PreparedImage(data, width, height, width, height)
-        if image.format == "JPEG" and target != (width, height):
-            # decode at a reduced DCT scale: much faster, still >= target
-            image.draft("RGB", target[::-1] if turned else target)
+        if image.format == "JPEG" and layout.scaled != (width, height):
+            # decode at a reduced DCT scale (1/2, 1/4, 1/8) where that still gives >= the target
+            image.draft("RGB", layout.scaled[::-1] if turned else layout.scaled)
         _load(image)
         try:
             if orientation != 1:  # the loader never reads EXIF, so the pixels must be upright
                 image = ImageOps.exif_transpose(image)
-            image = rgb_on_white(image)
-            if image.size != target:
-                image = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+            image = _fit(rgb_on_white(image), layout)
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=options.jpeg_quality)
         except (OSError, ValueError) as error:  # exotic modes PIL cannot turn into RGB JPEG
             raise SampleRejected("corrupt_image", f"cannot convert {image.mode} image ({error})") from None
-    return PreparedImage(buffer.getvalue(), width, height, target[0], target[1])
+    return PreparedImage(buffer.getvalue(), width, height, *image.size)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    scaled: tuple[int, int]  # the whole image resized to this
+    canvas: tuple[int, int]  # then cropped or padded (centred) to this
+
+
+def _layout(width: int, height: int, options: ImageOptions) -> _Layout:
+    size, mode = options.resize, options.resize_mode
+    if size is None or mode == "no":
+        return _Layout((width, height), (width, height))
+    if mode == "keep_ratio":
+        scaled = _target_size(width, height, size)
+        return _Layout(scaled, scaled)
+    scale = size / (min(width, height) if mode == "center_crop" else max(width, height))
+    scaled = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return _Layout(scaled, (size, size))
+
+
+def _fit(image: Image.Image, layout: _Layout) -> Image.Image:
+    if image.size != layout.scaled:
+        image = image.resize(layout.scaled, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if image.size == layout.canvas:
+        return image
+    (width, height), (canvas_width, canvas_height) = image.size, layout.canvas
+    left, top = (width - canvas_width) // 2, (height - canvas_height) // 2
+    if width >= canvas_width and height >= canvas_height:  # center_crop
+        return image.crop((left, top, left + canvas_width, top + canvas_height))
+    bordered = Image.new("RGB", layout.canvas, (0, 0, 0))  # border
+    bordered.paste(image, (-left, -top))
+    return bordered
 
 
 def _exif_orientation(image: Image.Image) -> int:

@@ -7,7 +7,8 @@ import os
 import re
 import sys
 
-from mmscale.data.images import DEFAULT_MAX_PIXELS, ImageOptions
+from mmscale.data.download import DownloadOptions
+from mmscale.data.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageOptions
 from mmscale.data.shard_writer import CaptionFilter
 from mmscale.data.sharding import DEFAULT_NAME_PATTERN, DEFAULT_SAMPLES_PER_SHARD, ShardingOptions, make_shards
 from mmscale.data.shards import ShardError
@@ -62,10 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="make_shards", description="Write an image-caption corpus as resumable WebDataset shards.")
     source = parser.add_argument_group("input")
-    source.add_argument("--input", required=True, help="folder of images+captions, table, COCO json, or shard spec")
+    source.add_argument("--input", required=True,
+                        help="folder of images+captions; a table (csv/tsv/jsonl/parquet), a glob or folder of "
+                             "tables, of image paths or http(s) URLs; a COCO json; or a shard spec")
     source.add_argument("--input-kind", choices=INPUT_KINDS, help="override auto-detection from the path")
     source.add_argument("--image-root", help="folder that relative image paths of a table or COCO file start from")
-    source.add_argument("--image-column", help="table column with image paths (default: auto)")
+    source.add_argument("--image-column", "--url-column", dest="image_column",
+                        help="table column with image paths or URLs (default: auto)")
     source.add_argument("--caption-column", help="table column with captions (default: auto)")
     source.add_argument("--label-column", help="table column with integer labels, written as KEY.cls")
     source.add_argument("--coco-first-caption-only", action="store_true", help="one sample per COCO image")
@@ -78,13 +82,33 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--name-pattern", type=_name_pattern, default=DEFAULT_NAME_PATTERN,
                         help="shard file name, formatted with the shard number")
     images = parser.add_argument_group("images")
-    images.add_argument("--resize", type=_positive_int, help="shrink the shorter side to this many pixels")
+    images.add_argument("--resize", type=_positive_int, help="target size in pixels (see --resize-mode)")
+    images.add_argument("--resize-mode", choices=RESIZE_MODES, default="keep_ratio",
+                        help="keep_ratio: shorter side to --resize, never enlarged; center_crop: shorter side to "
+                             "--resize, middle square kept; border: longer side to --resize, padded to a square; "
+                             "no: keep the size (default keep_ratio)")
     images.add_argument("--jpeg-quality", type=_positive_int, default=90, help="quality of re-encoded JPEGs")
     images.add_argument("--min-side", type=_positive_int, help="skip images with a shorter side below this")
     images.add_argument("--max-aspect", type=_positive_float, help="skip images more elongated than this ratio")
     images.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                         help="skip images with more pixels (read from the header, before decoding)")
     images.add_argument("--dedup", action="store_true", help="skip exact duplicate images (sha256 of the bytes)")
+    defaults = DownloadOptions()
+    download = parser.add_argument_group("download (URL tables)")
+    download.add_argument("--threads", type=_positive_int, default=defaults.threads,
+                          help=f"concurrent downloads per worker process (default {defaults.threads})")
+    download.add_argument("--timeout", type=_positive_float, default=defaults.timeout_s,
+                          help=f"seconds per request, body included (default {defaults.timeout_s:g})")
+    download.add_argument("--retries", type=int, default=defaults.retries,
+                          help=f"retries of connection errors, timeouts, 429 and 5xx (default {defaults.retries})")
+    download.add_argument("--retry-backoff", type=_positive_float, default=defaults.backoff_s,
+                          help=f"seconds before the first retry, doubling after (default {defaults.backoff_s:g})")
+    download.add_argument("--max-redirects", type=int, default=defaults.max_redirects,
+                          help=f"redirects followed (default {defaults.max_redirects})")
+    download.add_argument("--max-download-bytes", type=_byte_count, default=defaults.max_bytes,
+                          help="largest response body accepted (default 20MB)")
+    download.add_argument("--ignore-robots-headers", action="store_true",
+                          help="download even where X-Robots-Tag says noai/noimageai/noindex/noimageindex")
     captions = parser.add_argument_group("captions")
     for bound in ("min", "max"):
         for unit in ("chars", "words"):
@@ -105,8 +129,12 @@ def options_from_args(args: argparse.Namespace) -> ShardingOptions:
                            label_column=args.label_column, coco_first_caption_only=args.coco_first_caption_only),
         output_dir=args.output, samples_per_shard=args.samples_per_shard,
         max_bytes_per_shard=args.max_bytes_per_shard,
-        image=ImageOptions(resize=args.resize, jpeg_quality=args.jpeg_quality, min_side=args.min_side,
-                           max_aspect=args.max_aspect, max_pixels=args.max_pixels),
+        image=ImageOptions(resize=args.resize, resize_mode=args.resize_mode, jpeg_quality=args.jpeg_quality,
+                           min_side=args.min_side, max_aspect=args.max_aspect, max_pixels=args.max_pixels),
+        download=DownloadOptions(threads=args.threads, timeout_s=args.timeout, retries=args.retries,
+                                 backoff_s=args.retry_backoff, max_redirects=args.max_redirects,
+                                 max_bytes=args.max_download_bytes,
+                                 respect_robots_headers=not args.ignore_robots_headers),
         captions=CaptionFilter(min_chars=args.min_caption_chars, max_chars=args.max_caption_chars,
                                min_words=args.min_caption_words, max_words=args.max_caption_words),
         dedup=args.dedup, workers=args.workers, name_pattern=args.name_pattern, progress=not args.no_progress)
@@ -118,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.jpeg_quality > 100:
         parser.error(f"--jpeg-quality {args.jpeg_quality}: use 1 to 100 (95 or less is sensible)")
+    if args.retries < 0 or args.max_redirects < 0:
+        parser.error("--retries and --max-redirects must be 0 or more")
+    if args.resize_mode in ("center_crop", "border") and args.resize is None:
+        parser.error(f"--resize-mode {args.resize_mode} needs --resize (the square's side)")
     try:
         summary = make_shards(options_from_args(args))
     except (InputError, ShardError) as error:

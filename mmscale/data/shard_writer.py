@@ -7,19 +7,34 @@ renamed; the chunk's stats file (`shard-000003.stats.json`) is written last and 
 chunk as done, so a killed run redoes exactly the chunks without one.
 
 Sample keys are the 9-digit global ordinal of the input record: stable across re-runs,
-unique, dot-free (WebDataset splits key and extension at the first dot).
+unique, dot-free (WebDataset splits key and extension at the first dot). Each sample is
+`KEY.jpg`, `KEY.txt`, `KEY.json` (img2dataset's layout; the json keeps the provenance: url or
+source, caption, original and final size, sha256 of the original bytes, status) and `KEY.cls`
+when there is a label.
+
+Every record is accounted for: written, or listed in the chunk's `shard-000003.failed.jsonl`
+(key, source, url, caption, reason, detail), written before the stats file.
+
+URL records are downloaded by `threads` threads per worker (download.py) and written as they
+arrive; decoding, resizing and encoding run in those threads too (PIL releases the GIL), so one
+process uses more than one core. Local records are written in input order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tarfile
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
+from mmscale.data.dedup import DigestStore
+from mmscale.data.download import DownloadOptions, fetch
 from mmscale.data.images import ImageOptions, SampleRejected, prepare_image
-from mmscale.data.shards import tar_member, write_json_atomically
+from mmscale.data.shards import tar_member, write_bytes_atomically, write_json_atomically
 from mmscale.data.sources import Loaded, Record, iter_loaded
 
 _TAR_BLOCK = 512
@@ -66,6 +81,9 @@ class ChunkTask:
     duplicates: frozenset[int] = frozenset()
     image: ImageOptions = ImageOptions()
     captions: CaptionFilter = CaptionFilter()
+    download: DownloadOptions = DownloadOptions()
+    live_dedup: bool = False
+    """URL input with --dedup: check digests against finished chunks while writing (see sharding.py)."""
 
 
 @dataclass
@@ -95,6 +113,23 @@ def stats_name(shard_name: str) -> str:
     return shard_name[: -len(".tar")] + ".stats.json"
 
 
+def failures_name(shard_name: str) -> str:
+    """The failed-rows file of a chunk: `shard-000003.tar` -> `shard-000003.failed.jsonl`."""
+    return shard_name[: -len(".tar")] + ".failed.jsonl"
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What became of one record: tar members to write, or the reason it was not."""
+
+    offset: int
+    record: Record
+    members: list[tuple[str, bytes]] | None = None
+    digest: bytes | None = None
+    reason: str | None = None
+    detail: str = ""
+
+
 def part_name(shard_name: str, part: int) -> str:
     """Part `part` of a byte-capped chunk: `shard-000003.tar` -> `shard-000003-001.tar`."""
     return f"{shard_name[: -len('.tar')]}-{part:03d}.tar"
@@ -121,18 +156,25 @@ def read_chunk_stats(path: str) -> ChunkStats | None:
 
 
 def write_chunk(task: ChunkTask) -> ChunkStats:
-    """Write the chunk's shard(s), then its stats file; returns the stats."""
+    """Write the chunk's shard(s), its failed rows, then its stats file; returns the stats."""
     skipped: Counter[str] = Counter()
+    failures: list[bytes] = []
+    digests: list[tuple[int, bytes]] = []
+    store = DigestStore(task.output_dir) if task.live_dedup else None
+    chunk_digests: set[bytes] = set()
     writer = _PartWriter(task.output_dir, task.shard_name, max_bytes=task.max_bytes)
     try:
-        for offset, loaded in enumerate(iter_loaded(task.records)):
-            ordinal = task.start + offset
-            try:
-                if ordinal in task.duplicates and not loaded.problem:
-                    raise SampleRejected("duplicate")
-                writer.add(_sample_members(sample_key(ordinal), loaded, task=task))
-            except SampleRejected as rejection:
-                skipped[rejection.reason] += 1
+        for outcome in _outcomes(task):
+            ordinal = task.start + outcome.offset
+            if outcome.members is not None and _is_duplicate(ordinal, outcome.digest, task, store, chunk_digests):
+                outcome = _Outcome(outcome.offset, outcome.record, reason="duplicate")
+            if outcome.members is not None:
+                writer.add(outcome.members)
+                if store is not None:
+                    digests.append((ordinal, outcome.digest))
+            else:
+                skipped[outcome.reason] += 1
+                failures.append(_failure_line(sample_key(ordinal), outcome))
             if _records_done is not None:
                 with _records_done.get_lock():
                     _records_done.value += 1
@@ -142,14 +184,86 @@ def write_chunk(task: ChunkTask) -> ChunkStats:
     stats = ChunkStats(index=task.index, plan=task.plan, records=len(task.records), shards=shards,
                        skipped=dict(sorted(skipped.items())),
                        bytes=sum(os.path.getsize(os.path.join(task.output_dir, name)) for name in shards))
+    write_bytes_atomically(os.path.join(task.output_dir, failures_name(task.shard_name)), b"".join(failures))
+    if store is not None:
+        store.add(digests)  # before the stats file: a chunk is done only with its digests recorded
+        store.close()
     write_json_atomically(os.path.join(task.output_dir, stats_name(task.shard_name)), {
         "chunk": stats.index, "plan": stats.plan, "records": stats.records, "shards": stats.shards,
         "written": stats.written, "skipped": stats.skipped, "bytes": stats.bytes})
     return stats
 
 
-def _sample_members(key: str, loaded: Loaded, *, task: ChunkTask) -> list[tuple[str, bytes]]:
-    """The tar members of one sample; raises SampleRejected (any reason) to skip it."""
+def _is_duplicate(ordinal: int, digest: bytes, task: ChunkTask, store: DigestStore | None,
+                  chunk_digests: set[bytes]) -> bool:
+    if store is None:
+        return ordinal in task.duplicates
+    if digest in chunk_digests:
+        return True
+    chunk_digests.add(digest)
+    first = store.first_ordinal(digest)
+    return first is not None and first < ordinal
+
+
+def _failure_line(key: str, outcome: _Outcome) -> bytes:
+    record = outcome.record
+    row = {"key": key, "source": record.source, "url": record.url, "caption": record.caption,
+           "reason": outcome.reason, "detail": outcome.detail[:300]}
+    return json.dumps(row, ensure_ascii=False).encode("utf-8", errors="replace") + b"\n"
+
+
+def _outcomes(task: ChunkTask) -> Iterator[_Outcome]:
+    """Each record's outcome: URL records as their downloads finish, the others in input order."""
+    if any(record.url for record in task.records):
+        def download(item: tuple[int, Record]) -> _Outcome:
+            offset, record = item
+            if record.url is None:
+                return _outcome(offset, record, next(iter_loaded([record])), task)
+            fetched = fetch(record.url, task.download)
+            if fetched.reason:
+                return _Outcome(offset, record, reason=fetched.reason, detail=fetched.detail)
+            loaded = Loaded(record.url, image=fetched.body, caption=record.caption, label=record.label)
+            return _outcome(offset, record, loaded, task)
+
+        yield from threaded_map(download, enumerate(task.records), threads=task.download.threads, ordered=False)
+        return
+    loaded = zip(range(len(task.records)), task.records, iter_loaded(task.records))
+    yield from (_outcome(offset, record, item, task) for offset, record, item in loaded)
+
+
+def threaded_map(function: Callable, items: Iterable, *, threads: int, ordered: bool) -> Iterator:
+    """map() over `threads` threads with a bounded window of work in flight; `ordered=False` yields as done."""
+    window = 2 * threads
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque[Future] = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= window:
+                yield from _drain(pending, ordered=ordered, leave=window - 1)
+        yield from _drain(pending, ordered=ordered, leave=0)
+
+
+def _drain(pending: deque[Future], *, ordered: bool, leave: int) -> Iterator:
+    while len(pending) > leave:
+        if ordered:
+            yield pending.popleft().result()
+            continue
+        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for future in done:
+            pending.remove(future)
+            yield future.result()
+
+
+def _outcome(offset: int, record: Record, loaded: Loaded, task: ChunkTask) -> _Outcome:
+    try:
+        members, digest = _sample_members(sample_key(task.start + offset), loaded, task=task)
+    except SampleRejected as rejection:
+        return _Outcome(offset, record, reason=rejection.reason, detail=rejection.detail)
+    return _Outcome(offset, record, members=members, digest=digest)
+
+
+def _sample_members(key: str, loaded: Loaded, *, task: ChunkTask) -> tuple[list[tuple[str, bytes]], bytes]:
+    """The tar members of one sample and the sha256 of its image; raises SampleRejected to skip it."""
     if loaded.problem:
         raise SampleRejected(loaded.problem)
     if loaded.caption is None:
@@ -157,15 +271,18 @@ def _sample_members(key: str, loaded: Loaded, *, task: ChunkTask) -> list[tuple[
     if not task.captions.accepts(loaded.caption):
         raise SampleRejected("caption_length")
     image = prepare_image(loaded.image, task.image)
-    meta = {"source": loaded.source, "caption": loaded.caption,
+    digest = hashlib.sha256(loaded.image).digest()
+    meta = {"key": key, "source": loaded.source, "caption": loaded.caption, "status": "success",
             "original_width": image.original_width, "original_height": image.original_height,
-            "width": image.width, "height": image.height}
+            "width": image.width, "height": image.height, "sha256": digest.hex()}
+    if loaded.source.startswith(("http://", "https://")):
+        meta["url"] = loaded.source
     members = [(f"{key}.jpg", image.jpeg), (f"{key}.txt", loaded.caption.encode("utf-8"))]
     if loaded.label is not None:
         meta["label"] = loaded.label
         members.append((f"{key}.cls", str(loaded.label).encode("ascii")))
     members.append((f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")))
-    return members
+    return members, digest
 
 
 def _closed_size(offset: int) -> int:

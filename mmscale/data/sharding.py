@@ -9,9 +9,17 @@ How it stays resumable and deterministic:
 - A chunk is done when its stats file exists (written after its shards were renamed into
   place). A re-run skips done chunks, removes stale temporary files and redoes the rest;
   `sizes.json` and `stats.json` are rebuilt from the chunks' stats files at the end.
-- `dedup` hashes (sha256) every image up to the last chunk still to write, in record order,
-  before writing, so the first copy is kept and the others are skipped the same way in
-  every run. It compares image bytes only (COCO's several captions per image collapse to one).
+- `dedup` compares image bytes (sha256; COCO's several captions per image collapse to one),
+  keeping the digests in an on-disk set (dedup.py), so memory stays bounded at any scale.
+  Local input is hashed up to the last chunk still to write, in record order, before
+  writing, so the first copy is kept and the others are skipped the same way in every run.
+  Downloaded input cannot be read twice: a chunk skips images already in a finished chunk or
+  earlier in itself, and records its digests when it finishes (copies fetched by chunks
+  running at the same time may both be kept).
+- Tables are streamed (sources.TableInput): chunks are cut from row counts, and at most a
+  few chunks' records are in memory at once.
+- Every record is written or listed with its reason in its chunk's failed-rows file; the
+  run ends by gathering them into `failed.parquet`.
 - Every stats file carries a fingerprint of the input and options; resuming into a folder
   written with other options is refused rather than mixing two datasets.
 
@@ -29,16 +37,19 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from tqdm import tqdm
 
+from mmscale.data.dedup import DEDUP_FILE, SCRATCH_DEDUP_FILE, DigestStore
+from mmscale.data.download import DownloadOptions
 from mmscale.data.images import ImageOptions
 from mmscale.data.shard_writer import (
     CaptionFilter,
     ChunkTask,
+    failures_name,
     read_chunk_stats,
     set_progress_counter,
     stats_name,
@@ -59,6 +70,7 @@ from mmscale.data.sources import (
 DEFAULT_SAMPLES_PER_SHARD = 10_000
 DEFAULT_NAME_PATTERN = "shard-{:06d}.tar"
 STATS_FILE = "stats.json"
+FAILED_FILE = "failed.parquet"
 INPUT_INDEX_FILE = "input_index.json"  # cached sample counts of input tars, keyed by size and mtime
 _LOCK_FILE = ".make_shards.lock"
 
@@ -74,6 +86,7 @@ class ShardingOptions:
     image: ImageOptions = ImageOptions()
     captions: CaptionFilter = CaptionFilter()
     dedup: bool = False
+    download: DownloadOptions = DownloadOptions()
     workers: int = 1
     name_pattern: str = DEFAULT_NAME_PATTERN
     progress: bool = True
@@ -137,18 +150,29 @@ def make_shards(options: ShardingOptions) -> ShardingSummary:
     with _output_lock(output):
         listing = list_input(options.input, count_shards=lambda urls: _count_shards(urls, options))
         _check_no_input_shard_in_output(listing, output)
-        chunks = plan_chunks(len(listing.records), options.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD)
+        size = options.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD
+        chunks = plan_chunks(len(listing), size)
         names = [options.name_pattern.format(index) for index in range(len(chunks))]
-        plan = _fingerprint(options, listing.kind, len(listing.records))
+        plan = _fingerprint(options, listing.kind, len(listing))
         done = _done_chunks(output, names, plan=plan, byte_capped=options.max_bytes_per_shard is not None)
         pending = [index for index in range(len(chunks)) if index not in done]
         if pending:
             _remove_leftovers(output, [names[index] for index in pending])
-            _write_chunks(_chunk_tasks(pending, chunks, names=names, records=listing.records, plan=plan,
-                                       options=options), options)
+            scratch = not listing.has_urls
+            store = DigestStore(output, name=SCRATCH_DEDUP_FILE if scratch else DEDUP_FILE) if options.dedup else None
+            try:
+                if store is not None and listing.has_urls:
+                    store.forget(chunks[index] for index in pending)
+                elif store is not None:
+                    find_duplicates(listing, store, options, count=pending[-1] + 1)
+                tasks = _chunk_tasks(pending, listing, names=names, plan=plan, options=options, store=store)
+                _write_chunks(tasks, options, total=sum(len(chunks[index]) for index in pending))
+            finally:
+                if store is not None:
+                    store.close(remove=scratch)
         summary = _summarize(output, names, plan=plan, listing=listing, pending=[chunks[i] for i in pending],
                              wall_time_s=time.monotonic() - started)
-        _write_totals(summary, rewrite_stats=bool(pending))
+        _write_totals(summary, names, rewrite_stats=bool(pending))
     return summary
 
 
@@ -161,7 +185,7 @@ def _check_output_is_not_input(options: ShardingOptions) -> None:
 def _check_no_input_shard_in_output(listing: InputListing, output: str) -> None:
     """Resharding into the folder being read would delete the input as stale leftovers."""
     output = os.path.realpath(output)
-    for record in listing.records:
+    for record in listing.records or ():
         if record.shard_url and os.path.exists(record.shard_url) \
                 and os.path.dirname(os.path.realpath(record.shard_url)) == output:
             raise InputError(f"input shard {record.shard_url} is in the output folder {output}; "
@@ -188,9 +212,16 @@ def _fingerprint(options: ShardingOptions, kind: str, records: int) -> str:
         source["path"] = os.path.abspath(source["path"])
     described = {"input": source, "kind": kind, "records": records, "image": asdict(options.image),
                  "captions": asdict(options.captions), "dedup": options.dedup,
+                 "download": _download_fingerprint(options.download),
                  "samples_per_shard": options.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD,
                  "max_bytes_per_shard": options.max_bytes_per_shard, "name_pattern": options.name_pattern}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _download_fingerprint(download: DownloadOptions) -> dict:
+    """What changes which rows can be written (not threads, timeouts or retries: a resume may tune them)."""
+    return {"max_bytes": download.max_bytes, "max_redirects": download.max_redirects,
+            "respect_robots_headers": download.respect_robots_headers}
 
 
 def _done_chunks(output: str, names: list[str], *, plan: str, byte_capped: bool) -> set[int]:
@@ -236,24 +267,43 @@ def _remove_leftovers(output: str, pending_names: list[str]) -> None:
             os.remove(os.path.join(output, file_name))
 
 
-def parallel_map(function: Callable, items: list, *, workers: int, ordered: bool = True,
+def parallel_map(function: Callable, items: Iterable, *, workers: int, ordered: bool = True,
                  progress_counter=None) -> Iterator:
     """map() over a process pool (in this process when workers <= 1); `ordered=False` yields as done.
 
+    `items` may be a lazy iterator: at most 2 x workers items are taken from it ahead of the
+    results, so a streamed input never piles up in the pool's queue.
     `progress_counter` (a multiprocessing.Value) is handed to every worker for
     shard_writer.set_progress_counter, so record-level progress crosses processes.
     """
-    if workers <= 1 or len(items) <= 1:
+    if workers > 1 and isinstance(items, Sized):
+        workers = min(workers, len(items))
+    if workers <= 1:
         set_progress_counter(progress_counter)
         try:
             yield from map(function, items)
         finally:
             set_progress_counter(None)
         return
-    with multiprocessing.Pool(min(workers, len(items)), initializer=_start_worker,
-                              initargs=(os.getpid(), progress_counter)) as pool:
+    window, stopped = threading.Semaphore(2 * workers), threading.Event()
+
+    def feed() -> Iterator:  # runs in the pool's task-feeding thread
+        for item in items:
+            while not window.acquire(timeout=0.2):
+                if stopped.is_set():
+                    return
+            if stopped.is_set():
+                return
+            yield item
+
+    with multiprocessing.Pool(workers, initializer=_start_worker, initargs=(os.getpid(), progress_counter)) as pool:
         run = pool.imap if ordered else pool.imap_unordered
-        yield from run(function, items, chunksize=1)
+        try:
+            for result in run(function, feed(), chunksize=1):
+                window.release()
+                yield result
+        finally:
+            stopped.set()
 
 
 def _start_worker(parent: int, progress_counter) -> None:
@@ -300,47 +350,45 @@ def _file_stamp(url: str) -> list[int] | None:
     return [status.st_size, status.st_mtime_ns]
 
 
-def image_digests(task: tuple[list[Record], CaptionFilter]) -> list[bytes | None]:
-    """sha256 of each record's image bytes; None for records that will be skipped anyway."""
-    records, captions = task
-    return [hashlib.sha256(loaded.image).digest()
-            if loaded.image and loaded.caption and captions.accepts(loaded.caption) else None
-            for loaded in iter_loaded(records)]
+def image_digests(task: tuple[int, list[Record], CaptionFilter]) -> list[tuple[int, bytes]]:
+    """(ordinal, sha256 of the image bytes) of a chunk's records, leaving out those skipped anyway."""
+    start, records, captions = task
+    return [(start + offset, hashlib.sha256(loaded.image).digest())
+            for offset, loaded in enumerate(iter_loaded(records))
+            if loaded.image and loaded.caption and captions.accepts(loaded.caption)]
 
 
-def find_duplicates(records: list[Record], options: ShardingOptions) -> set[int]:
-    """Ordinals of records whose image bytes equal an earlier record's."""
-    step = options.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD
-    tasks = [(records[start: start + step], options.captions) for start in range(0, len(records), step)]
-    seen, duplicates, ordinal = set(), set(), 0
-    with tqdm(total=len(records), desc="hashing images", unit="image", disable=not options.progress) as progress:
+def find_duplicates(listing: InputListing, store: DigestStore, options: ShardingOptions, *, count: int) -> None:
+    """Hash the images of chunks 0 .. count-1 in record order into `store`, which marks later copies."""
+    size = options.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD
+    store.clear()
+    tasks = ((index * size, records, options.captions)
+             for index, records in enumerate(listing.iter_chunks(size, count=count)))
+    with tqdm(total=min(len(listing), count * size), desc="hashing images", unit="image",
+              disable=not options.progress) as progress:
         for digests in parallel_map(image_digests, tasks, workers=options.workers):
-            for digest in digests:
-                if digest is not None:
-                    if digest in seen:
-                        duplicates.add(ordinal)
-                    seen.add(digest)
-                ordinal += 1
-            progress.update(len(digests))
-    return duplicates
+            store.add(digests)
+            progress.update(size)
 
 
-def _chunk_tasks(pending: list[int], chunks: list[range], *, names: list[str], records: list[Record],
-                 plan: str, options: ShardingOptions) -> list[ChunkTask]:
-    """One task per pending chunk, each with the duplicates (if deduplicating) that fall in it."""
-    duplicates: dict[int, set[int]] = {}
-    if options.dedup:
-        for ordinal in find_duplicates(records[: chunks[pending[-1]].stop], options):
-            duplicates.setdefault(ordinal // len(chunks[0]), set()).add(ordinal)
-    return [ChunkTask(index=index, start=chunks[index].start, records=records[chunks[index].start: chunks[index].stop],
-                      output_dir=options.output_dir, shard_name=names[index], plan=plan,
-                      max_bytes=options.max_bytes_per_shard, image=options.image, captions=options.captions,
-                      duplicates=frozenset(duplicates.get(index, ()))) for index in pending]
+def _chunk_tasks(pending: list[int], listing: InputListing, *, names: list[str], plan: str,
+                 options: ShardingOptions, store: DigestStore | None) -> Iterator[ChunkTask]:
+    """One task per pending chunk, read from the input as they are needed."""
+    size, wanted = options.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD, set(pending)
+    for index, records in enumerate(listing.iter_chunks(size, count=pending[-1] + 1)):
+        if index not in wanted:
+            continue
+        start = index * size
+        duplicates = store.duplicates_between(start, start + len(records)) \
+            if store is not None and not listing.has_urls else frozenset()
+        yield ChunkTask(index=index, start=start, records=records, output_dir=options.output_dir,
+                        shard_name=names[index], plan=plan, max_bytes=options.max_bytes_per_shard,
+                        image=options.image, captions=options.captions, duplicates=duplicates,
+                        download=options.download, live_dedup=store is not None and listing.has_urls)
 
 
-def _write_chunks(tasks: list[ChunkTask], options: ShardingOptions) -> None:
+def _write_chunks(tasks: Iterable[ChunkTask], options: ShardingOptions, *, total: int) -> None:
     """Write the chunks in parallel with a per-record progress bar fed by the workers."""
-    total = sum(len(task.records) for task in tasks)
     skipped: Counter[str] = Counter()
     done = multiprocessing.Value("q", 0)
     finished = threading.Event()
@@ -376,20 +424,48 @@ def _summarize(output: str, names: list[str], *, plan: str, listing: InputListin
         sizes.update(stats.shards)
         skipped.update(stats.skipped)
         total_bytes += stats.bytes
-    return ShardingSummary(output_dir=output, records=len(listing.records), sizes=sizes,
+    return ShardingSummary(output_dir=output, records=len(listing), sizes=sizes,
                            skipped=dict(sorted(skipped.items())), bytes=total_bytes, chunks=len(names),
                            chunks_written=len(pending), records_processed=sum(len(chunk) for chunk in pending),
                            wall_time_s=wall_time_s, plan=plan)
 
 
-def _write_totals(summary: ShardingSummary, *, rewrite_stats: bool) -> None:
-    """sizes.json and stats.json, written only when they change, so a no-op run touches nothing."""
+def _write_totals(summary: ShardingSummary, names: list[str], *, rewrite_stats: bool) -> None:
+    """sizes.json, stats.json and failed.parquet, written only when they change, so a no-op run touches
+    nothing."""
     sizes_path = os.path.join(summary.output_dir, SIZES_FILE)
     if _read_json(sizes_path) != summary.sizes:
         write_json_atomically(sizes_path, summary.sizes)
     stats_path = os.path.join(summary.output_dir, STATS_FILE)
     if rewrite_stats or not os.path.exists(stats_path):
         write_json_atomically(stats_path, summary.as_dict())
+    failed_path = os.path.join(summary.output_dir, FAILED_FILE)
+    if rewrite_stats or not os.path.exists(failed_path):
+        gather_failures(summary.output_dir, names, failed_path)
+
+
+_FAILURE_COLUMNS = ("key", "source", "url", "caption", "reason", "detail")
+
+
+def gather_failures(output: str, names: list[str], path: str) -> int:
+    """Every chunk's failed rows into one parquet file (atomically, a chunk at a time); returns the rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as parquet
+
+    schema = pa.schema([(column, pa.string()) for column in _FAILURE_COLUMNS])
+    temporary, rows = os.path.join(output, f".{os.path.basename(path)}.tmp{os.getpid()}"), 0
+    with parquet.ParquetWriter(temporary, schema) as writer:
+        for name in names:
+            try:
+                with open(os.path.join(output, failures_name(name)), "rb") as handle:
+                    lines = [json.loads(line) for line in handle if line.strip()]
+            except FileNotFoundError:
+                continue  # written by a version that kept no failed rows
+            if lines:
+                writer.write_table(pa.Table.from_pylist(lines, schema=schema))
+                rows += len(lines)
+    os.replace(temporary, path)
+    return rows
 
 
 def _read_json(path: str):

@@ -7,19 +7,25 @@ writing resumable. Loading happens in the worker processes, one planned chunk at
 Kinds: `folder` (images with same-stem `.txt` captions and optional `.cls` labels, searched
 recursively), `csv`, `tsv` (tab-separated, header row, no quoting), `jsonl`, `parquet`,
 `coco` (a COCO-captions annotation file) and `tars` (existing WebDataset shards).
+
+Tables (one file, a glob or a folder of them) are never held in memory: their listing counts
+rows and streams them chunk by chunk (tables.py). A table's image column may hold local paths
+or http(s) URLs; URL records are downloaded by the shard writer (download.py).
 """
 
 from __future__ import annotations
 
-import csv
+import glob
 import json
 import math
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmscale.data.tables import TABLE_KINDS, TableError, TableFile, column_names, count_rows, iter_rows, table_paths
 from mmscale.data.shards import (
     IMAGE_EXTENSIONS,
     ShardError,
@@ -31,9 +37,12 @@ from mmscale.data.shards import (
 )
 
 INPUT_KINDS = ("folder", "csv", "tsv", "jsonl", "parquet", "coco", "tars")
+_TABLE_KIND_NAMES = ("csv", "tsv", "jsonl", "parquet")
 _EXTENSION_KINDS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
                     ".parquet": "parquet", ".json": "coco", ".tar": "tars"}
-_IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_name", "filename", "path", "file")
+_IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_name", "filename", "path", "file", "url", "URL",
+                  "image_url", "img_url")
+_URL_SCHEMES = ("http://", "https://")
 _CAPTION_COLUMNS = ("caption", "text", "title", "txt")
 _ROOT_PROBE = 20  # image paths checked at listing time to catch a wrong --image-root early
 
@@ -54,6 +63,7 @@ class Record:
     label_path: str | None = None
     shard_url: str | None = None
     shard_index: int = -1
+    url: str | None = None  # an http(s) image to download
     problem: str | None = None  # skip reason already known at listing time
 
 
@@ -72,11 +82,67 @@ class InputOptions:
 
 @dataclass
 class InputListing:
-    """The numbered records of a corpus and the skips counted while listing it."""
+    """The numbered records of a corpus and the skips counted while listing it.
+
+    Folder, COCO and tar listings hold their records; a table's are streamed from `table`.
+    """
 
     kind: str
-    records: list[Record]
+    records: list[Record] | None
     skipped: dict[str, int] = field(default_factory=dict)
+    table: TableInput | None = None
+    has_urls: bool = False
+    """Some records are URLs to download (decided from the first rows)."""
+
+    def __len__(self) -> int:
+        return self.table.rows if self.table is not None else len(self.records)
+
+    def iter_chunks(self, size: int, *, count: int) -> Iterator[list[Record]]:
+        """The records of chunks 0 .. count-1 (chunk i is records [i*size, (i+1)*size)), in order."""
+        if self.table is None:
+            for start in range(0, min(len(self.records), count * size), size):
+                yield self.records[start: start + size]
+            return
+        chunk: list[Record] = []
+        for record in self.table.iter_records():
+            chunk.append(record)
+            if len(chunk) == size:
+                yield chunk
+                count -= 1
+                if count == 0:
+                    return
+                chunk = []
+        if chunk:
+            yield chunk
+
+
+@dataclass
+class TableInput:
+    """Table files read as one stream of records: which columns, and where relative paths start."""
+
+    files: list[TableFile]
+    image_column: str
+    caption_column: str
+    label_column: str | None
+    root: str
+
+    @property
+    def rows(self) -> int:
+        """Rows over all files."""
+        return sum(file.rows for file in self.files)
+
+    def iter_records(self) -> Iterator[Record]:
+        """One Record per row, file after file."""
+        columns = [c for c in (self.image_column, self.caption_column, self.label_column) if c]
+        for file in self.files:
+            for number, row in enumerate(iter_rows(file.path, file.kind, columns)):
+                if isinstance(row, str):  # a row that could not be parsed: its skip reason
+                    yield Record(source=f"{file.path}:{number + 1}", problem=row)
+                    continue
+                name = row.get(self.image_column)
+                yield _row_record(name, row.get(self.caption_column),
+                                  row.get(self.label_column) if self.label_column else None,
+                                  root=self.root, source=str(name))
 
 
 @dataclass
@@ -101,13 +167,24 @@ class ShardCount:
 
 
 def detect_kind(path: str) -> str:
-    """The input kind implied by a path: a folder of tars or of images, or a file extension."""
+    """The input kind implied by a path: a folder of tars, tables or images, a glob of tables, or a file
+    extension."""
+    if glob.has_magic(path):
+        try:
+            return table_paths(path)[0][1]
+        except TableError as error:
+            raise InputError(str(error)) from None
     if any(marker in path for marker in ("{", "::", "://")):
         return "tars"
     if not os.path.exists(path):
         raise InputError(f"input {path}: no such file or folder; check --input")
     if os.path.isdir(path):
-        return "tars" if any(Path(path).glob("*.tar")) else "folder"
+        if any(Path(path).glob("*.tar")):
+            return "tars"
+        names = [name for name in os.listdir(path) if not name.startswith(".")]
+        tables = [name for name in names if os.path.splitext(name)[1].lower() in TABLE_KINDS]
+        images = [name for name in names if os.path.splitext(name)[1][1:].lower() in IMAGE_EXTENSIONS]
+        return TABLE_KINDS[os.path.splitext(min(tables))[1].lower()] if tables and not images else "folder"
     extension = Path(path).suffix.lower()
     if extension not in _EXTENSION_KINDS:
         raise InputError(f"input {path}: cannot tell the input kind from {extension or 'no extension'!r}; "
@@ -125,7 +202,7 @@ def list_input(options: InputOptions, *, count_shards: Callable[[list[str]], lis
     kind = options.kind or detect_kind(options.path)
     if kind not in INPUT_KINDS:
         raise InputError(f"input kind {kind!r} is unknown; use one of {', '.join(INPUT_KINDS)}")
-    if kind != "tars" and not os.path.exists(options.path):
+    if kind not in ("tars", *_TABLE_KIND_NAMES) and not os.path.exists(options.path):
         raise InputError(f"input {options.path}: no such file or folder; check --input")
     if kind == "folder":
         listing = _list_folder(options.path)
@@ -135,10 +212,14 @@ def list_input(options: InputOptions, *, count_shards: Callable[[list[str]], lis
         listing = _list_tars(options.path, count_shards or (lambda urls: [count_shard(u) for u in urls]))
     else:
         listing = _list_table(options, kind)
-    if not listing.records:
+    if not len(listing):
         raise InputError(f"input {options.path}: no samples found ({kind}); check --input and --input-kind")
-    if kind in ("csv", "tsv", "jsonl", "parquet", "coco"):
+    if kind == "coco":
         _check_image_root(options, listing.records)
+    elif listing.table is not None:
+        head = list(islice(listing.table.iter_records(), _ROOT_PROBE))
+        listing.has_urls = any(record.url for record in head)
+        _check_image_root(options, head)
     return listing
 
 
@@ -223,69 +304,29 @@ def count_shard(url: str) -> ShardCount:
 
 
 def _list_table(options: InputOptions, kind: str) -> InputListing:
-    rows, columns = _read_table(options.path, kind)
-    if not rows:
+    try:
+        paths = table_paths(options.path, options.kind)
+        columns = column_names(*paths[0])
+        files = [TableFile(path, file_kind, count_rows(path, file_kind)) for path, file_kind in paths]
+    except TableError as error:
+        raise InputError(str(error)) from None
+    if not sum(file.rows for file in files):
         raise InputError(f"input {options.path}: the table has no rows; check --input")
-    image = _choose_column(columns, options.image_column, _IMAGE_COLUMNS, "image path", "--image-column",
-                           options.path)
+    first = paths[0][0]
+    image = _choose_column(columns, options.image_column, _IMAGE_COLUMNS, "image path or URL", "--url-column",
+                           first)
     caption = _choose_column(columns, options.caption_column, _CAPTION_COLUMNS, "caption",
-                             "--caption-column", options.path)
+                             "--caption-column", first)
     label = None
     if options.label_column:
-        label = _choose_column(columns, options.label_column, (), "label", "--label-column", options.path)
-    values = [row.get(image) for row in rows[:100] if isinstance(row, dict) and row.get(image) is not None]
-    if values and not isinstance(values[0], (str, int)):
-        raise InputError(f"input {options.path}: column {image!r} holds {type(values[0]).__name__} values, not "
-                         "image file paths; write the images to files and give their paths")
-    root = options.image_root or os.path.dirname(options.path)
-    records = []
-    for number, row in enumerate(rows):
-        if isinstance(row, str):  # a row that could not be parsed: its skip reason
-            records.append(Record(source=f"{options.path}:{number + 1}", problem=row))
-            continue
-        name = row.get(image)
-        records.append(_row_record(name, row.get(caption), row.get(label) if label else None,
-                                   root=root, source=str(name)))
-    return InputListing(kind, records)
-
-
-def _read_table(path: str, kind: str) -> tuple[list, list[str]]:
-    """(rows as dicts, or a skip reason string for unparsable rows; column names)."""
-    try:
-        if kind == "parquet":
-            import pyarrow.parquet as parquet
-
-            table = parquet.read_table(path)
-            return table.to_pylist(), list(table.column_names)
-        if kind == "jsonl":
-            return _read_jsonl(path)
-        # surrogateescape keeps a bad caption from sinking the whole file; it is skipped as bad_text
-        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
-            dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if kind == "tsv" else {}
-            reader = csv.DictReader(handle, **dialect)
-            return list(reader), list(reader.fieldnames or [])
-    except (OSError, ValueError, csv.Error) as error:
-        raise InputError(f"input {path}: cannot read it as {kind} ({error}); check --input-kind") from None
-
-
-def _read_jsonl(path: str) -> tuple[list, list[str]]:
-    rows, columns = [], {}
-    with open(path, "rb") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except UnicodeDecodeError:
-                row = "bad_text"
-            except ValueError:
-                row = "bad_row"
-            if not isinstance(row, (dict, str)):
-                row = "bad_row"
-            if isinstance(row, dict):
-                columns.update(dict.fromkeys(row))
-            rows.append(row)
-    return rows, list(columns)
+        label = _choose_column(columns, options.label_column, (), "label", "--label-column", first)
+    probe = (row.get(image) for row in islice(iter_rows(*paths[0], [image]), 100) if isinstance(row, dict))
+    value = next((value for value in probe if value is not None), None)
+    if value is not None and not isinstance(value, (str, int)):
+        raise InputError(f"input {first}: column {image!r} holds {type(value).__name__} values, not "
+                         "image file paths or URLs; write the images to files and give their paths")
+    root = options.image_root or (options.path if os.path.isdir(options.path) else os.path.dirname(first))
+    return InputListing(kind, None, table=TableInput(files, image, caption, label, root))
 
 
 def _choose_column(columns: list[str], requested: str | None, candidates: Iterable[str], what: str,
@@ -306,7 +347,11 @@ def _row_record(name, caption, label, *, root: str, source: str) -> Record:
     """A record from table-like values, with bad values turned into skip reasons."""
     if name is None or not str(name).strip():
         return Record(source=source, problem="missing_image")
-    path = os.path.join(root, str(name).strip())
+    name = str(name).strip()
+    url = name if name.startswith(_URL_SCHEMES) else None
+    if url is None and "://" in name:
+        return Record(source=source, problem="unsupported_url")
+    path = None if url else os.path.join(root, name)
     if isinstance(caption, float) and math.isnan(caption):
         caption = None
     if caption is not None and not isinstance(caption, (str, int, float)):
@@ -322,7 +367,7 @@ def _row_record(name, caption, label, *, root: str, source: str) -> Record:
         parsed_label = _parse_label(label)
         if parsed_label is None:
             return Record(source=source, image_path=path, problem="bad_label")
-    return Record(source=source, image_path=path, caption=caption or None, label=parsed_label)
+    return Record(source=source, image_path=path, url=url, caption=caption or None, label=parsed_label)
 
 
 def _parse_label(value) -> int | None:
@@ -337,9 +382,6 @@ def _check_image_root(options: InputOptions, records: list[Record]) -> None:
     paths = [record.image_path for record in records if record.image_path][:_ROOT_PROBE]
     if paths and not any(os.path.exists(path) for path in paths):
         root = options.image_root or os.path.dirname(options.path)
-        if "://" in paths[0]:
-            raise InputError(f"input {options.path}: image paths are URLs (e.g. {paths[0]}); download them first "
-                             "(img2dataset writes shards that make_shards can reshard) and pass local files")
         raise InputError(f"input {options.path}: none of the first {len(paths)} image paths exist "
                          f"(e.g. {paths[0]}); pass the folder they are relative to with --image-root "
                          f"(now {root or '.'})")

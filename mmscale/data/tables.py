@@ -1,0 +1,135 @@
+"""Tables of image paths or URLs and captions, read as a stream: csv, tsv, jsonl, parquet.
+
+`--input` names one table, a glob of them (`urls/*.parquet`) or a folder of them; the files
+are read in sorted order as one table. Rows are never all held at once: parquet is read one
+record batch at a time (only the needed columns), text formats line by line. Counting the rows
+(to plan the shards up front) reads parquet footers only and streams the text formats once.
+
+A row that cannot be parsed (bad JSON, a line that is not UTF-8) stays in the numbering as a
+skip reason string, so every input row is accounted for.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+TABLE_KINDS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+_BATCH_ROWS = 8192  # parquet rows decoded at a time
+_COLUMN_PROBE_ROWS = 1000  # jsonl rows read to learn the column names
+
+
+class TableError(ValueError):
+    """A table that cannot be read; the message names the file."""
+
+
+@dataclass(frozen=True)
+class TableFile:
+    """One file of the table and its row count."""
+
+    path: str
+    kind: str
+    rows: int
+
+
+def is_table_pattern(path: str) -> bool:
+    """Whether `--input` is a glob or a folder holding table files (rather than images or tars)."""
+    if glob.has_magic(path):
+        return True
+    return os.path.isdir(path) and any(os.path.splitext(name)[1].lower() in TABLE_KINDS
+                                       for name in os.listdir(path))
+
+
+def table_paths(path: str, kind: str | None = None) -> list[tuple[str, str]]:
+    """(file, kind) of every table file `path` names, sorted; `kind` overrides the extension."""
+    if glob.has_magic(path):
+        files = sorted(p for p in glob.glob(path) if os.path.isfile(p))
+    elif os.path.isdir(path):
+        files = sorted(os.path.join(path, name) for name in os.listdir(path)
+                       if os.path.splitext(name)[1].lower() in TABLE_KINDS and not name.startswith("."))
+    else:
+        files = [path]
+    found = []
+    for file in files:
+        file_kind = kind or TABLE_KINDS.get(os.path.splitext(file)[1].lower())
+        if file_kind is None:
+            raise TableError(f"input {file}: not a table (.csv, .tsv, .jsonl or .parquet); "
+                             "narrow the --input pattern or pass --input-kind")
+        found.append((file, file_kind))
+    if not found:
+        raise TableError(f"input {path}: matches no table files; check --input")
+    return found
+
+
+def count_rows(path: str, kind: str) -> int:
+    """Rows of one table file (parquet: from the footer; others: one streaming pass)."""
+    try:
+        if kind == "parquet":
+            import pyarrow.parquet as parquet
+
+            return parquet.ParquetFile(path).metadata.num_rows
+        return sum(1 for _ in iter_rows(path, kind))
+    except (OSError, ValueError) as error:
+        raise TableError(f"input {path}: cannot read it as {kind} ({error}); check --input-kind") from None
+
+
+def column_names(path: str, kind: str) -> list[str]:
+    """The columns of a table file (jsonl: the keys of its first rows)."""
+    try:
+        if kind == "parquet":
+            import pyarrow.parquet as parquet
+
+            return list(parquet.ParquetFile(path).schema_arrow.names)
+        if kind == "jsonl":
+            names: dict[str, None] = {}
+            for number, row in enumerate(iter_rows(path, kind)):
+                if isinstance(row, dict):
+                    names.update(dict.fromkeys(row))
+                if number >= _COLUMN_PROBE_ROWS:
+                    break
+            return list(names)
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
+            return list(csv.DictReader(handle, **_dialect(kind)).fieldnames or [])
+    except (OSError, ValueError, csv.Error) as error:
+        raise TableError(f"input {path}: cannot read it as {kind} ({error}); check --input-kind") from None
+
+
+def iter_rows(path: str, kind: str, columns: list[str] | None = None) -> Iterator[dict | str]:
+    """Rows of one file as dicts (or a skip reason string for a row that cannot be parsed)."""
+    if kind == "parquet":
+        import pyarrow.parquet as parquet
+
+        table = parquet.ParquetFile(path)
+        wanted = [name for name in columns if name in table.schema_arrow.names] if columns else None
+        for batch in table.iter_batches(batch_size=_BATCH_ROWS, columns=wanted):
+            yield from batch.to_pylist()
+    elif kind == "jsonl":
+        with open(path, "rb") as handle:
+            for line in handle:
+                if line.strip():
+                    yield _json_row(line)
+    else:
+        # surrogateescape keeps a bad caption from sinking the whole file; it is skipped as bad_text
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
+            try:
+                yield from csv.DictReader(handle, **_dialect(kind))
+            except csv.Error as error:
+                raise TableError(f"input {path}: not valid {kind} ({error})") from None
+
+
+def _dialect(kind: str) -> dict:
+    return {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if kind == "tsv" else {}
+
+
+def _json_row(line: bytes) -> dict | str:
+    try:
+        row = json.loads(line)
+    except UnicodeDecodeError:
+        return "bad_text"
+    except ValueError:
+        return "bad_row"
+    return row if isinstance(row, dict) else "bad_row"

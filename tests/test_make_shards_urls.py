@@ -1,0 +1,184 @@
+"""make_shards on URL tables, against a real HTTP server on 127.0.0.1 with scripted faults.
+
+Every input row must end either in a shard or in failed.parquet with the right reason, and the
+counts must add up to the input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as parquet
+import pytest
+from corpus import image_bytes, read_samples, write_table
+
+from mmscale.data.download import disallowed_by_robots
+from mmscale.data.images import decode_image
+from mmscale.data.make_shards import main
+from mmscale.data.serve import ImageServer, Response
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--timeout", "0.5", "--retries", "1", "--retry-backoff", "0.05", "--workers", "1", "--no-progress"]
+
+
+def run(*args) -> int:
+    return main([*map(str, args)])
+
+
+def outcome(out: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """(url -> KEY.json of written samples, url -> failure reason)."""
+    written = {}
+    for sample in read_samples(str(out)):
+        meta = json.loads(sample["json"])
+        assert meta["key"] == sample["__key__"] and {"jpg", "txt"} <= set(sample)
+        written[meta["url"]] = meta
+    failed = {row["url"]: row["reason"] for row in parquet.read_table(out / "failed.parquet").to_pylist()}
+    return written, failed
+
+
+@pytest.fixture(scope="module")
+def faults():
+    good = {f"/ok/{i}.jpg": image_bytes((40 + 8 * i, 36), seed=i) for i in range(6)}
+    routes = {path: Response(body=body) for path, body in good.items()}
+    routes.update({
+        "/flaky.jpg": [Response(500), Response(body=image_bytes((40, 40), seed=10))],
+        "/slow.jpg": Response(body=good["/ok/2.jpg"], delay_s=2.0),
+        "/cut.jpg": Response(body=good["/ok/3.jpg"], truncate_to=100),
+        "/page.jpg": Response(body=b"<html><body>moved</body></html>", content_type="text/html"),
+        "/huge.jpg": Response(body=image_bytes((200, 200))),
+        "/hop1": Response(302, headers={"Location": "/hop2"}),
+        "/hop2": Response(301, headers={"Location": "/redirected.jpg"}),
+        "/redirected.jpg": Response(body=image_bytes((40, 40), seed=11)),
+        "/loop": Response(302, headers={"Location": "/loop"}),
+        "/noai.jpg": Response(body=good["/ok/5.jpg"], headers={"X-Robots-Tag": "noai, noimageai"}),
+        "/otherbot.jpg": Response(body=image_bytes((40, 40), seed=12), headers={"X-Robots-Tag": "otherbot: noindex"}),
+        "/copy.jpg": Response(body=good["/ok/0.jpg"]),
+        "/gone.jpg": Response(410),
+    })
+    with ImageServer(routes) as server:
+        yield server
+
+
+EXPECTED_FAILURES = {"/missing.jpg": "http_404", "/slow.jpg": "timeout", "/cut.jpg": "truncated",
+                     "/page.jpg": "not_an_image", "/huge.jpg": "image_too_large", "/loop": "too_many_redirects",
+                     "/noai.jpg": "robots", "/copy.jpg": "duplicate", "/gone.jpg": "http_410"}
+EXPECTED_WRITTEN = [f"/ok/{i}.jpg" for i in range(6)] + ["/flaky.jpg", "/hop1", "/otherbot.jpg"]
+
+
+def test_every_row_ends_in_a_shard_or_in_the_failures_with_its_reason(tmp_path, faults):
+    paths = EXPECTED_WRITTEN + list(EXPECTED_FAILURES)
+    rows = [{"url": faults.url(path), "caption": f"row {number}"} for number, path in enumerate(paths)]
+    rows.append({"url": "ftp://127.0.0.1/a.jpg", "caption": "not http"})
+    table = write_table(tmp_path / "urls.parquet", rows, "parquet")
+    out = tmp_path / "out"
+    assert run("--input", table, "--url-column", "url", "--caption-column", "caption", "--output", out,
+               "--samples-per-shard", 7, "--resize", 32, "--max-pixels", 20_000, "--dedup", *FAST) == 0
+    written, _ = outcome(out)
+    assert sorted(written) == sorted(faults.url(path) for path in EXPECTED_WRITTEN)
+    failures = {row["url"] or row["source"]: row["reason"]
+                for row in parquet.read_table(out / "failed.parquet").to_pylist()}
+    assert failures == {**{faults.url(path): reason for path, reason in EXPECTED_FAILURES.items()},
+                        "ftp://127.0.0.1/a.jpg": "unsupported_url"}
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["written"] + stats["skipped_total"] == stats["records"] == len(rows)
+    assert faults.requests["/flaky.jpg"] == 2 and faults.requests["/slow.jpg"] == 2  # one retry each
+    assert faults.requests["/missing.jpg"] == 1  # a 404 is not retried
+    first = written[faults.url("/ok/5.jpg")]
+    assert (first["original_width"], first["original_height"], first["caption"]) == (80, 36, "row 5")
+    assert first["status"] == "success" and len(first["sha256"]) == 64
+    assert faults.requests["/redirected.jpg"] == 1  # reached through /hop1 -> /hop2
+    per_chunk = [json.loads(path.read_text()) for path in sorted(out.glob("*.stats.json"))]
+    assert sum(chunk["written"] + sum(chunk["skipped"].values()) for chunk in per_chunk) == len(rows)
+    sample = next(s for s in read_samples(str(out)) if json.loads(s["json"])["url"] == faults.url("/ok/5.jpg"))
+    assert decode_image(sample["jpg"]).size == (71, 32)
+
+
+def test_robots_headers_can_be_ignored_and_other_agents_do_not_count(tmp_path, faults):
+    table = write_table(tmp_path / "urls.jsonl", [{"url": faults.url("/noai.jpg"), "text": "a"}], "jsonl")
+    assert run("--input", table, "--output", tmp_path / "out", "--ignore-robots-headers", *FAST) == 0
+    assert len(read_samples(str(tmp_path / "out"))) == 1
+    assert disallowed_by_robots(["mmscale: noimageai"]) and disallowed_by_robots(["NOINDEX"])
+    assert not disallowed_by_robots(["googlebot: noai", "nofollow"])
+
+
+@pytest.mark.parametrize("mode,size", [("center_crop", (32, 32)), ("border", (32, 32)), ("keep_ratio", (71, 32)),
+                                       ("no", (80, 36))])
+def test_resize_modes(tmp_path, faults, mode, size):
+    table = write_table(tmp_path / "urls.csv", [{"url": faults.url("/ok/5.jpg"), "caption": "c"}], "csv")
+    assert run("--input", table, "--output", tmp_path / "out", "--resize", 32, "--resize-mode", mode, *FAST) == 0
+    (sample,) = read_samples(str(tmp_path / "out"))
+    assert decode_image(sample["jpg"]).size == size
+
+
+def test_body_size_cap_and_a_glob_of_tables(tmp_path, faults):
+    for part in range(2):
+        write_table(tmp_path / f"part-{part}.csv", [{"url": faults.url(f"/ok/{part}.jpg"), "caption": "c"}], "csv")
+    out = tmp_path / "out"
+    sizes = {path: len(faults.routes[path].body) for path in ("/ok/0.jpg", "/ok/1.jpg")}
+    assert sizes["/ok/0.jpg"] < sizes["/ok/1.jpg"]
+    cap = sum(sizes.values()) // 2
+    assert run("--input", tmp_path / "part-*.csv", "--output", out, "--max-download-bytes", cap, *FAST) == 0
+    written, failed = outcome(out)
+    assert set(written) == {faults.url("/ok/0.jpg")} and failed == {faults.url("/ok/1.jpg"): "too_large"}
+
+
+def test_retry_failed_downloads_only_the_failed_rows(tmp_path):
+    body = image_bytes((30, 30))
+    routes = {"/a.jpg": Response(body=body), "/b.jpg": Response(body=image_bytes((30, 31))),
+              "/busy.jpg": [Response(503), Response(503), Response(body=image_bytes((30, 32)))],
+              "/missing.jpg": Response(404)}
+    with ImageServer(routes) as server:
+        table = write_table(tmp_path / "urls.csv", [{"url": server.url(p), "caption": p} for p in routes], "csv")
+        out = tmp_path / "out"
+        options = ["--input", table, "--output", out, "--samples-per-shard", 2, *FAST]
+        assert run(*options, "--retries", 0) == 0
+        assert outcome(out)[1] == {server.url("/busy.jpg"): "http_503", server.url("/missing.jpg"): "http_404"}
+        assert run(*options, "--retries", 0, "--retry-failed") == 0  # 503 again
+        assert run(*options, "--retries", 0, "--retry-failed") == 0
+        written, failed = outcome(out)
+        assert failed == {server.url("/missing.jpg"): "http_404"}
+        assert sorted(written) == sorted(server.url(p) for p in ("/a.jpg", "/b.jpg", "/busy.jpg"))
+        assert server.requests == {"/a.jpg": 1, "/b.jpg": 1, "/busy.jpg": 3, "/missing.jpg": 1}
+        stats = json.loads((out / "stats.json").read_text())
+        assert (stats["written"], stats["skipped"]) == (3, {"http_404": 1})
+        assert json.loads((out / "sizes.json").read_text()) == {"shard-000000.tar": 2, "shard-000001.tar": 1}
+
+
+@pytest.mark.slow
+def test_killed_download_job_resumes_with_every_row_once(tmp_path):
+    """SIGKILL a 2-process download mid-run; the restart rewrites no finished shard, and every row ends
+    up written or failed exactly once."""
+    routes = {f"/{i}.jpg": Response(body=image_bytes((32, 32), seed=i), delay_s=0.01) for i in range(300)}
+    routes.update({f"/{i}.jpg": Response(404) for i in range(0, 300, 13)})
+    with ImageServer(routes) as server:
+        table = write_table(tmp_path / "urls.tsv", [{"url": server.url(f"/{i}.jpg"), "caption": f"c{i}"}
+                                                    for i in range(300)], "tsv")
+        out = tmp_path / "out"
+        options = ["--input", str(table), "--output", str(out), "--samples-per-shard", "10", "--threads", "4",
+                   "--timeout", "5", "--retries", "0", "--dedup"]
+        process = subprocess.Popen([sys.executable, str(REPO / "tools" / "make_shards.py"), *options,
+                                    "--workers", "2", "--no-progress"], start_new_session=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while len(list(out.glob("*.stats.json"))) < 3 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.01)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        finished = {path.name[: -len(".stats.json")] + ".tar" for path in out.glob("*.stats.json")}
+        assert 0 < len(finished) < 30, process.stderr.read().decode()
+        before = {name: os.stat(out / name).st_mtime_ns for name in finished}
+        assert run(*options, "--workers", 2, "--no-progress") == 0
+        assert {name: os.stat(out / name).st_mtime_ns for name in finished} == before
+        written, failed = outcome(out)
+        keys = [s["__key__"] for s in read_samples(str(out))]
+        failed_keys = [row["key"] for row in parquet.read_table(out / "failed.parquet").to_pylist()]
+        assert len(keys) == len(set(keys)) == 300 - 24 and len(failed_keys) == len(set(failed_keys)) == 24
+        assert sorted(keys + failed_keys) == [f"{i:09d}" for i in range(300)]
+        assert set(failed.values()) == {"http_404"}
+        assert all(server.requests[f"/{i}.jpg"] <= 2 for i in range(300))
