@@ -140,9 +140,15 @@ def test_retry_failed_downloads_only_the_failed_rows(tmp_path):
         assert run(*options, "--retries", 0) == 0
         assert outcome(out)[1] == {server.url("/busy.jpg"): "http_503", server.url("/missing.jpg"): "http_404"}
         assert run(*options, "--retries", 0, "--retry-failed") == 0  # 503 again
+        # a retry killed after its shard was renamed into place still has the old lists beside it
+        killed = {name: (out / name).read_bytes() for name in ("shard-000001.failed.jsonl", "shard-000001.stats.json")}
         assert run(*options, "--retries", 0, "--retry-failed") == 0
+        for name, payload in killed.items():
+            (out / name).write_bytes(payload)
+        assert run(*options, "--retries", 0, "--retry-failed") == 0  # finds the row in the shard: no request
         written, failed = outcome(out)
         assert failed == {server.url("/missing.jpg"): "http_404"}
+        assert len({s["__key__"] for s in read_samples(str(out))}) == 3
         assert sorted(written) == sorted(server.url(p) for p in ("/a.jpg", "/b.jpg", "/busy.jpg"))
         assert server.requests == {"/a.jpg": 1, "/b.jpg": 1, "/busy.jpg": 3, "/missing.jpg": 1}
         stats = json.loads((out / "stats.json").read_text())

@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"redirects followed (default {defaults.max_redirects})")
     download.add_argument("--max-download-bytes", type=_byte_count, default=defaults.max_bytes,
                           help="largest response body accepted (default 20MB)")
+    download.add_argument("--retry-failed", action="store_true",
+                          help="download again the rows that failed for a passing reason (timeout, connection "
+                               "error, 429, 5xx) in finished shards, adding those that succeed")
     download.add_argument("--ignore-robots-headers", action="store_true",
                           help="download even where X-Robots-Tag says noai/noimageai/noindex/noimageindex")
     captions = parser.add_argument_group("captions")
@@ -137,7 +140,7 @@ def options_from_args(args: argparse.Namespace) -> ShardingOptions:
                                  respect_robots_headers=not args.ignore_robots_headers),
         captions=CaptionFilter(min_chars=args.min_caption_chars, max_chars=args.max_caption_chars,
                                min_words=args.min_caption_words, max_words=args.max_caption_words),
-        dedup=args.dedup, workers=args.workers, name_pattern=args.name_pattern, progress=not args.no_progress)
+        dedup=args.dedup, retry_failed=args.retry_failed, workers=args.workers, name_pattern=args.name_pattern, progress=not args.no_progress)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,10 +29,10 @@ import tarfile
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mmscale.data.dedup import DigestStore
-from mmscale.data.download import DownloadOptions, fetch
+from mmscale.data.download import RETRYABLE_REASONS, DownloadOptions, fetch
 from mmscale.data.images import ImageOptions, SampleRejected, prepare_image
 from mmscale.data.shards import tar_member, write_bytes_atomically, write_json_atomically
 from mmscale.data.sources import Loaded, Record, iter_loaded
@@ -84,6 +84,13 @@ class ChunkTask:
     download: DownloadOptions = DownloadOptions()
     live_dedup: bool = False
     """URL input with --dedup: check digests against finished chunks while writing (see sharding.py)."""
+    retry: bool = False
+    """Retry a finished chunk's failed rows: `records` are those rows, `ordinals` their ordinals."""
+    ordinals: tuple[int, ...] = ()
+
+    def ordinal(self, offset: int) -> int:
+        """The input ordinal of `records[offset]`."""
+        return self.ordinals[offset] if self.ordinals else self.start + offset
 
 
 @dataclass
@@ -156,16 +163,25 @@ def read_chunk_stats(path: str) -> ChunkStats | None:
 
 
 def write_chunk(task: ChunkTask) -> ChunkStats:
-    """Write the chunk's shard(s), its failed rows, then its stats file; returns the stats."""
+    """Write the chunk's shard(s), its failed rows, then its stats file; returns the stats.
+
+    A retry task (`task.retry`) rewrites the chunk's last shard with its samples plus the
+    retried rows that now succeed; the shard is renamed over the old one before the failed
+    rows and stats are rewritten, and rows whose key the shards already hold (a retry killed
+    after that rename) are not fetched again.
+    """
     skipped: Counter[str] = Counter()
     failures: list[bytes] = []
     digests: list[tuple[int, bytes]] = []
     store = DigestStore(task.output_dir) if task.live_dedup else None
     chunk_digests: set[bytes] = set()
+    kept: dict[str, int] = {}
     writer = _PartWriter(task.output_dir, task.shard_name, max_bytes=task.max_bytes)
+    if task.retry:
+        task, kept, failures, skipped = _reopen_for_retry(task, writer)
     try:
         for outcome in _outcomes(task):
-            ordinal = task.start + outcome.offset
+            ordinal = task.ordinal(outcome.offset)
             if outcome.members is not None and _is_duplicate(ordinal, outcome.digest, task, store, chunk_digests):
                 outcome = _Outcome(outcome.offset, outcome.record, reason="duplicate")
             if outcome.members is not None:
@@ -178,10 +194,12 @@ def write_chunk(task: ChunkTask) -> ChunkStats:
             if _records_done is not None:
                 with _records_done.get_lock():
                     _records_done.value += 1
-        shards = writer.finish()
+        shards = {**kept, **writer.finish()}
     finally:
         writer.abandon()
-    stats = ChunkStats(index=task.index, plan=task.plan, records=len(task.records), shards=shards,
+    records = read_chunk_stats(os.path.join(task.output_dir, stats_name(task.shard_name))).records \
+        if task.retry else len(task.records)
+    stats = ChunkStats(index=task.index, plan=task.plan, records=records, shards=shards,
                        skipped=dict(sorted(skipped.items())),
                        bytes=sum(os.path.getsize(os.path.join(task.output_dir, name)) for name in shards))
     write_bytes_atomically(os.path.join(task.output_dir, failures_name(task.shard_name)), b"".join(failures))
@@ -208,8 +226,66 @@ def _is_duplicate(ordinal: int, digest: bytes, task: ChunkTask, store: DigestSto
 def _failure_line(key: str, outcome: _Outcome) -> bytes:
     record = outcome.record
     row = {"key": key, "source": record.source, "url": record.url, "caption": record.caption,
-           "reason": outcome.reason, "detail": outcome.detail[:300]}
+           "label": record.label, "reason": outcome.reason, "detail": outcome.detail[:300]}
     return json.dumps(row, ensure_ascii=False).encode("utf-8", errors="replace") + b"\n"
+
+
+def failed_rows(output_dir: str, shard_name: str) -> list[dict]:
+    """The failed rows a finished chunk listed (empty when it wrote no list)."""
+    try:
+        with open(os.path.join(output_dir, failures_name(shard_name)), "rb") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def retry_records(rows: list[dict]) -> tuple[list[Record], tuple[int, ...]]:
+    """Records (and ordinals) of failed rows worth another try: downloads that failed for a passing reason."""
+    chosen = [row for row in rows if row.get("url") and row["reason"] in RETRYABLE_REASONS]
+    return ([Record(source=row["source"], url=row["url"], caption=row["caption"], label=row.get("label"))
+             for row in chosen], tuple(int(row["key"]) for row in chosen))
+
+
+def _reopen_for_retry(task: ChunkTask, writer: _PartWriter
+                      ) -> tuple[ChunkTask, dict[str, int], list[bytes], Counter]:
+    """Copy the chunk's last shard into `writer`; returns (the task with only the retried rows no shard
+    holds yet, the other shards, the failed rows not retried, their counts by reason)."""
+    stats = read_chunk_stats(os.path.join(task.output_dir, stats_name(task.shard_name)))
+    names = sorted(stats.shards)
+    writer.first_part = len(names) - 1
+    held = set()
+    for name in names:
+        held.update(_shard_keys(os.path.join(task.output_dir, name)))
+    for members in _shard_samples(os.path.join(task.output_dir, names[-1])):
+        writer.add(members)
+    retried = set(task.ordinals)
+    failures, skipped = [], Counter()
+    for row in failed_rows(task.output_dir, task.shard_name):
+        if int(row["key"]) not in retried and row["key"] not in held:
+            failures.append(json.dumps(row, ensure_ascii=False).encode("utf-8", errors="replace") + b"\n")
+            skipped[row["reason"]] += 1
+    keep = [offset for offset, ordinal in enumerate(task.ordinals) if sample_key(ordinal) not in held]
+    task = replace(task, records=[task.records[offset] for offset in keep],
+                   ordinals=tuple(task.ordinals[offset] for offset in keep))
+    return task, {name: stats.shards[name] for name in names[:-1]}, failures, skipped
+
+
+def _shard_keys(path: str) -> set[str]:
+    with tarfile.open(path) as tar:
+        return {member.name.split(".", 1)[0] for member in tar}
+
+
+def _shard_samples(path: str) -> Iterator[list[tuple[str, bytes]]]:
+    """The members of a shard written by this module, grouped by sample."""
+    with tarfile.open(path) as tar:
+        group: list[tuple[str, bytes]] = []
+        for member in tar:
+            if group and member.name.split(".", 1)[0] != group[0][0].split(".", 1)[0]:
+                yield group
+                group = []
+            group.append((member.name, tar.extractfile(member).read()))
+        if group:
+            yield group
 
 
 def _outcomes(task: ChunkTask) -> Iterator[_Outcome]:
@@ -256,7 +332,7 @@ def _drain(pending: deque[Future], *, ordered: bool, leave: int) -> Iterator:
 
 def _outcome(offset: int, record: Record, loaded: Loaded, task: ChunkTask) -> _Outcome:
     try:
-        members, digest = _sample_members(sample_key(task.start + offset), loaded, task=task)
+        members, digest = _sample_members(sample_key(task.ordinal(offset)), loaded, task=task)
     except SampleRejected as rejection:
         return _Outcome(offset, record, reason=rejection.reason, detail=rejection.detail)
     return _Outcome(offset, record, members=members, digest=digest)
@@ -297,6 +373,7 @@ class _PartWriter:
         self.output_dir, self.shard_name, self.max_bytes = output_dir, shard_name, max_bytes
         self.shards: dict[str, int] = {}
         self.handle = self.tar = self.name = None
+        self.first_part = 0  # a retry rewrites the chunk's last part and goes on from there
 
     def add(self, members: list[tuple[str, bytes]]) -> None:
         """Append one sample's members, starting a new part first if the byte cap requires it."""
@@ -327,7 +404,8 @@ class _PartWriter:
             self.tar = None
 
     def _open_part(self) -> None:
-        self.name = self.shard_name if self.max_bytes is None else part_name(self.shard_name, len(self.shards))
+        number = self.first_part + len(self.shards)
+        self.name = self.shard_name if self.max_bytes is None else part_name(self.shard_name, number)
         self.shards[self.name] = 0
         self.handle = open(os.path.join(self.output_dir, temporary_name(self.name)), "wb")
         self.tar = tarfile.open(fileobj=self.handle, mode="w", format=tarfile.PAX_FORMAT)

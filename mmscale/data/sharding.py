@@ -49,8 +49,9 @@ from mmscale.data.images import ImageOptions
 from mmscale.data.shard_writer import (
     CaptionFilter,
     ChunkTask,
-    failures_name,
+    failed_rows,
     read_chunk_stats,
+    retry_records,
     set_progress_counter,
     stats_name,
     write_chunk,
@@ -87,6 +88,9 @@ class ShardingOptions:
     captions: CaptionFilter = CaptionFilter()
     dedup: bool = False
     download: DownloadOptions = DownloadOptions()
+    retry_failed: bool = False
+    """After writing, download again the rows of finished chunks that failed for a passing reason
+    (timeout, connection error, cut-short body, 408, 429, 5xx) and add those that succeed."""
     workers: int = 1
     name_pattern: str = DEFAULT_NAME_PATTERN
     progress: bool = True
@@ -170,9 +174,12 @@ def make_shards(options: ShardingOptions) -> ShardingSummary:
             finally:
                 if store is not None:
                     store.close(remove=scratch)
+        retried = _retry_failed(names, chunks, plan=plan, options=options, live_dedup=listing.has_urls) \
+            if options.retry_failed else 0
         summary = _summarize(output, names, plan=plan, listing=listing, pending=[chunks[i] for i in pending],
                              wall_time_s=time.monotonic() - started)
-        _write_totals(summary, names, rewrite_stats=bool(pending))
+        summary.records_processed += retried
+        _write_totals(summary, names, rewrite_stats=bool(pending) or retried > 0)
     return summary
 
 
@@ -387,6 +394,24 @@ def _chunk_tasks(pending: list[int], listing: InputListing, *, names: list[str],
                         download=options.download, live_dedup=store is not None and listing.has_urls)
 
 
+def _retry_failed(names: list[str], chunks: list[range], *, plan: str, options: ShardingOptions,
+                  live_dedup: bool) -> int:
+    """Retry the passing failures of every chunk (see ShardingOptions.retry_failed); returns the rows tried."""
+    tasks, total = [], 0
+    for index, name in enumerate(names):
+        records, ordinals = retry_records(failed_rows(options.output_dir, name))
+        if records:
+            tasks.append(ChunkTask(index=index, start=chunks[index].start, records=records, ordinals=ordinals,
+                                   retry=True, output_dir=options.output_dir, shard_name=name, plan=plan,
+                                   max_bytes=options.max_bytes_per_shard, image=options.image,
+                                   captions=options.captions, download=options.download,
+                                   live_dedup=options.dedup and live_dedup))
+            total += len(records)
+    if tasks:
+        _write_chunks(tasks, options, total=total)
+    return total
+
+
 def _write_chunks(tasks: Iterable[ChunkTask], options: ShardingOptions, *, total: int) -> None:
     """Write the chunks in parallel with a per-record progress bar fed by the workers."""
     skipped: Counter[str] = Counter()
@@ -444,7 +469,11 @@ def _write_totals(summary: ShardingSummary, names: list[str], *, rewrite_stats: 
         gather_failures(summary.output_dir, names, failed_path)
 
 
-_FAILURE_COLUMNS = ("key", "source", "url", "caption", "reason", "detail")
+_FAILURE_COLUMNS = ("key", "source", "url", "caption", "label", "reason", "detail")
+
+
+def _text(value) -> str | None:
+    return None if value is None else str(value)
 
 
 def gather_failures(output: str, names: list[str], path: str) -> int:
@@ -456,11 +485,8 @@ def gather_failures(output: str, names: list[str], path: str) -> int:
     temporary, rows = os.path.join(output, f".{os.path.basename(path)}.tmp{os.getpid()}"), 0
     with parquet.ParquetWriter(temporary, schema) as writer:
         for name in names:
-            try:
-                with open(os.path.join(output, failures_name(name)), "rb") as handle:
-                    lines = [json.loads(line) for line in handle if line.strip()]
-            except FileNotFoundError:
-                continue  # written by a version that kept no failed rows
+            lines = [{column: _text(row.get(column)) for column in _FAILURE_COLUMNS}
+                     for row in failed_rows(output, name)]
             if lines:
                 writer.write_table(pa.Table.from_pylist(lines, schema=schema))
                 rows += len(lines)
