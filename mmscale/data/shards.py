@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
-from webdataset.gopen import gopen
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 SIZES_FILE = "sizes.json"
 # Opening a remote shard (fsspec) is retried this many times, after 1, 2, 4, ... x REMOTE_BACKOFF_S
@@ -121,6 +119,8 @@ def open_shard(url: str, *, allow_pipe: bool = False):
     if url.startswith("pipe:"):
         if not allow_pipe:
             raise ShardError(f"shard {url}: pipe: URLs are refused unless explicitly allowed")
+        from webdataset.gopen import gopen  # webdataset imports torch: only readers of shards pay for it
+
         return gopen(url, "rb")
     if _is_local(url):
         local = url[len("file:"):] if url.startswith("file:") else url
@@ -200,6 +200,8 @@ def iter_raw_samples(url: str, *, allow_pipe: bool = False, start: int = 0) -> I
     ShardTruncated after the samples read before the cut; each member yielded was read
     whole, and a sample left without one of its members is skipped downstream.
     """
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator  # see open_shard
+
     stream = _EndWatcher(open_shard(url, allow_pipe=allow_pipe), url)
     index = 0
     current: dict | None = None

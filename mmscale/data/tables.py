@@ -103,10 +103,13 @@ def iter_rows(path: str, kind: str, columns: list[str] | None = None) -> Iterato
     if kind == "parquet":
         import pyarrow.parquet as parquet
 
-        table = parquet.ParquetFile(path)
+        _release_arrow_memory()
+        table = parquet.ParquetFile(path, pre_buffer=False)
         wanted = [name for name in columns if name in table.schema_arrow.names] if columns else None
-        for batch in table.iter_batches(batch_size=_BATCH_ROWS, columns=wanted):
-            yield from batch.to_pylist()
+        for batch in table.iter_batches(batch_size=_BATCH_ROWS, columns=wanted, use_threads=False):
+            names = batch.schema.names
+            for values in zip(*(column.to_pylist() for column in batch.columns)):
+                yield dict(zip(names, values))
     elif kind == "jsonl":
         with open(path, "rb") as handle:
             for line in handle:
@@ -119,6 +122,21 @@ def iter_rows(path: str, kind: str, columns: list[str] | None = None) -> Iterato
                 yield from csv.DictReader(handle, **_dialect(kind))
             except csv.Error as error:
                 raise TableError(f"input {path}: not valid {kind} ({error})") from None
+
+
+def _release_arrow_memory() -> None:
+    """Make Arrow return freed buffers to the system.
+
+    Arrow's default allocator (mimalloc) keeps what a batch freed: reading a 1M-row table held
+    ~40 MB more than a 100k-row one; with the system allocator (or jemalloc) it holds the same.
+    """
+    import pyarrow as pa
+
+    if pa.default_memory_pool().backend_name == "mimalloc":
+        try:
+            pa.set_memory_pool(pa.jemalloc_memory_pool())
+        except NotImplementedError:
+            pa.set_memory_pool(pa.system_memory_pool())
 
 
 def _dialect(kind: str) -> dict:
