@@ -86,6 +86,15 @@ def test_learning_benchmark_trains_mmscale_on_rendered_characters_end_to_end():
     assert "contrastive loss (mmscale, seed 0): 4: " in out
 
 
+def test_sharding_benchmark_downloads_from_its_loopback_server():
+    """The make_shards half of tools/bench/sharding.py at toy size (img2dataset needs its own virtual
+    environment from PyPI, which the full benchmark makes)."""
+    out = bench("sharding.py", "--images", "24", "--repeats", "1", "--skip-img2dataset")
+    numbers = json.loads(out.strip().splitlines()[-1])
+    assert numbers["mmscale_images_per_s"] > 0 and numbers["mmscale_2_processes_images_per_s"] > 0
+    assert out.count("     24 ") == 3  # every run wrote all 24 images
+
+
 def test_gpu_check_runs_its_cpu_half_and_writes_one_json_file(tmp_path):
     """tools/gpu_check.sh without CUDA: the gpu tests are collected and skip, the throughput benchmark
     runs tiny, and the results land in one JSON file."""

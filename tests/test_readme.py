@@ -21,7 +21,8 @@ EXERCISED_BY = {
     "pip install": ([".ci/run"], "pip install -e '.[test]'"),
     "pytest": ([".ci/run"], "&& pytest"),
     "mmscale quickstart": (["tests/test_quickstart.py"], '"quickstart"'),
-    "tools/make_shards.py": (["tests/test_make_shards.py", "tests/corpus.py"], "from mmscale.data.make_shards import main"),
+    "tools/make_shards.py": (["tests/test_make_shards.py", "tests/test_make_shards_urls.py", "tests/corpus.py"],
+                             "from mmscale.data.make_shards import main"),
     "tools/inspect_shards.py": (["tests/test_inspect_shards.py"], "from mmscale.data.inspection import main"),
     "tools/train_tokenizer.py": (["tests/test_tokenizer_train.py"], "from mmscale.data.tokenizer_train import"),
     "mmscale data-check": (["tests/test_cli.py"], '"data-check"'),
@@ -42,6 +43,7 @@ EXERCISED_BY = {
     "tools/bench/learning.py": (["tests/test_bench.py"], '"learning.py"'),
     "tools/bench/final_save.py": (["tests/test_bench.py"], '"final_save.py"'),
     "tools/bench/eval_scaling.py": (["tests/test_bench.py"], '"eval_scaling.py"'),
+    "tools/bench/sharding.py": (["tests/test_bench.py"], '"sharding.py"'),
     "tools/gpu_check.sh": (["tests/test_bench.py"], '"gpu_check.sh"'),
 }
 

@@ -172,7 +172,11 @@ def _layout(width: int, height: int, options: ImageOptions) -> _Layout:
 
 def _fit(image: Image.Image, layout: _Layout) -> Image.Image:
     if image.size != layout.scaled:
-        image = image.resize(layout.scaled, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        # shrinking: PIL's antialiased bilinear (a triangle filter as wide as the scale), the quality
+        # class of the area averaging img2dataset uses, at 60% of bicubic's cost; enlarging: bicubic
+        shrinking = layout.scaled[0] < image.size[0]
+        image = image.resize(layout.scaled, Image.Resampling.BILINEAR if shrinking else Image.Resampling.BICUBIC,
+                             reducing_gap=3.0)
     if image.size == layout.canvas:
         return image
     (width, height), (canvas_width, canvas_height) = image.size, layout.canvas

@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--workers", type=_positive_int, default=min(4, os.cpu_count() or 1),
                      help="worker processes (default min(4, cpus))")
+    run.add_argument("--image-threads", type=_positive_int,
+                     help="threads per worker decoding and resizing images (default: cpus / workers)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -140,7 +142,8 @@ def options_from_args(args: argparse.Namespace) -> ShardingOptions:
                                  respect_robots_headers=not args.ignore_robots_headers),
         captions=CaptionFilter(min_chars=args.min_caption_chars, max_chars=args.max_caption_chars,
                                min_words=args.min_caption_words, max_words=args.max_caption_words),
-        dedup=args.dedup, retry_failed=args.retry_failed, workers=args.workers, name_pattern=args.name_pattern, progress=not args.no_progress)
+        dedup=args.dedup, retry_failed=args.retry_failed, workers=args.workers,
+        image_threads=args.image_threads, name_pattern=args.name_pattern, progress=not args.no_progress)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 
 from mmscale.data.dedup import DigestStore
-from mmscale.data.download import RETRYABLE_REASONS, DownloadOptions, fetch
+from mmscale.data.download import RETRYABLE_REASONS, DownloadOptions, Fetched, fetch
 from mmscale.data.images import ImageOptions, SampleRejected, prepare_image
 from mmscale.data.shards import tar_member, write_bytes_atomically, write_json_atomically
 from mmscale.data.sources import Loaded, Record, iter_loaded
@@ -84,6 +84,8 @@ class ChunkTask:
     download: DownloadOptions = DownloadOptions()
     live_dedup: bool = False
     """URL input with --dedup: check digests against finished chunks while writing (see sharding.py)."""
+    image_threads: int = 1
+    """Threads decoding, resizing and encoding images in this worker."""
     retry: bool = False
     """Retry a finished chunk's failed rows: `records` are those rows, `ordinals` their ordinals."""
     ordinals: tuple[int, ...] = ()
@@ -202,7 +204,8 @@ def write_chunk(task: ChunkTask) -> ChunkStats:
     stats = ChunkStats(index=task.index, plan=task.plan, records=records, shards=shards,
                        skipped=dict(sorted(skipped.items())),
                        bytes=sum(os.path.getsize(os.path.join(task.output_dir, name)) for name in shards))
-    write_bytes_atomically(os.path.join(task.output_dir, failures_name(task.shard_name)), b"".join(failures))
+    # in key order ("key" leads every line), whatever order the downloads finished in
+    write_bytes_atomically(os.path.join(task.output_dir, failures_name(task.shard_name)), b"".join(sorted(failures)))
     if store is not None:
         store.add(digests)  # before the stats file: a chunk is done only with its digests recorded
         store.close()
@@ -289,26 +292,39 @@ def _shard_samples(path: str) -> Iterator[list[tuple[str, bytes]]]:
 
 
 def _outcomes(task: ChunkTask) -> Iterator[_Outcome]:
-    """Each record's outcome: URL records as their downloads finish, the others in input order."""
+    """Each record's outcome: URL records as their downloads finish, the others in input order.
+
+    Downloads run on `task.download.threads` threads (waiting on the network), decoding and
+    resizing on `task.image_threads` (PIL and libjpeg-turbo release the GIL): few threads for the
+    CPU work keep the many download threads from fighting over the GIL.
+    """
+    def prepare(item: tuple[int, Record, Loaded | Fetched]) -> _Outcome:
+        offset, record, loaded = item
+        if isinstance(loaded, Fetched):
+            if loaded.reason:
+                return _Outcome(offset, record, reason=loaded.reason, detail=loaded.detail)
+            loaded = Loaded(record.url, image=loaded.body, caption=record.caption, label=record.label)
+        return _outcome(offset, record, loaded, task)
+
     if any(record.url for record in task.records):
-        def download(item: tuple[int, Record]) -> _Outcome:
+        def download(item: tuple[int, Record]) -> tuple[int, Record, Loaded | Fetched]:
             offset, record = item
             if record.url is None:
-                return _outcome(offset, record, next(iter_loaded([record])), task)
-            fetched = fetch(record.url, task.download)
-            if fetched.reason:
-                return _Outcome(offset, record, reason=fetched.reason, detail=fetched.detail)
-            loaded = Loaded(record.url, image=fetched.body, caption=record.caption, label=record.label)
-            return _outcome(offset, record, loaded, task)
+                return offset, record, next(iter_loaded([record]))
+            return offset, record, fetch(record.url, task.download)
 
-        yield from threaded_map(download, enumerate(task.records), threads=task.download.threads, ordered=False)
+        fetched = threaded_map(download, enumerate(task.records), threads=task.download.threads, ordered=False)
+        yield from threaded_map(prepare, fetched, threads=task.image_threads, ordered=False)
         return
     loaded = zip(range(len(task.records)), task.records, iter_loaded(task.records))
-    yield from (_outcome(offset, record, item, task) for offset, record, item in loaded)
+    yield from threaded_map(prepare, loaded, threads=task.image_threads, ordered=True)
 
 
 def threaded_map(function: Callable, items: Iterable, *, threads: int, ordered: bool) -> Iterator:
     """map() over `threads` threads with a bounded window of work in flight; `ordered=False` yields as done."""
+    if threads <= 1:
+        yield from map(function, items)
+        return
     window = 2 * threads
     with ThreadPoolExecutor(threads) as pool:
         pending: deque[Future] = deque()

@@ -92,6 +92,8 @@ class ShardingOptions:
     """After writing, download again the rows of finished chunks that failed for a passing reason
     (timeout, connection error, cut-short body, 408, 429, 5xx) and add those that succeed."""
     workers: int = 1
+    image_threads: int | None = None
+    """Threads per worker decoding and resizing images; None: the CPUs divided among the workers."""
     name_pattern: str = DEFAULT_NAME_PATTERN
     progress: bool = True
 
@@ -391,7 +393,12 @@ def _chunk_tasks(pending: list[int], listing: InputListing, *, names: list[str],
         yield ChunkTask(index=index, start=start, records=records, output_dir=options.output_dir,
                         shard_name=names[index], plan=plan, max_bytes=options.max_bytes_per_shard,
                         image=options.image, captions=options.captions, duplicates=duplicates,
-                        download=options.download, live_dedup=store is not None and listing.has_urls)
+                        download=options.download, live_dedup=store is not None and listing.has_urls,
+                        image_threads=_image_threads(options))
+
+
+def _image_threads(options: ShardingOptions) -> int:
+    return options.image_threads or max(1, (os.cpu_count() or 1) // options.workers)
 
 
 def _retry_failed(names: list[str], chunks: list[range], *, plan: str, options: ShardingOptions,
@@ -405,7 +412,7 @@ def _retry_failed(names: list[str], chunks: list[range], *, plan: str, options: 
                                    retry=True, output_dir=options.output_dir, shard_name=name, plan=plan,
                                    max_bytes=options.max_bytes_per_shard, image=options.image,
                                    captions=options.captions, download=options.download,
-                                   live_dedup=options.dedup and live_dedup))
+                                   live_dedup=options.dedup and live_dedup, image_threads=_image_threads(options)))
             total += len(records)
     if tasks:
         _write_chunks(tasks, options, total=total)
