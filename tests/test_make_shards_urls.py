@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pyarrow.parquet as parquet
 import pytest
-from corpus import image_bytes, read_samples, write_table
+from corpus import image_bytes, read_samples, write_table, write_tar
 
+from mmscale.data.config import DataConfig
 from mmscale.data.download import disallowed_by_robots
+from mmscale.data.loader import build_loader
 from mmscale.data.images import decode_image
 from mmscale.data.make_shards import main
 from mmscale.data.serve import ImageServer, Response
@@ -188,3 +190,28 @@ def test_killed_download_job_resumes_with_every_row_once(tmp_path):
         assert sorted(keys + failed_keys) == [f"{i:09d}" for i in range(300)]
         assert set(failed.values()) == {"http_404"}
         assert all(server.requests[f"/{i}.jpg"] <= 2 for i in range(300))
+
+
+def test_img2dataset_output_folders_are_read_as_they_are(tmp_path, tokenizer):
+    """img2dataset's layout (NNNNN.tar of KEY.jpg/txt/json beside NNNNN.parquet and NNNNN_stats.json, no
+    sizes.json): the training loader reads it, and make_shards reshards it."""
+    folder = tmp_path / "img2dataset"
+    folder.mkdir()
+    for shard in range(2):
+        members = []
+        for index in range(6):
+            key = f"{shard:05d}{index:04d}"
+            meta = {"url": f"http://example.com/{key}.jpg", "key": key, "status": "success", "error_message": None,
+                    "width": 40, "height": 40, "original_width": 80, "original_height": 80, "exif": "{}",
+                    "sha256": "0" * 64, "caption": f"picture {key}"}
+            members += [(f"{key}.jpg", image_bytes((40, 40), seed=index)), (f"{key}.txt", meta["caption"].encode()),
+                        (f"{key}.json", json.dumps(meta).encode())]
+        write_tar(folder / f"{shard:05d}.tar", members)
+        write_table(folder / f"{shard:05d}.parquet", [{"key": "x", "status": "success"}], "parquet")
+        (folder / f"{shard:05d}_stats.json").write_text(json.dumps({"count": 6, "successes": 6}))
+    config = DataConfig(image_size=32, context_length=16, shuffle_buffer=4, workers=0)
+    loader = build_loader(config, spec=str(folder), tokenizer=tokenizer, batch_size=4, train=False)
+    assert sum(batch["size"] for batch in loader) == 12 and not loader.skipped
+    assert run("--input", folder, "--output", tmp_path / "out", "--resize", 32, *FAST) == 0
+    samples = read_samples(str(tmp_path / "out"))
+    assert [s["txt"].decode() for s in samples] == [f"picture {s:05d}{i:04d}" for s in range(2) for i in range(6)]
