@@ -184,7 +184,9 @@ def write_chunk(task: ChunkTask) -> ChunkStats:
     try:
         for outcome in _outcomes(task):
             ordinal = task.ordinal(outcome.offset)
-            if outcome.members is not None and _is_duplicate(ordinal, outcome.digest, task, store, chunk_digests):
+            # local duplicates were found before writing (task.duplicates, see _outcome); downloads are checked here
+            if outcome.members is not None and store is not None \
+                    and _is_duplicate(ordinal, outcome.digest, store, chunk_digests):
                 outcome = _Outcome(outcome.offset, outcome.record, reason="duplicate")
             if outcome.members is not None:
                 writer.add(outcome.members)
@@ -215,10 +217,7 @@ def write_chunk(task: ChunkTask) -> ChunkStats:
     return stats
 
 
-def _is_duplicate(ordinal: int, digest: bytes, task: ChunkTask, store: DigestStore | None,
-                  chunk_digests: set[bytes]) -> bool:
-    if store is None:
-        return ordinal in task.duplicates
+def _is_duplicate(ordinal: int, digest: bytes, store: DigestStore, chunk_digests: set[bytes]) -> bool:
     if digest in chunk_digests:
         return True
     chunk_digests.add(digest)
