@@ -14,23 +14,31 @@ from corpus import image_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = 2
-# Runs make_shards, then prints its peak RSS and the largest worker's (ru_maxrss, KiB on Linux).
-_STORE = """
-import json, os, resource, sys
+# Peak RSS of this process image in KiB. Not ru_maxrss of RUSAGE_SELF: Linux carries that over from the
+# process that forked and exec'd us (pytest, GBs late in a full run), so it would measure the test runner.
+_HWM = """
+def high_water_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+"""
+_STORE = _HWM + """
+import json, os, sys
 from mmscale.data.dedup import DigestStore
 store, peaks = DigestStore(sys.argv[1]), []
 for total in (100_000, 1_000_000):
     done = sum(1 for _ in store._db.execute("SELECT 1 FROM digests"))
     for start in range(done, total, 50_000):
         store.add((n, os.urandom(32)) for n in range(start, start + 50_000))
-    peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peaks.append(high_water_kib() / 1024)
 print(json.dumps(peaks))
 """
-_MEASURE = """
+# Runs make_shards, then prints its peak RSS and the largest worker's (KiB). Workers are forked from
+# this process after its exec, so their ru_maxrss (RUSAGE_CHILDREN) holds nothing of pytest's.
+_MEASURE = _HWM + """
 import json, resource, sys
 from mmscale.data.make_shards import main
 code = main(sys.argv[1:])
-print(json.dumps({"code": code, "main_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+print(json.dumps({"code": code, "main_kib": high_water_kib(),
                   "worker_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
 """
 

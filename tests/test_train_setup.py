@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,18 @@ def test_process_group_serves_cpu_and_cuda_tensors_on_gpu_machines():
 def test_checkpoint_and_logging_intervals_must_be_positive(name):
     with pytest.raises(ValueError, match=rf"train.{name} must be >= 1, got 0"):
         TrainConfig(**{name: 0})
+
+
+def test_cpu_peak_memory_is_the_ranks_own_not_its_launchers(tmp_path):
+    """A rank started by a big process (a launcher, pytest) reports its own peak RSS: exec keeps the
+    parent's ru_maxrss, so that number would be the launcher's."""
+    import subprocess
+    import sys
+
+    child = "from mmscale.train.metrics import memory_gib; print(memory_gib()['cpu_rss_gib'])"
+    parent = (f"import subprocess, sys\nheld = bytearray(3 * 2**29)\nheld[::4096] = b'x' * len(held[::4096])\n"
+              f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True, "
+              f"check=True).stdout)")
+    reported = float(subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True,
+                                    env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}).stdout)
+    assert 0.05 < reported < 1.3, reported
