@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import email.utils
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 from corpus import image_bytes, read_samples, write_table, write_tar
 
 from mmscale.data.config import DataConfig
-from mmscale.data.download import disallowed_by_robots
+from mmscale.data.download import DownloadOptions, disallowed_by_robots, fetch
 from mmscale.data.loader import build_loader
 from mmscale.data.images import decode_image
 from mmscale.data.make_shards import main
@@ -156,6 +157,22 @@ def test_retry_failed_downloads_only_the_failed_rows(tmp_path):
         stats = json.loads((out / "stats.json").read_text())
         assert (stats["written"], stats["skipped"]) == (3, {"http_404": 1})
         assert json.loads((out / "sizes.json").read_text()) == {"shard-000000.tar": 2, "shard-000001.tar": 1}
+
+
+def test_a_429_waits_as_long_as_retry_after_says_in_seconds_or_as_an_http_date():
+    """The backoff here is 10 ms; Retry-After (delay-seconds, or an HTTP date 2 s ahead: 1-2 s at its
+    one-second resolution) makes the retry wait longer, and the retry succeeds."""
+    body = image_bytes((30, 30))
+    options = DownloadOptions(threads=1, timeout_s=5, retries=1, backoff_s=0.01)
+    for retry_after in ("1", None):
+        when = retry_after or email.utils.formatdate(time.time() + 2, usegmt=True)
+        routes = {"/busy.jpg": [Response(429, headers={"Retry-After": when}), Response(body=body)]}
+        with ImageServer(routes) as server:
+            started = time.monotonic()
+            fetched = fetch(server.url("/busy.jpg"), options)
+            waited = time.monotonic() - started
+        assert (fetched.body, fetched.attempts) == (body, 2)
+        assert 0.9 < waited < 4, (when, waited)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ download threads. A request:
 - sends a user agent naming mmscale, follows redirects up to a limit (relative ones too),
 - gives up after `timeout_s` (connect, each read, and the whole body together),
 - retries connection errors, timeouts, cut-short bodies, 408, 429 and 5xx with exponential
-  backoff (honouring a short `Retry-After`),
+  backoff (honouring a short `Retry-After`, delay-seconds or an HTTP date),
 - refuses a body over `max_bytes` (from Content-Length before reading, else while reading),
 - honours `X-Robots-Tag: noai / noimageai / noindex / noimageindex` unless told not to,
   for every agent or for `mmscale` (img2dataset's rule, with its token).
@@ -16,6 +16,8 @@ Failures are reasons, never exceptions: `timeout`, `connection_error`, `http_<co
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import os
 import random
 import threading
@@ -188,11 +190,21 @@ def _read_body(response: urllib3.BaseHTTPResponse, options: DownloadOptions, dea
     return body
 
 
-def _retry_after(value: str | None) -> float | None:
+def _retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP date; None if absent or unreadable."""
+    if not value:
+        return None
     try:
-        return float(value) if value else None
+        return max(0.0, float(value))
     except ValueError:
-        return None  # an HTTP date: the exponential backoff applies instead
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; an obsolete form may parse without a zone
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def disallowed_by_robots(values: list[str], token: str = USER_AGENT_TOKEN) -> bool:
