@@ -242,6 +242,26 @@ def test_bad_table_rows_are_skipped_and_counted(tmp_path):
     assert json.loads((tmp_path / "out3" / "stats.json").read_text())["skipped"] == {"missing_image": 1}
 
 
+@pytest.mark.parametrize("kind, payload", [
+    ("csv", b'image,caption\r\na.jpg,"two\r\nlines"\r\n\r\nb.jpg,"a ""quoted"" word"\r\n,\r\nc.jpg,caf\xe9\r\n'),
+    ("tsv", b"image\tcaption\n" + b"".join(b"%d.jpg\tcaption %d\n" % (n, n) for n in range(70_000)) + b"\n"),
+    ("jsonl", b'\n{"image": "a.jpg"}\n  \n{not json\n' + b'{"image": "b.jpg"}\n' * 70_000 + b'"a string"'),
+    ("csv", b"image,caption\n"),
+])
+def test_row_counts_match_the_rows_read_and_report_every_byte(tmp_path, kind, payload):
+    """Shards are planned from counted rows: the count must equal what iter_rows yields (quoted newlines,
+    empty rows, bad JSON, no final newline), and the progress callback must reach the file's size."""
+    from mmscale.data.tables import count_rows, iter_rows
+
+    path = tmp_path / f"rows.{kind}"
+    path.write_bytes(payload)
+    reported = []
+    assert count_rows(str(path), kind, reported.append) == sum(1 for _ in iter_rows(str(path), kind))
+    assert sum(reported) == len(payload) and all(n >= 0 for n in reported)
+    if len(payload) > 2**20:  # big ones report along the way, not only at the end
+        assert len(reported) > 1
+
+
 def test_dedup_keeps_the_first_copy(tmp_path):
     folder = tmp_path / "in"
     samples = make_image_folder(folder, 6, size=32)

@@ -154,7 +154,8 @@ def make_shards(options: ShardingOptions) -> ShardingSummary:
     _check_output_is_not_input(options)
     os.makedirs(output, exist_ok=True)
     with _output_lock(output):
-        listing = list_input(options.input, count_shards=lambda urls: _count_shards(urls, options))
+        listing = list_input(options.input, count_shards=lambda urls: _count_shards(urls, options),
+                             progress=options.progress)
         _check_no_input_shard_in_output(listing, output)
         size = options.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD
         chunks = plan_chunks(len(listing), size)

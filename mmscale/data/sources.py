@@ -192,12 +192,13 @@ def detect_kind(path: str) -> str:
     return _EXTENSION_KINDS[extension]
 
 
-def list_input(options: InputOptions, *, count_shards: Callable[[list[str]], list[ShardCount]] | None = None
-               ) -> InputListing:
+def list_input(options: InputOptions, *, count_shards: Callable[[list[str]], list[ShardCount]] | None = None,
+               progress: bool = False) -> InputListing:
     """Number every sample of the corpus, deterministically.
 
     `count_shards` counts the samples of input tars (the caller may run it in parallel and
-    cache it); by default they are read here one by one.
+    cache it); by default they are read here one by one. `progress` shows a bar while the rows
+    of csv/tsv/jsonl tables are counted (parquet needs only its footers).
     """
     kind = options.kind or detect_kind(options.path)
     if kind not in INPUT_KINDS:
@@ -211,7 +212,7 @@ def list_input(options: InputOptions, *, count_shards: Callable[[list[str]], lis
     elif kind == "tars":
         listing = _list_tars(options.path, count_shards or (lambda urls: [count_shard(u) for u in urls]))
     else:
-        listing = _list_table(options, kind)
+        listing = _list_table(options, kind, progress)
     if not len(listing):
         raise InputError(f"input {options.path}: no samples found ({kind}); check --input and --input-kind")
     if kind == "coco":
@@ -303,11 +304,16 @@ def count_shard(url: str) -> ShardCount:
     return ShardCount(url, samples)
 
 
-def _list_table(options: InputOptions, kind: str) -> InputListing:
+def _list_table(options: InputOptions, kind: str, progress: bool) -> InputListing:
+    from tqdm import tqdm
+
     try:
         paths = table_paths(options.path, options.kind)
         columns = column_names(*paths[0])
-        files = [TableFile(path, file_kind, count_rows(path, file_kind)) for path, file_kind in paths]
+        text_bytes = sum(os.path.getsize(path) for path, file_kind in paths if file_kind != "parquet")
+        with tqdm(total=text_bytes, desc="counting table rows", unit="B", unit_scale=True,
+                  disable=not progress or not text_bytes) as bar:
+            files = [TableFile(path, file_kind, count_rows(path, file_kind, bar.update)) for path, file_kind in paths]
     except TableError as error:
         raise InputError(str(error)) from None
     if not sum(file.rows for file in files):

@@ -15,7 +15,7 @@ import csv
 import glob
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 TABLE_KINDS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -65,16 +65,38 @@ def table_paths(path: str, kind: str | None = None) -> list[tuple[str, str]]:
     return found
 
 
-def count_rows(path: str, kind: str) -> int:
-    """Rows of one table file (parquet: from the footer; others: one streaming pass)."""
+def count_rows(path: str, kind: str, advance: Callable[[int], object] | None = None) -> int:
+    """Rows of one table file, exactly as many as `iter_rows` yields (parquet: from the footer; others:
+    one streaming pass that parses no JSON). `advance(n)` is told of every n bytes read."""
     try:
         if kind == "parquet":
             import pyarrow.parquet as parquet
 
             return parquet.ParquetFile(path).metadata.num_rows
-        return sum(1 for _ in iter_rows(path, kind))
+        if kind == "jsonl":
+            with open(path, "rb") as handle:
+                return _count(handle, (1 for line in handle if line.strip()), advance)
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
+            reader = csv.reader(handle, **_dialect(kind))
+            next(reader, None)  # the header, as DictReader reads it; DictReader then skips empty rows
+            return _count(handle.buffer, (1 for row in reader if row), advance)
+    except csv.Error as error:
+        raise TableError(f"input {path}: not valid {kind} ({error})") from None
     except (OSError, ValueError) as error:
         raise TableError(f"input {path}: cannot read it as {kind} ({error}); check --input-kind") from None
+
+
+def _count(handle, ones: Iterator[int], advance: Callable[[int], object] | None) -> int:
+    """Sum `ones` (rows read from `handle`), reporting the bytes read to `advance` every 65,536 rows."""
+    rows = done = 0
+    for rows, _ in enumerate(ones, start=1):
+        if advance is not None and not rows % 65536:
+            position = handle.tell()
+            advance(position - done)
+            done = position
+    if advance is not None:
+        advance(os.fstat(handle.fileno()).st_size - done)
+    return rows
 
 
 def column_names(path: str, kind: str) -> list[str]:
