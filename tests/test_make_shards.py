@@ -262,6 +262,24 @@ def test_row_counts_match_the_rows_read_and_report_every_byte(tmp_path, kind, pa
         assert len(reported) > 1
 
 
+def test_file_names_that_are_not_utf8_are_written_and_reported_not_a_crash(tmp_path):
+    """A csv naming `caf\\xe9.jpg` (latin-1 bytes on disk): the sample is written and its KEY.json reads
+    back to the same name; a missing one of that kind is listed in failed.parquet."""
+    os.makedirs(tmp_path / "images")
+    with open(os.path.join(os.fsencode(tmp_path / "images"), b"caf\xe9.jpg"), "wb") as handle:
+        handle.write(image_bytes((40, 40)))
+    table = tmp_path / "rows.csv"
+    table.write_bytes(b"image,caption\nimages/caf\xe9.jpg,a cafe\nimages/gon\xe9.jpg,gone\n")
+    out = tmp_path / "out"
+    assert run("--input", table, "--output", out) == 0
+    (sample,) = verify(out)
+    assert os.fsencode(json.loads(sample["json"])["source"]).endswith(b"images/caf\xe9.jpg")
+    import pyarrow.parquet as parquet
+
+    (failed,) = parquet.read_table(out / "failed.parquet").to_pylist()
+    assert failed["reason"] == "missing_image" and failed["source"].endswith("images/gon\\udce9.jpg")
+
+
 def test_dedup_keeps_the_first_copy(tmp_path):
     folder = tmp_path / "in"
     samples = make_image_folder(folder, 6, size=32)
@@ -308,6 +326,11 @@ def test_input_errors_exit_2_with_a_clear_message(tmp_path, capsys):
     assert "--image-root" in error("--input", table, "--image-root", tmp_path / "elsewhere")
     embedded = write_table(tmp_path / "e.parquet", [{"image": b"\xff\xd8", "caption": "c"}], "parquet")
     assert "holds bytes values" in error("--input", embedded)
+    os.makedirs(tmp_path / "glob")
+    write_table(tmp_path / "glob" / "0.parquet", [{"image": "a.jpg", "caption": "c"}], "parquet")
+    write_table(tmp_path / "glob" / "1.parquet", [{"IMAGE": "a.jpg", "caption": "c"}], "parquet")
+    assert "1.parquet: no column 'image'" in error("--input", str(tmp_path / "glob" / "*.parquet"),
+                                                   "--image-root", tmp_path)
     (tmp_path / "notes.xyz").write_text("?")
     assert "--input-kind" in error("--input", tmp_path / "notes.xyz")
     assert run("--input", table, "--output", tmp_path / "out") == 0

@@ -175,6 +175,16 @@ def test_a_429_waits_as_long_as_retry_after_says_in_seconds_or_as_an_http_date()
         assert 0.9 < waited < 4, (when, waited)
 
 
+def test_the_timeout_covers_a_dripping_body_and_a_malformed_url_is_a_failure_not_a_crash():
+    options = DownloadOptions(threads=1, timeout_s=0.5, retries=0)
+    with ImageServer({"/drip.jpg": Response(body=image_bytes((30, 30)), drip_s=0.05)}) as server:
+        started = time.monotonic()
+        fetched = fetch(server.url("/drip.jpg"), options)
+        assert fetched.reason == "timeout" and time.monotonic() - started < 1.5
+    for url in ("http://[::1/x.jpg", "http://exa mple.com:port/x.jpg"):
+        assert fetch(url, options).reason == "bad_url"
+
+
 @pytest.mark.slow
 def test_killed_download_job_resumes_with_every_row_once(tmp_path):
     """SIGKILL a 2-process download mid-run; the restart rewrites no finished shard, and every row ends

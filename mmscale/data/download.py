@@ -99,6 +99,8 @@ def fetch(url: str, options: DownloadOptions) -> Fetched:
         try:
             body, status = _fetch_once(url, options)
             return Fetched(body=body, status=status, attempts=attempt)
+        except (ValueError, UnicodeError) as error:  # urlsplit/urljoin/IDNA on a malformed URL or Location
+            return Fetched(reason="bad_url", detail=f"{type(error).__name__}: {error}", attempts=attempt)
         except _Failed as failure:
             if failure.reason not in RETRYABLE_REASONS or attempt > options.retries:
                 return Fetched(reason=failure.reason, detail=failure.detail, status=failure.status, attempts=attempt)
@@ -171,9 +173,12 @@ def _read_body(response: urllib3.BaseHTTPResponse, options: DownloadOptions, dea
     parts, size = [], 0
     try:
         while True:
-            if time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise _Failed("timeout", "body not complete in time")
-            part = response.read(_READ_BYTES)
+            if response.connection is not None and response.connection.sock is not None:
+                response.connection.sock.settimeout(left)  # a server dripping bytes cannot outlast the deadline
+            part = response.read1(_READ_BYTES)
             if not part:
                 break
             size += len(part)
@@ -185,7 +190,8 @@ def _read_body(response: urllib3.BaseHTTPResponse, options: DownloadOptions, dea
     except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError, OSError) as error:
         raise _Failed("truncated", f"body cut short ({error})") from None
     body = b"".join(parts)
-    if length and length.isdigit() and len(body) < int(length):
+    encoded = response.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
+    if length and length.isdigit() and len(body) < int(length) and not encoded:  # gzip: Length counts the encoded
         raise _Failed("truncated", f"got {len(body)} of {length} bytes")
     return body
 

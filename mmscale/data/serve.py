@@ -35,6 +35,8 @@ class Response:
     """Seconds to wait before the status line (a client's timeout should fire first)."""
     truncate_to: int | None = None
     """Send only this many body bytes, with the full Content-Length, then close the connection."""
+    drip_s: float = 0.0
+    """Send the body a byte at a time, this many seconds apart (each read is quick; the whole is not)."""
 
 
 _NOT_FOUND = Response(404, b"not found", content_type="text/plain")
@@ -106,7 +108,14 @@ class ImageServer:
                 if closing or cut:
                     lines.append("Connection: close")
                 writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-                writer.write(response.body[: response.truncate_to] if cut else response.body)
+                body = response.body[: response.truncate_to] if cut else response.body
+                if response.drip_s:
+                    for index in range(len(body)):
+                        writer.write(body[index:index + 1])
+                        await writer.drain()
+                        await asyncio.sleep(response.drip_s)
+                else:
+                    writer.write(body)
                 await writer.drain()
                 if closing or cut:
                     break

@@ -229,7 +229,16 @@ def _failure_line(key: str, outcome: _Outcome) -> bytes:
     record = outcome.record
     row = {"key": key, "source": record.source, "url": record.url, "caption": record.caption,
            "label": record.label, "reason": outcome.reason, "detail": outcome.detail[:300]}
-    return json.dumps(row, ensure_ascii=False).encode("utf-8", errors="replace") + b"\n"
+    return json_line(row) + b"\n"
+
+
+def json_line(value) -> bytes:
+    """UTF-8 JSON of `value`. A string read with surrogateescape (a path or URL that is not UTF-8) makes
+    the whole line ASCII JSON instead, its \\udcXX escapes reading back as the very same string."""
+    try:
+        return json.dumps(value, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, sort_keys=True).encode("ascii")
 
 
 def failed_rows(output_dir: str, shard_name: str) -> list[dict]:
@@ -264,7 +273,7 @@ def _reopen_for_retry(task: ChunkTask, writer: _PartWriter
     failures, skipped = [], Counter()
     for row in failed_rows(task.output_dir, task.shard_name):
         if int(row["key"]) not in retried and row["key"] not in held:
-            failures.append(json.dumps(row, ensure_ascii=False).encode("utf-8", errors="replace") + b"\n")
+            failures.append(json_line(row) + b"\n")
             skipped[row["reason"]] += 1
     keep = [offset for offset, ordinal in enumerate(task.ordinals) if sample_key(ordinal) not in held]
     task = replace(task, records=[task.records[offset] for offset in keep],
@@ -374,7 +383,7 @@ def _sample_members(key: str, loaded: Loaded, *, task: ChunkTask) -> tuple[list[
     if loaded.label is not None:
         meta["label"] = loaded.label
         members.append((f"{key}.cls", str(loaded.label).encode("ascii")))
-    members.append((f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")))
+    members.append((f"{key}.json", json_line(meta)))
     return members, digest
 
 

@@ -481,7 +481,8 @@ _FAILURE_COLUMNS = ("key", "source", "url", "caption", "label", "reason", "detai
 
 
 def _text(value) -> str | None:
-    return None if value is None else str(value)
+    """A parquet string: surrogates (a path that is not UTF-8) become visible \\udcXX escapes."""
+    return None if value is None else str(value).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def gather_failures(output: str, names: list[str], path: str) -> int:
@@ -491,13 +492,16 @@ def gather_failures(output: str, names: list[str], path: str) -> int:
 
     schema = pa.schema([(column, pa.string()) for column in _FAILURE_COLUMNS])
     temporary, rows = os.path.join(output, f".{os.path.basename(path)}.tmp{os.getpid()}"), 0
-    with parquet.ParquetWriter(temporary, schema) as writer:
-        for name in names:
-            lines = [{column: _text(row.get(column)) for column in _FAILURE_COLUMNS}
-                     for row in failed_rows(output, name)]
-            if lines:
-                writer.write_table(pa.Table.from_pylist(lines, schema=schema))
-                rows += len(lines)
+    with open(temporary, "wb") as handle:
+        with parquet.ParquetWriter(handle, schema) as writer:
+            for name in names:
+                lines = [{column: _text(row.get(column)) for column in _FAILURE_COLUMNS}
+                         for row in failed_rows(output, name)]
+                if lines:
+                    writer.write_table(pa.Table.from_pylist(lines, schema=schema))
+                    rows += len(lines)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(temporary, path)
     return rows
 

@@ -310,14 +310,8 @@ def _list_table(options: InputOptions, kind: str, progress: bool) -> InputListin
     try:
         paths = table_paths(options.path, options.kind)
         columns = column_names(*paths[0])
-        text_bytes = sum(os.path.getsize(path) for path, file_kind in paths if file_kind != "parquet")
-        with tqdm(total=text_bytes, desc="counting table rows", unit="B", unit_scale=True,
-                  disable=not progress or not text_bytes) as bar:
-            files = [TableFile(path, file_kind, count_rows(path, file_kind, bar.update)) for path, file_kind in paths]
     except TableError as error:
         raise InputError(str(error)) from None
-    if not sum(file.rows for file in files):
-        raise InputError(f"input {options.path}: the table has no rows; check --input")
     first = paths[0][0]
     image = _choose_column(columns, options.image_column, _IMAGE_COLUMNS, "image path or URL", "--url-column",
                            first)
@@ -326,6 +320,26 @@ def _list_table(options: InputOptions, kind: str, progress: bool) -> InputListin
     label = None
     if options.label_column:
         label = _choose_column(columns, options.label_column, (), "label", "--label-column", first)
+    for path, file_kind in paths[1:]:  # a later file of a glob without the columns would lose its rows
+        if file_kind == "jsonl":
+            continue  # rows are objects: one without the column is a counted skip
+        try:
+            names = column_names(path, file_kind)
+        except TableError as error:
+            raise InputError(str(error)) from None
+        missing = [name for name in (image, caption, label) if name is not None and name not in names]
+        if missing:
+            raise InputError(f"input {path}: no column {', '.join(map(repr, missing))} (found in {first}); "
+                             "every file of a table needs the same columns")
+    try:
+        text_bytes = sum(os.path.getsize(path) for path, file_kind in paths if file_kind != "parquet")
+        with tqdm(total=text_bytes, desc="counting table rows", unit="B", unit_scale=True,
+                  disable=not progress or not text_bytes) as bar:
+            files = [TableFile(path, file_kind, count_rows(path, file_kind, bar.update)) for path, file_kind in paths]
+    except TableError as error:
+        raise InputError(str(error)) from None
+    if not sum(file.rows for file in files):
+        raise InputError(f"input {options.path}: the table has no rows; check --input")
     probe = (row.get(image) for row in islice(iter_rows(*paths[0], [image]), 100) if isinstance(row, dict))
     value = next((value for value in probe if value is not None), None)
     if value is not None and not isinstance(value, (str, int)):

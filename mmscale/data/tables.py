@@ -129,6 +129,9 @@ def iter_rows(path: str, kind: str, columns: list[str] | None = None) -> Iterato
         table = parquet.ParquetFile(path, pre_buffer=False)
         wanted = [name for name in columns if name in table.schema_arrow.names] if columns else None
         for batch in table.iter_batches(batch_size=_BATCH_ROWS, columns=wanted, use_threads=False):
+            if not batch.num_columns:  # none of the wanted columns: still one (empty) row per counted row
+                yield from ({} for _ in range(batch.num_rows))
+                continue
             names = batch.schema.names
             for values in zip(*(column.to_pylist() for column in batch.columns)):
                 yield dict(zip(names, values))
