@@ -143,12 +143,19 @@ def test_retry_failed_downloads_only_the_failed_rows(tmp_path):
         assert run(*options, "--retries", 0) == 0
         assert outcome(out)[1] == {server.url("/busy.jpg"): "http_503", server.url("/missing.jpg"): "http_404"}
         assert run(*options, "--retries", 0, "--retry-failed") == 0  # 503 again
-        # a retry killed after its shard was renamed into place still has the old lists beside it
+        # a retry killed after its shard was renamed into place leaves the old lists and its marker beside it
         killed = {name: (out / name).read_bytes() for name in ("shard-000001.failed.jsonl", "shard-000001.stats.json")}
         assert run(*options, "--retries", 0, "--retry-failed") == 0
+        assert not (out / "shard-000001.retrying").exists()
         for name, payload in killed.items():
             (out / name).write_bytes(payload)
-        assert run(*options, "--retries", 0, "--retry-failed") == 0  # finds the row in the shard: no request
+        (out / "shard-000001.retrying").write_bytes(b"")
+        assert run(*options, "--retries", 0) == 0  # a plain rerun lists the chunk as it is on disk: no request
+        assert not (out / "shard-000001.retrying").exists()
+        assert outcome(out)[1] == {server.url("/missing.jpg"): "http_404"}
+        for name, payload in killed.items():  # and a retry that finds the row in a shard does not fetch it
+            (out / name).write_bytes(payload)
+        assert run(*options, "--retries", 0, "--retry-failed") == 0
         written, failed = outcome(out)
         assert failed == {server.url("/missing.jpg"): "http_404"}
         assert len({s["__key__"] for s in read_samples(str(out))}) == 3

@@ -8,8 +8,8 @@ header, before any pixel is decoded, so a decompression bomb costs nothing.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,17 +63,19 @@ class PreparedImage:
     height: int
 
 
-@contextmanager
-def _pixel_limit(max_pixels: int):
-    """Let PIL open headers up to our own limit; we reject big images ourselves, before decoding."""
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
+_OPEN_LOCK = threading.Lock()
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Image.open (the header only) under our own pixel limit: we reject big images ourselves, before
+    decoding. PIL's limit is process-wide, so image threads take turns setting and restoring it."""
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+        try:
+            return Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
 
 
 def prepare_image(data: bytes, options: ImageOptions) -> PreparedImage:
@@ -90,35 +92,34 @@ def prepare_image(data: bytes, options: ImageOptions) -> PreparedImage:
     fast = _prepare_plain_jpeg(data, options)
     if fast is not None:
         return fast
-    with _pixel_limit(options.max_pixels):
-        try:
-            image = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as error:
-            raise SampleRejected("image_too_large", str(error)) from None
-        except Exception as error:  # PIL raises many types for bad data
-            reason = "corrupt_image" if data.startswith(_IMAGE_SIGNATURES) else "not_an_image"
-            raise SampleRejected(reason, f"cannot identify image ({error})") from None
-        orientation = _exif_orientation(image)
-        turned = orientation in _QUARTER_TURNS
-        width, height = image.size[::-1] if turned else image.size  # as a viewer shows it
-        _check_geometry(width, height, options)
-        layout = _layout(width, height, options)
-        if (layout.scaled == layout.canvas == (width, height) and image.format == "JPEG"
-                and image.mode in _KEEP_AS_IS_MODES and orientation == 1):
-            _load(image)  # within bounds: the original bytes go in, not a re-encoded copy
-            return PreparedImage(data, width, height, width, height)
-        if image.format == "JPEG" and layout.scaled != (width, height):
-            # decode at a reduced DCT scale (1/2, 1/4, 1/8) where that still gives >= the target
-            image.draft("RGB", layout.scaled[::-1] if turned else layout.scaled)
-        _load(image)
-        try:
-            if orientation != 1:  # the loader never reads EXIF, so the pixels must be upright
-                image = ImageOps.exif_transpose(image)
-            image = _fit(rgb_on_white(image), layout)
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=options.jpeg_quality)
-        except (OSError, ValueError) as error:  # exotic modes PIL cannot turn into RGB JPEG
-            raise SampleRejected("corrupt_image", f"cannot convert {image.mode} image ({error})") from None
+    try:
+        image = _open(data, options.max_pixels)
+    except Image.DecompressionBombError as error:
+        raise SampleRejected("image_too_large", str(error)) from None
+    except Exception as error:  # PIL raises many types for bad data
+        reason = "corrupt_image" if data.startswith(_IMAGE_SIGNATURES) else "not_an_image"
+        raise SampleRejected(reason, f"cannot identify image ({error})") from None
+    orientation = _exif_orientation(image)
+    turned = orientation in _QUARTER_TURNS
+    width, height = image.size[::-1] if turned else image.size  # as a viewer shows it
+    _check_geometry(width, height, options)
+    layout = _layout(width, height, options)
+    if (layout.scaled == layout.canvas == (width, height) and image.format == "JPEG"
+            and image.mode in _KEEP_AS_IS_MODES and orientation == 1):
+        _load(image)  # within bounds: the original bytes go in, not a re-encoded copy
+        return PreparedImage(data, width, height, width, height)
+    if image.format == "JPEG" and layout.scaled != (width, height):
+        # decode at a reduced DCT scale (1/2, 1/4, 1/8) where that still gives >= the target
+        image.draft("RGB", layout.scaled[::-1] if turned else layout.scaled)
+    _load(image)
+    try:
+        if orientation != 1:  # the loader never reads EXIF, so the pixels must be upright
+            image = ImageOps.exif_transpose(image)
+        image = _fit(rgb_on_white(image), layout)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=options.jpeg_quality)
+    except (OSError, ValueError) as error:  # exotic modes PIL cannot turn into RGB JPEG
+        raise SampleRejected("corrupt_image", f"cannot convert {image.mode} image ({error})") from None
     return PreparedImage(buffer.getvalue(), width, height, *image.size)
 
 

@@ -30,6 +30,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
+from itertools import count, takewhile
 
 from mmscale.data.dedup import DigestStore
 from mmscale.data.download import RETRYABLE_REASONS, DownloadOptions, Fetched, fetch
@@ -122,6 +123,11 @@ def stats_name(shard_name: str) -> str:
     return shard_name[: -len(".tar")] + ".stats.json"
 
 
+def retry_marker_name(shard_name: str) -> str:
+    """Present while a retry rewrites a chunk: `shard-000003.tar` -> `shard-000003.retrying`."""
+    return shard_name[: -len(".tar")] + ".retrying"
+
+
 def failures_name(shard_name: str) -> str:
     """The failed-rows file of a chunk: `shard-000003.tar` -> `shard-000003.failed.jsonl`."""
     return shard_name[: -len(".tar")] + ".failed.jsonl"
@@ -179,9 +185,14 @@ def write_chunk(task: ChunkTask) -> ChunkStats:
     chunk_digests: set[bytes] = set()
     kept: dict[str, int] = {}
     writer = _PartWriter(task.output_dir, task.shard_name, max_bytes=task.max_bytes)
-    if task.retry:
-        task, kept, failures, skipped = _reopen_for_retry(task, writer)
+    marker = os.path.join(task.output_dir, retry_marker_name(task.shard_name))
     try:
+        if task.retry:
+            records = read_chunk_stats(os.path.join(task.output_dir, stats_name(task.shard_name))).records
+            write_bytes_atomically(marker, b"")  # before any part is replaced; see finish_interrupted_retry
+            task, kept, failures, skipped = _reopen_for_retry(task, writer)
+        else:
+            records = len(task.records)
         for outcome in _outcomes(task):
             ordinal = task.ordinal(outcome.offset)
             # local duplicates were found before writing (task.duplicates, see _outcome); downloads are checked here
@@ -199,22 +210,48 @@ def write_chunk(task: ChunkTask) -> ChunkStats:
                 with _records_done.get_lock():
                     _records_done.value += 1
         shards = {**kept, **writer.finish()}
+        if store is not None:
+            store.add(digests)  # before the stats file: a chunk is done only with its digests recorded
     finally:
         writer.abandon()
-    records = read_chunk_stats(os.path.join(task.output_dir, stats_name(task.shard_name))).records \
-        if task.retry else len(task.records)
+        if store is not None:
+            store.close()
     stats = ChunkStats(index=task.index, plan=task.plan, records=records, shards=shards,
                        skipped=dict(sorted(skipped.items())),
                        bytes=sum(os.path.getsize(os.path.join(task.output_dir, name)) for name in shards))
-    # in key order ("key" leads every line), whatever order the downloads finished in
-    write_bytes_atomically(os.path.join(task.output_dir, failures_name(task.shard_name)), b"".join(sorted(failures)))
-    if store is not None:
-        store.add(digests)  # before the stats file: a chunk is done only with its digests recorded
-        store.close()
-    write_json_atomically(os.path.join(task.output_dir, stats_name(task.shard_name)), {
+    _record_chunk(task.output_dir, task.shard_name, stats, failures)
+    if task.retry:
+        os.remove(marker)
+    return stats
+
+
+def _record_chunk(output_dir: str, shard_name: str, stats: ChunkStats, failures: list[bytes]) -> None:
+    """The chunk's failed rows (in key order, whatever order the downloads finished in: "key" leads every
+    line), then its stats file, which marks the chunk done."""
+    write_bytes_atomically(os.path.join(output_dir, failures_name(shard_name)), b"".join(sorted(failures)))
+    write_json_atomically(os.path.join(output_dir, stats_name(shard_name)), {
         "chunk": stats.index, "plan": stats.plan, "records": stats.records, "shards": stats.shards,
         "written": stats.written, "skipped": stats.skipped, "bytes": stats.bytes})
-    return stats
+
+
+def finish_interrupted_retry(output_dir: str, shard_name: str, *, byte_capped: bool) -> None:
+    """A retry killed after replacing a part but before rewriting the chunk's failed rows and stats left
+    its marker: list the chunk's parts as they are on disk, drop from the failed rows those a part now
+    holds, recount, and clear the marker. Nothing is downloaded; a later --retry-failed goes on."""
+    stats = read_chunk_stats(os.path.join(output_dir, stats_name(shard_name)))
+    if stats is not None:
+        parts = [shard_name] if not byte_capped else \
+            list(takewhile(lambda name: os.path.exists(os.path.join(output_dir, name)),
+                           (part_name(shard_name, number) for number in count())))
+        keys = {name: _shard_keys(os.path.join(output_dir, name)) for name in parts}
+        held = set().union(*keys.values())
+        rows = [row for row in failed_rows(output_dir, shard_name) if row["key"] not in held]
+        skipped = Counter(row["reason"] for row in rows)
+        _record_chunk(output_dir, shard_name, replace(
+            stats, shards={name: len(names) for name, names in keys.items()}, skipped=dict(sorted(skipped.items())),
+            bytes=sum(os.path.getsize(os.path.join(output_dir, name)) for name in parts)),
+            [json_line(row) + b"\n" for row in rows])
+    os.remove(os.path.join(output_dir, retry_marker_name(shard_name)))
 
 
 def _is_duplicate(ordinal: int, digest: bytes, store: DigestStore, chunk_digests: set[bytes]) -> bool:
@@ -232,13 +269,13 @@ def _failure_line(key: str, outcome: _Outcome) -> bytes:
     return json_line(row) + b"\n"
 
 
-def json_line(value) -> bytes:
+def json_line(value, *, sort_keys: bool = False) -> bytes:
     """UTF-8 JSON of `value`. A string read with surrogateescape (a path or URL that is not UTF-8) makes
     the whole line ASCII JSON instead, its \\udcXX escapes reading back as the very same string."""
     try:
-        return json.dumps(value, ensure_ascii=False, sort_keys=True).encode("utf-8")
+        return json.dumps(value, ensure_ascii=False, sort_keys=sort_keys).encode("utf-8")
     except UnicodeEncodeError:
-        return json.dumps(value, sort_keys=True).encode("ascii")
+        return json.dumps(value, sort_keys=sort_keys).encode("ascii")
 
 
 def failed_rows(output_dir: str, shard_name: str) -> list[dict]:
@@ -383,7 +420,7 @@ def _sample_members(key: str, loaded: Loaded, *, task: ChunkTask) -> tuple[list[
     if loaded.label is not None:
         meta["label"] = loaded.label
         members.append((f"{key}.cls", str(loaded.label).encode("ascii")))
-    members.append((f"{key}.json", json_line(meta)))
+    members.append((f"{key}.json", json_line(meta, sort_keys=True)))
     return members, digest
 
 

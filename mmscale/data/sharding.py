@@ -50,7 +50,9 @@ from mmscale.data.shard_writer import (
     CaptionFilter,
     ChunkTask,
     failed_rows,
+    finish_interrupted_retry,
     read_chunk_stats,
+    retry_marker_name,
     retry_records,
     set_progress_counter,
     stats_name,
@@ -135,7 +137,7 @@ class ShardingSummary:
         skipped = ", ".join(f"{reason} {count:,}" for reason, count in sorted(self.skipped.items()))
         totals = (f"{len(self.sizes):,} shards, {self.written:,} samples, {self.bytes / 1e6:,.1f} MB in "
                   f"{self.output_dir} (skipped {sum(self.skipped.values()):,}{': ' + skipped if skipped else ''})")
-        if self.chunks_written == 0:
+        if self.chunks_written == 0 and self.records_processed == 0:
             return f"everything was already done ({self.chunks:,} of {self.chunks:,} chunks); nothing to do\n{totals}"
         return (f"{totals}\nthis run: {self.chunks_written:,} of {self.chunks:,} chunks written, "
                 f"{self.records_processed:,} records in {self.wall_time_s:.1f} s "
@@ -161,6 +163,7 @@ def make_shards(options: ShardingOptions) -> ShardingSummary:
         chunks = plan_chunks(len(listing), size)
         names = [options.name_pattern.format(index) for index in range(len(chunks))]
         plan = _fingerprint(options, listing.kind, len(listing))
+        _finish_interrupted_retries(output, names, byte_capped=options.max_bytes_per_shard is not None)
         done = _done_chunks(output, names, plan=plan, byte_capped=options.max_bytes_per_shard is not None)
         pending = [index for index in range(len(chunks)) if index not in done]
         if pending:
@@ -256,6 +259,13 @@ def _done_chunks(output: str, names: list[str], *, plan: str, byte_capped: bool)
         if all(os.path.exists(os.path.join(output, shard)) for shard in stats.shards):
             done.add(index)
     return done
+
+
+def _finish_interrupted_retries(output: str, names: list[str], *, byte_capped: bool) -> None:
+    markers = {name for name in os.listdir(output) if name.endswith(".retrying")}
+    for name in names:
+        if retry_marker_name(name) in markers:
+            finish_interrupted_retry(output, name, byte_capped=byte_capped)
 
 
 def _owner(file_name: str, owners: dict[str, int], *, byte_capped: bool) -> int | None:
@@ -404,19 +414,24 @@ def _image_threads(options: ShardingOptions) -> int:
 
 def _retry_failed(names: list[str], chunks: list[range], *, plan: str, options: ShardingOptions,
                   live_dedup: bool) -> int:
-    """Retry the passing failures of every chunk (see ShardingOptions.retry_failed); returns the rows tried."""
-    tasks, total = [], 0
-    for index, name in enumerate(names):
-        records, ordinals = retry_records(failed_rows(options.output_dir, name))
-        if records:
-            tasks.append(ChunkTask(index=index, start=chunks[index].start, records=records, ordinals=ordinals,
-                                   retry=True, output_dir=options.output_dir, shard_name=name, plan=plan,
-                                   max_bytes=options.max_bytes_per_shard, image=options.image,
-                                   captions=options.captions, download=options.download,
-                                   live_dedup=options.dedup and live_dedup, image_threads=_image_threads(options)))
-            total += len(records)
-    if tasks:
-        _write_chunks(tasks, options, total=total)
+    """Retry the passing failures of every chunk (see ShardingOptions.retry_failed); returns the rows tried.
+    The rows are counted first (for the progress bar) and read again chunk by chunk as tasks are needed."""
+
+    def retryable(index: int) -> tuple[list[Record], tuple[int, ...]]:
+        return retry_records(failed_rows(options.output_dir, names[index]))
+
+    def task(index: int) -> ChunkTask:
+        records, ordinals = retryable(index)
+        return ChunkTask(index=index, start=chunks[index].start, records=records, ordinals=ordinals, retry=True,
+                         output_dir=options.output_dir, shard_name=names[index], plan=plan,
+                         max_bytes=options.max_bytes_per_shard, image=options.image, captions=options.captions,
+                         download=options.download, live_dedup=options.dedup and live_dedup,
+                         image_threads=_image_threads(options))
+
+    counts = {index: count for index in range(len(names)) if (count := len(retryable(index)[0]))}
+    total = sum(counts.values())
+    if total:
+        _write_chunks((task(index) for index in counts), options, total=total)
     return total
 
 

@@ -426,6 +426,8 @@ def iter_loaded(records: list[Record]) -> Iterator[Loaded]:
 def _load_file_record(record: Record) -> Loaded:
     if record.problem:
         return Loaded(record.source, problem=record.problem)
+    if record.url:  # a URL further down a table whose first rows were local paths: the writer downloads it;
+        return Loaded(record.source, problem="not_downloaded")  # --dedup's local pre-pass leaves it out
     try:
         with open(record.image_path, "rb") as handle:
             image = handle.read()
