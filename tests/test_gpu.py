@@ -4,7 +4,6 @@ step that never waits for the host. Marked `gpu` and skipped without CUDA; tools
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

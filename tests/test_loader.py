@@ -26,7 +26,7 @@ from mmscale.data.loader import (
     repartitioned_state,
 )
 from mmscale.data.samples import AugmentSettings, SampleDecoder
-from mmscale.data.shards import ShardError, parse_spec
+from mmscale.data.shards import parse_spec
 from mmscale.data.text import IGNORE_INDEX, CaptionEncoder
 
 CONFIG = DataConfig(image_size=32, context_length=16, shuffle_buffer=16, workers=0)

@@ -16,8 +16,13 @@ Every record is accounted for: written, or listed in the chunk's `shard-000003.f
 (key, source, url, caption, reason, detail), written before the stats file.
 
 URL records are downloaded by `threads` threads per worker (download.py) and written as they
-arrive; decoding, resizing and encoding run in those threads too (PIL releases the GIL), so one
-process uses more than one core. Local records are written in input order.
+arrive; decoding, resizing and encoding run on a separate pool of `image_threads` threads
+(PIL and libjpeg-turbo release the GIL), so one process uses more than one core without
+a slow server holding up the image work. Local records are written in input order.
+
+`--retry-failed` rewrites a finished chunk's last part; a `shard-000003.retrying` marker is
+written before any part is replaced and removed after the stats file, and a start that finds
+one lists that chunk as it is on disk (finish_interrupted_retry).
 """
 
 from __future__ import annotations

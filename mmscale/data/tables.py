@@ -36,14 +36,6 @@ class TableFile:
     rows: int
 
 
-def is_table_pattern(path: str) -> bool:
-    """Whether `--input` is a glob or a folder holding table files (rather than images or tars)."""
-    if glob.has_magic(path):
-        return True
-    return os.path.isdir(path) and any(os.path.splitext(name)[1].lower() in TABLE_KINDS
-                                       for name in os.listdir(path))
-
-
 def table_paths(path: str, kind: str | None = None) -> list[tuple[str, str]]:
     """(file, kind) of every table file `path` names, sorted; `kind` overrides the extension."""
     if glob.has_magic(path):
