@@ -7,6 +7,7 @@ import re
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -107,7 +108,12 @@ def test_every_readme_command_parses_with_the_real_parsers():
     from mmscale.data.check import DataCheckConfig
     from mmscale.train.config import TrainRunConfig
 
-    helps: dict[str, str] = {}
+    def script_of(name: str) -> list[str]:
+        return ["-m", "deepspeed.launcher.runner"] if name == "deepspeed" else [name]
+
+    scripts = {name for name in map(command_name, readme_commands()) if name.endswith(".py") or name == "deepspeed"}
+    with ThreadPoolExecutor(4) as pool:  # each --help is a process start and imports: overlap them
+        helps = dict(zip(scripts, pool.map(lambda name: _help(script_of(name)), scripts)))
     for words in readme_commands():
         name = command_name(words)
         keys_of = DataCheckConfig if name == "mmscale data-check" else TrainRunConfig
@@ -123,7 +129,5 @@ def test_every_readme_command_parses_with_the_real_parsers():
                 cut = words.index("--module") + 2
                 own = words[:cut]
                 build_parser().parse_args(["train", *words[cut:]])
-            script = ["-m", "deepspeed.launcher.runner"] if name == "deepspeed" else [name]
-            helps.setdefault(name, _help(script))
             for flag in (word.split("=")[0] for word in own if word.startswith("--")):
                 assert flag in helps[name], f"{' '.join(words)!r}: {name} has no {flag}"
