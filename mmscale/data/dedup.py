@@ -34,23 +34,24 @@ class DigestStore:
         self._db.execute("CREATE INDEX IF NOT EXISTS digests_by_ordinal ON digests (ordinal)")
         self._db.execute("CREATE TABLE IF NOT EXISTS duplicates (ordinal INTEGER PRIMARY KEY)")
 
-    def add(self, pairs: Iterable[tuple[int, bytes]]) -> list[int]:
-        """Record (ordinal, digest) pairs in one transaction; returns the ordinals that are duplicates."""
-        duplicates = []
+    def add(self, pairs: Iterable[tuple[int, bytes]]) -> None:
+        """Record (ordinal, digest) pairs in one transaction; a pair whose digest is held under a lower
+        ordinal (stored before, or earlier in `pairs`) is recorded as a duplicate. Set-based: the pairs go
+        into a scratch table in one executemany, and two statements merge them."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            for ordinal, digest in pairs:
-                (first,) = self._db.execute(
-                    "INSERT INTO digests VALUES (?, ?) ON CONFLICT(digest) DO UPDATE "
-                    "SET ordinal = min(ordinal, excluded.ordinal) RETURNING ordinal", (digest, ordinal)).fetchone()
-                if first < ordinal:
-                    duplicates.append(ordinal)
-            self._db.executemany("INSERT OR IGNORE INTO duplicates VALUES (?)", ((o,) for o in duplicates))
+            self._db.execute("CREATE TEMP TABLE IF NOT EXISTS batch (digest BLOB NOT NULL, ordinal INTEGER NOT NULL)")
+            self._db.execute("DELETE FROM batch")
+            self._db.executemany("INSERT INTO batch VALUES (?, ?)", ((digest, ordinal) for ordinal, digest in pairs))
+            self._db.execute("INSERT INTO digests SELECT digest, min(ordinal) FROM batch WHERE true GROUP BY digest "
+                             "ON CONFLICT(digest) DO UPDATE SET ordinal = min(ordinal, excluded.ordinal)")
+            self._db.execute("INSERT OR IGNORE INTO duplicates SELECT batch.ordinal FROM batch "
+                             "JOIN digests ON digests.digest = batch.digest WHERE digests.ordinal < batch.ordinal")
+            self._db.execute("DELETE FROM batch")
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        return duplicates
 
     def first_ordinal(self, digest: bytes) -> int | None:
         """The lowest ordinal recorded with this digest, if any."""
