@@ -150,8 +150,9 @@ def test_retry_failed_downloads_only_the_failed_rows(tmp_path):
         for name, payload in killed.items():
             (out / name).write_bytes(payload)
         (out / "shard-000001.retrying").write_bytes(b"")
+        (out / ".shard-000001.tar.tmp99999").write_bytes(b"half a part")
         assert run(*options, "--retries", 0) == 0  # a plain rerun lists the chunk as it is on disk: no request
-        assert not (out / "shard-000001.retrying").exists()
+        assert not (out / "shard-000001.retrying").exists() and not (out / ".shard-000001.tar.tmp99999").exists()
         assert outcome(out)[1] == {server.url("/missing.jpg"): "http_404"}
         for name, payload in killed.items():  # and a retry that finds the row in a shard does not fetch it
             (out / name).write_bytes(payload)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tarfile
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -256,6 +257,10 @@ def finish_interrupted_retry(output_dir: str, shard_name: str, *, byte_capped: b
             stats, shards={name: len(names) for name, names in keys.items()}, skipped=dict(sorted(skipped.items())),
             bytes=sum(os.path.getsize(os.path.join(output_dir, name)) for name in parts)),
             [json_line(row) + b"\n" for row in rows])
+    unfinished = re.compile(rf"\.{re.escape(shard_name[: -len('.tar')])}(-\d{{3,}})?\.tar\.tmp\d+")
+    for name in os.listdir(output_dir):  # the killed retry's part, never renamed (temporary_name)
+        if unfinished.fullmatch(name):
+            os.remove(os.path.join(output_dir, name))
     os.remove(os.path.join(output_dir, retry_marker_name(shard_name)))
 
 
