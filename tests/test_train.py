@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -53,6 +54,24 @@ def launch(launcher_args: list[str], overrides: list[str], *, env: dict | None =
     return process.returncode, output
 
 
+def launch_ranks(ranks: int, overrides: list[str], *, env: dict | None = None, wait: bool = True):
+    """`ranks` local processes of mmscale.train through deepspeed.launcher.launch, the per-node launcher that
+    `deepspeed --num_gpus N` itself runs on one node (with the same arguments), minus the runner's own start
+    (~10 s of importing DeepSpeed): for tests whose subject is training. The runner's paths (hostfile, no-ssh
+    nodes, the launch/ scripts, the quickstart) are tested through `launch` and the scripts."""
+    world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(ranks))}).encode()).decode()
+    command = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--module", "--log_level=info",
+               "mmscale.train", "--config", str(TINY), *overrides]
+    environment = os.environ | {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"} | (env or {})
+    process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    if not wait:
+        return process
+    output, _ = process.communicate(timeout=600)
+    return process.returncode, output
+
+
 def run_overrides(corpus: dict, output: Path, *extra: str) -> list[str]:
     """tiny.yaml's run on the test corpus, under ZeRO-3 (the stage of the models that do not fit one device;
     tiny itself ships with the stage that is fastest for it)."""
@@ -73,7 +92,7 @@ def test_zero3_on_two_ranks_partitions_learns_and_exports(corpus, tmp_path):
     held-out zero-shot ends far above chance (1/10); final/ loads in transformers. Before issue 11 the loss
     sat at ln(64) here."""
     output = tmp_path / "run"
-    code, log = launch(["--num_gpus", "2", "--master_port", str(free_port())], run_overrides(
+    code, log = launch_ranks(2, run_overrides(
         corpus, output, "train.samples=10240", "train.global_batch_size=64", "train.warmup_steps=20",
         "train.log_every_steps=5", "train.save_every_steps=80", "train.keep_checkpoints=2",
         "train.tensorboard=true", f"data.val={corpus['val']}", f"eval.classnames={corpus['classnames']}",
@@ -145,21 +164,20 @@ def test_resume_after_sigkill_continues_the_straight_run_exactly(corpus, tmp_pat
     steps, half = 12, 6
     common = [f"train.samples={steps * 32}", f"train.save_every_steps={half}", "train.log_sample_keys=true"]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    code, log = launch(["--num_gpus", "2", "--master_port", str(free_port())], run_overrides(corpus, straight, *common))
+    code, log = launch_ranks(2, run_overrides(corpus, straight, *common))
     assert code == 0, log[-3000:]
     # The same command again has nothing left to train: its end-of-run save must not rewrite the checkpoint
     # that `latest` names (a crash half-way through that rewrite would lose the only complete one).
     newest = straight / "checkpoints" / f"step{steps:08d}"
     written = {path: path.stat().st_mtime_ns for path in newest.rglob("*") if path.is_file()}
-    code, log = launch(["--num_gpus", "2", "--master_port", str(free_port())], run_overrides(corpus, straight, *common))
+    code, log = launch_ranks(2, run_overrides(corpus, straight, *common))
     assert code == 0 and f"at step {steps}" in log, log[-3000:]
     assert {path: path.stat().st_mtime_ns for path in newest.rglob("*") if path.is_file()} == written
-    code, log = launch(["--num_gpus", "2", "--master_port", str(free_port())], run_overrides(corpus, crashed, *common),
+    code, log = launch_ranks(2, run_overrides(corpus, crashed, *common),
                        env={"MMSCALE_KILL_AFTER_CHECKPOINT": f"1:{half}"})
     assert code != 0 and not (crashed / "final").exists()
     assert (crashed / "checkpoints" / "latest").read_text() == f"step{half:08d}"
-    code, log = launch(["--num_gpus", "2", "--master_port", str(free_port())],
-                       run_overrides(corpus, crashed, *common, "train.resume=auto"))
+    code, log = launch_ranks(2, run_overrides(corpus, crashed, *common, "train.resume=auto"))
     assert code == 0, log[-3000:]
     assert f"resumed from {crashed / 'checkpoints' / f'step{half:08d}'} at step {half}" in log
     for rank in (0, 1):
@@ -185,7 +203,7 @@ def killed_run(corpus, tmp_path_factory) -> dict:
     common = [f"data.train={'::'.join(shards)}", "train.global_batch_size=48", "train.samples=960",
               "train.save_every_steps=12", "train.log_sample_keys=true", "data.shuffle_buffer=16"]
     output = root / "run"
-    code, log = launch(["--num_gpus", "2", "--master_port", str(free_port())], run_overrides(corpus, output, *common),
+    code, log = launch_ranks(2, run_overrides(corpus, output, *common),
                        env={"MMSCALE_KILL_AFTER_CHECKPOINT": "1:12"})
     assert code != 0 and (output / "checkpoints" / "latest").read_text() == "step00000012", log[-3000:]
     return {"output": output, "shards": shards, "common": common}
@@ -205,8 +223,7 @@ def test_a_run_killed_on_two_ranks_resumes_on_another_number(corpus, killed_run,
     resumed = tmp_path / "resumed"
     shutil.copytree(crashed, resumed)
     shutil.rmtree(resumed / "sample_keys")
-    code, log = launch(["--num_gpus", str(new_ranks), "--master_port", str(free_port())],
-                       run_overrides(corpus, resumed, *killed_run["common"]))
+    code, log = launch_ranks(new_ranks, run_overrides(corpus, resumed, *killed_run["common"]))
     assert code == 0, log[-3000:]
     assert f"saved by 2 processes and this run has {new_ranks}" in log and "at step 12" in log
     after = [last_per_step(resumed / "sample_keys" / f"rank{rank}.jsonl", with_epochs=True) for rank in range(new_ranks)]
@@ -234,7 +251,7 @@ def test_unreadable_shards_are_skipped_and_every_good_sample_trains(corpus, tmp_
     output = tmp_path / "run"
     overrides = run_overrides(corpus, output, f"data.train={spec}", "train.samples=256", "train.log_sample_keys=true",
                               "data.shuffle_buffer=0", "data.max_bad_shard_fraction=0.75")
-    code, log = launch(["--num_gpus", "2", "--master_port", str(free_port())], overrides)
+    code, log = launch_ranks(2, overrides)
     assert code == 0, log[-3000:]
     assert re.search(r"skipped shard \S*nope-000000.tar: no such file", log)
     trained = [key for rank in (0, 1) for keys in last_per_step(output / "sample_keys" / f"rank{rank}.jsonl").values()
@@ -283,7 +300,7 @@ def first_step(setup: dict, corpus: dict, output: Path, ranks: int, micro: int, 
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
         code, log = result.returncode, result.stdout
     else:
-        code, log = launch(["--num_gpus", str(ranks), "--master_port", str(free_port())], overrides)
+        code, log = launch_ranks(ranks, overrides)
     assert code == 0, log[-3000:]
     return metrics(output)[0]
 
