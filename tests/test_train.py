@@ -41,10 +41,8 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
             "classnames": classnames, "templates": templates}
 
 
-def launch(launcher_args: list[str], overrides: list[str], *, env: dict | None = None, wait: bool = True):
-    """`deepspeed [launcher_args] --module mmscale.train --config configs/pretrain/tiny.yaml [overrides]`."""
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", *launcher_args, "--module", "mmscale.train",
-               "--config", str(TINY), *overrides]
+def start(command: list[str], *, env: dict | None = None, wait: bool = True):
+    """Run `command` from the repository on CPU ranks: (exit code, stdout+stderr), or the process if not `wait`."""
     environment = os.environ | {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"} | (env or {})
     process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
@@ -52,6 +50,12 @@ def launch(launcher_args: list[str], overrides: list[str], *, env: dict | None =
         return process
     output, _ = process.communicate(timeout=600)
     return process.returncode, output
+
+
+def launch(launcher_args: list[str], overrides: list[str], *, env: dict | None = None, wait: bool = True):
+    """`deepspeed [launcher_args] --module mmscale.train --config configs/pretrain/tiny.yaml [overrides]`."""
+    return start([sys.executable, "-m", "deepspeed.launcher.runner", *launcher_args, "--module", "mmscale.train",
+                  "--config", str(TINY), *overrides], env=env, wait=wait)
 
 
 def launch_ranks(ranks: int, overrides: list[str], *, env: dict | None = None, wait: bool = True):
@@ -60,16 +64,9 @@ def launch_ranks(ranks: int, overrides: list[str], *, env: dict | None = None, w
     (~10 s of importing DeepSpeed): for tests whose subject is training. The runner's paths (hostfile, no-ssh
     nodes, the launch/ scripts, the quickstart) are tested through `launch` and the scripts."""
     world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(ranks))}).encode()).decode()
-    command = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--module", "--log_level=info",
-               "mmscale.train", "--config", str(TINY), *overrides]
-    environment = os.environ | {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"} | (env or {})
-    process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    if not wait:
-        return process
-    output, _ = process.communicate(timeout=600)
-    return process.returncode, output
+    return start([sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
+                  "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--module", "--log_level=info",
+                  "mmscale.train", "--config", str(TINY), *overrides], env=env, wait=wait)
 
 
 def run_overrides(corpus: dict, output: Path, *extra: str) -> list[str]:
@@ -295,10 +292,7 @@ def first_step(setup: dict, corpus: dict, output: Path, ranks: int, micro: int, 
         "data.shuffle_buffer=0", "data.crop_scale=[1.0,1.0]", "data.crop_ratio=[1.0,1.0]", "data.hflip_probability=0",
         f"train.deepspeed={REPO / 'configs' / 'deepspeed' / f'zero{stage}.json'}", *extra)
     if ranks == 1:  # one process needs no launcher (the launcher's own start costs ~10 s a run)
-        result = subprocess.run([sys.executable, "-m", "mmscale.cli", "train", "--config", str(TINY), *overrides],
-                                cwd=REPO, env=os.environ | {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
-        code, log = result.returncode, result.stdout
+        code, log = start([sys.executable, "-m", "mmscale.cli", "train", "--config", str(TINY), *overrides])
     else:
         code, log = launch_ranks(ranks, overrides)
     assert code == 0, log[-3000:]
