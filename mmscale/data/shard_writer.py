@@ -250,13 +250,10 @@ def finish_interrupted_retry(output_dir: str, shard_name: str, *, byte_capped: b
             list(takewhile(lambda name: os.path.exists(os.path.join(output_dir, name)),
                            (part_name(shard_name, number) for number in count())))
         keys = {name: _shard_keys(os.path.join(output_dir, name)) for name in parts}
-        held = set().union(*keys.values())
-        rows = [row for row in failed_rows(output_dir, shard_name) if row["key"] not in held]
-        skipped = Counter(row["reason"] for row in rows)
+        failures, skipped = _failures_left(output_dir, shard_name, held=set().union(*keys.values()))
         _record_chunk(output_dir, shard_name, replace(
             stats, shards={name: len(names) for name, names in keys.items()}, skipped=dict(sorted(skipped.items())),
-            bytes=sum(os.path.getsize(os.path.join(output_dir, name)) for name in parts)),
-            [json_line(row) + b"\n" for row in rows])
+            bytes=sum(os.path.getsize(os.path.join(output_dir, name)) for name in parts)), failures)
     unfinished = re.compile(rf"\.{re.escape(shard_name[: -len('.tar')])}(-\d{{3,}})?\.tar\.tmp\d+")
     for name in os.listdir(output_dir):  # the killed retry's part, never renamed (temporary_name)
         if unfinished.fullmatch(name):
@@ -316,16 +313,24 @@ def _reopen_for_retry(task: ChunkTask, writer: _PartWriter
         held.update(_shard_keys(os.path.join(task.output_dir, name)))
     for members in _shard_samples(os.path.join(task.output_dir, names[-1])):
         writer.add(members)
-    retried = set(task.ordinals)
-    failures, skipped = [], Counter()
-    for row in failed_rows(task.output_dir, task.shard_name):
-        if int(row["key"]) not in retried and row["key"] not in held:
-            failures.append(json_line(row) + b"\n")
-            skipped[row["reason"]] += 1
+    failures, skipped = _failures_left(task.output_dir, task.shard_name, held=held,
+                                       retried={sample_key(ordinal) for ordinal in task.ordinals})
     keep = [offset for offset, ordinal in enumerate(task.ordinals) if sample_key(ordinal) not in held]
     task = replace(task, records=[task.records[offset] for offset in keep],
                    ordinals=tuple(task.ordinals[offset] for offset in keep))
     return task, {name: stats.shards[name] for name in names[:-1]}, failures, skipped
+
+
+def _failures_left(output_dir: str, shard_name: str, *, held: set[str], retried: set[str] = frozenset()
+                   ) -> tuple[list[bytes], Counter]:
+    """The chunk's failed rows that a part does not hold now and that are not being retried: their lines
+    and their counts by reason."""
+    failures, skipped = [], Counter()
+    for row in failed_rows(output_dir, shard_name):
+        if row["key"] not in held and row["key"] not in retried:
+            failures.append(json_line(row) + b"\n")
+            skipped[row["reason"]] += 1
+    return failures, skipped
 
 
 def _shard_keys(path: str) -> set[str]:
