@@ -164,27 +164,6 @@ def test_a_changed_number_of_readers_trains_the_rest_exactly_once(tmp_path, toke
     assert set(trained.values()) == {epochs}, {key: n for key, n in trained.items() if n != epochs}
 
 
-def test_a_second_change_before_the_first_carry_is_spent_keeps_both():
-    """2 old readers -> 3 -> again: what the first two trained stays trained where the three had not got to
-    yet. Positions 0..5 of one epoch: old reader 0 (positions 0, 2, 4) trained 0 and 3 samples of 2 and had
-    sample 1 of shard 0 in its buffer; old reader 1 (1, 3, 5) trained shards 1, 3 and 5 (it is in the next
-    epoch). Then reader 0 of three (positions 0, 3) trained shard 0 and 2 samples of shard 3 (which needed
-    nothing: a re-read it skips), reader 1 (1, 4) nothing, reader 2 (2, 5) 5 samples of shard 2."""
-    from mmscale.data.loader import _carried_rests
-
-    urls = [f"s{i}" for i in range(6)]
-    first = {"readers": 2, "positions": [[0, 1, 3], [1, 0, 0]], "pending": [["s0", 1, 0]]}
-    second = {"readers": 3, "positions": [[0, 1, 2], [0, 0, 0], [0, 0, 5]], "pending": [], "before": first}
-    def needed(carry):  # a position without a rest is needed whole
-        rests = _carried_rests(carry, 0, urls)
-        return {url: [i for i in range(10) if position not in rests or rests[position].needs(i)]
-                for position, url in enumerate(urls)}
-
-    assert needed(second) == {"s0": [], "s1": [], "s2": [5, 6, 7, 8, 9], "s3": [], "s4": list(range(10)), "s5": []}
-    alone = needed({key: value for key, value in second.items() if key != "before"})
-    assert alone["s1"] == list(range(10))  # without the first carry, shard 1 would be trained twice
-
-
 def test_a_changed_layout_in_resampled_sampling_starts_new_streams(tmp_path, tokenizer):
     urls = write_shards(tmp_path, shards=4, per_shard=6)
     spec = "::".join(urls)
@@ -304,7 +283,7 @@ def test_too_many_unreadable_shards_stop_with_the_numbers(tmp_path, tokenizer):
     spec = f"{urls[0]}::{tmp_path}/nope-000001.tar"
     loader = build_loader(CONFIG, spec=spec, tokenizer=tokenizer, batch_size=2, train=False)  # the default 0.05
     with pytest.warns(UserWarning, match="skipped shard"), pytest.raises(
-            UnusableData, match=r"found 1 of its 2 shards this epoch unreadable, more than "
+            UnusableData, match=r"1 of the 2 shards of epoch 0 were unreadable, more than "
                                 r"data.max_bad_shard_fraction=0.05 \(last: shard .*nope-000001.tar: no such file"):
         list(loader)
     tolerant = DataConfig(image_size=32, context_length=16, workers=0, max_bad_shard_fraction=0.5)
@@ -344,6 +323,7 @@ def test_remote_shards_are_retried_with_backoff_then_skipped(tmp_path, tokenizer
     memory = fsspec.filesystem("memory")
     for url in urls:
         memory.pipe(f"/flaky/{Path(url).name}", Path(url).read_bytes())
+    memory.pipe("/flaky/sizes.json", Path(urls[0]).with_name("sizes.json").read_bytes())  # nothing to count first
     failures = Counter({"memory://flaky/shard-000000.tar": 2, "memory://flaky/shard-000001.tar": 99})
     real_open, sleeps = fsspec.open, []
     def flaky(url, *args, **kwargs):
@@ -362,13 +342,34 @@ def test_remote_shards_are_retried_with_backoff_then_skipped(tmp_path, tokenizer
     assert sleeps == [1.0, 2.0, 1.0, 2.0, 4.0] and loader.skipped == Counter(shard_remote=1)
 
 
-def test_training_with_fewer_shards_than_readers_is_refused_with_sizes_that_work(tmp_path, tokenizer):
-    urls = write_shards(tmp_path, shards=3, per_shard=3)
+@pytest.mark.parametrize("sizes_json", [True, False], ids=["listed", "counted"])
+def test_fewer_shards_than_readers_share_them_and_train_each_sample_once(tmp_path, tokenizer, sizes_json):
+    """Readers cut the epoch by samples, not by shards: 3 shards of 5, 9 and 2 samples over 2 ranks x 2 workers
+    (4 readers) give every reader 4 samples, and every sample is read once (sizes counted without sizes.json)."""
+    urls = [write_shards(tmp_path / f"s{i}", shards=1, per_shard=n, prefix=f"s{i}")[0] for i, n in enumerate((5, 9, 2))]
+    if not sizes_json:
+        for url in urls:
+            Path(url).with_name("sizes.json").unlink()
+    config = DataConfig(image_size=32, context_length=16, workers=2, shuffle_buffer=3)
+    seen, per_reader = Counter(), []
+    for rank in range(2):
+        loader = build_loader(config, spec="::".join(urls), tokenizer=tokenizer, batch_size=2, train=True, rank=rank,
+                              world_size=2, epochs=1)
+        keys = [batch["keys"] for batch in loader]
+        per_reader += [sum(map(len, keys[worker::2])) for worker in range(2)]
+        seen.update(key for batch in keys for key in batch)
+    assert per_reader == [4, 4, 4, 4]
+    assert set(seen) == {f"s{i}{0:03d}x{j:05d}" for i, n in enumerate((5, 9, 2)) for j in range(n)}
+    assert set(seen.values()) == {1}
+
+
+def test_training_with_fewer_samples_than_readers_is_refused_with_sizes_that_work(tmp_path, tokenizer):
+    urls = write_shards(tmp_path, shards=1, per_shard=3)
     config = DataConfig(image_size=32, context_length=16, workers=2)
-    with pytest.raises(ValueError, match=r"3 shards for 4 readers \(2 ranks x 2 workers\): .*set data.workers=1 "
-                                         r"or fewer, or write at least 4 shards"):
-        build_loader(config, spec="::".join(urls), tokenizer=tokenizer, batch_size=2, train=True, rank=0, world_size=2)
-    build_loader(config, spec="::".join(urls), tokenizer=tokenizer, batch_size=2, train=True, rank=0, world_size=1)
+    with pytest.raises(ValueError, match=r"3 samples for 4 readers \(2 ranks x 2 workers\): .*set data.workers=1 "
+                                         r"or fewer, or use more data"):
+        build_loader(config, spec=urls[0], tokenizer=tokenizer, batch_size=2, train=True, rank=0, world_size=2)
+    build_loader(config, spec=urls[0], tokenizer=tokenizer, batch_size=2, train=True, rank=0, world_size=1)
 
 
 def test_pipe_urls_are_refused_unless_allowed(tmp_path, tokenizer):
@@ -408,8 +409,8 @@ def test_fsspec_urls_are_read(tmp_path, tokenizer):
                           batch_size=4, train=False)
     assert sorted(key for batch in loader for key in batch["keys"]) == sorted(
         f"shard{s:03d}x{i:05d}" for s in range(2) for i in range(3))
-    with pytest.warns(UserWarning, match="skipped shard"), pytest.raises(UnusableData, match="memory://remote/absent.tar"):
-        list(build_loader(CONFIG, spec="memory://remote/absent.tar", tokenizer=tokenizer, batch_size=4, train=False))
+    with pytest.raises(UnusableData, match="no shard could be read .*memory://remote/absent.tar: no such file"):
+        build_loader(CONFIG, spec="memory://remote/absent.tar", tokenizer=tokenizer, batch_size=4, train=False)
 
 
 def test_restoring_onto_another_layout_is_refused(tmp_path, tokenizer):

@@ -1,18 +1,20 @@
 """The streaming loader: shards -> shuffled raw samples -> decoded, tokenized, masked batches.
 
-Each dataloader worker of each rank owns a deterministic stream of (shard, sample index)
-positions: in epoch mode a per-epoch shuffled shard list split across all workers of all
-ranks, in resampled mode an endless run of shards drawn by source weight. Shuffling
-happens on raw (undecoded) samples, and every random choice is a function of the seed and
-the sample's identity, so a worker's state is small: where it is in its stream, which
-positions sit in its shuffle buffer, and its RNG state. Restoring re-reads only the shards
-those positions are in (raw bytes, no decoding) and continues with the next unseen sample.
+Each dataloader worker of each rank (a reader) owns a deterministic stream of positions: in
+epoch mode its piece of each epoch's shuffled shard list laid end to end (mmscale.data.epochs:
+equal pieces by sample count, so readers finish an epoch together whatever the shard sizes), in
+resampled mode an endless run of shards drawn by source weight. Shuffling happens on raw
+(undecoded) samples, the buffer empties at the end of each epoch, and every random choice is a
+function of the seed and the sample's identity, so a reader's state is small: where it is in its
+stream, which positions sit in its shuffle buffer, and its RNG state. Restoring re-reads only
+the shards those positions are in (raw bytes, no decoding) and continues with the next unseen
+sample; on another number of readers, what no old reader trained is cut anew.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import math
 import random
 import warnings
 from collections import Counter
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mmscale.data import epochs
 from mmscale.data.config import DataConfig
 from mmscale.data.samples import AugmentSettings, SampleDecoder
 from mmscale.data.shards import (
@@ -31,6 +34,7 @@ from mmscale.data.shards import (
     ShardTruncated,
     iter_raw_samples,
     parse_spec,
+    shard_sizes,
 )
 from mmscale.data.text import CaptionEncoder
 
@@ -40,11 +44,13 @@ MAX_SKIPS_IN_A_ROW = 20_000
 # In `resampled` sampling the unreadable-shard fraction is judged over a reader's last this many draws.
 BAD_SHARD_WINDOW = 20
 # Entries of a worker's live state that state_dict() writes in another form, or not at all.
-_DERIVED_KEYS = ("buffer", "rng", "skipped", "since_last_batch")
+_DERIVED_KEYS = ("buffer", "rng", "skipped", "since_last_batch", "bad_since_batch")
+# Saved positions of another version of the position scheme are refused, not misread.
+LAYOUT_VERSION = "v2"
 
 
 class UnusableData(RuntimeError):
-    """A stream that skipped too many samples or shards in a row to be worth continuing."""
+    """A stream that skipped too many samples or shards (in a row, or of an epoch) to be worth continuing."""
 
 
 def mix_seed(*parts) -> int:
@@ -69,6 +75,8 @@ class StreamSettings:
     drop_last: bool = False
     allow_pipe: bool = False
     max_bad_shard_fraction: float = 0.05
+    sizes: tuple[int, ...] | None = None
+    """Samples in each shard (sources' URLs in order), for epoch sampling; None: shard_sizes() finds them."""
 
 
 class ShardStream(IterableDataset):
@@ -76,8 +84,9 @@ class ShardStream(IterableDataset):
 
     Batches are dicts: `images` uint8 [B, 3, S, S], `input_ids`, `attention_mask` (and
     `mlm_input_ids`, `mlm_labels`, `mlm_positions`, `mlm_targets` when MLM is on), `labels`
-    (-1 where a sample has no `.cls`), `keys`, and `skipped` (samples skipped since the
-    previous batch, by reason). In finite mode a last batch of size 0 carries the trailing skip counts.
+    (-1 where a sample has no `.cls`), `keys`, `passes` (each sample's epoch), `skipped` (samples
+    skipped since the previous batch, by reason) and `bad_shards` ([epoch, message] of each unreadable
+    shard since the previous batch). In finite mode a last batch of size 0 carries the trailing counts.
     """
 
     def __init__(self, settings: StreamSettings, decoder: SampleDecoder):
@@ -85,30 +94,35 @@ class ShardStream(IterableDataset):
         self.settings = settings
         self.decoder = decoder
         self._all_urls = [url for source in settings.sources for url in source.urls]
+        self._sizes: list[int] | None = None
+        if settings.sampling == "epoch":
+            self._sizes = list(settings.sizes) if settings.sizes is not None else list(
+                shard_sizes(self._all_urls, allow_pipe=settings.allow_pipe).values())
         self._restored: dict | None = None
         self._live: dict | None = None
-        self._epoch_plan: tuple = (None, [])
-        self._carry_plan: tuple = (None, {})
+        self._epoch_plan: tuple = (None, None)
+
+    @property
+    def samples_per_epoch(self) -> int | None:
+        """The samples an epoch holds by the shards' sizes (None in resampled sampling)."""
+        return None if self._sizes is None else sum(self._sizes)
 
     # --- positions --------------------------------------------------------------------
     def _worker(self) -> tuple[int, int]:
         info = get_worker_info()
-        worker_id, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        s = self.settings
-        return s.rank * workers + worker_id, s.world_size * workers
+        return (info.id, info.num_workers) if info is not None else (0, 1)
 
-    def _epoch_shards(self, epoch: int, worker: int, workers: int) -> list[str]:
-        """This worker's shards for `epoch` (kept per epoch: a run may have 100,000s of shards)."""
-        if self._epoch_plan[0] != (epoch, worker, workers):
-            self._epoch_plan = ((epoch, worker, workers), self._epoch_urls(epoch)[worker::workers])
+    def _epoch_order(self, epoch: int) -> tuple[list[str], list[int]]:
+        """The epoch's shards in reading order and their first positions (the epoch's length last)."""
+        if self._epoch_plan[0] != epoch:
+            order = list(range(len(self._all_urls)))
+            if self.settings.shuffle_shards:
+                random.Random(mix_seed(self.settings.seed, "epoch", epoch)).shuffle(order)
+            offsets = [0]
+            for shard in order:
+                offsets.append(offsets[-1] + self._sizes[shard])
+            self._epoch_plan = (epoch, ([self._all_urls[shard] for shard in order], offsets))
         return self._epoch_plan[1]
-
-    def _epoch_urls(self, epoch: int) -> list[str]:
-        """Every shard of `epoch`, in the order the readers split it (reader w takes positions w, w + readers, ...)."""
-        urls = list(self._all_urls)
-        if self.settings.shuffle_shards:
-            random.Random(mix_seed(self.settings.seed, "epoch", epoch)).shuffle(urls)
-        return urls
 
     def _drawn_shard(self, draw: int, worker: int, salt=None) -> str:
         """The shard of a reader's `draw`; `salt` (the step of a re-partition) starts new streams there."""
@@ -118,94 +132,134 @@ class ShardStream(IterableDataset):
         source = rng.choices(sources, weights=[s.weight for s in sources])[0]
         return rng.choice(source.urls)
 
-    def _raw_stream(self, state: dict, worker: int, workers: int) -> Iterator[dict]:
-        """Raw samples from the worker's position onwards, advancing `state` as shards end."""
-        resampled = self.settings.sampling == "resampled"
-        while True:
-            if resampled:
-                url = self._drawn_shard(state["shard_cursor"], worker, state.get("draw_salt"))
-                shard_pass = state["shard_cursor"]
+    def _epoch_stream(self, state: dict) -> Iterator[dict | None]:
+        """Raw samples of the reader's piece of each epoch, from its position on; None after each epoch."""
+        while self.settings.epochs is None or state["epoch"] < self.settings.epochs:
+            epoch = state["epoch"]
+            urls, offsets = self._epoch_order(epoch)
+            own = epochs.plan(state, epoch)
+            read = 0
+            for shard, wanted in self._shards_to_read(state, own, offsets, rest=epochs.is_rest(state, epoch)):
+                for raw in self._read_shard(state, urls[shard], offsets[shard], offsets[shard + 1], wanted, own):
+                    read += 1
+                    yield raw
+            if not read:  # an epoch of nothing: counted in a row, so such epochs do not spin forever
+                _count_skip(state, None, where=f"epoch {epoch} (this reader read no sample of it)")
+            yield None  # the epoch ends: the shuffle buffer empties before the next one begins
+            state.update(epoch=epoch + 1, cursor=0)
+
+    def _shards_to_read(self, state: dict, own: epochs.Intervals, offsets: list[int], *, rest: bool):
+        """(shard, wanted positions) of the reader's unread piece in order, and the shards without samples that
+        it is the one to open (and count) in a whole epoch: those at a position of its piece, or at the
+        epoch's end for the last reader."""
+        pieces = epochs.split_by_shard(epochs.from_position(own, state["cursor"]), offsets)
+        if rest:
+            return pieces
+        total, (reader, readers) = offsets[-1], state["reader"]
+        empty = [(shard, []) for shard in range(len(offsets) - 1) if offsets[shard] == offsets[shard + 1]
+                 and offsets[shard] >= state["cursor"] and (epochs.contains(own, offsets[shard])
+                                                             or (offsets[shard] == total and reader == readers - 1))]
+        return sorted(pieces + empty, key=lambda item: item[0])
+
+    def _read_shard(self, state: dict, url: str, first: int, end: int, wanted: epochs.Intervals,
+                    own: epochs.Intervals) -> Iterator[dict]:
+        """The wanted positions of one shard (those `first`..`end`-1 of the epoch). The reader of the shard's
+        first position counts it if it cannot be opened; the reader of its last counts a cut and samples
+        beyond the size the shard was listed with."""
+        heads, tails = epochs.contains(own, first) or first == end, epochs.contains(own, end - 1) or first == end
+        last = wanted[-1][1] if wanted else first
+        extra = 0
+        try:
+            for raw in iter_raw_samples(url, allow_pipe=self.settings.allow_pipe,
+                                        start=wanted[0][0] - first if wanted else 0):
+                position = first + raw["__index__"]
+                if position >= last:
+                    if not tails:
+                        break
+                    extra += 1  # beyond the size sizes.json gives: counted, not trained (positions would clash)
+                    continue
+                if not epochs.contains(wanted, position):
+                    continue
+                raw["__pass__"], raw["__position__"] = state["epoch"], position
+                state["cursor"] = position + 1
+                yield raw
+        except ShardTruncated as error:
+            if tails:
+                _count_skip(state, "truncated_shard", where=f"shard {url}")
+                warnings.warn(str(error), stacklevel=2)
+        except ShardError as error:
+            if heads:
+                self._skip_shard(state, error, shards=None)
             else:
-                if self.settings.epochs is not None and state["epoch"] >= self.settings.epochs:
-                    return
-                shards = self._epoch_shards(state["epoch"], worker, workers)
-                if not shards:
-                    return  # more readers than shards (warned at build time): nothing to read, ever
-                if state["shard_cursor"] >= len(shards):
-                    # Empty shards are counted as skips in a row, so shards that never hold a
-                    # sample stop the stream instead of spinning through empty epochs forever.
-                    state.update(epoch=state["epoch"] + 1, shard_cursor=0, bad_shards=[])
-                    continue
-                url, shard_pass = shards[state["shard_cursor"]], state["epoch"]
-            start, wanted = state["sample_cursor"], None
-            if not resampled and "carry" in state:
-                wanted = self._carried_rest(state, worker + state["shard_cursor"] * workers)
-                if wanted is not None and wanted.first == math.inf:  # trained whole before the re-partition
-                    state.update(shard_cursor=state["shard_cursor"] + 1, sample_cursor=0)
-                    continue
-                start = max(start, wanted.first) if wanted is not None else start
+                _count_skip(state, None, where=str(error))  # counted by the reader of its first position
+        else:
+            if first == end and heads:
+                _count_skip(state, "empty_shard", where=f"shard {url}")
+        if extra:
+            state["skipped"]["beyond_listed_size"] += extra
+            state["since_last_batch"]["beyond_listed_size"] += extra
+            warnings.warn(f"shard {url} holds {extra} samples more than the {end - first} its sizes.json lists: they "
+                          "are skipped; rewrite sizes.json (tools/inspect_shards.py --write-sizes)", stacklevel=2)
+        state["cursor"] = max(state["cursor"], last)
+
+    def _resampled_stream(self, state: dict, worker: int) -> Iterator[dict]:
+        """Raw samples of an endless run of drawn shards, from the reader's position on."""
+        while True:
+            url = self._drawn_shard(state["shard_cursor"], worker, state.get("draw_salt"))
+            start = state["sample_cursor"]
             try:
                 for raw in iter_raw_samples(url, allow_pipe=self.settings.allow_pipe, start=start):
-                    if wanted is not None and not wanted.needs(raw["__index__"]):
-                        if wanted.past(raw["__index__"]):
-                            break
-                        continue
-                    raw["__pass__"] = shard_pass
+                    raw["__pass__"], raw["__position__"] = state["shard_cursor"], raw["__index__"]
                     state["sample_cursor"] = raw["__index__"] + 1
                     yield raw
             except ShardTruncated as error:
                 _count_skip(state, "truncated_shard", where=f"shard {url}")
                 warnings.warn(str(error), stacklevel=2)
             except ShardError as error:
-                self._skip_shard(state, error, shards=None if resampled else len(shards))
+                self._skip_shard(state, error, shards=BAD_SHARD_WINDOW)
             else:
-                if start == 0 and state["sample_cursor"] == 0 and wanted is None:
+                if start == 0 and state["sample_cursor"] == 0:
                     _count_skip(state, "empty_shard", where=f"shard {url}")
             state.update(shard_cursor=state["shard_cursor"] + 1, sample_cursor=0)
 
     def _skip_shard(self, state: dict, error: ShardError, *, shards: int | None) -> None:
-        """Count an unreadable shard and go on; stop once more than max_bad_shard_fraction of this reader's
-        `shards` of the epoch (None: of its last BAD_SHARD_WINDOW draws) were unreadable."""
+        """Count an unreadable shard and go on. In resampled sampling (`shards` is the window) stop once more
+        than max_bad_shard_fraction of the reader's last draws were unreadable; in epoch sampling the
+        BatchLoader and the training loop judge the epoch's shards as a whole (they get `bad_shards`)."""
         _count_skip(state, f"shard_{error.reason}", where=str(error))
         warnings.warn(f"skipped {error}", stacklevel=3)
-        bad = state["bad_shards"]  # shard_cursor of each unreadable shard of the epoch (or window)
-        bad.append(state["shard_cursor"])
         if shards is None:
-            if state["shard_cursor"] + 1 < BAD_SHARD_WINDOW:
-                return  # too few draws to judge yet
-            bad[:] = [draw for draw in bad if draw > state["shard_cursor"] - BAD_SHARD_WINDOW]
+            state["bad_since_batch"].append([state["epoch"], str(error)])
+            return
+        bad = state["bad_shards"]  # shard_cursor of each unreadable shard of the window
+        bad.append(state["shard_cursor"])
+        if state["shard_cursor"] + 1 < BAD_SHARD_WINDOW:
+            return  # too few draws to judge yet
+        bad[:] = [draw for draw in bad if draw > state["shard_cursor"] - BAD_SHARD_WINDOW]
         limit = self.settings.max_bad_shard_fraction
-        if len(bad) > limit * (shards or BAD_SHARD_WINDOW):
-            share = f"of its last {BAD_SHARD_WINDOW} draws" if shards is None else f"of its {shards} shards this epoch"
-            raise UnusableData(f"one reader found {len(bad)} {share} unreadable, more than data.max_bad_shard_fraction="
-                               f"{limit:g} (last: {error}; skips so far {dict(state['skipped'])}): fix or remove those "
-                               "shards, or raise data.max_bad_shard_fraction")
-
-    def _carried_rest(self, state: dict, position: int) -> _Rest | None:
-        """What is left to read of the shard at `position` of this epoch's list after a re-partition (None:
-        all of it, or the carry is spent and dropped once this reader is past every old reader's epoch)."""
-        carry = state["carry"]
-        epoch = state["epoch"]
-        if epoch > _newest_epoch(carry):
-            del state["carry"]
-            return None
-        if self._carry_plan[0] != epoch:
-            self._carry_plan = (epoch, _carried_rests(carry, epoch, self._epoch_urls(epoch)))
-        return self._carry_plan[1].get(position)
+        if len(bad) > limit * BAD_SHARD_WINDOW:
+            raise UnusableData(f"one reader found {len(bad)} of its last {BAD_SHARD_WINDOW} draws unreadable, more "
+                               f"than data.max_bad_shard_fraction={limit:g} (last: {error}; skips so far "
+                               f"{dict(state['skipped'])}): fix or remove those shards, or raise "
+                               "data.max_bad_shard_fraction")
 
     # --- state ------------------------------------------------------------------------
-    def _layout(self, worker: int, workers: int) -> str:
-        """What a saved position is only valid for: this worker of this many, over these shards."""
+    def _layout(self, reader: int, readers: int) -> str:
+        """What a saved position is only valid for: this reader of this many, over these shards and sizes."""
         s = self.settings
-        return f"{worker}/{workers}/{s.sampling}/{s.seed}/{mix_seed(tuple(self._all_urls))}"
+        return f"{reader}/{readers}/{LAYOUT_VERSION}/{s.sampling}/{s.seed}/" \
+               f"{mix_seed(tuple(self._all_urls), tuple(self._sizes or ()))}"
 
-    def _fresh_state(self, worker: int, workers: int) -> dict:
-        return {
-            "layout": self._layout(worker, workers),
-            "epoch": 0, "shard_cursor": 0, "sample_cursor": 0, "buffer": [],
-            "rng": random.Random(mix_seed(self.settings.seed, "shuffle", worker)).getstate(),
+    def _fresh_state(self, worker: int, workers: int, start: dict | None = None) -> dict:
+        s = self.settings
+        reader = epochs.reader_order(rank=s.rank, worker=worker, world_size=s.world_size)
+        state = epochs.started(reader=reader, readers=s.world_size * workers, total=self.samples_per_epoch or 0,
+                               start=start)
+        return state | {
+            "layout": self._layout(reader, s.world_size * workers), "shard_cursor": 0, "sample_cursor": 0,
+            "rng": random.Random(mix_seed(s.seed, "shuffle", s.rank * workers + worker)).getstate(),
             "skipped": Counter(), "since_last_batch": Counter(), "skips_in_a_row": 0, "delivered": 0,
-            "bad_shards": [],
+            "bad_shards": [], "bad_since_batch": [],
         }
 
     def state_dict(self) -> dict:
@@ -215,7 +269,7 @@ class ShardStream(IterableDataset):
         state, buffer, rng = self._live["state"], self._live["buffer"], self._live["rng"]
         return {
             **{key: value for key, value in state.items() if key not in _DERIVED_KEYS},
-            "buffer": [[raw["__url__"], raw["__index__"], raw["__pass__"]] for raw in buffer],
+            "buffer": [[raw["__url__"], raw["__index__"], raw["__pass__"], raw["__position__"]] for raw in buffer],
             "rng": rng.getstate(),
             "skipped": dict(state["skipped"]),
         }
@@ -225,47 +279,44 @@ class ShardStream(IterableDataset):
         {"repartition": ...} (repartitioned_state) after a change in the number of readers."""
         self._restored = dict(state) if state else None
 
-    def _repartitioned_state(self, plan: dict, worker: int, workers: int) -> dict:
-        """A reader's start in a new layout. `epoch` sampling: the old readers' positions and shuffle buffers
-        (the carry) say what each shard of the unfinished epochs still holds, and this reader reads that
-        rest of its shards of the new split; `resampled`: new streams of draws salted with the step."""
-        state = self._fresh_state(worker, workers)
-        if plan["layout"] != state["layout"].split("/", 2)[2]:
-            raise ValueError(f"the checkpoint's loader read {plan['layout']} (sampling/seed/shards) and this run reads "
-                             f"{state['layout'].split('/', 2)[2]}: resume with the same data.sampling, data.seed and "
-                             "shard spec")
-        state["rng"] = random.Random(mix_seed(self.settings.seed, "shuffle", worker, "resumed", plan["step"])).getstate()
+    def _repartitioned_state(self, start: dict, worker: int, workers: int) -> dict:
+        """A reader's start in a new layout. `epoch` sampling: its piece of what the old readers left of each
+        epoch they had begun (epochs.repartition), then whole epochs; `resampled`: new streams of draws salted
+        with the step."""
+        state = self._fresh_state(worker, workers, start if self.settings.sampling == "epoch" else None)
+        ours = state["layout"].split("/", 2)[2]
+        if start["layout"] != ours:
+            raise ValueError(f"the checkpoint's loader read {start['layout']} (version/sampling/seed/shards) and this "
+                             f"run reads {ours}: resume with the same data.sampling, data.seed and shard spec")
+        state["rng"] = random.Random(mix_seed(self.settings.seed, "shuffle", state["reader"][0], "resumed",
+                                              start["step"])).getstate()
         if self.settings.sampling == "resampled":
-            state["draw_salt"] = plan["step"]
-        else:
-            state["carry"] = plan["carry"]
-            # From the oldest epoch anything is left of: a buffer can still hold samples of an epoch its reader has left.
-            state["epoch"] = _oldest_epoch(plan["carry"])
+            state["draw_salt"] = start["step"]
         return state
 
     def _restore_buffer(self, positions: list) -> list[dict]:
-        """Re-read the raw samples at buffered positions (no decoding), in buffered order.
-
-        A position can be buffered twice, from two epochs, when epochs meet in the buffer.
-        """
+        """Re-read the raw samples at buffered positions (no decoding), in buffered order."""
         wanted: dict[str, dict[int, list[int]]] = {}
-        for slot, (url, index, _) in enumerate(positions):
+        for slot, (url, index, *_) in enumerate(positions):
             wanted.setdefault(url, {}).setdefault(index, []).append(slot)
         buffer: list[dict | None] = [None] * len(positions)
         for url, slots in wanted.items():
             try:
                 for raw in iter_raw_samples(url, allow_pipe=self.settings.allow_pipe, start=min(slots)):
                     for slot in slots.get(raw["__index__"], ()):
-                        buffer[slot] = {**raw, "__pass__": positions[slot][2]}
+                        buffer[slot] = {**raw, "__pass__": positions[slot][2], "__position__": positions[slot][3]}
                     if raw["__index__"] >= max(slots):
                         break
-            except ShardTruncated:
-                pass  # positions before the break were read; later ones were never buffered
+            except (ShardTruncated, ShardError) as error:  # gone or cut since: what was read is kept, and counted
+                warnings.warn(f"restoring the shuffle buffer: {error}", stacklevel=2)
         return [raw for raw in buffer if raw is not None]
 
     # --- iteration --------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
-        worker, workers = self._worker()
+        return self.iterate(*self._worker())
+
+    def iterate(self, worker: int, workers: int) -> Iterator[dict]:
+        """The batches of dataloader worker `worker` of `workers` of this rank (what __iter__ runs in a worker)."""
         state = self._fresh_state(worker, workers)
         if self._restored and "repartition" in self._restored:
             state = self._repartitioned_state(self._restored["repartition"], worker, workers)
@@ -273,23 +324,29 @@ class ShardStream(IterableDataset):
         elif self._restored:
             if self._restored.get("layout") != state["layout"]:
                 raise ValueError(
-                    f"loader state was saved for layout {self._restored.get('layout')} (worker/workers/sampling/"
-                    f"seed/shards) and this loader is {state['layout']}: resume with the same data.workers, "
+                    f"loader state was saved for layout {self._restored.get('layout')} (reader/readers/version/"
+                    f"sampling/seed/shards) and this loader is {state['layout']}: resume with the same data.workers, "
                     "world size, data.sampling, data.seed and shard spec"
                 )
             state.update(self._restored)
             state["skipped"] = Counter(self._restored.get("skipped", {}))
-            state["since_last_batch"] = Counter()
+            state["since_last_batch"], state["bad_since_batch"] = Counter(), []
             self._restored = None  # a later pass over this dataset starts afresh
         rng = random.Random()
         rng.setstate(_as_rng_state(state["rng"]))
         buffer = self._restore_buffer(state["buffer"])
         self._live = {"state": state, "buffer": buffer, "rng": rng}
-        yield from self._batches(state, buffer, rng, self._raw_stream(state, worker, workers))
+        raw_stream = self._epoch_stream(state) if self.settings.sampling == "epoch" \
+            else self._resampled_stream(state, self.settings.rank * workers + worker)
+        return self._batches(state, buffer, rng, raw_stream)
 
-    def _shuffled(self, buffer: list, rng: random.Random, raw_stream: Iterator[dict]) -> Iterator[dict]:
+    def _shuffled(self, state: dict, buffer: list, rng: random.Random, raw_stream) -> Iterator[dict]:
         capacity = self.settings.shuffle_buffer
         for raw in raw_stream:
+            if raw is None:  # an epoch ended
+                while buffer:
+                    yield _pop_random(buffer, rng)
+                continue
             if capacity <= 1:
                 yield raw
                 continue
@@ -301,7 +358,7 @@ class ShardStream(IterableDataset):
 
     def _batches(self, state: dict, buffer: list, rng: random.Random, raw_stream) -> Iterator[dict]:
         pending, passes, since = [], [], state["since_last_batch"]
-        for raw in self._shuffled(buffer, rng, raw_stream):
+        for raw in self._shuffled(state, buffer, rng, raw_stream):
             try:
                 pending.append(self.decoder.decode(raw, seed=mix_seed(self.settings.seed, raw["__url__"],
                                                                       raw["__index__"], raw["__pass__"])))
@@ -319,109 +376,68 @@ class ShardStream(IterableDataset):
             pending = []
         if pending:
             yield self._collate(state, pending, passes)
-        elif since:
-            yield {"size": 0, "skipped": dict(since)}
+        elif since or state["bad_since_batch"]:
+            yield {"size": 0, "skipped": dict(since), "bad_shards": _take(state["bad_since_batch"])}
 
     def _collate(self, state: dict, samples: list, passes: list[int]) -> dict:
         batch = self.decoder.collate(samples, seed=mix_seed(*(sample.seed for sample in samples)))
         batch["passes"] = list(passes)  # each sample's epoch (its draw in resampled sampling)
         state["delivered"] += len(samples)
         batch["skipped"] = dict(state["since_last_batch"])
+        batch["bad_shards"] = _take(state["bad_since_batch"])
         state["since_last_batch"].clear()
         return batch
 
 
-@dataclass(frozen=True)
-class _Rest:
-    """The samples of one shard still to train in an epoch after a re-partition: every index from `prefix`
-    on, and the `extra` ones before it (they sat in a shuffle buffer)."""
-
-    prefix: float
-    extra: frozenset
-
-    @property
-    def first(self) -> float:
-        return min(self.prefix, min(self.extra, default=math.inf))
-
-    def needs(self, index: int) -> bool:
-        return index >= self.prefix or index in self.extra
-
-    def past(self, index: int) -> bool:
-        return self.prefix == math.inf and index >= max(self.extra, default=-1)
-
-    def __and__(self, other: _Rest) -> _Rest:
-        """What both leave to train (two re-partitions in a row)."""
-        prefix = max(self.prefix, other.prefix)
-        extra = {i for i in self.extra if other.needs(i)} | {i for i in other.extra if self.needs(i)}
-        return _Rest(prefix, frozenset(i for i in extra if i < prefix))
-
-
-def _carried_rests(carry: dict, epoch: int, urls: list[str]) -> dict[int, _Rest]:
-    """For each position of `epoch`'s shard list, what the old readers had not trained of it: old reader
-    p % R read its shards p // R in order, each up to its cursors; what sat in a buffer goes back."""
-    readers, positions = carry["readers"], carry["positions"]
-    buffered: dict[str, set[int]] = {}
-    for url, index, shard_pass in carry["pending"]:
-        if shard_pass == epoch:
-            buffered.setdefault(url, set()).add(index)
-    rests, seen = {}, set()
-    for position, url in enumerate(urls):
-        old_epoch, shard_cursor, sample_cursor = positions[position % readers]
-        turn = position // readers
-        if old_epoch > epoch or (old_epoch == epoch and turn < shard_cursor):
-            prefix = math.inf
-        elif old_epoch == epoch and turn == shard_cursor:
-            prefix = sample_cursor
-        else:
-            prefix = 0
-        extra = frozenset(buffered.get(url, ())) if url not in seen else frozenset()  # a repeated url: once
-        seen.add(url)
-        if prefix or extra:
-            rests[position] = _Rest(prefix, extra)
-    if "before" in carry:  # an earlier re-partition's readers had not trained everything either
-        earlier = _carried_rests(carry["before"], epoch, urls)
-        for position in range(len(urls)):
-            rest = rests.get(position, _Rest(0, frozenset())) & earlier.get(position, _Rest(0, frozenset()))
-            if rest.prefix or rest.extra:
-                rests[position] = rest
-            else:
-                rests.pop(position, None)
-    return rests
-
-
-def _newest_epoch(carry: dict) -> int:
-    """The newest epoch any old reader (of this or an earlier re-partition) had reached."""
-    newest = max(old[0] for old in carry["positions"])
-    return max(newest, _newest_epoch(carry["before"])) if "before" in carry else newest
-
-
-def _oldest_epoch(carry: dict) -> int:
-    """The oldest epoch a carry leaves anything of (a buffer can hold samples of an epoch its reader has left)."""
-    oldest = min([old[0] for old in carry["positions"]] + [shard_pass for _, _, shard_pass in carry["pending"]])
-    return min(oldest, _oldest_epoch(carry["before"])) if "before" in carry else oldest
+def _take(events: list) -> list:
+    taken = list(events)
+    events.clear()
+    return taken
 
 
 def repartitioned_state(saved: list[dict], *, rank: int, step: int) -> dict:
     """A BatchLoader state for `rank` of a run with a different number of ranks or workers than the run
     that saved `saved` (every old rank's BatchLoader.state_dict(), in rank order) at `step`. In `epoch`
-    sampling the rest of the unfinished epochs is exactly what the old readers had not trained (what sat in
-    their shuffle buffers goes back to the pool), split among the new readers by the new layout; in
+    sampling the rest of the epochs the old readers had begun is exactly what none of them trained (what
+    sat in their shuffle buffers goes back to the pool), cut among the new readers by the new layout; in
     `resampled` sampling the new readers start new streams derived from (seed, step). Counts carry over
     on rank 0."""
-    readers = [reader for state in saved for reader in _reader_states(state["loader"])]
-    layouts = {reader["layout"].split("/", 2)[2] for reader in readers if reader}
-    if len(layouts) != 1:
-        raise ValueError(f"the checkpoint's loader states disagree on their layout: {sorted(layouts)}")
-    carry = {"readers": len(readers),
-             "positions": [[r["epoch"], r["shard_cursor"], r["sample_cursor"]] if r else [0, 0, 0] for r in readers],
-             "pending": [list(position) for r in readers if r for position in r["buffer"]]}
-    earlier = next((reader["carry"] for reader in readers if reader and "carry" in reader), None)
-    if earlier is not None:  # re-partitioned again before the old carry was spent: both apply
-        carry["before"] = earlier
+    per_rank = [_reader_states(state["loader"]) for state in saved]
+    readers = [reader for states in per_rank for reader in states]
+    known = [reader for reader in readers if reader and "layout" in reader]
+    if not known:  # no reader had delivered a batch: the saved run's own start is the start
+        start = next((state["start"] for state in saved if state.get("start")), None)
+        if start is None:
+            raise ValueError("the checkpoint's loader states hold no reader position; resume with the same "
+                             "number of ranks and data.workers")
+        start = {**start, "step": step}
+    else:
+        layouts = {reader["layout"].split("/", 2)[2] for reader in known}
+        if len(layouts) != 1:
+            raise ValueError(f"the checkpoint's loader states disagree on their layout: {sorted(layouts)}")
+        start = {"layout": layouts.pop(), "step": step}
+        if "/epoch/" in f"/{start['layout']}/":
+            start |= epochs.repartition(_resolved(per_rank, saved, total=known[0]["total"]))
     skipped = sum((Counter(state["skipped"]) for state in saved), Counter()) if rank == 0 else Counter()
-    return {"repartition": {"carry": carry, "step": step, "layout": layouts.pop()}, "skipped": dict(skipped),
+    bad = sum((Counter(state.get("bad_shards", {})) for state in saved), Counter()) if rank == 0 else Counter()
+    return {"repartition": start, "skipped": dict(skipped), "bad_shards": dict(bad),
             "samples_delivered": sum(state["samples_delivered"] for state in saved) if rank == 0 else 0,
             "batches_delivered": 0}
+
+
+def _resolved(per_rank: list[list[dict | None]], saved: list[dict], *, total: int) -> list[dict]:
+    """Every old reader's position; one that had not delivered a batch yet is where its run started it."""
+    world = len(per_rank)
+    resolved = []
+    for rank, (states, rank_state) in enumerate(zip(per_rank, saved)):
+        for worker, state in enumerate(states):
+            if state and "layout" in state:
+                resolved.append(state)
+                continue
+            start = (state or {}).get("repartition") or rank_state.get("start")
+            reader = epochs.reader_order(rank=rank, worker=worker, world_size=world)
+            resolved.append(epochs.started(reader=reader, readers=world * len(states), total=total, start=start))
+    return resolved
 
 
 def _reader_states(loader_state: dict) -> list[dict | None]:
@@ -434,10 +450,12 @@ def _reader_states(loader_state: dict) -> list[dict | None]:
             for i in range(workers)]
 
 
-def _count_skip(state: dict, reason: str, *, where: str) -> None:
-    """Count a skipped sample (or shard); stop a stream that has gone bad for good."""
-    state["skipped"][reason] += 1
-    state["since_last_batch"][reason] += 1
+def _count_skip(state: dict, reason: str | None, *, where: str) -> None:
+    """Count a skipped sample (or shard; None: a skip counted elsewhere, or an epoch that gave this reader
+    nothing); stop a stream that has gone bad for good."""
+    if reason is not None:
+        state["skipped"][reason] += 1
+        state["since_last_batch"][reason] += 1
     state["skips_in_a_row"] += 1
     if state["skips_in_a_row"] > MAX_SKIPS_IN_A_ROW:
         raise UnusableData(f"{state['skips_in_a_row']} samples or shards in a row were skipped "
@@ -468,8 +486,11 @@ class BatchLoader:
 
         self.stream = stream
         self.skipped: Counter = Counter()
+        self.bad_shards: Counter = Counter()  # unreadable shards per epoch, of this rank's readers
+        self.last_bad_shard = ""
         self.samples_delivered = 0
         self.batches_delivered = 0
+        self._start: dict | None = None  # the re-partition this loader started from, if any
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 on torch 2.14
             self._loader = StatefulDataLoader(
@@ -481,16 +502,36 @@ class BatchLoader:
     def __iter__(self) -> Iterator[dict]:
         for batch in self._loader:
             self.skipped.update(batch.pop("skipped"))
+            for epoch, message in batch.pop("bad_shards"):
+                self.bad_shards[epoch] += 1
+                self.last_bad_shard = message
+            self.check_bad_shards(self.bad_shards)
             if batch["size"] == 0:
                 continue
             self.samples_delivered += batch["size"]
             self.batches_delivered += 1
             yield batch
 
+    def check_bad_shards(self, counts: Counter, *, last: str | None = None) -> None:
+        """Stop once more than data.max_bad_shard_fraction of an epoch's shards were unreadable: `counts` per
+        epoch, of this rank's readers or (the training loop's check at log steps) of all ranks together."""
+        shards = len(self.stream._all_urls)
+        limit = self.stream.settings.max_bad_shard_fraction
+        for epoch, bad in sorted(counts.items()):
+            if bad > limit * shards:
+                raise UnusableData(
+                    f"{bad} of the {shards} shards of epoch {epoch} were unreadable, more than "
+                    f"data.max_bad_shard_fraction={limit:g} (last: {last or self.last_bad_shard}; skips so far "
+                    f"{dict(self.skipped)}): fix or remove those shards, or raise data.max_bad_shard_fraction")
+
     def state_dict(self) -> dict:
         """Everything needed to continue after the last batch this loader yielded."""
-        return {"loader": self._loader.state_dict(), "skipped": dict(self.skipped),
-                "samples_delivered": self.samples_delivered, "batches_delivered": self.batches_delivered}
+        state = {"loader": self._loader.state_dict(), "skipped": dict(self.skipped),
+                 "bad_shards": dict(self.bad_shards), "samples_delivered": self.samples_delivered,
+                 "batches_delivered": self.batches_delivered}
+        if self._start is not None:  # for readers that have not delivered a batch since the re-partition
+            state["start"] = self._start
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore before iterating; the workers and world size must match the saved run.
@@ -499,9 +540,12 @@ class BatchLoader:
         """
         if "repartition" in state:
             self.stream.load_state_dict({"repartition": state["repartition"]})
+            self._start = state["repartition"]
         elif not state["loader"].get("_iterator_finished", False):
             self._loader.load_state_dict(state["loader"])
+            self._start = state.get("start")
         self.skipped = Counter(state["skipped"])
+        self.bad_shards = Counter(state.get("bad_shards", {}))
         self.samples_delivered = state["samples_delivered"]
         self.batches_delivered = state["batches_delivered"]
 
@@ -528,15 +572,13 @@ def build_loader(
         epochs=epochs if train else 1, shuffle_shards=train, drop_last=train, allow_pipe=config.allow_pipe,
         max_bad_shard_fraction=config.max_bad_shard_fraction,
     )
-    shard_count = sum(len(source.urls) for source in sources)
-    readers = world_size * max(config.workers, 1)
-    if settings.sampling == "epoch" and shard_count < readers:
-        layout = f"{shard_count} shards for {readers} readers ({world_size} ranks x {max(config.workers, 1)} workers)"
-        if train:  # a reader without shards would end its rank's stream while the others train on: a hang
-            fits = f"set data.workers={shard_count // world_size} or fewer, or " if shard_count >= world_size else ""
-            raise ValueError(f"{layout}: in epoch sampling every reader needs a shard of its own; {fits}write at "
-                             f"least {readers} shards (many more balance better), or use data.sampling=resampled")
-        warnings.warn(f"{layout}: some read nothing; write more, smaller shards", stacklevel=2)
+    if settings.sampling == "epoch":
+        unreadable: list[ShardError] = []
+        sizes = shard_sizes([url for source in sources for url in source.urls], allow_pipe=config.allow_pipe,
+                            unreadable=unreadable)
+        settings = dataclasses.replace(settings, sizes=tuple(sizes.values()))
+        _check_enough_samples(sum(sizes.values()), world_size=world_size, workers=max(config.workers, 1),
+                              train=train, unreadable=unreadable)
     augment = AugmentSettings(
         image_size=config.image_size, max_pixels=config.max_pixels, train=train, crop_scale=config.crop_scale,
         crop_ratio=config.crop_ratio, hflip_probability=config.hflip_probability,
@@ -545,3 +587,19 @@ def build_loader(
                               mlm_probability=config.mlm_probability, pad_to_longest=config.pad_to_longest)
     stream = ShardStream(settings, SampleDecoder(augment, captions))
     return BatchLoader(stream, workers=config.workers, prefetch_factor=config.prefetch_factor)
+
+
+def _check_enough_samples(samples: int, *, world_size: int, workers: int, train: bool,
+                          unreadable: list[ShardError]) -> None:
+    """In epoch sampling each reader trains an equal piece of the epoch's samples: training needs one for each."""
+    readers = world_size * workers
+    if samples >= readers:
+        return
+    if samples == 0 and unreadable:
+        raise UnusableData(f"no shard could be read ({len(unreadable)} unreadable; first: {unreadable[0]})")
+    layout = f"{samples} samples for {readers} readers ({world_size} ranks x {workers} workers)"
+    if train:  # a reader without samples would end its rank's stream while the others train on: a hang
+        fits = f"set data.workers={samples // world_size} or fewer, or " if samples >= world_size else ""
+        raise ValueError(f"{layout}: in epoch sampling every reader needs a sample of its own; {fits}use more "
+                         "data, or data.sampling=resampled")
+    warnings.warn(f"{layout}: some read nothing", stacklevel=3)

@@ -18,6 +18,7 @@ import os
 import re
 import tarfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,25 +237,100 @@ def iter_raw_samples(url: str, *, allow_pipe: bool = False, start: int = 0) -> I
 
 
 def read_sizes(urls: list[str]) -> dict[str, int] | None:
-    """Sample counts per shard from the `sizes.json` beside local shards, or None if any is unknown."""
+    """Sample counts per shard from the `sizes.json` beside the shards, or None if any is unknown."""
+    known = _listed_sizes(urls)
+    return known if len(known) == len(set(urls)) else None
+
+
+def _listed_sizes(urls: list[str]) -> dict[str, int]:
+    """The sample counts that a `sizes.json` beside the shards gives (local folders and fsspec URLs)."""
     sizes: dict[str, int] = {}
     loaded: dict[str, dict] = {}
     for url in urls:
-        if not _is_local(url):
-            return None
-        folder = os.path.dirname(url) or "."
+        if url.startswith("pipe:"):
+            continue
+        local = _is_local(url)
+        folder = (os.path.dirname(url) or ".") if local else url.rsplit("/", 1)[0]
         if folder not in loaded:
-            path = os.path.join(folder, SIZES_FILE)
-            try:
-                with open(path) as handle:
-                    loaded[folder] = json.load(handle)
-            except (OSError, json.JSONDecodeError):
-                return None
-        count = loaded[folder].get(os.path.basename(url))
-        if count is None:
-            return None
-        sizes[url] = int(count)
+            loaded[folder] = _read_sizes_file(folder, local=local)
+        count = loaded[folder].get(url.rsplit("/", 1)[-1] if not local else os.path.basename(url))
+        if isinstance(count, int) and count >= 0:
+            sizes[url] = count
     return sizes
+
+
+def _read_sizes_file(folder: str, *, local: bool) -> dict:
+    try:
+        if local:
+            with open(os.path.join(folder, SIZES_FILE)) as handle:
+                listed = json.load(handle)
+        else:
+            import fsspec
+
+            with fsspec.open(f"{folder}/{SIZES_FILE}", "rt") as handle:
+                listed = json.load(handle)
+    except Exception:  # noqa: BLE001  # absent, unreadable or not JSON (any fsspec backend): count instead
+        return {}
+    return listed if isinstance(listed, dict) else {}
+
+
+def count_samples(url: str, *, allow_pipe: bool = False) -> int:
+    """The samples of a shard, numbered as iter_raw_samples numbers them (a truncated shard: those before the
+    cut). A local tar is walked header by header without reading its members; others are read through."""
+    if _is_local(url) and not url.startswith("file:"):
+        with open_shard(url) as handle:  # raises ShardError for a missing or empty file
+            try:
+                with tarfile.open(fileobj=handle, mode="r:") as archive:
+                    return _count_keys(member.name for member in _members_until_error(archive) if member.isfile())
+            except tarfile.ReadError as error:
+                raise ShardError(f"shard {url}: not a readable tar file ({error})", "not_a_tar") from None
+    count = 0
+    try:
+        for _ in iter_raw_samples(url, allow_pipe=allow_pipe):
+            count += 1
+    except ShardTruncated as error:
+        return error.samples_read
+    return count
+
+
+def _members_until_error(archive: tarfile.TarFile):
+    try:
+        yield from archive
+    except (tarfile.TarError, OSError, EOFError):
+        return  # truncated: the loader counts it when it gets there
+
+
+def _count_keys(names) -> int:
+    from webdataset.tariterators import base_plus_ext
+
+    count, current = 0, None
+    for name in names:
+        key, _ = base_plus_ext(name)
+        if key is not None and key != current:
+            count, current = count + 1, key
+    return count
+
+
+def shard_sizes(urls: list[str], *, allow_pipe: bool = False, unreadable: list | None = None) -> dict[str, int]:
+    """Samples per shard, in the order of `urls`: from sizes.json where it lists them, else counted (with a
+    progress bar when there are many). An unreadable shard counts 0 (its error goes to `unreadable`); the
+    loader meets it again and skips and counts it there."""
+    listed = _listed_sizes(urls)
+    missing = [url for url in dict.fromkeys(urls) if url not in listed]
+    if missing:
+        from tqdm import tqdm
+
+        if len(missing) > 50:
+            warnings.warn(f"{len(missing)} shards have no sizes.json entry: counting their samples (write a "
+                          "sizes.json beside them to start faster)", stacklevel=2)
+        for url in tqdm(missing, desc="counting samples", unit="shard", disable=len(missing) <= 50):
+            try:
+                listed[url] = count_samples(url, allow_pipe=allow_pipe)
+            except ShardError as error:
+                listed[url] = 0
+                if unreadable is not None:
+                    unreadable.append(error)
+    return {url: listed[url] for url in urls}
 
 
 def write_bytes_atomically(path: str | os.PathLike, payload: bytes) -> None:

@@ -200,9 +200,10 @@ def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], key
     micro-batch without gradients, the step's contrastive loss over all of them (every rank's) and its
     gradient with respect to each feature, then each micro-batch again with gradients, replaying the random
     generator state of its first pass (patch dropout draws the same patches). A step whose feature pass is
-    NaN/inf on any rank is skipped on all of them (new batches are drawn); without the feature pass, a
-    micro-batch whose loss is NaN/inf is skipped alike, before its gradients are reduced: the one blocking
-    read of a micro-batch."""
+    NaN/inf on any rank is skipped on all of them (new batches are drawn); a micro-batch whose loss is NaN/inf
+    (without the feature pass, or in the gradient pass after a finite feature pass) is skipped alike, before
+    its gradients are reduced, and a new batch takes its place: the one blocking read of a micro-batch.
+    Under GradCache that batch adds no contrastive gradient (it was not in the step's loss), only its MLM."""
     config = run.config.loss
     accumulation = run.layout.accumulation
     cached = config.objective == "contrastive" and accumulation > 1 and config.whole_batch_negatives
@@ -228,23 +229,26 @@ def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], key
         _count_nonfinite(run, progress, bad_in_row)
     bad_in_row[0] = 0
     sums = None
-    pending = list(zip(micro, inputs))
+    pending = [(batch, device_batch, True) for batch, device_batch in zip(micro, inputs)]
     while pending:
-        batch, device_batch = pending.pop(0)
+        batch, device_batch, from_feature_pass = pending.pop(0)
         index = accumulation - len(pending) - 1
         if cached:
-            set_rng_state(states[index])
             rows = slice(index * run.layout.micro_batch_size, (index + 1) * run.layout.micro_batch_size)
-            extra |= {"feature_gradients": (gradients.image[rows], gradients.text[rows], gradients.logit_scale,
-                                            gradients.logit_bias), "accumulation": accumulation}
+            image_grad, text_grad = gradients.image[rows], gradients.text[rows]
+            if from_feature_pass:
+                set_rng_state(states[index])
+            else:  # a replacement: not in the step's contrastive loss, so no feature gradient (its MLM loss counts)
+                image_grad, text_grad = torch.zeros_like(image_grad), torch.zeros_like(text_grad)
+            extra |= {"feature_gradients": (image_grad, text_grad, gradients.logit_scale, gradients.logit_bias),
+                      "accumulation": accumulation}
         out = run.engine(**device_batch, **extra)
         if not _all_finite(out.total):
-            if cached:  # earlier micro-batches of this step are in the gradients already
-                raise NonFiniteLoss(f"a NaN/inf loss in the gradient pass of step {progress.step} after a finite "
-                                    "feature pass (the masked-LM loss)")
+            # Skipped on every rank (the check is agreed) before its gradients are reduced; under GradCache the
+            # earlier micro-batches' gradients are in already, so a fresh batch takes its place in the step.
             _count_nonfinite(run, progress, bad_in_row)
             replacement = next(batches)
-            pending.insert(0, (replacement, _to_device(replacement, run.device)))
+            pending.insert(0, (replacement, _to_device(replacement, run.device), False))
             continue
         keys.extend(zip(batch["keys"], batch.get("passes", [None] * len(batch["keys"]))))
         rows = len(batch["input_ids"])

@@ -1,0 +1,161 @@
+"""Which samples of an epoch each reader reads, and what is left of the epochs when the readers change.
+
+An epoch is its shards in the epoch's (shuffled) order, laid end to end: sample position p of the
+epoch is sample p - offset(shard) of the shard it falls in, the offsets being running sums of the
+shards' sample counts (sizes.json, or counted). The readers (rank x worker) cut that line into
+contiguous pieces of equal length, give or take one sample, so every reader finishes an epoch
+within a batch of the others, whatever the sizes of the shards: the readers that the training loop
+takes batches from first (worker 0 of every rank, then worker 1, ...) get the extra samples.
+The counts are dealt over the whole run, not per epoch, so the odd samples do not pile up on the
+same readers epoch after epoch.
+
+After a change in the number of readers (elastic resume) the epochs that some reader had begun
+become "rests": the sorted positions that no old reader trained (its unread positions and what
+sat in its shuffle buffer), cut among the new readers the same way. A reader's piece of a rest
+is a list of intervals; a piece of a whole epoch is one interval.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+
+Intervals = list[tuple[int, int]]  # sorted, disjoint, non-empty [low, high) ranges of epoch positions
+
+
+def reader_order(*, rank: int, worker: int, world_size: int) -> int:
+    """Where a reader stands in the order the training loop takes batches: worker 0 of ranks 0..W-1
+    (all in the same step), then worker 1 of every rank, and so on."""
+    return worker * world_size + rank
+
+
+def dealt(total: int, reader: int, readers: int) -> int:
+    """How many of items 0..total-1 go to `reader` when they are dealt round the readers one by one."""
+    return (total + readers - 1 - reader) // readers
+
+
+def piece(*, before: int, length: int, reader: int, readers: int) -> tuple[int, int]:
+    """`reader`'s [start, end) of an epoch (or rest) of `length` positions that begins after `before`
+    positions of the run's stream: the readers' pieces follow each other in reader order, each as long
+    as the count dealt to it of this stretch of the stream."""
+    start = sum(dealt(before + length, other, readers) - dealt(before, other, readers) for other in range(reader))
+    return start, start + dealt(before + length, reader, readers) - dealt(before, reader, readers)
+
+
+def normalized(ranges: Iterable[tuple[int, int]]) -> Intervals:
+    """Sorted, merged, without empty ranges."""
+    merged: Intervals = []
+    for low, high in sorted((int(low), int(high)) for low, high in ranges if high > low):
+        if merged and low <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return merged
+
+
+def length(intervals: Intervals) -> int:
+    return sum(high - low for low, high in intervals)
+
+
+def from_position(intervals: Intervals, position: int) -> Intervals:
+    """The part of `intervals` at or after `position`."""
+    return [(max(low, position), high) for low, high in intervals if high > position]
+
+
+def contains(intervals: Intervals, position: int) -> bool:
+    index = bisect.bisect_right(intervals, (position, float("inf"))) - 1
+    return index >= 0 and intervals[index][0] <= position < intervals[index][1]
+
+
+def take(intervals: Intervals, start: int, end: int) -> Intervals:
+    """Positions `start`..`end`-1 of the sequence the intervals spell, in order (a piece of a rest)."""
+    taken, seen = [], 0
+    for low, high in intervals:
+        size = high - low
+        first, last = max(start - seen, 0), min(end - seen, size)
+        if first < last:
+            taken.append((low + first, low + last))
+        seen += size
+        if seen >= end:
+            break
+    return taken
+
+
+def split_by_shard(intervals: Intervals, offsets: list[int]) -> list[tuple[int, Intervals]]:
+    """(shard number in the epoch's order, the intervals within it) for each shard the intervals touch,
+    in order; `offsets` are the shards' first positions plus the epoch's length at the end."""
+    pieces: list[tuple[int, Intervals]] = []
+    for low, high in intervals:
+        shard = bisect.bisect_right(offsets, low) - 1
+        while low < high and shard < len(offsets) - 1:
+            end = min(high, offsets[shard + 1])
+            if end > low:
+                if pieces and pieces[-1][0] == shard:
+                    pieces[-1][1].append((low, end))
+                else:
+                    pieces.append((shard, [(low, end)]))
+            low, shard = end, shard + 1
+    return pieces
+
+
+# --- a reader's position ---------------------------------------------------------------------------
+# A reader's state (epoch sampling) holds: `reader` [order, readers], `total` (samples per epoch),
+# `first_epoch` (where its layout began), `rests` [[epoch, rest length, its piece]] for the epochs
+# that layout began inside, `epoch`, `cursor` (its next unread position of the epoch: it has read
+# every position of its piece before it) and `buffer` [[url, index, epoch, position], ...].
+
+def started(*, reader: int, readers: int, total: int, start: dict | None = None) -> dict:
+    """A reader's position before it has read anything: at epoch 0 of a fresh run, or at the first epoch
+    of a re-partition's `start` (repartition()'s result), with its piece of each rest."""
+    state = {"reader": [reader, readers], "total": total, "first_epoch": 0, "rests": [], "epoch": 0, "cursor": 0,
+             "buffer": []}
+    if start is not None:
+        before = 0
+        for epoch, rest in start["rests"]:
+            rest = [tuple(pair) for pair in rest]
+            low, high = piece(before=before, length=length(rest), reader=reader, readers=readers)
+            state["rests"].append([epoch, length(rest), take(rest, low, high)])
+            before += length(rest)
+        state["first_epoch"] = state["epoch"] = start["first_epoch"]
+    return state
+
+
+def plan(state: dict, epoch: int) -> Intervals:
+    """The positions of `epoch` that this reader reads (all of them, read or not)."""
+    before = 0
+    for rest_epoch, rest_length, own in state["rests"]:
+        if rest_epoch == epoch:
+            return [tuple(pair) for pair in own]
+        if rest_epoch < epoch:
+            before += rest_length
+    whole_epochs = epoch - state["first_epoch"] - sum(1 for rest in state["rests"] if rest[0] < epoch)
+    before += whole_epochs * state["total"]
+    reader, readers = state["reader"]
+    low, high = piece(before=before, length=state["total"], reader=reader, readers=readers)
+    return [(low, high)] if high > low else []
+
+
+def is_rest(state: dict, epoch: int) -> bool:
+    return any(rest[0] == epoch for rest in state["rests"])
+
+
+def repartition(readers: list[dict]) -> dict:
+    """What the old readers left of the epochs any of them had begun, as {first_epoch, rests: [[epoch,
+    intervals]]}: for each epoch from the oldest reader's to the newest's, the positions no old reader
+    trained: the unread part of each reader's piece and whatever sat in its shuffle buffer."""
+    oldest = min(reader["epoch"] for reader in readers)
+    newest = max(reader["epoch"] for reader in readers)
+    rests = []
+    for epoch in range(oldest, newest + 1):
+        ranges: list[tuple[int, int]] = []
+        for reader in readers:
+            if reader["epoch"] > epoch:
+                continue
+            own = plan(reader, epoch)
+            if reader["epoch"] == epoch:
+                own = from_position(own, reader["cursor"])
+                ranges += [(position, position + 1) for *_, buffered_epoch, position in reader["buffer"]
+                           if buffered_epoch == epoch]
+            ranges += own
+        rests.append([epoch, normalized(ranges)])
+    return {"first_epoch": oldest, "rests": rests}
