@@ -285,7 +285,7 @@ class ShardStream(IterableDataset):
         with the step."""
         state = self._fresh_state(worker, workers, start if self.settings.sampling == "epoch" else None)
         ours = state["layout"].split("/", 2)[2]
-        if start["layout"] != ours:
+        if start["layout"] not in (None, ours):
             raise ValueError(f"the checkpoint's loader read {start['layout']} (version/sampling/seed/shards) and this "
                              f"run reads {ours}: resume with the same data.sampling, data.seed and shard spec")
         state["rng"] = random.Random(mix_seed(self.settings.seed, "shuffle", state["reader"][0], "resumed",
@@ -407,10 +407,8 @@ def repartitioned_state(saved: list[dict], *, rank: int, step: int) -> dict:
     known = [reader for reader in readers if reader and "layout" in reader]
     if not known:  # no reader had delivered a batch: the saved run's own start is the start
         start = next((state["start"] for state in saved if state.get("start")), None)
-        if start is None:
-            raise ValueError("the checkpoint's loader states hold no reader position; resume with the same "
-                             "number of ranks and data.workers")
-        start = {**start, "step": step}
+        # None: saved before any batch of a fresh run, so the run starts afresh in the new layout.
+        start = {**(start or {"layout": None, "first_epoch": 0, "rests": []}), "step": step}
     else:
         layouts = {reader["layout"].split("/", 2)[2] for reader in known}
         if len(layouts) != 1:
