@@ -204,9 +204,64 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: expected a mapping of sections at the top")
         values = loaded or {}
+    from_command_line: set[str] = set()
     for override in overrides:
-        values = _deep_merge(values, parse_override(override))
-    return _build(cls, values, "")
+        parsed = parse_override(override)
+        for dotted in _leaf_keys(parsed):
+            _drop_alternative(cls, values, dotted, keep=from_command_line)
+            from_command_line.add(dotted)
+        values = _deep_merge(values, parsed)
+    config = _build(cls, values, "")
+    _check_alternatives(config, "")
+    return config
+
+
+def _leaf_keys(values: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        keys += _leaf_keys(value, f"{dotted}.") if isinstance(value, dict) else [dotted]
+    return keys
+
+
+def _section_class(cls: type, path: list[str]) -> type | None:
+    """The dataclass of the section at `path` (None where the path leaves the tree)."""
+    for name in path:
+        annotation = _hints(cls).get(name) if dataclasses.is_dataclass(cls) else None
+        if annotation is None or not dataclasses.is_dataclass(annotation):
+            return None
+        cls = annotation
+    return cls
+
+
+def _drop_alternative(cls: type, values: dict, dotted: str, *, keep: set[str]) -> None:
+    """A command-line key replaces its section's alternative to it (train.steps replaces a YAML's train.samples):
+    defaults < YAML < command line, for a pair of keys of which only one can be in force."""
+    *path, leaf = dotted.split(".")
+    section = _section_class(cls, path)
+    for pair in getattr(section, "ALTERNATIVES", ()):
+        if leaf not in pair:
+            continue
+        other = pair[1] if pair[0] == leaf else pair[0]
+        node = values
+        for name in path:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict) and ".".join([*path, other]) not in keep:
+            node.pop(other, None)
+
+
+def _check_alternatives(config, prefix: str) -> None:
+    """Two keys of a pair both set at the same level (both in the YAML, or both on the command line) is an error
+    that names them, never one silently winning."""
+    for first, second in getattr(type(config), "ALTERNATIVES", ()):
+        if getattr(config, first) and getattr(config, second):
+            raise ConfigError(f"{prefix}{first}={getattr(config, first)} and {prefix}{second}={getattr(config, second)} "
+                              f"are both set, and only one of them can apply: set {prefix}{first}=0 or "
+                              f"{prefix}{second}=0")
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            _check_alternatives(value, f"{prefix}{field.name}.")
 
 
 def to_dict(config) -> dict:

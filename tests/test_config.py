@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +98,22 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_yaml(config))
     assert load_config(Root, path) == config
+
+
+def test_a_budget_on_the_command_line_replaces_the_yamls_other_budget_and_two_at_one_level_are_refused(tmp_path):
+    """train.samples and train.steps are one budget: tiny.yaml sets train.samples, and train.steps=2 on the
+    command line must win (defaults < YAML < CLI), not be silently ignored; both in one place is an error."""
+    from mmscale.config import ConfigError, load_config
+    from mmscale.train.config import TrainRunConfig
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml"
+    config = load_config(TrainRunConfig, tiny, ["train.steps=2"])
+    assert (config.train.steps, config.train.samples) == (2, 0)
+    assert load_config(TrainRunConfig, tiny, ["train.samples=64"]).train.samples == 64
+    with pytest.raises(ConfigError, match=r"train.samples=5 and train.steps=2 are both set.*set train.samples=0 or "
+                                          r"train.steps=0"):
+        load_config(TrainRunConfig, tiny, ["train.steps=2", "train.samples=5"])
+    both = tmp_path / "both.yaml"
+    both.write_text("train:\n  samples: 640\n  steps: 3\n")
+    with pytest.raises(ConfigError, match="train.samples=640 and train.steps=3 are both set"):
+        load_config(TrainRunConfig, both)

@@ -191,50 +191,74 @@ def test_resume_after_sigkill_continues_the_straight_run_exactly(corpus, tmp_pat
 
 @pytest.fixture(scope="module")
 def killed_run(corpus, tmp_path_factory) -> dict:
-    """A 2-rank run (960 pairs of 240, batch 48, shuffle buffers of 16) whose rank 1 SIGKILLed itself right
-    after the checkpoint of step 12: mid-epoch, mid-shard, with samples in the buffers."""
+    """A 2-rank run (960 pairs of 240 in 3 uneven shards of 100, 100 and 40; batch 48; tiny.yaml's shuffle buffer
+    of 256, larger than any shard) whose rank 1 was SIGKILLed in the middle of step 11, after the checkpoint of
+    step 8: mid-epoch, mid-shard, with samples in the buffers, and steps 9-10 to be trained again."""
     from mmscale.data.synthetic import make_synthetic_shards
 
     root = tmp_path_factory.mktemp("killed")
-    shards = make_synthetic_shards(root / "shards", 240, samples_per_shard=20, seed=4, corpus_name="digits")
+    shards = make_synthetic_shards(root / "shards", 240, samples_per_shard=100, seed=4, corpus_name="digits")
     common = [f"data.train={'::'.join(shards)}", "train.global_batch_size=48", "train.samples=960",
-              "train.save_every_steps=12", "train.log_sample_keys=true", "data.shuffle_buffer=16"]
+              "train.save_every_steps=4", "train.log_sample_keys=true", "data.shuffle_buffer=256"]
     output = root / "run"
-    code, log = launch_ranks(2, run_overrides(corpus, output, *common),
-                       env={"MMSCALE_KILL_AFTER_CHECKPOINT": "1:12"})
-    assert code != 0 and (output / "checkpoints" / "latest").read_text() == "step00000012", log[-3000:]
+    code, log = launch_ranks(2, run_overrides(corpus, output, *common), env={"MMSCALE_KILL_DURING_STEP": "1:11"})
+    assert code != 0 and (output / "checkpoints" / "latest").read_text() == "step00000008", log[-3000:]
     return {"output": output, "shards": shards, "common": common}
+
+
+def _trained_until(output: Path, step: int, ranks: int) -> Counter:
+    """(key, epoch) pairs that `ranks` ranks of the run in `output` trained in its steps up to `step`."""
+    return Counter(pair for rank in range(ranks) for s, pairs in
+                   last_per_step(output / "sample_keys" / f"rank{rank}.jsonl", with_epochs=True).items()
+                   if s <= step for pair in pairs)
+
+
+def _resume(corpus, killed_run, output: Path, ranks: int, *, env: dict | None = None) -> tuple[int, str]:
+    import shutil
+
+    if not output.exists():
+        shutil.copytree(killed_run["output"], output)
+    shutil.rmtree(output / "sample_keys", ignore_errors=True)
+    return launch_ranks(ranks, run_overrides(corpus, output, *killed_run["common"]), env=env)
+
+
+def _assert_every_key_once_per_epoch(trained: Counter, shards: list[str]) -> None:
+    every_key = {key for shard in shards for key in _keys_of(shard)}
+    for epoch in range(4):  # 960 samples of 240: four whole epochs
+        assert {key for key, e in trained if e == epoch} == every_key, epoch
+    assert set(trained.values()) == {1}, [pair for pair, count in trained.items() if count > 1][:5]
 
 
 @pytest.mark.parametrize("new_ranks", [1, 3])
 def test_a_run_killed_on_two_ranks_resumes_on_another_number(corpus, killed_run, tmp_path, new_ranks):
-    """Elastic resume: the killed 2-rank run resumed on 1 or 3 ranks through DeepSpeed's universal checkpoint,
-    the loader's position re-partitioned: in every epoch every key trains exactly once, and the loss goes on
-    from where it was."""
-    import shutil
-
+    """Elastic resume: the 2-rank run killed mid-step resumed on 1 rank, or on 3 ranks that are killed again
+    (mid-step 15, after the checkpoint of step 12) and resumed on 2: DeepSpeed's universal checkpoint, the loader's
+    position re-partitioned each time. Over both interruptions every key trains exactly once in each of the
+    four epochs, and the loss goes on from where it was."""
     crashed = killed_run["output"]
-    before = [{step: keys for step, keys in last_per_step(crashed / "sample_keys" / f"rank{rank}.jsonl",
-                                                          with_epochs=True).items() if step <= 12} for rank in (0, 1)]
-    losses_before = [record["loss"] for record in metrics(crashed) if record["step"] <= 12]
+    trained = _trained_until(crashed, 8, 2)
+    losses_before = [record["loss"] for record in metrics(crashed) if record["step"] <= 8]
     resumed = tmp_path / "resumed"
-    shutil.copytree(crashed, resumed)
-    shutil.rmtree(resumed / "sample_keys")
-    code, log = launch_ranks(new_ranks, run_overrides(corpus, resumed, *killed_run["common"]))
-    assert code == 0, log[-3000:]
-    assert f"saved by 2 processes and this run has {new_ranks}" in log and "at step 12" in log
-    after = [last_per_step(resumed / "sample_keys" / f"rank{rank}.jsonl", with_epochs=True) for rank in range(new_ranks)]
-    assert sorted(step for entries in after for step in entries) == sorted(list(range(13, 21)) * new_ranks)
-    trained = Counter(pair for entries in [*before, *after] for keys in entries.values() for pair in keys)
-    every_key = {key for shard in killed_run["shards"] for key in _keys_of(shard)}
-    assert max(epoch for _, epoch in trained) >= 3  # 960 samples of 240: the third epoch (2) was cut by the kill
-    for epoch in (0, 1, 2):  # complete; epoch 3 may still be under way when the budget ends
-        assert {key for key, e in trained if e == epoch} == every_key, epoch
-    assert set(trained.values()) == {1}, [pair for pair, count in trained.items() if count > 1][:5]
-    first_after = [record["loss"] for record in metrics(resumed) if record["step"] == 13][0]
-    last_ten = losses_before[-10:]
-    spread = max(last_ten) - min(last_ten)
-    assert min(last_ten) - spread <= first_after <= max(last_ten), (first_after, last_ten)
+    if new_ranks == 3:
+        code, log = _resume(corpus, killed_run, resumed, 3, env={"MMSCALE_KILL_DURING_STEP": "2:15"})
+        assert code != 0 and (resumed / "checkpoints" / "latest").read_text() == "step00000012", log[-3000:]
+        assert "saved by 2 processes and this run has 3" in log and "at step 8" in log
+        trained += _trained_until(resumed, 12, 3)
+        code, log = _resume(corpus, killed_run, resumed, 2)
+        assert code == 0 and "saved by 3 processes and this run has 2" in log and "at step 12" in log, log[-3000:]
+        last_ranks, first_step = 2, 13
+    else:
+        code, log = _resume(corpus, killed_run, resumed, 1)
+        assert code == 0 and "saved by 2 processes and this run has 1" in log and "at step 8" in log, log[-3000:]
+        last_ranks, first_step = 1, 9
+    after = [last_per_step(resumed / "sample_keys" / f"rank{rank}.jsonl") for rank in range(last_ranks)]
+    assert sorted(step for entries in after for step in entries) == sorted(list(range(first_step, 21)) * last_ranks)
+    trained += _trained_until(resumed, 20, last_ranks)
+    _assert_every_key_once_per_epoch(trained, killed_run["shards"])
+    first_after = [record["loss"] for record in metrics(resumed) if record["step"] == 9][-1]
+    last_four = losses_before[-4:]
+    spread = max(last_four) - min(last_four)
+    assert min(last_four) - spread <= first_after <= max(last_four) + spread, (first_after, last_four)
 
 
 def test_unreadable_shards_are_skipped_and_every_good_sample_trains(corpus, tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from mmscale.data.config import DataConfig
 from mmscale.finetune.lora import LoraSettings
@@ -15,10 +15,13 @@ from mmscale.models.config import ModelConfig
 class TrainConfig:
     """Budget, batch, optimizer, schedule, precision, checkpoints and logging."""
 
+    # One budget: a key on the command line replaces the YAML's other one; both at one level is an error.
+    ALTERNATIVES: ClassVar = (("samples", "steps"),)
+
     samples: int = 0
     """Total training samples (image-caption pairs); the run stops after samples / global_batch_size steps."""
     steps: int = 0
-    """Total optimizer steps, when train.samples is 0."""
+    """Total optimizer steps, instead of train.samples (set one of the two)."""
     global_batch_size: int = 256
     """Pairs per optimizer step over all ranks = micro batch x accumulation x world size."""
     micro_batch_size: int = 0

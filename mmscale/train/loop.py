@@ -254,6 +254,7 @@ def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], key
         rows = len(batch["input_ids"])
         run.text_shapes.append((batch["input_ids"].shape[1], len(batch.get("mlm_positions", ())) / max(rows, 1)))
         run.engine.backward(out.total)
+        _injected_fault(progress.step + 1, during=True)
         if run.manual_clip and run.engine.is_gradient_accumulation_boundary():
             run.grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in run.engine.module.parameters() if p.grad is not None], run.manual_clip)
@@ -314,9 +315,12 @@ def _log_record(run: Run, progress: Progress, losses: torch.Tensor, seconds: flo
     if run.config.train.peak_tflops:
         record["mfu"] = tflops / run.config.train.peak_tflops
     per_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(per_rank, dict(loader.skipped))
-    skipped = sum((Counter(counts) for counts in per_rank), Counter())
+    dist.all_gather_object(per_rank, (dict(loader.skipped), dict(loader.bad_shards), loader.last_bad_shard))
+    skipped = sum((Counter(counts) for counts, _, _ in per_rank), Counter())
     record |= {f"skipped_{reason}": count for reason, count in sorted(skipped.items())}
+    # data.max_bad_shard_fraction is of an epoch's shards, all ranks' readers together (the same verdict on each).
+    loader.check_bad_shards(sum((Counter(bad) for _, bad, _ in per_rank), Counter()),
+                            last=next((last for _, _, last in reversed(per_rank) if last), ""))
     return record | memory_gib()
 
 
@@ -467,10 +471,11 @@ def _lineage_file(run: Run):
     return open(folder / f"rank{run.rank}.jsonl", "a", encoding="utf-8")  # noqa: SIM115  # open for the run
 
 
-def _injected_fault(step: int) -> None:
-    """Crash testing: MMSCALE_KILL_AFTER_CHECKPOINT=RANK:STEP makes that rank SIGKILL itself right after
-    the checkpoint of that step, as a node failure would."""
-    target = os.environ.get("MMSCALE_KILL_AFTER_CHECKPOINT", "")
+def _injected_fault(step: int, *, during: bool = False) -> None:
+    """Crash testing, as a node failure would: MMSCALE_KILL_AFTER_CHECKPOINT=RANK:STEP makes that rank SIGKILL
+    itself right after the checkpoint of that step, MMSCALE_KILL_DURING_STEP=RANK:STEP in the middle of the
+    step (after the backward pass of its first micro-batch)."""
+    target = os.environ.get("MMSCALE_KILL_DURING_STEP" if during else "MMSCALE_KILL_AFTER_CHECKPOINT", "")
     if target and target == f"{dist.get_rank()}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
 
