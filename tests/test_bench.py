@@ -43,6 +43,27 @@ def test_loader_benchmark_passes_over_a_truncated_jpeg_in_its_baselines(tmp_path
     assert numbers["mmscale_samples_per_s"] > 0 and numbers["pil_samples_per_s"] > 0
 
 
+def test_loader_benchmark_runs_what_small_data_allows_and_says_why_it_skips_the_rest(tmp_path):
+    """50 good and 7 corrupt samples (under one batch of 64 for the training loader, which drops an incomplete
+    last batch) in 2 shards: the PIL rows run, each mmscale row is skipped with its reason, none crashes."""
+    from corpus import image_bytes, write_tar
+
+    for shard, indexes in enumerate((range(0, 30), range(30, 57))):
+        members = []
+        for index in indexes:
+            jpeg = image_bytes((64, 48), seed=index)
+            members += [(f"{index:04d}.jpg", b"not a jpeg" if index % 8 == 7 else jpeg),
+                        (f"{index:04d}.txt", f"caption number {index}".encode())]
+        write_tar(tmp_path / f"shard-{shard:06d}.tar", members)
+    out = bench("loader.py", "--data", f"{tmp_path}/shard-{{000000..000001}}.tar", "--repeats", "1", "--workers",
+                "1,4")
+    numbers = json.loads(out.strip().splitlines()[-1])
+    assert numbers["pil_samples_per_s"] > 0 and numbers["mmscale_samples_per_s"] is None
+    skipped = [line for line in out.splitlines() if line.startswith("mmscale loader")]
+    assert len(skipped) == 3 and all("skipped: the data holds fewer good samples than one batch of 64" in line
+                                     for line in skipped), out
+
+
 def test_train_throughput_benchmark_runs_every_stage_patch_dropout_and_plain_pytorch():
     """The GPU benchmark's variants at tiny size on CPU (compile is left to the GPU run: minutes on CPU)."""
     out = bench("train_throughput.py", "--preset", "tiny", "--batch", "8", "--steps", "2", "--warmup", "1",

@@ -291,6 +291,29 @@ def test_too_many_unreadable_shards_stop_with_the_numbers(tmp_path, tokenizer):
         assert len(list(build_loader(tolerant, spec=spec, tokenizer=tokenizer, batch_size=3, train=False))) == 1
 
 
+@pytest.mark.parametrize("bad_count", [1, 2])
+def test_the_unreadable_fraction_is_of_the_epochs_shards_across_readers(tmp_path, tokenizer, bad_count):
+    """20 shards over 10 ranks, data.max_bad_shard_fraction=0.05: one missing shard (5% of the epoch) is within
+    the limit although it is half of one reader's shards; two (10%) are over it once the ranks' counts are put
+    together, as the training loop does at log steps (each rank alone has seen at most one)."""
+    urls = write_shards(tmp_path, shards=20 - bad_count, per_shard=2)
+    spec = "::".join(urls + [str(tmp_path / f"nope-{i:06d}.tar") for i in range(bad_count)])
+    config = DataConfig(image_size=32, context_length=16, workers=0, shuffle_buffer=0)
+    loaders = [build_loader(config, spec=spec, tokenizer=tokenizer, batch_size=1, train=True, rank=rank,
+                            world_size=10, epochs=1) for rank in range(10)]
+    with pytest.warns(UserWarning, match="skipped shard"):
+        keys = [key for loader in loaders for batch in loader for key in batch["keys"]]
+    assert sorted(keys) == sorted(f"shard{s:03d}x{i:05d}" for s in range(20 - bad_count) for i in range(2))
+    combined = sum((loader.bad_shards for loader in loaders), Counter())
+    assert combined == Counter({0: bad_count}) and all(loader.bad_shards[0] <= 1 for loader in loaders)
+    if bad_count == 1:
+        loaders[0].check_bad_shards(combined)
+    else:
+        with pytest.raises(UnusableData, match=r"2 of the 20 shards of epoch 0 were unreadable, more than "
+                                               r"data.max_bad_shard_fraction=0.05"):
+            loaders[0].check_bad_shards(combined)
+
+
 def test_resampling_judges_unreadable_shards_over_its_last_draws(tmp_path, tokenizer):
     urls = write_shards(tmp_path, shards=1, per_shard=4)
     spec = f"{urls[0]}::{tmp_path}/nope-000001.tar"  # half the draws hit the missing shard

@@ -47,8 +47,9 @@ class DataConfig:
     """Batches each worker prepares ahead."""
     max_bad_shard_fraction: float = 0.05
     """Unreadable shards (missing, empty, permission denied, not a tar, remote open failing after retries)
-    are skipped and counted as `skipped_shard_<reason>`; a reader that finds more than this fraction of
-    its shards of an epoch unreadable (of its last draws in `resampled` sampling) stops the run."""
+    are skipped and counted as `skipped_shard_<reason>`; the run stops once more than this fraction of an
+    epoch's shards were unreadable (all ranks' readers together, at log steps; in `resampled` sampling: of
+    one reader's last 20 draws)."""
 
     def __post_init__(self):
         checks = [

@@ -33,8 +33,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mmscale.data.config import DataConfig  # noqa: E402
-from mmscale.data.loader import build_loader  # noqa: E402
-from mmscale.data.shards import spec_urls, tar_member, write_json_atomically  # noqa: E402
+from mmscale.data.loader import UnusableData, build_loader  # noqa: E402
+from mmscale.data.shards import ShardError, spec_urls, tar_member, write_json_atomically  # noqa: E402
 from mmscale.data.text import CaptionEncoder, load_tokenizer  # noqa: E402
 
 BATCH_SIZE = 64
@@ -117,24 +117,42 @@ def mmscale_loader(spec: str, tokenizer, workers: int):
     return build_loader(config, spec=spec, tokenizer=tokenizer, batch_size=BATCH_SIZE, train=True, epochs=1)
 
 
+class RowSkipped(Exception):
+    """A row this data cannot run, with the reason printed in its place."""
+
+
 def measure(batches) -> tuple[float, int]:
-    """Steady-state samples/s, timed from the first batch (worker start-up is not counted)."""
+    """Steady-state samples/s, timed from the first batch (worker start-up is not counted); data of one
+    batch is timed from the start."""
+    opened = time.perf_counter()
     iterator = iter(batches)
-    delivered = len(next(iterator)["images"])
+    first = next(iterator, None)
+    if first is None:
+        raise RowSkipped(f"the data holds fewer good samples than one batch of {BATCH_SIZE}")
+    delivered = len(first["images"])
     start, timed = time.perf_counter(), 0
     for batch in iterator:
         timed += len(batch["images"])
+    if not timed:
+        return delivered / (time.perf_counter() - opened), delivered
     return timed / (time.perf_counter() - start), delivered + timed
 
 
-def best_of(repeats: int, *makers) -> list[tuple[float, int]]:
+def best_of(repeats: int, *makers) -> list[tuple[float, int] | str]:
     """Best samples/s of each pipeline over `repeats` rounds; rounds alternate between the
-    pipelines, so a slow spell on a shared machine hits them alike."""
-    results = [[] for _ in makers]
+    pipelines, so a slow spell on a shared machine hits them alike. A pipeline that cannot run
+    on this data gives the reason instead (the others go on)."""
+    results: list[list | str] = [[] for _ in makers]
     for _ in range(repeats):
-        for result, make in zip(results, makers):
-            result.append(measure(make()))
-    return [(max(rate for rate, _ in result), result[-1][1]) for result in results]
+        for index, make in enumerate(makers):
+            if isinstance(results[index], str):
+                continue
+            try:
+                results[index].append(measure(make()))
+            except (RowSkipped, ValueError, UnusableData, ShardError) as error:
+                results[index] = str(error)
+    return [result if isinstance(result, str) else (max(rate for rate, _ in result), result[-1][1])
+            for result in results]
 
 
 def tokenizer_for(spec: str, folder: Path):
@@ -165,24 +183,28 @@ def main(argv: list[str] | None = None) -> int:
             loaders.append(mmscale_loader(spec, tokenizer, 0))
             return loaders[-1]
 
-        (bare_rate, bare_count), (pil_rate, pil_count), (ours_rate, ours_count) = best_of(
-            args.repeats, lambda: bare_decode(spec), lambda: pil_pipeline(spec, encoder), ours)
-        skipped = dict(loaders[-1].skipped)
-        rows = [("bare PIL decode (reference)", "1 thread", bare_rate, bare_count),
-                ("PIL pipeline (open_clip)", "1 thread", pil_rate, pil_count),
-                ("mmscale loader", "1 thread", ours_rate, ours_count)]
+        bare, pil, ours_result = best_of(args.repeats, lambda: bare_decode(spec), lambda: pil_pipeline(spec, encoder),
+                                         ours)
+        skipped = dict(loaders[-1].skipped) if loaders else {}
+        rows = [("bare PIL decode (reference)", "1 thread", bare), ("PIL pipeline (open_clip)", "1 thread", pil),
+                ("mmscale loader", "1 thread", ours_result)]
         for workers in (int(w) for w in args.workers.split(",")):
-            [(rate, count)] = best_of(args.repeats, lambda workers=workers: mmscale_loader(spec, tokenizer, workers))
-            rows.append(("mmscale loader", f"{workers} workers", rate, count))
+            [result] = best_of(args.repeats, lambda workers=workers: mmscale_loader(spec, tokenizer, workers))
+            rows.append(("mmscale loader", f"{workers} workers", result))
     print(f"\n{'pipeline':28s} {'processes':>10s} {'samples/s':>10s} {'vs PIL':>7s} {'samples':>8s}")
-    for name, processes, rate, count in rows:
-        if name.startswith("bare"):
-            print(f"{name:28s} {processes:>10s} {rate:10.1f} {'':>7s} {count:8d}")
+    for name, processes, result in rows:
+        if isinstance(result, str):
+            print(f"{name:28s} {processes:>10s} skipped: {result}")
             continue
-        print(f"{name:28s} {processes:>10s} {rate:10.1f} {rate / pil_rate:6.2f}x {count:8d}")
+        rate, count = result
+        versus = f"{rate / pil[0]:6.2f}x" if not isinstance(pil, str) and not name.startswith(("bare", "PIL")) else ""
+        print(f"{name:28s} {processes:>10s} {rate:10.1f} {versus:>7s} {count:8d}")
     print(f"({os.cpu_count()} cores; 224-px images, batch {BATCH_SIZE}; samples/s timed from the first batch)")
-    print(json.dumps({"mmscale_samples_per_s": round(ours_rate, 1), "pil_samples_per_s": round(pil_rate, 1),
-                      "ratio": round(ours_rate / pil_rate, 3), "delivered": ours_count, "skipped": skipped}))
+    measured = not isinstance(ours_result, str) and not isinstance(pil, str)
+    print(json.dumps({"mmscale_samples_per_s": round(ours_result[0], 1) if measured else None,
+                      "pil_samples_per_s": round(pil[0], 1) if not isinstance(pil, str) else None,
+                      "ratio": round(ours_result[0] / pil[0], 3) if measured else None,
+                      "delivered": ours_result[1] if not isinstance(ours_result, str) else 0, "skipped": skipped}))
     return 0
 
 
