@@ -64,6 +64,16 @@ def test_loader_benchmark_runs_what_small_data_allows_and_says_why_it_skips_the_
                                      for line in skipped), out
 
 
+def test_elastic_resume_check_counts_the_keys_of_a_run_killed_on_two_ranks_and_resumed_on_one():
+    """The script's smallest case (600 samples in 3 shards, 9 steps of 64, killed after step 8, resumed on 1 rank):
+    its table and verdict come from the runs' sample_keys, and the resumed run trained each key once."""
+    out = bench("elastic_resume.py", "--samples", "600", "--budget", "576", "--cases", "2:1", "--kill", "after")
+    verdict = json.loads(out.strip().splitlines()[-1])
+    [row] = verdict["rows"]
+    assert verdict["exact"] and (row["trained"], row["distinct"], row["repeated"], row["later_epochs"]) == (576, 576, 0, 0)
+    assert "2 -> 1" in out and "shards of [200, 200, 200]" in out
+
+
 def test_train_throughput_benchmark_runs_every_stage_patch_dropout_and_plain_pytorch():
     """The GPU benchmark's variants at tiny size on CPU (compile is left to the GPU run: minutes on CPU)."""
     out = bench("train_throughput.py", "--preset", "tiny", "--batch", "8", "--steps", "2", "--warmup", "1",

@@ -15,7 +15,8 @@ import pytest
 from corpus import write_tar
 
 from mmscale.data import epochs
-from mmscale.data.loader import ShardStream, StreamSettings, repartitioned_state
+from mmscale.data.epochs import repartitioned_state
+from mmscale.data.loader import ShardStream, StreamSettings
 from mmscale.data.shards import parse_spec
 
 

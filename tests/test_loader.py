@@ -17,13 +17,13 @@ from PIL import Image
 from shardkit import jpeg_bytes, write_shards
 
 from mmscale.data.config import DataConfig
+from mmscale.data.epochs import repartitioned_state
 from mmscale.data.loader import (
     BatchLoader,
     ShardStream,
     StreamSettings,
     UnusableData,
     build_loader,
-    repartitioned_state,
 )
 from mmscale.data.samples import AugmentSettings, SampleDecoder
 from mmscale.data.shards import parse_spec
@@ -508,7 +508,7 @@ def test_empty_shards_are_counted_and_never_stop_the_others(tmp_path, tokenizer)
 
 
 def test_resampling_only_empty_shards_stops_with_a_clear_error(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setattr("mmscale.data.loader.MAX_SKIPS_IN_A_ROW", 50)
+    monkeypatch.setattr("mmscale.data.stream.MAX_SKIPS_IN_A_ROW", 50)
     write_tar(tmp_path / "empty.tar", [])
     stream = make_stream(tokenizer, str(tmp_path / "empty.tar"), epochs=None, sampling="resampled")
     with pytest.raises(RuntimeError, match=r"51 samples or shards in a row were skipped \(last: empty_shard"):
@@ -516,7 +516,7 @@ def test_resampling_only_empty_shards_stops_with_a_clear_error(tmp_path, tokeniz
 
 
 def test_the_skip_limit_counts_skips_in_a_row_not_per_batch(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setattr("mmscale.data.loader.MAX_SKIPS_IN_A_ROW", 5)
+    monkeypatch.setattr("mmscale.data.stream.MAX_SKIPS_IN_A_ROW", 5)
     good = jpeg_bytes(2)
     alternating = []
     for i in range(40):
@@ -548,3 +548,27 @@ def test_a_tar_cut_inside_its_first_member_is_truncated_not_fatal(tmp_path, toke
     with pytest.warns(UserWarning, match="truncated"):
         assert list(loader) == []
     assert loader.skipped == Counter(truncated_shard=1)
+
+
+def test_samples_beyond_a_shards_listed_size_are_counted_and_named(tmp_path, tokenizer):
+    """sizes.json lists 4 of a shard's 6 samples: positions of other shards would clash with the 2 unlisted ones,
+    so they are skipped, counted as beyond_listed_size and the shard named; the listed ones train once."""
+    urls = write_shards(tmp_path, shards=2, per_shard=6)
+    (tmp_path / "sizes.json").write_text(json.dumps({"shard-000000.tar": 4, "shard-000001.tar": 6}))
+    loader = build_loader(CONFIG, spec="::".join(urls), tokenizer=tokenizer, batch_size=2, train=False)
+    with pytest.warns(UserWarning, match=r"shard .*shard-000000.tar holds 2 samples more than the 4 its sizes.json"):
+        keys = sorted(key for batch in loader for key in batch["keys"])
+    assert keys == sorted([f"shard000x{i:05d}" for i in range(4)] + [f"shard001x{i:05d}" for i in range(6)])
+    assert loader.skipped == Counter(beyond_listed_size=2)
+
+
+def test_a_position_saved_by_the_earlier_shard_split_is_refused_with_the_reason(tmp_path, tokenizer):
+    urls = write_shards(tmp_path, shards=2, per_shard=4)
+    first = build_loader(CONFIG, spec="::".join(urls), tokenizer=tokenizer, batch_size=2, train=True)
+    next(iter(first))
+    state = first.state_dict()
+    state["loader"]["dataset_state"]["layout"] = "0/1/epoch/0/123"  # worker/workers/sampling/seed/shards, no version
+    loader = build_loader(CONFIG, spec="::".join(urls), tokenizer=tokenizer, batch_size=2, train=True)
+    loader.load_state_dict(state)
+    with pytest.raises(ValueError, match="saved by an earlier mmscale, which split epochs among readers by shards"):
+        next(iter(loader))

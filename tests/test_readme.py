@@ -45,6 +45,7 @@ EXERCISED_BY = {
     "tools/bench/final_save.py": (["tests/test_bench.py"], '"final_save.py"'),
     "tools/bench/eval_scaling.py": (["tests/test_bench.py"], '"eval_scaling.py"'),
     "tools/bench/sharding.py": (["tests/test_bench.py"], '"sharding.py"'),
+    "tools/bench/elastic_resume.py": (["tests/test_bench.py"], '"elastic_resume.py"'),
     "tools/gpu_check.sh": (["tests/test_bench.py"], '"gpu_check.sh"'),
 }
 

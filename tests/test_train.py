@@ -438,6 +438,24 @@ def test_user_mistakes_get_one_line_errors(corpus, tmp_path):
         assert "Traceback" not in result.stderr
 
 
+def test_a_nan_gradient_pass_after_a_finite_feature_pass_is_skipped_and_counted(corpus, tmp_path):
+    """GradCache (micro 8 x accumulation 4): step 2's first micro-batch turns NaN in its gradient pass (after a
+    finite feature pass): it is skipped and counted like any NaN micro-batch, a new batch takes its place, and
+    the run goes on to its end instead of stopping."""
+    output = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "mmscale.cli", "train", "--config", str(TINY),
+                             *run_overrides(corpus, output, "train.samples=128", "train.micro_batch_size=8",
+                                            "train.log_sample_keys=true")],
+                            cwd=REPO, env=script_env(tmp_path, MMSCALE_NAN_IN_GRADIENT_PASS="2"), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    records = metrics(output)
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and [r["nonfinite_skipped"] for r in records] == [0, 1, 1, 1]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    trained = last_per_step(output / "sample_keys" / "rank0.jsonl")
+    assert [len(trained[step]) for step in (1, 2, 3, 4)] == [32, 32, 32, 32]  # the replacement filled step 2
+
+
 def test_nan_losses_are_skipped_and_a_run_of_them_stops_after_a_checkpoint(corpus, tmp_path):
     output = tmp_path / "run"
     result = subprocess.run([sys.executable, "-m", "mmscale.cli", "train", "--config", str(TINY),

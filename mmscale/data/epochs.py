@@ -18,6 +18,7 @@ is a list of intervals; a piece of a whole epoch is one interval.
 from __future__ import annotations
 
 import bisect
+from collections import Counter
 from collections.abc import Iterable
 
 Intervals = list[tuple[int, int]]  # sorted, disjoint, non-empty [low, high) ranges of epoch positions
@@ -159,3 +160,57 @@ def repartition(readers: list[dict]) -> dict:
             ranges += own
         rests.append([epoch, normalized(ranges)])
     return {"first_epoch": oldest, "rests": rests}
+
+
+# --- saved states ------------------------------------------------------------------------------------
+def repartitioned_state(saved: list[dict], *, rank: int, step: int) -> dict:
+    """A BatchLoader state for `rank` of a run with a different number of ranks or workers than the run
+    that saved `saved` (every old rank's BatchLoader.state_dict(), in rank order) at `step`. In `epoch`
+    sampling the rest of the epochs the old readers had begun is exactly what none of them trained (what
+    sat in their shuffle buffers goes back to the pool), cut among the new readers by the new layout; in
+    `resampled` sampling the new readers start new streams derived from (seed, step). Counts carry over
+    on rank 0."""
+    per_rank = [_reader_states(state["loader"]) for state in saved]
+    readers = [reader for states in per_rank for reader in states]
+    known = [reader for reader in readers if reader and "layout" in reader]
+    if not known:  # no reader had delivered a batch: the saved run's own start is the start
+        start = next((state["start"] for state in saved if state.get("start")), None)
+        # None: saved before any batch of a fresh run, so the run starts afresh in the new layout.
+        start = {**(start or {"layout": None, "first_epoch": 0, "rests": []}), "step": step}
+    else:
+        layouts = {reader["layout"].split("/", 2)[2] for reader in known}
+        if len(layouts) != 1:
+            raise ValueError(f"the checkpoint's loader states disagree on their layout: {sorted(layouts)}")
+        start = {"layout": layouts.pop(), "step": step}
+        if "/epoch/" in f"/{start['layout']}/":
+            start |= repartition(_resolved(per_rank, saved, total=known[0]["total"]))
+    skipped = sum((Counter(state["skipped"]) for state in saved), Counter()) if rank == 0 else Counter()
+    bad = sum((Counter(state.get("bad_shards", {})) for state in saved), Counter()) if rank == 0 else Counter()
+    return {"repartition": start, "skipped": dict(skipped), "bad_shards": dict(bad),
+            "samples_delivered": sum(state["samples_delivered"] for state in saved) if rank == 0 else 0,
+            "batches_delivered": 0}
+
+
+def _resolved(per_rank: list[list[dict | None]], saved: list[dict], *, total: int) -> list[dict]:
+    """Every old reader's position; one that had not delivered a batch yet is where its run started it."""
+    world = len(per_rank)
+    resolved = []
+    for rank, (states, rank_state) in enumerate(zip(per_rank, saved)):
+        for worker, state in enumerate(states):
+            if state and "layout" in state:
+                resolved.append(state)
+                continue
+            start = (state or {}).get("repartition") or rank_state.get("start")
+            reader = reader_order(rank=rank, worker=worker, world_size=world)
+            resolved.append(started(reader=reader, readers=world * len(states), total=total, start=start))
+    return resolved
+
+
+def _reader_states(loader_state: dict) -> list[dict | None]:
+    """Each worker's ShardStream state in a StatefulDataLoader state (None: a worker that never delivered)."""
+    if "dataset_state" in loader_state:  # no worker processes
+        return [loader_state["dataset_state"] or None]
+    snapshot = loader_state["_snapshot"]
+    workers = snapshot["_main_snapshot"]["_num_workers"]
+    return [(snapshot["_worker_snapshots"].get(f"worker_{i}") or {}).get("dataset_state") or None
+            for i in range(workers)]

@@ -123,9 +123,9 @@ def load_checkpoint(engine, root: Path, tag: str, *, seed: int = 0) -> tuple[Pro
 
     A checkpoint saved by another number of processes is loaded through DeepSpeed's universal checkpoint
     (`ds_to_universal`, run here by rank 0 into `<root>/universal/<tag>`; the engine must have been built with
-    `checkpoint.load_universal`), and the loader position is re-partitioned (loader.repartitioned_state);
+    `checkpoint.load_universal`), and the loader position is re-partitioned (epochs.repartitioned_state);
     ranks beyond the old world start their random generators from (seed, step, rank)."""
-    from mmscale.data.loader import repartitioned_state
+    from mmscale.data.epochs import repartitioned_state
 
     rank, world = dist.get_rank(), dist.get_world_size()
     first = _trainer_state(root / tag / "trainer_state_rank0.pt")

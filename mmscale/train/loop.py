@@ -243,6 +243,8 @@ def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], key
             extra |= {"feature_gradients": (image_grad, text_grad, gradients.logit_scale, gradients.logit_bias),
                       "accumulation": accumulation}
         out = run.engine(**device_batch, **extra)
+        if cached and from_feature_pass and _injected_nan(progress.step + 1, index):
+            out.total = out.total + float("nan")
         if not _all_finite(out.total):
             # Skipped on every rank (the check is agreed) before its gradients are reduced; under GradCache the
             # earlier micro-batches' gradients are in already, so a fresh batch takes its place in the step.
@@ -356,6 +358,12 @@ def _resume(run: Run, loader) -> Progress:
     if run.rank == 0:
         print(f"mmscale train: resumed from {root / tag} at step {progress.step} ({progress.samples} samples)",
               flush=True)
+        rests = loader_state.get("repartition", {}).get("rests")
+        if rests:  # re-partitioned: what the new readers train first, before whole epochs
+            left = ", ".join(f"{sum(high - low for low, high in rest):,} of epoch {epoch}" for epoch, rest in rests)
+            print(f"mmscale train: the loader re-partitions the samples no old reader trained ({left}, of "
+                  f"{loader.stream.samples_per_epoch:,} an epoch) among this run's readers; none is skipped or "
+                  "repeated", flush=True)
     return progress
 
 
@@ -478,6 +486,12 @@ def _injected_fault(step: int, *, during: bool = False) -> None:
     target = os.environ.get("MMSCALE_KILL_DURING_STEP" if during else "MMSCALE_KILL_AFTER_CHECKPOINT", "")
     if target and target == f"{dist.get_rank()}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _injected_nan(step: int, micro_batch: int) -> bool:
+    """Fault testing: MMSCALE_NAN_IN_GRADIENT_PASS=STEP makes the gradient pass of that step's first micro-batch
+    NaN after a finite feature pass (what a masked-LM overflow does), on every rank."""
+    return micro_batch == 0 and os.environ.get("MMSCALE_NAN_IN_GRADIENT_PASS", "") == str(step)
 
 
 def _progress_bar(run: Run, progress: Progress):
