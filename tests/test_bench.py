@@ -108,12 +108,14 @@ def test_eval_scaling_benchmark_times_both_methods_on_one_and_two_ranks():
 
 
 def test_learning_benchmark_trains_mmscale_on_rendered_characters_end_to_end():
-    """The mmscale half of tools/bench/learning.py at toy size (open_clip's half needs open-clip-torch
-    installed into its own folder from PyPI, which the full benchmark does)."""
+    """Only that the mmscale half of tools/bench/learning.py runs end to end at toy size and reports its figures
+    (open_clip's half needs open-clip-torch installed into its own folder from PyPI, which the full benchmark
+    does). Four steps on 128 samples learn nothing worth checking: learning itself is checked by
+    test_train.py's ZeRO-3 learning test and the trained_tiny fixture's users."""
     out = bench("learning.py", "--corpus", "digits", "--train-samples", "128", "--test-samples", "40",
                 "--per-shard", "64", "--epochs", "1", "--batch", "32", "--warmup", "1", "--skip-open-clip", "--skip-zero3")
     numbers = json.loads(out.strip().splitlines()[-1])
-    assert 0.0 <= numbers["mmscale_top1"] <= 1.0 and numbers["mmscale_seconds"] > 0
+    assert {"mmscale_top1", "mmscale_seconds"} <= set(numbers) and numbers["mmscale_seconds"] > 0
     assert "contrastive loss (mmscale, seed 0): 4: " in out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 from corpus import bomb_png, image_bytes
 from PIL import Image
@@ -19,12 +20,39 @@ def test_jpeg_within_size_keeps_its_bytes_and_larger_ones_shrink():
     assert Image.open(io.BytesIO(big.jpeg)).size == (128, 64)
 
 
+def smooth_image(mode: str, size=(30, 20)) -> Image.Image:
+    """Colour gradients (JPEG keeps them within a few levels) with half-transparent pixels for alpha modes."""
+    x, y = np.meshgrid(np.linspace(0, 1, size[0]), np.linspace(0, 1, size[1]))
+    rgb = np.stack([x * 220 + 20, y * 200 + 30, (1 - x) * 180 + 40], axis=-1).astype(np.uint8)
+    image = Image.fromarray(rgb)
+    if mode in ("RGBA", "LA"):
+        image.putalpha(Image.fromarray((x * 255).astype(np.uint8)))
+    if mode == "P":  # an adaptive palette without dithering: smooth, so JPEG's loss stays small
+        return image.quantize(256, dither=Image.Dither.NONE)
+    return image.convert(mode)
+
+
+def pil_rgb(image: Image.Image) -> np.ndarray:
+    """PIL's own conversion to RGB, transparent parts over white (what the shard writer promises)."""
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "P", "L", "LA", "CMYK"])
-def test_other_formats_and_modes_become_rgb_jpeg(mode):
-    image_format = "JPEG" if mode == "CMYK" else "PNG"
-    prepared = prepare_image(image_bytes((30, 20), image_format=image_format, mode=mode), ImageOptions())
+def test_other_formats_and_modes_become_rgb_jpeg_with_pils_colours(mode):
+    source = smooth_image(mode)
+    buffer = io.BytesIO()
+    source.save(buffer, "JPEG" if mode == "CMYK" else "PNG", quality=95)
+    prepared = prepare_image(buffer.getvalue(), ImageOptions())
     decoded = Image.open(io.BytesIO(prepared.jpeg))
     assert (decoded.format, decoded.mode, decoded.size) == ("JPEG", "RGB", (30, 20))
+    # Pixel values: PIL's own conversion of the same decoded source, within JPEG's loss on smooth gradients.
+    reference = pil_rgb(Image.open(io.BytesIO(buffer.getvalue())))
+    difference = np.abs(np.asarray(decoded).astype(int) - reference.astype(int))
+    # (JPEG at quality 90 alone moves these 30 x 20 gradients by ~3 levels on average; a wrong conversion by 20+.)
+    assert difference.mean() < 5 and np.percentile(difference, 99) < 20, (difference.mean(), difference.max())
 
 
 def test_transparent_pixels_become_white():

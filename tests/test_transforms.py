@@ -21,15 +21,36 @@ def encoded(mode: str, size=(64, 48), fmt="JPEG") -> bytes:
     return buffer.getvalue()
 
 
+def smooth(mode: str, size=(64, 48), fmt="JPEG") -> bytes:
+    """Colour gradients in `mode` (half-transparent where it has alpha), encoded as `fmt`."""
+    x, y = np.meshgrid(np.linspace(0, 1, size[0]), np.linspace(0, 1, size[1]))
+    image = Image.fromarray(np.stack([x * 220 + 20, y * 200 + 30, (1 - x) * 180 + 40], axis=-1).astype(np.uint8))
+    if mode == "RGBA":
+        image.putalpha(Image.fromarray((y * 255).astype(np.uint8)))
+    buffer = io.BytesIO()
+    image.convert(mode).save(buffer, fmt, quality=95)
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize("mode, fmt, extension", [
     ("RGB", "JPEG", "jpg"), ("L", "JPEG", "jpg"), ("CMYK", "JPEG", "jpg"),
     ("RGBA", "PNG", "png"), ("P", "PNG", "png"), ("RGB", "WEBP", "webp"),
 ])
-def test_every_colour_mode_becomes_three_channel_uint8(mode, fmt, extension):
-    data = encoded(mode, fmt=fmt)
+def test_every_colour_mode_becomes_three_channel_uint8_with_pils_colours(mode, fmt, extension):
+    data = smooth(mode, fmt=fmt)
     assert image_size(data, extension) == (64, 48)
     image = decode_and_crop(data, extension, size=32, max_pixels=10**6, rng=random.Random(0))
     assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
+    # Pixel values against PIL's own conversion of the same file (transparent parts over white), centre-cropped
+    # and resized as the evaluation path does.
+    centred = decode_and_crop(data, extension, size=32, max_pixels=10**6)
+    source = Image.open(io.BytesIO(data))
+    if "A" in source.getbands():
+        rgba = source.convert("RGBA")
+        source = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    reference = np.asarray(source.convert("RGB").crop((8, 0, 56, 48)).resize((32, 32), Image.BILINEAR))
+    difference = np.abs(centred.permute(1, 2, 0).numpy().astype(int) - reference.astype(int))
+    assert difference.mean() < 4, difference.mean()
 
 
 def test_center_crop_matches_resize_of_the_central_square():
