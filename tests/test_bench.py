@@ -26,6 +26,9 @@ def test_loader_benchmark_compares_with_the_pil_pipeline():
     out = bench("loader.py", "--samples", "192", "--repeats", "1", "--workers", "1")
     numbers = json.loads(out.strip().splitlines()[-1])
     assert numbers["mmscale_samples_per_s"] > 0 and numbers["pil_samples_per_s"] > 0 and "PIL pipeline" in out
+    assert numbers["pil_uint8_samples_per_s"] > 0 and "PIL, bilinear, uint8 out" in out
+    assert numbers["ratio_like_for_like"] == pytest.approx(
+        numbers["mmscale_samples_per_s"] / numbers["pil_uint8_samples_per_s"], rel=0.01)
 
 
 def test_loader_benchmark_passes_over_a_truncated_jpeg_in_its_baselines(tmp_path):
@@ -59,6 +62,7 @@ def test_loader_benchmark_runs_what_small_data_allows_and_says_why_it_skips_the_
                 "1,4")
     numbers = json.loads(out.strip().splitlines()[-1])
     assert numbers["pil_samples_per_s"] > 0 and numbers["mmscale_samples_per_s"] is None
+    assert numbers["pil_uint8_samples_per_s"] > 0
     skipped = [line for line in out.splitlines() if line.startswith("mmscale loader")]
     assert len(skipped) == 3 and all("skipped: the data holds fewer good samples than one batch of 64" in line
                                      for line in skipped), out

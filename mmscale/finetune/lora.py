@@ -11,13 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from mmscale.models import DualEncoder
 
 # Attention projections by tower type: CLIP/ViT-style towers and BERT-style encoders.
 DEFAULT_TARGETS = {
     "clip_vision_model": ["q_proj", "k_proj", "v_proj", "out_proj"],
     "clip_text_model": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "vit": ["query", "key", "value", "attention.output.dense"],
+    # transformers 5 names ViT's projections q_proj/k_proj/v_proj/o_proj; 4.x query/key/value/attention.output.dense
+    "vit": ["q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "attention.output.dense"],
     "bert": ["query", "key", "value", "attention.output.dense"],
     "roberta": ["query", "key", "value", "attention.output.dense"],
     "xlm-roberta": ["query", "key", "value", "attention.output.dense"],
@@ -80,6 +83,7 @@ def apply_lora(model: DualEncoder, settings: LoraSettings) -> tuple[int, int]:
                         target_modules=_targets(model, settings),
                         modules_to_save=["visual_projection", "text_projection"])
     model.towers = get_peft_model(model.towers, config)
+    _check_every_tower_adapted(model, settings)
     model.towers.base_model.model.logit_scale.requires_grad_(True)
     if model.mlm_head is not None:  # the head is tied to the (frozen) embeddings; its own layers train
         for name, parameter in model.mlm_head.named_parameters():
@@ -88,6 +92,19 @@ def apply_lora(model: DualEncoder, settings: LoraSettings) -> tuple[int, int]:
         model.logit_bias.requires_grad_(True)
     unique = {id(p): p for p in model.parameters()}.values()
     return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
+
+
+def _check_every_tower_adapted(model: DualEncoder, settings: LoraSettings) -> None:
+    """A target list that matches no module of a tower would leave it frozen without a word: refuse it."""
+    for tower, locked in (("vision_model", settings.lock_vision), ("text_model", settings.lock_text)):
+        module = getattr(model.towers.base_model.model, tower)
+        if locked or any("lora_A" in name for name, _ in module.named_modules()):
+            continue
+        linear = sorted({name.rsplit(".", 1)[-1] for name, child in module.named_modules()
+                         if isinstance(child, torch.nn.Linear)})
+        side = tower.split("_")[0]
+        raise ValueError(f"LoRA targets matched no module of the {side} tower ({module.config.model_type}); set "
+                         f"lora.{side}_targets to some of its linear layers' names: {', '.join(linear)}")
 
 
 def is_adapted(model: DualEncoder) -> bool:

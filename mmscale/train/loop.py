@@ -150,8 +150,7 @@ def setup(config: TrainRunConfig) -> Run:
             print(f"mmscale train: LoRA r={config.lora.rank} trains {trainable:,} of {total:,} parameters "
                   f"({trainable / total:.2%})", flush=True)
     if config.train.gradient_checkpointing:
-        for tower in (objective.model.towers.vision_model, objective.model.towers.text_model):
-            tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(objective.model)
     optimizer = make_optimizer(parameter_groups(objective, config.train.weight_decay), config.train, ds_config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.train, total_steps))
     engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
@@ -189,6 +188,13 @@ def _loss_parts(out) -> torch.Tensor:
     total = out.total.detach()
     return torch.stack([total.new_zeros(()) if getattr(out, part) is None else getattr(out, part).detach().float()
                         for part in LOSS_PARTS])
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each tower's layer activations in the backward pass instead of keeping them (non-reentrant
+    checkpointing: it keeps the random state, so dropout draws the same masks again)."""
+    for tower in (model.towers.vision_model, model.towers.text_model):
+        tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], keys: list) -> torch.Tensor:
