@@ -51,6 +51,9 @@ def test_one_rank_nccl_training_through_the_launcher_reaches_final_and_evaluates
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     train = [record for record in records if record["kind"] == "train"]
     assert train[-1]["step"] == 20 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
+    # Steps were taken and learned: a loss scaler that skipped every step would leave the loss at ln(64).
+    assert train[-1].get("fp16_skipped_steps", 0) <= 5, train[-1]  # a few while the fp16 scale calibrates
+    assert train[-1]["loss"] < train[0]["loss"] - 0.1, [r["loss"] for r in train]  # not yet run on a GPU: see issue 24
     assert any(record["kind"] == "eval" and "top1" in record for record in records)
     assert (output / "final" / "config.json").is_file()
     evaluation = subprocess.run(
@@ -77,5 +80,8 @@ def test_a_cuda_training_step_syncs_the_host_at_most_once(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     counts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(counts["steps"]) == 6 and len(counts["cuda_syncs"]) == 6, counts  # every step was recorded
     for step, cuda in zip(counts["steps"][2:], counts["cuda_syncs"][2:]):
         assert sum(step.values()) <= 1 and cuda <= 1, counts
+        # Both witnesses saw the step's one expected sync (the agreed NaN check's item()): they are live.
+        assert step.get("item", 0) == 1 and cuda == 1, counts
