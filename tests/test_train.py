@@ -261,6 +261,47 @@ def test_a_run_killed_on_two_ranks_resumes_on_another_number(corpus, killed_run,
     assert min(last_four) - spread <= first_after <= max(last_four) + spread, (first_after, last_four)
 
 
+def test_a_re_partitioned_load_holds_the_checkpoints_weights_and_moments(corpus, killed_run, tmp_path):
+    """Right after loading the killed 2-rank ZeRO-3 checkpoint of step 8 on 1 and on 3 ranks (DeepSpeed's universal
+    checkpoint), every trained parameter's fp32 master weight equals DeepSpeed's own offline consolidation of that
+    checkpoint (zero_to_fp32), and its Adam moments equal those a 2-rank load of it holds (DeepSpeed's native
+    path, nothing converted); both to fp32 rounding (1e-6). A re-initialised model or optimizer fails this."""
+    import shutil
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    checkpoints = killed_run["output"] / "checkpoints"
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag="step00000008")
+    loads = {}
+    for ranks in (2, 1, 3):
+        copy = tmp_path / f"run{ranks}"
+        shutil.copytree(killed_run["output"], copy)
+        dump = tmp_path / f"state{ranks}.pt"
+        code, log = launch_script(ranks, REPO / "tests" / "resumedstate.py",
+                                  [str(dump), "--config", str(TINY), *run_overrides(corpus, copy, *killed_run["common"])])
+        assert code == 0, log[-3000:]
+        saved = torch.load(dump, weights_only=False)
+        assert saved["step"] == 8
+        loads[ranks] = saved["parameters"]
+    native = loads[2]
+    assert len(native) > 20 and any(float(values["exp_avg_sq"].abs().sum()) > 0 for values in native.values())
+    for ranks in (1, 3):
+        assert loads[ranks].keys() == native.keys()
+        for name, values in loads[ranks].items():
+            torch.testing.assert_close(values["weight"].reshape(-1), consolidated[name].float().reshape(-1),
+                                       rtol=1e-6, atol=1e-6, msg=f"{ranks} ranks, {name}")
+            for moment in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(values[moment].reshape(-1), native[name][moment].reshape(-1),
+                                           rtol=1e-6, atol=1e-6, msg=f"{ranks} ranks, {name} {moment}")
+
+
+def launch_script(ranks: int, script: Path, arguments: list[str]) -> tuple[int, str]:
+    """`ranks` local processes of a script through deepspeed.launcher.launch (see launch_ranks)."""
+    world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(ranks))}).encode()).decode()
+    return start([sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
+                  "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), *arguments])
+
+
 def test_unreadable_shards_are_skipped_and_every_good_sample_trains(corpus, tmp_path):
     from mmscale.data.synthetic import make_synthetic_shards
 
