@@ -206,6 +206,15 @@ def killed_run(corpus, tmp_path_factory) -> dict:
     return {"output": output, "shards": shards, "common": common}
 
 
+@pytest.fixture(scope="module")
+def straight_run(corpus, killed_run, tmp_path_factory) -> Path:
+    """killed_run's command on 2 ranks, not interrupted: the losses a resumed run is held to."""
+    output = tmp_path_factory.mktemp("straight") / "run"
+    code, log = launch_ranks(2, run_overrides(corpus, output, *killed_run["common"]))
+    assert code == 0, log[-3000:]
+    return output
+
+
 def _trained_until(output: Path, step: int, ranks: int) -> Counter:
     """(key, epoch) pairs that `ranks` ranks of the run in `output` trained in its steps up to `step`."""
     return Counter(pair for rank in range(ranks) for s, pairs in
@@ -230,14 +239,13 @@ def _assert_every_key_once_per_epoch(trained: Counter, shards: list[str]) -> Non
 
 
 @pytest.mark.parametrize("new_ranks", [1, 3])
-def test_a_run_killed_on_two_ranks_resumes_on_another_number(corpus, killed_run, tmp_path, new_ranks):
+def test_a_run_killed_on_two_ranks_resumes_on_another_number(corpus, killed_run, straight_run, tmp_path, new_ranks):
     """Elastic resume: the 2-rank run killed mid-step resumed on 1 rank, or on 3 ranks that are killed again
     (mid-step 15, after the checkpoint of step 12) and resumed on 2: DeepSpeed's universal checkpoint, the loader's
     position re-partitioned each time. Over both interruptions every key trains exactly once in each of the
     four epochs, and the loss goes on from where it was."""
     crashed = killed_run["output"]
     trained = _trained_until(crashed, 8, 2)
-    losses_before = [record["loss"] for record in metrics(crashed) if record["step"] <= 8]
     resumed = tmp_path / "resumed"
     if new_ranks == 3:
         code, log = _resume(corpus, killed_run, resumed, 3, env={"MMSCALE_KILL_DURING_STEP": "2:15"})
@@ -255,10 +263,14 @@ def test_a_run_killed_on_two_ranks_resumes_on_another_number(corpus, killed_run,
     assert sorted(step for entries in after for step in entries) == sorted(list(range(first_step, 21)) * last_ranks)
     trained += _trained_until(resumed, 20, last_ranks)
     _assert_every_key_once_per_epoch(trained, killed_run["shards"])
-    first_after = [record["loss"] for record in metrics(resumed) if record["step"] == 9][-1]
-    last_four = losses_before[-4:]
-    spread = max(last_four) - min(last_four)
-    assert min(last_four) - spread <= first_after <= max(last_four) + spread, (first_after, last_four)
+    # The losses go on as the uninterrupted run's do (measured: gaps of 0.01 on average, 0.03 at most). Not equal:
+    # after the re-partition the batches hold other samples in another order. At 20 steps of tiny the loss has
+    # barely left ln(48) + MLM, so this alone would not catch a restarted model: the weights and Adam moments
+    # right after the re-partitioned load are checked exactly by the test below.
+    resumed_losses = {record["step"]: record["loss"] for record in metrics(resumed)}  # later records win
+    straight_losses = {record["step"]: record["loss"] for record in metrics(straight_run)}
+    gaps = [abs(resumed_losses[step] - straight_losses[step]) for step in range(9, 21)]
+    assert max(gaps) < 0.06 and sum(gaps) / len(gaps) < 0.025, (gaps, resumed_losses, straight_losses)
 
 
 def test_a_re_partitioned_load_holds_the_checkpoints_weights_and_moments(corpus, killed_run, tmp_path):
