@@ -314,6 +314,28 @@ def launch_script(ranks: int, script: Path, arguments: list[str]) -> tuple[int, 
                   "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), *arguments])
 
 
+def test_zero3_with_cpu_offload_trains_and_resumes_exactly(corpus, tmp_path):
+    """configs/deepspeed/zero3_offload.json (parameters and optimizer state offloaded to the CPU) on 2 ranks: it
+    trains (loss finite, final/ written), and a run killed after the checkpoint of step 4 resumes to the straight
+    run's losses. Without a GPU mmscale lets torch's AdamW step the offloaded state (DeepSpeed would otherwise
+    refuse any optimizer but its JIT-built CPUAdam)."""
+    offload = [f"train.deepspeed={REPO / 'configs' / 'deepspeed' / 'zero3_offload.json'}", "train.samples=256",
+               "train.save_every_steps=4"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    code, log = launch_ranks(2, run_overrides(corpus, straight, *offload))
+    assert code == 0, log[-3000:]
+    assert "zero_force_ds_cpu_optimizer=false" in log and (straight / "final" / "model.safetensors").is_file()
+    code, log = launch_ranks(2, run_overrides(corpus, crashed, *offload), env={"MMSCALE_KILL_AFTER_CHECKPOINT": "1:4"})
+    assert code != 0 and (crashed / "checkpoints" / "latest").read_text() == "step00000004", log[-3000:]
+    code, log = launch_ranks(2, run_overrides(corpus, crashed, *offload))
+    assert code == 0 and "at step 4" in log, log[-3000:]
+    straight_losses = {record["step"]: record["loss"] for record in metrics(straight)}
+    resumed_losses = {record["step"]: record["loss"] for record in metrics(crashed)}
+    assert sorted(straight_losses) == list(range(1, 9)) and all(math.isfinite(v) for v in straight_losses.values())
+    for step in range(5, 9):
+        assert resumed_losses[step] == pytest.approx(straight_losses[step], rel=1e-4), step
+
+
 def test_unreadable_shards_are_skipped_and_every_good_sample_trains(corpus, tmp_path):
     from mmscale.data.synthetic import make_synthetic_shards
 

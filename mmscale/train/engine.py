@@ -128,6 +128,12 @@ def deepspeed_config(train: TrainConfig, layout: BatchLayout) -> tuple[dict, lis
     fp16 = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     config["fp16"] = {**fp16, **config.get("fp16", {}), "enabled": precision == "fp16"}
     notes.append(f"precision={precision}")
+    offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload == "cpu" and not torch.cuda.is_available():
+        # Without a GPU the optimizer is on the CPU anyway: torch's AdamW steps there (make_optimizer), where
+        # DeepSpeed would insist on its CPUAdam, a JIT build that buys nothing on this path.
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
+        notes.append("zero_force_ds_cpu_optimizer=false (no GPU: torch AdamW on the CPU)")
     config.setdefault("steps_per_print", 10**9)  # mmscale logs progress itself
     return config, notes
 
