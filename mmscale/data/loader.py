@@ -62,7 +62,7 @@ class BatchLoader:
     def check_bad_shards(self, counts: Counter, *, last: str | None = None) -> None:
         """Stop once more than data.max_bad_shard_fraction of an epoch's shards were unreadable: `counts` per
         epoch, of this rank's readers or (the training loop's check at log steps) of all ranks together."""
-        shards = len(self.stream._all_urls)
+        shards = self.stream.shard_count
         limit = self.stream.settings.max_bad_shard_fraction
         for epoch, bad in sorted(counts.items()):
             if bad > limit * shards:

@@ -98,6 +98,11 @@ class ShardStream(IterableDataset):
         self._epoch_plan: tuple = (None, None)
 
     @property
+    def shard_count(self) -> int:
+        """The shards of the spec: those of an epoch, in epoch sampling."""
+        return len(self._all_urls)
+
+    @property
     def samples_per_epoch(self) -> int | None:
         """The samples an epoch holds by the shards' sizes (None in resampled sampling)."""
         return None if self._sizes is None else sum(self._sizes)
