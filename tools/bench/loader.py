@@ -78,34 +78,31 @@ def write_photo_shards(folder: Path, *, samples: int, per_shard: int = 250) -> s
 
 def pil_pipeline(spec: str, encoder: CaptionEncoder):
     """open_clip's training data path, batches of normalized float images plus token ids."""
-    import webdataset as wds
     from torchvision import transforms
 
-    preprocess = transforms.Compose([
+    return _webdataset_batches(spec, encoder, transforms.Compose([
         transforms.RandomResizedCrop(224, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.ToTensor(),
         transforms.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-    ])
-    skip = wds.ignore_and_continue  # open_clip's loader logs and goes on past a bad sample
-    dataset = (wds.WebDataset(spec_urls(spec), shardshuffle=False, empty_check=False, handler=skip)
-               .decode("pilrgb", handler=skip).to_tuple("jpg;png;jpeg;webp", "txt", handler=skip)
-               .map_tuple(preprocess, lambda text: text, handler=skip)
-               .batched(BATCH_SIZE, partial=True))
-    for images, captions in dataset:
-        yield {"images": images, **encoder.encode(list(captions))}
+    ]))
 
 
 def pil_uint8_pipeline(spec: str, encoder: CaptionEncoder):
     """Like for like with mmscale's loader: the same PIL path, but bilinear resampling and uint8 images out
     (normalized later, on the device), so the ratio shows the loader's own gain, not the float conversion's."""
-    import webdataset as wds
     from torchvision import transforms
 
-    preprocess = transforms.Compose([
+    return _webdataset_batches(spec, encoder, transforms.Compose([
         transforms.RandomResizedCrop(224, interpolation=transforms.InterpolationMode.BILINEAR),
         transforms.PILToTensor(),
-    ])
-    skip = wds.ignore_and_continue
+    ]))
+
+
+def _webdataset_batches(spec: str, encoder: CaptionEncoder, preprocess):
+    """webdataset -> PIL decode -> `preprocess` -> batches, captions tokenized per batch."""
+    import webdataset as wds
+
+    skip = wds.ignore_and_continue  # open_clip's loader logs and goes on past a bad sample
     dataset = (wds.WebDataset(spec_urls(spec), shardshuffle=False, empty_check=False, handler=skip)
                .decode("pilrgb", handler=skip).to_tuple("jpg;png;jpeg;webp", "txt", handler=skip)
                .map_tuple(preprocess, lambda text: text, handler=skip)
