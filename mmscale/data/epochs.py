@@ -182,7 +182,7 @@ def repartitioned_state(saved: list[dict], *, rank: int, step: int) -> dict:
         if len(layouts) != 1:
             raise ValueError(f"the checkpoint's loader states disagree on their layout: {sorted(layouts)}")
         start = {"layout": layouts.pop(), "step": step}
-        if "/epoch/" in f"/{start['layout']}/":
+        if start["layout"].split("/")[1] == "epoch":  # version/sampling/seed/shards
             start |= repartition(_resolved(per_rank, saved, total=known[0]["total"]))
     skipped = sum((Counter(state["skipped"]) for state in saved), Counter()) if rank == 0 else Counter()
     bad = sum((Counter(state.get("bad_shards", {})) for state in saved), Counter()) if rank == 0 else Counter()

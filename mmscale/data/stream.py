@@ -318,22 +318,22 @@ class ShardStream(IterableDataset):
 
     def iterate(self, worker: int, workers: int) -> Iterator[dict]:
         """The batches of dataloader worker `worker` of `workers` of this rank (what __iter__ runs in a worker)."""
-        state = self._fresh_state(worker, workers)
-        if self._restored and "repartition" in self._restored:
-            state = self._repartitioned_state(self._restored["repartition"], worker, workers)
-            self._restored = None
-        elif self._restored:
-            _refuse_older(self._restored.get("layout", ""))
-            if self._restored.get("layout") != state["layout"]:
-                raise ValueError(
-                    f"loader state was saved for layout {self._restored.get('layout')} (reader/readers/version/"
-                    f"sampling/seed/shards) and this loader is {state['layout']}: resume with the same data.workers, "
-                    "world size, data.sampling, data.seed and shard spec"
-                )
-            state.update(self._restored)
-            state["skipped"] = Counter(self._restored.get("skipped", {}))
-            state["since_last_batch"], state["bad_since_batch"] = Counter(), []
-            self._restored = None  # a later pass over this dataset starts afresh
+        restored = self._restored
+        if restored and "repartition" in restored:
+            state = self._repartitioned_state(restored["repartition"], worker, workers)
+        else:
+            state = self._fresh_state(worker, workers)
+            if restored:
+                _refuse_older(restored.get("layout", ""))
+                if restored.get("layout") != state["layout"]:
+                    raise ValueError(
+                        f"loader state was saved for layout {restored.get('layout')} (reader/readers/version/"
+                        f"sampling/seed/shards) and this loader is {state['layout']}: resume with the same "
+                        "data.workers, world size, data.sampling, data.seed and shard spec")
+                state.update(restored)
+                state["skipped"] = Counter(restored.get("skipped", {}))
+                state["since_last_batch"], state["bad_since_batch"] = Counter(), []
+        self._restored = None  # a later pass over this dataset starts afresh
         rng = random.Random()
         rng.setstate(_as_rng_state(state["rng"]))
         buffer = self._restore_buffer(state["buffer"])
