@@ -10,7 +10,9 @@ after that.
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,19 +37,43 @@ class Progress:
 
 
 def rng_state() -> dict:
-    """Every random generator's state (python, numpy, torch, CUDA), for set_rng_state."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random generator's state (python, numpy, torch, CUDA), for set_rng_state, as plain data
+    (tuples, numbers, tensors) that torch.load(weights_only=True) reads back: numpy's array becomes a tensor."""
+    key, position, has_gauss, gauss = np.random.get_state()[1:]
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore the generators from rng_state()."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["key"].numpy().astype(np.uint32), numpy["position"], numpy["has_gauss"],
+                         numpy["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _plain(value, where: str = "trainer state"):
+    """`value` as the plain data torch.load(weights_only=True) reads (dicts, lists, tuples, strings, numbers,
+    tensors): dict subclasses such as Counter become dicts and numpy scalars Python numbers; anything else
+    is a TypeError naming where it is, raised when saving rather than when a resume fails to read it."""
+    if value is None or type(value) in (bool, int, float, str, bytes) or isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {key: _plain(item, f"{where}[{key!r}]") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(item, f"{where}[{index}]") for index, item in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which a checkpoint read "
+                    "with torch.load(weights_only=True) cannot hold; save it as dicts, lists, numbers or tensors")
 
 
 def latest_tag(root: Path) -> str | None:
@@ -84,7 +110,7 @@ def save_checkpoint(engine, root: Path, *, progress: Progress, loader_state: dic
         dist.barrier()
         return tag
     (root / tag).mkdir(parents=True, exist_ok=True)
-    state = {"progress": asdict(progress), "loader": loader_state, "rng": rng_state(), "world_size": world}
+    state = _plain({"progress": asdict(progress), "loader": loader_state, "rng": rng_state(), "world_size": world})
     staging = root / tag / f".trainer_state_rank{rank}.pt.tmp"
     torch.save(state, staging)
     staging.replace(root / tag / f"trainer_state_rank{rank}.pt")
@@ -114,8 +140,22 @@ def saved_world_size(root: Path) -> int | None:
 def _trainer_state(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path.parent} has no {path.name}: it was not saved completely")
-    # Our own file, written by this trainer: it holds numpy/python RNG states, hence full unpickling.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # Plain data only: unpickling anything else could run code planted by whoever can write the checkpoints.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"trainer state {path} holds more than plain data (it calls for {_refused_name(error)}), "
+            "so it was not loaded: it was altered, or written by an older mmscale (before the trainer state was "
+            "plain data); resume from a checkpoint this mmscale wrote, or start the run afresh") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ValueError(f"trainer state {path}: unreadable ({error}); resume from an earlier checkpoint") from None
+
+
+def _refused_name(error: pickle.UnpicklingError) -> str:
+    """What torch's weights_only unpickler refused (`posix.system`), picked from its long, generic message."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return found.group(1) if found else "an object that is not plain data"
 
 
 def load_checkpoint(engine, root: Path, tag: str, *, seed: int = 0) -> tuple[Progress, dict]:

@@ -1,0 +1,113 @@
+"""Checkpoints, adapters and tokenizers from elsewhere: read as plain data, never run as code."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+
+class _RunsACommand:
+    """Unpickling this runs a shell command: what a crafted checkpoint file would do."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def _plant_trainer_state(root, payload) -> os.PathLike:
+    tag = "step00000004"
+    (root / tag).mkdir(parents=True)
+    (root / "latest").write_text(tag)
+    path = root / tag / "trainer_state_rank0.pt"
+    torch.save(payload, path)
+    return path
+
+
+def test_a_trainer_state_that_would_run_code_is_refused_naming_the_file(tmp_path):
+    from mmscale.train.checkpoints import saved_world_size
+
+    marker = tmp_path / "code-ran"
+    path = _plant_trainer_state(tmp_path / "checkpoints",
+                                {"world_size": 1, "progress": _RunsACommand(f"touch {marker}")})
+    with pytest.raises(ValueError, match="holds more than plain data") as refused:
+        saved_world_size(tmp_path / "checkpoints")
+    assert str(path) in str(refused.value) and "system" in str(refused.value)
+    assert not marker.exists()
+
+
+def test_a_truncated_trainer_state_is_an_error_naming_the_file(tmp_path):
+    from mmscale.train.checkpoints import saved_world_size
+
+    path = _plant_trainer_state(tmp_path / "checkpoints", {"world_size": 1})
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ValueError, match="unreadable") as refused:
+        saved_world_size(tmp_path / "checkpoints")
+    assert str(path) in str(refused.value)
+
+
+def test_random_states_survive_a_weights_only_round_trip(tmp_path):
+    from mmscale.train.checkpoints import rng_state, set_rng_state
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.standard_normal()  # leaves numpy a cached Gaussian, part of its state
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.standard_normal(), np.random.randint(1 << 30), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    drawn = (random.random(), np.random.standard_normal(), np.random.randint(1 << 30), torch.rand(3))
+    assert drawn[:3] == expected[:3] and torch.equal(drawn[3], expected[3])
+
+
+class _Engine:
+    """DeepSpeed's side of a checkpoint, which this test is not about: it writes and reads nothing."""
+
+    def save_checkpoint(self, root, *, tag, save_latest):
+        pass
+
+    def load_checkpoint(self, root, *, tag):
+        return os.path.join(root, tag), {}
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_saved_checkpoint_resumes_from_plain_data(tmp_path, tokenizer, one_rank):
+    from shardkit import write_shards
+
+    from mmscale.data.config import DataConfig
+    from mmscale.data.loader import build_loader
+    from mmscale.train.checkpoints import Progress, load_checkpoint, save_checkpoint
+
+    urls = write_shards(tmp_path / "shards", shards=2, per_shard=6)
+    loader = build_loader(DataConfig(image_size=32, context_length=16, shuffle_buffer=4, workers=0),
+                          spec="::".join(urls), tokenizer=tokenizer, batch_size=2, train=True)
+    batches = iter(loader)
+    next(batches)
+    loader_state = loader.state_dict() | {"counts": Counter(a=2), "mean": np.float32(0.5)}
+    root = tmp_path / "checkpoints"
+    save_checkpoint(_Engine(), root, progress=Progress(step=4, samples=8), loader_state=loader_state, keep=2)
+    progress, restored = load_checkpoint(_Engine(), root, "step00000004")
+    assert progress == Progress(step=4, samples=8)
+    assert restored["counts"] == {"a": 2} and restored["mean"] == 0.5
+    assert restored["loader"] == loader.state_dict()["loader"]
+
+
+def test_saving_an_object_that_is_not_plain_data_names_where_it_is():
+    from mmscale.train.checkpoints import _plain
+
+    with pytest.raises(TypeError, match=r"trainer state\['loader'\]\['when'\] is a datetime.date"):
+        import datetime
+
+        _plain({"loader": {"when": datetime.date(2024, 1, 1)}})
