@@ -8,14 +8,13 @@ header, before any pixel is decoded, so a decompression bomb costs nothing.
 from __future__ import annotations
 
 import io
-import threading
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
 
+from mmscale.data.imagefile import open_image, rgb_on_white
 from mmscale.data.shards import SampleRejected  # noqa: F401 (re-exported for the writer)
 
 # PIL's own default (Image.MAX_IMAGE_PIXELS): about 0.25 GB of 24-bit pixels.
@@ -24,9 +23,6 @@ _KEEP_AS_IS_MODES = ("RGB", "L")
 _EXIF_ORIENTATION = 0x0112
 _QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _EXIF_SEARCH_BYTES = 1 << 16  # an APP1 Exif segment sits in the first segments, before the image data
-# Leading bytes of JPEG, PNG, GIF, WebP/RIFF, BMP, TIFF: bytes that start so but do not open are a
-# corrupt image; anything else (an HTML error page, say) is not an image at all.
-_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
 
 
 RESIZE_MODES = ("keep_ratio", "center_crop", "border", "no")
@@ -63,21 +59,6 @@ class PreparedImage:
     height: int
 
 
-_OPEN_LOCK = threading.Lock()
-
-
-def _open(data: bytes, max_pixels: int) -> Image.Image:
-    """Image.open (the header only) under our own pixel limit: we reject big images ourselves, before
-    decoding. PIL's limit is process-wide, so image threads take turns setting and restoring it."""
-    with _OPEN_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
-        try:
-            return Image.open(io.BytesIO(data))
-        finally:
-            Image.MAX_IMAGE_PIXELS = previous
-
-
 def prepare_image(data: bytes, options: ImageOptions) -> PreparedImage:
     """Validate, filter, resize and JPEG-encode one image.
 
@@ -92,17 +73,11 @@ def prepare_image(data: bytes, options: ImageOptions) -> PreparedImage:
     fast = _prepare_plain_jpeg(data, options)
     if fast is not None:
         return fast
-    try:
-        image = _open(data, options.max_pixels)
-    except Image.DecompressionBombError as error:
-        raise SampleRejected("image_too_large", str(error)) from None
-    except Exception as error:  # PIL raises many types for bad data
-        reason = "corrupt_image" if data.startswith(_IMAGE_SIGNATURES) else "not_an_image"
-        raise SampleRejected(reason, f"cannot identify image ({error})") from None
+    image = open_image(data, max_pixels=options.max_pixels)
+    _check_geometry(*image.size, options)  # before the EXIF read: a PNG's getexif() decodes the image
     orientation = _exif_orientation(image)
     turned = orientation in _QUARTER_TURNS
     width, height = image.size[::-1] if turned else image.size  # as a viewer shows it
-    _check_geometry(width, height, options)
     layout = _layout(width, height, options)
     if (layout.scaled == layout.canvas == (width, height) and image.format == "JPEG"
             and image.mode in _KEEP_AS_IS_MODES and orientation == 1):
@@ -229,21 +204,8 @@ def _load(image: Image.Image) -> None:
         raise SampleRejected("corrupt_image", f"image does not decode ({error})") from None
 
 
-def rgb_on_white(image: Image.Image) -> Image.Image:
-    """RGB, with transparent pixels composited on white (what viewers show, and what we store)."""
-    if image.mode == "RGB":
-        return image
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
-    if not has_alpha:
-        return image.convert("RGB")
-    rgba = image.convert("RGBA")
-    background = Image.new("RGB", rgba.size, (255, 255, 255))
-    background.paste(rgba, mask=rgba.getchannel("A"))
-    return background
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Fully decode image bytes (as the loader would); raises on anything unreadable."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Fully decode image bytes (as the loader would); SampleRejected for anything unreadable or too large."""
+    image = open_image(data, max_pixels=max_pixels)
+    _load(image)
     return image

@@ -10,19 +10,16 @@ Normalization happens later, on the device.
 
 from __future__ import annotations
 
-import io
 import math
 import random
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import simplejpeg
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from mmscale.data.images import rgb_on_white
+from mmscale.data.imagefile import open_image, rgb_on_white
 from mmscale.data.shards import SampleRejected
 
 
@@ -36,23 +33,17 @@ class CropBox:
     width: int
 
 
-def image_size(data: bytes, extension: str) -> tuple[int, int]:
-    """(width, height) from the header alone; raises SampleRejected('corrupt_image') if unreadable."""
+def image_size(data: bytes, extension: str, *, max_pixels: int) -> tuple[int, int]:
+    """(width, height) from the header alone; SampleRejected (`corrupt_image`, `not_an_image`, or
+    `image_too_large` above `max_pixels`) otherwise."""
     if extension in ("jpg", "jpeg"):
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
             return width, height
         except ValueError:
             pass  # not a baseline JPEG header simplejpeg knows; PIL may still read it
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the caller checks the size
-            with Image.open(io.BytesIO(data)) as image:
-                return image.size
-    except Image.DecompressionBombError as error:
-        raise SampleRejected("image_too_large", str(error)) from None
-    except Exception as error:  # PIL raises many types for garbage input
-        raise SampleRejected("corrupt_image", str(error)) from None
+    with open_image(data, max_pixels=max_pixels) as image:
+        return image.size
 
 
 def random_resized_crop_box(
@@ -87,20 +78,18 @@ def center_crop_box(width: int, height: int) -> CropBox:
     return CropBox((height - side) // 2, (width - side) // 2, side, side)
 
 
-def _decode(data: bytes, extension: str) -> np.ndarray:
+def _decode(data: bytes, extension: str, *, max_pixels: int) -> np.ndarray:
     """Decode to an RGB uint8 HWC array: libjpeg-turbo for JPEG, PIL for the rest."""
     if extension in ("jpg", "jpeg"):
         try:
             return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=True)
         except ValueError:
             pass  # CMYK, unusual layouts, or corrupt: PIL decides which
-    try:
-        with Image.open(io.BytesIO(data)) as image:
+    with open_image(data, max_pixels=max_pixels) as image:
+        try:
             return np.array(rgb_on_white(image))
-    except Image.DecompressionBombError as error:
-        raise SampleRejected("image_too_large", str(error)) from None
-    except Exception as error:  # corrupt or truncated data surfaces as many exception types
-        raise SampleRejected("corrupt_image", str(error)) from None
+        except Exception as error:  # corrupt or truncated data surfaces as many exception types
+            raise SampleRejected("corrupt_image", str(error)) from None
 
 
 def decode_and_crop(
@@ -114,7 +103,7 @@ def decode_and_crop(
     """
     if not data:
         raise SampleRejected("empty_member", "zero-byte image")
-    width, height = image_size(data, extension)
+    width, height = image_size(data, extension, max_pixels=max_pixels)
     if width * height > max_pixels:
         raise SampleRejected("image_too_large", f"{width}x{height} exceeds {max_pixels} pixels")
     if width < 1 or height < 1:
@@ -123,7 +112,7 @@ def decode_and_crop(
         box = center_crop_box(width, height)
     else:
         box = random_resized_crop_box(width, height, scale=scale, ratio=ratio, rng=rng)
-    pixels = _decode(data, extension)
+    pixels = _decode(data, extension, max_pixels=max_pixels)
     if pixels.shape[:2] != (height, width):
         decoded = f"{pixels.shape[1]}x{pixels.shape[0]}"
         raise SampleRejected("corrupt_image", f"header says {width}x{height}, decoded {decoded}")
