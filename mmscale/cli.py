@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mmscale.config import ConfigError, help_text, load_config
 from mmscale.data.loader import UnusableData
-from mmscale.data.shards import ShardError
+from mmscale.data.shards import ALLOW_PIPE_VARIABLE, ShardError
 
 
 def _config_parser(subparsers, name: str, *, summary: str, config_class) -> argparse.ArgumentParser:
@@ -24,8 +24,14 @@ def _config_parser(subparsers, name: str, *, summary: str, config_class) -> argp
     )
     parser.add_argument("--config", help="YAML config file (sections as in the keys below)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.workers=8")
+    _allow_pipe_flag(parser)
     parser.set_defaults(config_class=config_class)
     return parser
+
+
+def _allow_pipe_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-pipe", action="store_true", help="allow `pipe:` shard URLs, which run shell commands "
+                        f"(only from here or {ALLOW_PIPE_VARIABLE}=1, never from a config file)")
 
 
 def _eval_parsers(subparsers) -> None:
@@ -40,6 +46,7 @@ def _eval_parsers(subparsers) -> None:
         parser.add_argument("--batch-size", type=int, default=64)
         parser.add_argument("--context-length", type=int, default=64, help="caption tokens, as in training")
         parser.add_argument("--workers", type=int, default=2)
+        _allow_pipe_flag(parser)
         if kind == "zeroshot":
             parser.add_argument("--classnames", required=True, help="one class name per line; line i is label i")
             parser.add_argument("--templates", default="", help="prompt templates, one per line with {} (default: "
@@ -127,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; user mistakes print a one-line error and exit 2, not a traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    if getattr(args, "allow_pipe", False):
+        os.environ[ALLOW_PIPE_VARIABLE] = "1"  # dataloader workers inherit it
     try:
         if args.command == "quickstart":
             from mmscale.quickstart import QuickstartFailed, run_quickstart

@@ -159,6 +159,9 @@ def _build(cls: type[T], values: dict, prefix: str) -> T:
     for key, value in values.items():
         where = f"{prefix}.{key}" if prefix else str(key)
         if key not in hints:
+            removed = getattr(cls, "REMOVED_KEYS", {}).get(key)
+            if removed:
+                raise ConfigError(f"config key {where} is no longer read: {removed}")
             known = [f"{prefix}.{name}" if prefix else name for name in names]
             raise ConfigError(f"config key {where} is unknown{_suggest(where, known)}")
         kwargs[key] = _coerce(value, hints[key], where)

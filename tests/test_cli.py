@@ -23,7 +23,8 @@ def test_data_check_help_lists_config_keys(capsys):
     except SystemExit as exit:
         assert exit.code == 0
     text = capsys.readouterr().out
-    assert "data.shuffle_buffer (int, default 1000)" in text and "data.allow_pipe" in text
+    assert "data.shuffle_buffer (int, default 1000)" in text and "data.max_member_bytes" in text
+    assert "--allow-pipe" in text and "data.allow_pipe" not in text
 
 
 def test_data_check_reads_batches_and_reports_json(tmp_path, tokenizer_dir, capsys):

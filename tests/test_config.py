@@ -41,7 +41,8 @@ def test_unknown_keys_name_the_closest_known_key(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("data.workers=many", "data.workers: expected int"),
-    ("data.allow_pipe=maybe", "data.allow_pipe: expected true or false"),
+    ("data.pad_to_longest=maybe", "data.pad_to_longest: expected true or false"),
+    ("data.allow_pipe=true", r"data.allow_pipe is no longer read: .* only from the command line \(--allow-pipe\)"),
     ("data.sampling=random", "not one of"),
     ("data.workers=-1", "data.workers must be >= 0"),
     ("data.image_size=-1", "data.image_size must be >= 1"),

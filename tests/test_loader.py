@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -250,7 +251,7 @@ def test_every_bad_input_kind_is_skipped_and_counted(tmp_path, tokenizer):
     with pytest.warns(UserWarning, match="bad-000001.tar: truncated"):
         keys = [key for batch in loader for key in batch["keys"]]
     assert sorted(keys) == ["k00", "k09", "k10", "t0"]
-    assert loader.skipped == Counter(corrupt_image=2, missing_caption=1, missing_image=1, bad_text=1,
+    assert loader.skipped == Counter(corrupt_image=1, not_an_image=1, missing_caption=1, missing_image=1, bad_text=1,
                                      empty_member=2, image_too_large=1, truncated_shard=1)
 
 
@@ -395,13 +396,27 @@ def test_training_with_fewer_samples_than_readers_is_refused_with_sizes_that_wor
     build_loader(config, spec=urls[0], tokenizer=tokenizer, batch_size=2, train=True, rank=0, world_size=1)
 
 
-def test_pipe_urls_are_refused_unless_allowed(tmp_path, tokenizer):
-    with pytest.raises(ValueError, match="pipe: URLs run shell commands"):
+def test_pipe_urls_are_refused_unless_the_environment_allows_them(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.delenv("MMSCALE_ALLOW_PIPE", raising=False)
+    with pytest.raises(ValueError, match="pipe: URLs run shell commands .* pass --allow-pipe"):
         build_loader(CONFIG, spec="pipe:cat x.tar", tokenizer=tokenizer, batch_size=2, train=True)
     urls = write_shards(tmp_path, shards=1, per_shard=3)
-    allowed = DataConfig(image_size=32, context_length=16, workers=0, allow_pipe=True)
-    loader = build_loader(allowed, spec=f"pipe:cat {urls[0]}", tokenizer=tokenizer, batch_size=3, train=False)
+    monkeypatch.setenv("MMSCALE_ALLOW_PIPE", "1")
+    config = DataConfig(image_size=32, context_length=16, workers=0)
+    loader = build_loader(config, spec=f"pipe:cat {urls[0]}", tokenizer=tokenizer, batch_size=3, train=False)
     assert len(next(iter(loader))["keys"]) == 3
+
+
+def test_a_folders_file_named_like_a_pipe_is_read_as_a_file_not_run(tmp_path, tokenizer, monkeypatch):
+    """A folder expands to its *.tar files; one named `pipe:...` must stay a path even with pipes allowed."""
+    urls = write_shards(tmp_path / "data", shards=1, per_shard=3)
+    marker = tmp_path / "data" / "ran"
+    os.rename(urls[0], tmp_path / "data" / "pipe:touch ran; cat x.tar")
+    monkeypatch.setenv("MMSCALE_ALLOW_PIPE", "1")
+    monkeypatch.chdir(tmp_path / "data")
+    config = DataConfig(image_size=32, context_length=16, workers=0)
+    loader = build_loader(config, spec=".", tokenizer=tokenizer, batch_size=3, train=False)
+    assert len(next(iter(loader))["keys"]) == 3 and not marker.exists()
 
 
 def test_train_images_are_augmented_and_eval_images_are_not(tmp_path, tokenizer):
@@ -525,7 +540,7 @@ def test_the_skip_limit_counts_skips_in_a_row_not_per_batch(tmp_path, tokenizer,
     write_tar(tmp_path / "alternating.tar", alternating)
     loader = build_loader(CONFIG, spec=str(tmp_path / "alternating.tar"), tokenizer=tokenizer, batch_size=10,
                           train=False)
-    assert sum(batch["size"] for batch in loader) == 40 and loader.skipped["corrupt_image"] == 40
+    assert sum(batch["size"] for batch in loader) == 40 and loader.skipped["not_an_image"] == 40
     bad_run = [(f"b{i:03d}.{ext}", payload) for i in range(6) for ext, payload in (("jpg", b"bad"), ("txt", b"b"))]
     write_tar(tmp_path / "run.tar", bad_run + [("g.jpg", good), ("g.txt", b"x")])
     with pytest.raises(RuntimeError, match="6 samples or shards in a row"):

@@ -5,10 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from mmscale.data.shards import ALLOW_PIPE_VARIABLE
+
 
 @dataclass
 class DataConfig:
     """Where the shards are and how they are read, augmented, tokenized and masked."""
+
+    REMOVED_KEYS = {  # read by config.load_config; not a field
+        "allow_pipe": "a config file may come from anyone, so pipe: shard URLs (shell commands) are allowed only "
+                      f"from the command line (--allow-pipe) or the environment ({ALLOW_PIPE_VARIABLE}=1)"}
 
     train: str = ""
     """Training shard spec: braces, directories, `a::b` sources with optional `@weight` suffixes."""
@@ -39,8 +45,8 @@ class DataConfig:
     """Fraction of caption tokens chosen for masked-LM (80% [MASK], 10% random, 10% kept); 0 turns MLM off."""
     max_pixels: int = 89_478_485
     """Images with more pixels are skipped as decompression bombs (PIL's own limit)."""
-    allow_pipe: bool = False
-    """Allow `pipe:` shard URLs, which run shell commands; off unless you trust the spec."""
+    max_member_bytes: int = 64 * 2**20
+    """Tar members larger than this are not read; their samples are skipped as `member_too_large`."""
     seed: int = 0
     """Seed for shard order, shuffling, augmentation and masking (same seed, same batches)."""
     prefetch_factor: int = 2
@@ -66,6 +72,7 @@ class DataConfig:
              self.context_length),
             (0.0 <= self.mlm_probability < 1.0, "data.mlm_probability must be in [0, 1)", self.mlm_probability),
             (self.max_pixels >= 1, "data.max_pixels must be >= 1", self.max_pixels),
+            (self.max_member_bytes >= 1, "data.max_member_bytes must be >= 1", self.max_member_bytes),
             (self.prefetch_factor >= 1, "data.prefetch_factor must be >= 1", self.prefetch_factor),
             (0.0 <= self.max_bad_shard_fraction <= 1.0, "data.max_bad_shard_fraction must be in [0, 1]",
              self.max_bad_shard_fraction),

@@ -18,12 +18,16 @@ from functools import partial
 
 from tqdm import tqdm
 
-from mmscale.data.images import decode_image
+from mmscale.data.images import DEFAULT_MAX_PIXELS, decode_image
 from mmscale.data.sharding import parallel_map
 from mmscale.data.shards import (
+    DEFAULT_MAX_MEMBER_BYTES,
+    SAMPLE_EXTENSIONS,
     SIZES_FILE,
+    SampleRejected,
     ShardError,
     ShardTruncated,
+    check_raw_sample,
     iter_raw_samples,
     read_sizes,
     sample_caption,
@@ -47,6 +51,8 @@ class ShardReport:
     labels: Counter = field(default_factory=Counter)
     examples: list[tuple[str, str, str]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    bad_samples: Counter = field(default_factory=Counter)
+    """Samples the loader would skip, by the reason it would count (the first problem of each)."""
     readable: bool = True
 
 
@@ -58,6 +64,11 @@ class InspectReport:
     problems: list[str]
 
     @property
+    def bad_samples(self) -> Counter:
+        """Samples the loader would skip, by reason, over all shards."""
+        return sum((shard.bad_samples for shard in self.shards), Counter())
+
+    @property
     def all_problems(self) -> list[str]:
         """Every problem, shard by shard, then the cross-shard ones."""
         return [problem for shard in self.shards for problem in shard.problems] + self.problems
@@ -67,8 +78,12 @@ class InspectReport:
         merged = {name: [value for shard in self.shards for value in getattr(shard, name)]
                   for name in ("widths", "heights", "caption_chars", "caption_words")}
         labels = sum((shard.labels for shard in self.shards), Counter())
+        bad = self.bad_samples
         lines = [f"shards: {len(self.shards):,}   samples: {sum(s.samples for s in self.shards):,}   "
                  f"bytes: {sum(s.bytes for s in self.shards) / 1e6:,.1f} MB"]
+        if bad:
+            lines.append(f"bad samples: {sum(bad.values()):,} ("
+                         + ", ".join(f"{reason}={count:,}" for reason, count in sorted(bad.items())) + ")")
         for name, title in (("widths", "image width"), ("heights", "image height"),
                             ("caption_chars", "caption chars"), ("caption_words", "caption words")):
             values = merged[name]
@@ -84,15 +99,16 @@ class InspectReport:
         return "\n".join(lines)
 
 
-def inspect_shard(url: str, *, examples: int = 0) -> ShardReport:
+def inspect_shard(url: str, *, examples: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> ShardReport:
     """Read one shard through, fully decoding every image; collects problems instead of raising."""
     report = ShardReport(url)
     if os.path.exists(url):
         report.bytes = os.path.getsize(url)
     try:
-        for sample in iter_raw_samples(url):
+        for sample in iter_raw_samples(url, extensions=SAMPLE_EXTENSIONS, max_member_bytes=max_member_bytes):
             report.samples += 1
-            _check_sample(sample, report, examples=examples)
+            _check_sample(sample, report, examples=examples, max_pixels=max_pixels)
     except ShardTruncated as error:
         report.problems.append(str(error))
     except ShardError as error:
@@ -101,29 +117,27 @@ def inspect_shard(url: str, *, examples: int = 0) -> ShardReport:
     return report
 
 
-def _check_sample(sample: dict, report: ShardReport, *, examples: int) -> None:
+def _check_sample(sample: dict, report: ShardReport, *, examples: int, max_pixels: int) -> None:
     key = sample["__key__"]
-    where = f"shard {report.url} key {key}"
     report.keys.append(key)
-    size = "?"
-    image = sample_image_bytes(sample)
-    if image is None:
-        report.problems.append(f"{where}: no image member (one of .jpg .jpeg .png .webp)")
-    else:
-        try:
-            width, height = decode_image(image[1]).size
-            report.widths.append(width)
-            report.heights.append(height)
-            size = f"{width}x{height}"
-        except Exception as error:  # PIL raises many types for bad data
-            report.problems.append(f"{where}: image does not decode ({type(error).__name__}: {error})")
+    reasons: list[str] = []
+
+    def problem(reason: str, message: str) -> None:
+        report.problems.append(f"shard {report.url} key {key}: {message}")
+        reasons.append(reason)
+
+    try:
+        check_raw_sample(sample)
+    except SampleRejected as rejected:
+        problem(rejected.reason, rejected.detail)
+    size = _check_image(sample, problem, report, max_pixels=max_pixels) if not reasons else "?"
     caption = None
     try:
         caption = sample_caption(sample)
         if caption is None:
-            report.problems.append(f"{where}: no caption (no .txt member and no json caption)")
-    except UnicodeDecodeError:
-        report.problems.append(f"{where}: caption is not UTF-8")
+            problem("missing_caption", "no caption (no .txt member and no json caption)")
+    except SampleRejected as rejected:
+        problem(rejected.reason, "caption is not UTF-8" if rejected.reason == "bad_text" else rejected.detail)
     if caption:
         report.caption_chars.append(len(caption))
         report.caption_words.append(len(caption.split()))
@@ -132,17 +146,36 @@ def _check_sample(sample: dict, report: ShardReport, *, examples: int) -> None:
         try:
             report.labels[int(text)] += 1
         except ValueError:
-            report.problems.append(f"{where}: label {text!r} in .cls is not an integer")
+            problem("bad_label", f"label {text!r} in .cls is not an integer")
+    if reasons:
+        report.bad_samples[reasons[0]] += 1
     if len(report.examples) < examples:
         report.examples.append((key, size, caption or "<no caption>"))
 
 
+def _check_image(sample: dict, problem, report: ShardReport, *, max_pixels: int) -> str:
+    """Decode the sample's image in full; its size as text, '?' when there is none to show."""
+    image = sample_image_bytes(sample)
+    if image is None:
+        problem("missing_image", "no image member (one of .jpg .jpeg .png .webp)")
+        return "?"
+    try:
+        width, height = decode_image(image[1], max_pixels=max_pixels).size
+    except SampleRejected as rejected:
+        problem(rejected.reason, f"image does not decode ({rejected.reason}: {rejected.detail})")
+        return "?"
+    report.widths.append(width)
+    report.heights.append(height)
+    return f"{width}x{height}"
+
+
 def inspect_spec(spec: str, *, examples: int = 3, check_sizes: bool = False, workers: int = 1,
-                 progress: bool = True) -> InspectReport:
+                 progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> InspectReport:
     """Inspect every shard of a spec and cross-check keys and sizes.json."""
     urls = spec_urls(spec)
     shards = []
-    check = partial(inspect_shard, examples=examples)
+    check = partial(inspect_shard, examples=examples, max_pixels=max_pixels, max_member_bytes=max_member_bytes)
     with tqdm(total=len(urls), desc="inspecting shards", unit="shard", disable=not progress) as bar:
         for report in parallel_map(check, urls, workers=workers):
             shards.append(report)
@@ -190,11 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=3, help="example samples to print")
     parser.add_argument("--check-sizes", action="store_true", help="require sizes.json beside the shards")
     parser.add_argument("--workers", type=int, default=1, help="shards inspected in parallel")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="images with more pixels are reported as decompression bombs (image_too_large)")
+    parser.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
+                        help="tar members larger than this are reported unread (member_too_large)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         report = inspect_spec(args.spec, examples=args.samples, check_sizes=args.check_sizes,
-                              workers=args.workers, progress=not args.no_progress)
+                              workers=args.workers, progress=not args.no_progress, max_pixels=args.max_pixels,
+                              max_member_bytes=args.max_member_bytes)
     except (ShardError, ValueError) as error:
         print(f"inspect_shards: error: {error}", file=sys.stderr)
         return 2

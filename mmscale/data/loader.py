@@ -112,17 +112,16 @@ def build_loader(
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         rank = torch.distributed.get_rank() if distributed else 0
         world_size = torch.distributed.get_world_size() if distributed else 1
-    sources = tuple(parse_spec(spec, allow_pipe=config.allow_pipe))
+    sources = tuple(parse_spec(spec))
     settings = StreamSettings(
         sources=sources, sampling=config.sampling if train else "epoch", rank=rank, world_size=world_size,
         seed=config.seed, shuffle_buffer=config.shuffle_buffer if train else 0, batch_size=batch_size,
-        epochs=epochs if train else 1, shuffle_shards=train, drop_last=train, allow_pipe=config.allow_pipe,
-        max_bad_shard_fraction=config.max_bad_shard_fraction,
+        epochs=epochs if train else 1, shuffle_shards=train, drop_last=train,
+        max_bad_shard_fraction=config.max_bad_shard_fraction, max_member_bytes=config.max_member_bytes,
     )
     if settings.sampling == "epoch":
         unreadable: list[ShardError] = []
-        sizes = shard_sizes([url for source in sources for url in source.urls], allow_pipe=config.allow_pipe,
-                            unreadable=unreadable)
+        sizes = shard_sizes([url for source in sources for url in source.urls], unreadable=unreadable)
         settings = dataclasses.replace(settings, sizes=tuple(sizes.values()))
         _check_enough_samples(sum(sizes.values()), world_size=world_size, workers=max(config.workers, 1),
                               train=train, unreadable=unreadable)

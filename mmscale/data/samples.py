@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmscale.data.shards import SampleRejected, sample_caption, sample_image_bytes
+from mmscale.data.shards import SampleRejected, check_raw_sample, sample_caption, sample_image_bytes
 from mmscale.data.text import CaptionEncoder
 from mmscale.data.transforms import decode_and_crop
 
@@ -46,16 +46,14 @@ class SampleDecoder:
 
     def decode(self, raw: dict, *, seed: int) -> Sample:
         """A Sample, or SampleRejected naming why this raw sample is skipped."""
+        check_raw_sample(raw)
         found = sample_image_bytes(raw)
         if found is None:
             raise SampleRejected("missing_image")
         extension, data = found
         if raw.get("txt") == b"":
             raise SampleRejected("empty_member")
-        try:
-            caption = sample_caption(raw)
-        except UnicodeDecodeError:
-            raise SampleRejected("bad_text") from None
+        caption = sample_caption(raw)
         if caption is None:
             raise SampleRejected("missing_caption")
         a = self.augment

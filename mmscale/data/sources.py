@@ -19,6 +19,7 @@ import glob
 import json
 import math
 import os
+import stat
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
@@ -28,8 +29,11 @@ from pathlib import Path
 from mmscale.data.tables import TABLE_KINDS, TableError, TableFile, column_names, count_rows, iter_rows, table_paths
 from mmscale.data.shards import (
     IMAGE_EXTENSIONS,
+    SAMPLE_EXTENSIONS,
+    SampleRejected,
     ShardError,
     ShardTruncated,
+    check_raw_sample,
     iter_raw_samples,
     sample_caption,
     sample_image_bytes,
@@ -45,6 +49,8 @@ _IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_name", "filename", "p
 _URL_SCHEMES = ("http://", "https://")
 _CAPTION_COLUMNS = ("caption", "text", "title", "txt")
 _ROOT_PROBE = 20  # image paths checked at listing time to catch a wrong --image-root early
+DEFAULT_MAX_FILE_BYTES = 20_000_000
+"""Largest local image or caption file read (`too_large`), as for downloads (DownloadOptions.max_bytes)."""
 
 
 class InputError(ValueError):
@@ -295,7 +301,7 @@ def count_shard(url: str) -> ShardCount:
     """Count the complete samples of one input shard (reads it through)."""
     samples = 0
     try:
-        for _ in iter_raw_samples(url):
+        for _ in iter_raw_samples(url, extensions=()):
             samples += 1
     except ShardTruncated as error:
         return ShardCount(url, error.samples_read, truncated=True)
@@ -407,13 +413,14 @@ def _check_image_root(options: InputOptions, records: list[Record]) -> None:
                          f"(now {root or '.'})")
 
 
-def iter_loaded(records: list[Record]) -> Iterator[Loaded]:
-    """Load each record's image bytes, caption and label, in order, one Loaded per record."""
+def iter_loaded(records: list[Record], *, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Iterator[Loaded]:
+    """Load each record's image bytes, caption and label, in order, one Loaded per record. Local files are
+    read only when they are regular files of at most `max_bytes` (a table may name `/dev/zero` or a FIFO)."""
     position = 0
     while position < len(records):
         record = records[position]
         if record.shard_url is None:
-            yield _load_file_record(record)
+            yield _load_file_record(record, max_bytes=max_bytes)
             position += 1
             continue
         end = position
@@ -423,14 +430,15 @@ def iter_loaded(records: list[Record]) -> Iterator[Loaded]:
         position = end
 
 
-def _load_file_record(record: Record) -> Loaded:
+def _load_file_record(record: Record, *, max_bytes: int) -> Loaded:
     if record.problem:
         return Loaded(record.source, problem=record.problem)
     if record.url:  # a URL further down a table whose first rows were local paths: the writer downloads it;
         return Loaded(record.source, problem="not_downloaded")  # --dedup's local pre-pass leaves it out
     try:
-        with open(record.image_path, "rb") as handle:
-            image = handle.read()
+        image = read_regular_file(record.image_path, max_bytes=max_bytes)
+    except SampleRejected as rejected:
+        return Loaded(record.source, problem=rejected.reason)
     except FileNotFoundError:
         return Loaded(record.source, problem="missing_image")
     except OSError:
@@ -438,22 +446,39 @@ def _load_file_record(record: Record) -> Loaded:
     caption, label = record.caption, record.label
     try:
         if record.caption_path:
-            caption = Path(record.caption_path).read_bytes().decode("utf-8").strip() or None
+            caption = read_regular_file(record.caption_path, max_bytes=max_bytes).decode("utf-8").strip() or None
         if record.label_path:
-            label = _parse_label(Path(record.label_path).read_text(encoding="ascii", errors="replace").strip())
+            text = read_regular_file(record.label_path, max_bytes=max_bytes).decode("ascii", errors="replace")
+            label = _parse_label(text.strip())
             if label is None:
                 return Loaded(record.source, problem="bad_label")
     except UnicodeDecodeError:
         return Loaded(record.source, problem="bad_text")
+    except SampleRejected as rejected:
+        return Loaded(record.source, problem=rejected.reason)
     except OSError:
         return Loaded(record.source, problem="missing_caption")
     return Loaded(record.source, image=image, caption=caption, label=label)
 
 
+def read_regular_file(path: str, *, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`; SampleRejected `not_a_file` (a device, FIFO,
+    socket or folder: opened without blocking, never read) or `too_large`; OSError when it cannot be opened."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(descriptor, "rb", closefd=True) as handle:
+        kind = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(kind):
+            raise SampleRejected("not_a_file", f"{path} is not a regular file")
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise SampleRejected("too_large", f"{path} is over {max_bytes} bytes")
+    return data
+
+
 def _load_shard_records(records: list[Record]) -> Iterator[Loaded]:
     """Records of one shard, consecutive indices: one pass over the tar from the first."""
     url, first = records[0].shard_url, records[0].shard_index
-    samples = iter_raw_samples(url, start=first)
+    samples = iter_raw_samples(url, start=first, extensions=SAMPLE_EXTENSIONS)
     done = 0
     try:
         for sample in samples:
@@ -472,12 +497,13 @@ def _load_shard_records(records: list[Record]) -> Iterator[Loaded]:
 def _loaded_from_sample(sample: dict) -> Loaded:
     source = f"{sample['__url__']}#{sample['__key__']}"
     image = sample_image_bytes(sample)
-    if image is None:
-        return Loaded(source, problem="missing_image")
     try:
+        check_raw_sample(sample)
+        if image is None:
+            return Loaded(source, problem="missing_image")
         caption = sample_caption(sample)
-    except UnicodeDecodeError:
-        return Loaded(source, problem="bad_text")
+    except SampleRejected as rejected:
+        return Loaded(source, problem=rejected.reason)
     label = None
     if sample.get("cls"):
         label = _parse_label(sample["cls"].decode("ascii", errors="replace").strip())

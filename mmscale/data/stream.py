@@ -25,6 +25,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from mmscale.data import epochs
 from mmscale.data.samples import SampleDecoder
 from mmscale.data.shards import (
+    DEFAULT_MAX_MEMBER_BYTES,
+    SAMPLE_EXTENSIONS,
     SampleRejected,
     ShardError,
     ShardSource,
@@ -68,10 +70,11 @@ class StreamSettings:
     epochs: int | None
     shuffle_shards: bool = True
     drop_last: bool = False
-    allow_pipe: bool = False
     max_bad_shard_fraction: float = 0.05
     sizes: tuple[int, ...] | None = None
     """Samples in each shard (sources' URLs in order), for epoch sampling; None: shard_sizes() finds them."""
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+    """Larger tar members are not read; their samples are skipped as `member_too_large`."""
 
 
 class ShardStream(IterableDataset):
@@ -92,10 +95,15 @@ class ShardStream(IterableDataset):
         self._sizes: list[int] | None = None
         if settings.sampling == "epoch":
             self._sizes = list(settings.sizes) if settings.sizes is not None else list(
-                shard_sizes(self._all_urls, allow_pipe=settings.allow_pipe).values())
+                shard_sizes(self._all_urls).values())
         self._restored: dict | None = None
         self._live: dict | None = None
         self._epoch_plan: tuple = (None, None)
+
+    def _read(self, url: str, *, start: int = 0) -> Iterator[dict]:
+        """The raw samples of one shard from `start`, only the members a sample is decoded from."""
+        return iter_raw_samples(url, start=start, extensions=SAMPLE_EXTENSIONS,
+                                max_member_bytes=self.settings.max_member_bytes)
 
     @property
     def shard_count(self) -> int:
@@ -170,8 +178,7 @@ class ShardStream(IterableDataset):
         last = wanted[-1][1] if wanted else first
         extra = 0
         try:
-            for raw in iter_raw_samples(url, allow_pipe=self.settings.allow_pipe,
-                                        start=wanted[0][0] - first if wanted else 0):
+            for raw in self._read(url, start=wanted[0][0] - first if wanted else 0):
                 position = first + raw["__index__"]
                 if position >= last:
                     if not tails:
@@ -208,7 +215,7 @@ class ShardStream(IterableDataset):
             url = self._drawn_shard(state["shard_cursor"], worker, state.get("draw_salt"))
             start = state["sample_cursor"]
             try:
-                for raw in iter_raw_samples(url, allow_pipe=self.settings.allow_pipe, start=start):
+                for raw in self._read(url, start=start):
                     raw["__pass__"], raw["__position__"] = state["shard_cursor"], raw["__index__"]
                     state["sample_cursor"] = raw["__index__"] + 1
                     yield raw
@@ -303,7 +310,7 @@ class ShardStream(IterableDataset):
         buffer: list[dict | None] = [None] * len(positions)
         for url, slots in wanted.items():
             try:
-                for raw in iter_raw_samples(url, allow_pipe=self.settings.allow_pipe, start=min(slots)):
+                for raw in self._read(url, start=min(slots)):
                     for slot in slots.get(raw["__index__"], ()):
                         buffer[slot] = {**raw, "__pass__": positions[slot][2], "__position__": positions[slot][3]}
                     if raw["__index__"] >= max(slots):

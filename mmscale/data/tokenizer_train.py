@@ -15,7 +15,15 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from mmscale.data.shards import ShardError, ShardTruncated, iter_raw_samples, sample_caption, spec_urls
+from mmscale.data.shards import (
+    SampleRejected,
+    ShardError,
+    ShardTruncated,
+    check_raw_sample,
+    iter_raw_samples,
+    sample_caption,
+    spec_urls,
+)
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -53,12 +61,13 @@ def iter_captions(spec: str, *, max_samples: int | None = None) -> Iterator[str]
     yielded = 0
     for url in spec_urls(spec):
         try:
-            for sample in iter_raw_samples(url):
+            for sample in iter_raw_samples(url, extensions=("txt", "json")):
                 if max_samples is not None and yielded >= max_samples:
                     return
                 try:
+                    check_raw_sample(sample)
                     caption = sample_caption(sample)
-                except UnicodeDecodeError:
+                except SampleRejected:
                     continue
                 if caption:
                     yielded += 1
