@@ -111,3 +111,68 @@ def test_saving_an_object_that_is_not_plain_data_names_where_it_is():
         import datetime
 
         _plain({"loader": {"when": datetime.date(2024, 1, 1)}})
+
+
+@pytest.fixture
+def adapter_pair(tmp_path, tokenizer):
+    """A tiny base checkpoint and a LoRA adapter of it, in PEFT's safetensors format."""
+    from mmscale.finetune.lora import LoraSettings, apply_lora, save_adapter
+    from mmscale.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny"), vocab_size=len(tokenizer))
+    model.save(tmp_path / "base", tokenizer=tokenizer)
+    apply_lora(model, LoraSettings(enabled=True, rank=2))
+    for name, parameter in model.towers.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero: a real update, so loading it shows
+            torch.nn.init.normal_(parameter)
+    save_adapter(model, tmp_path / "adapter", base=str(tmp_path / "base"))
+    return tmp_path / "base", tmp_path / "adapter", model
+
+
+def test_an_adapter_in_safetensors_is_merged_into_its_base(adapter_pair):
+    from mmscale.export.quantize import load_float
+
+    _, adapter, trained = adapter_pair
+    assert (adapter / "adapter_model.safetensors").is_file()
+    merged = load_float(adapter)
+    expected = dict(trained.towers.merge_and_unload().named_parameters())
+    adapted = [name for name in expected if name.endswith(("q_proj.weight", "query.weight"))]
+    loaded = dict(merged.towers.named_parameters())
+    assert adapted and all(torch.allclose(loaded[name], expected[name], atol=1e-6) for name in adapted)
+
+
+def test_an_adapter_with_only_pickle_weights_is_refused_saying_how_to_convert(adapter_pair):
+    from safetensors.torch import load_file
+
+    from mmscale.export.quantize import load_float
+    from mmscale.models.checkpoint import CheckpointError
+
+    _, adapter, _ = adapter_pair
+    weights = adapter / "adapter_model.safetensors"
+    torch.save(load_file(weights), adapter / "adapter_model.bin")  # what save_pretrained(safe_serialization=False) writes
+    weights.unlink()
+    with pytest.raises(CheckpointError, match=r"only pickle weights \(adapter_model.bin\)") as refused:
+        load_float(adapter)
+    assert str(adapter) in str(refused.value) and "safe_serialization=True" in str(refused.value)
+
+
+def test_a_tokenizer_folder_that_asks_for_its_own_code_is_not_run(tokenizer_dir, tmp_path):
+    import json
+    import shutil
+
+    from mmscale.data.text import load_tokenizer
+
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(tokenizer_dir, folder)
+    marker = tmp_path / "code-ran"
+    (folder / "evil_tokenizer.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                              "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "evil_tokenizer.EvilTokenizer"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    try:
+        load_tokenizer(folder)
+    except ValueError as error:
+        assert str(folder) in str(error)
+    assert not marker.exists()

@@ -29,7 +29,8 @@ def load_tokenizer(path: str | os.PathLike):
             "for example one made by tools/train_tokenizer.py)"
         )
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        # No folder's own tokenizer code (`auto_map` in tokenizer_config.json) is ever run.
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise ValueError(f"tokenizer {path}: not a readable Hugging Face tokenizer folder ({error})") from None
 

@@ -18,20 +18,38 @@ import torch
 import torch.nn.functional as F
 
 from mmscale.models import DualEncoder, load_model
-from mmscale.models.checkpoint import CheckpointError
+from mmscale.models.checkpoint import SAFE_LOADING, CheckpointError
 
 PROJECTIONS = ["visual_projection", "text_projection"]
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
 def adapter_base(folder: Path) -> Path | None:
-    """The base model folder a PEFT adapter folder names, or None when `folder` is not an adapter."""
+    """The base model folder a PEFT adapter folder names, or None when `folder` is not an adapter.
+
+    An adapter is read from `adapter_model.safetensors` only, as models are (SAFE_LOADING): PEFT would
+    otherwise fall back to unpickling `adapter_model.bin`, which can run code."""
     if not (folder / "adapter_config.json").is_file():
         return None
+    _check_adapter_weights(folder)
     base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
     if not Path(base).is_dir():
         raise CheckpointError(f"adapter {folder} names base model {base!r}, which is not a folder here; "
                               "export the run's final/ instead (adapters already merged)")
     return Path(base)
+
+
+def _check_adapter_weights(folder: Path) -> None:
+    if (folder / ADAPTER_WEIGHTS).is_file():
+        return
+    if (folder / "adapter_model.bin").is_file():
+        raise CheckpointError(
+            f"adapter {folder} has only pickle weights (adapter_model.bin), which can run code when loaded; "
+            f"mmscale reads {ADAPTER_WEIGHTS} only: convert it where you trust the file (load it with "
+            "`PeftModel.from_pretrained(base, folder)` and `.save_pretrained(folder, safe_serialization=True)`)")
+    raise CheckpointError(f"adapter {folder} has an adapter_config.json but no {ADAPTER_WEIGHTS}")
 
 
 def load_float(checkpoint: str | os.PathLike) -> DualEncoder:
@@ -43,7 +61,7 @@ def load_float(checkpoint: str | os.PathLike) -> DualEncoder:
     from peft import PeftModel
 
     model = load_model(base, mlm_head=False)
-    model.towers = PeftModel.from_pretrained(model.towers, folder).merge_and_unload()
+    model.towers = PeftModel.from_pretrained(model.towers, folder, local_files_only=True).merge_and_unload()
     return model
 
 
@@ -58,7 +76,7 @@ def quantize_int8(model: DualEncoder, float_towers: Path, *, keep_projections: b
 
     config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=PROJECTIONS if keep_projections else [])
     towers = type(model.towers).from_pretrained(float_towers, quantization_config=config, dtype=torch.float16,
-                                                use_safetensors=True)
+                                                **SAFE_LOADING)
     return DualEncoder(towers, mlm_head=False, max_logit_scale=model.max_logit_scale,
                        image_mean=model.image_mean.flatten().tolist(), image_std=model.image_std.flatten().tolist())
 

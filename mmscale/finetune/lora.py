@@ -116,7 +116,7 @@ def is_adapted(model: DualEncoder) -> bool:
 def save_adapter(model: DualEncoder, folder: Path, *, base: str) -> None:
     """The adapter in PEFT's format, naming `base` (the checkpoint it was trained on)."""
     model.towers.peft_config["default"].base_model_name_or_path = base
-    model.towers.save_pretrained(folder)
+    model.towers.save_pretrained(folder, safe_serialization=True)  # the only adapter format export reads
 
 
 def merge_adapter(model: DualEncoder) -> DualEncoder:

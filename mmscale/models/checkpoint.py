@@ -40,7 +40,9 @@ FORMAT_VERSION = 1
 EXPECTED = ("a Hugging Face CLIPModel or VisionTextDualEncoderModel folder, or an mmscale checkpoint "
             "(for a separate vision model and text encoder set model.vision_from and model.text_from)")
 _TOWER_CLASSES = {"clip": CLIPModel, "vision-text-dual-encoder": VisionTextDualEncoderModel}
-_SAFE = {"use_safetensors": True, "trust_remote_code": False, "local_files_only": True}
+# Every from_pretrained in mmscale takes these: weights from safetensors only (a pickle can run code), no
+# folder's own Python (`auto_map`), no hub downloads.
+SAFE_LOADING = {"use_safetensors": True, "trust_remote_code": False, "local_files_only": True}
 
 
 class CheckpointError(ValueError):
@@ -83,7 +85,7 @@ def load_model(folder: str | os.PathLike, *, mlm_head: bool = True, logit_bias_i
     adds a SigLIP bias where there is none. Heads the caller does not ask for are left out."""
     folder = Path(folder)
     kind = _model_type(folder)
-    towers = _TOWER_CLASSES[kind].from_pretrained(folder, attn_implementation=attention, **_SAFE)
+    towers = _TOWER_CLASSES[kind].from_pretrained(folder, attn_implementation=attention, **SAFE_LOADING)
     extras = _read_extras(folder)
     meta = extras.pop("meta", {})
     mean, std = (meta["image_mean"], meta["image_std"]) if meta else _image_normalization(folder)
@@ -229,8 +231,8 @@ def _load_vision(folder: Path, attention: str) -> PreTrainedModel:
     model_type = _hf_config(folder).get("model_type")
     _check_weights(folder)
     if model_type in ("clip", "clip_vision_model"):
-        return CLIPVisionModel.from_pretrained(folder, attn_implementation=attention, **_SAFE)
-    model = AutoModel.from_pretrained(folder, attn_implementation=attention, **_SAFE)
+        return CLIPVisionModel.from_pretrained(folder, attn_implementation=attention, **SAFE_LOADING)
+    model = AutoModel.from_pretrained(folder, attn_implementation=attention, **SAFE_LOADING)
     if not hasattr(model.config, "image_size"):
         raise CheckpointError(f"model.vision_from {folder} holds a {model_type!r} model, not a vision model "
                               "(expected ViT, CLIP or CLIP vision)")
@@ -240,7 +242,7 @@ def _load_vision(folder: Path, attention: str) -> PreTrainedModel:
 def _load_text(folder: Path, attention: str) -> PreTrainedModel:
     model_type = _hf_config(folder).get("model_type")
     _check_weights(folder)
-    model = AutoModel.from_pretrained(folder, attn_implementation=attention, **_SAFE)
+    model = AutoModel.from_pretrained(folder, attn_implementation=attention, **SAFE_LOADING)
     if hasattr(model.config, "image_size") or getattr(model.config, "is_decoder", False):
         raise CheckpointError(f"model.text_from {folder} holds a {model_type!r} model, not a text encoder "
                               "(expected a BERT-style encoder such as BERT, RoBERTa or MiniLM)")
