@@ -352,6 +352,17 @@ def test_resharding_into_the_input_folder_is_refused_and_keeps_the_input(tmp_pat
     assert {path.name: path.read_bytes() for path in source.glob("*.tar")} == before
 
 
+def test_a_symlink_planted_at_the_lock_file_is_refused_not_followed(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    outside = tmp_path / "outside.lock"
+    (out / ".make_shards.lock").symlink_to(outside)
+    capsys.readouterr()
+    assert run(*make_input("folder", tmp_path)[0], "--output", out) == 2
+    assert ".make_shards.lock is a symbolic link" in capsys.readouterr().err
+    assert not outside.exists() and not list(out.glob("*.tar"))
+
+
 def test_synthetic_corpus_is_deterministic_and_described(tmp_path):
     first = make_image_folder(tmp_path / "a", 5, size=32, seed=4, image_format="png")
     second = make_image_folder(tmp_path / "b", 5, size=32, seed=4, image_format="png")

@@ -176,3 +176,97 @@ def test_a_tokenizer_folder_that_asks_for_its_own_code_is_not_run(tokenizer_dir,
     except ValueError as error:
         assert str(folder) in str(error)
     assert not marker.exists()
+
+
+# Temporary files: someone who can write into an output folder plants a symlink at the name a
+# temporary used to have (predictable: a fixed suffix or the process id); nothing is written through it.
+
+def _plant(link, tmp_path, *, folder: bool = False):
+    """A symlink at `link` to a file (or folder) outside, holding what must survive."""
+    target = tmp_path / f"outside-{link.name}"
+    if folder:
+        target.mkdir()
+        (target / "keep").write_text("precious")
+    else:
+        target.write_text("precious")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+    return target
+
+
+def _untouched(target) -> bool:
+    if target.is_dir():
+        return [p.name for p in target.iterdir()] == ["keep"] and (target / "keep").read_text() == "precious"
+    return target.read_text() == "precious"
+
+
+def test_atomic_write_replaces_the_target_under_a_fresh_name_and_cleans_up_on_error(tmp_path):
+    from mmscale.atomic import TEMPORARY_GLOB, atomic_write, open_temporary, write_atomically
+
+    target = tmp_path / "value.json"
+    handle, temporary = open_temporary(target)
+    handle.close()
+    assert temporary.parent == tmp_path and temporary.match(TEMPORARY_GLOB) and temporary != open_temporary(target)[1]
+    old_umask = os.umask(0o022)
+    try:
+        write_atomically(target, b"first")
+    finally:
+        os.umask(old_umask)
+    assert target.read_bytes() == b"first" and target.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    with pytest.raises(RuntimeError), atomic_write(target) as handle:
+        handle.write(b"half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_bytes() == b"first"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "value.json") == sorted(
+        p.name for p in tmp_path.glob(TEMPORARY_GLOB))  # only the two opened by hand above are left
+
+
+def test_a_checkpoint_save_does_not_write_through_planted_links(tmp_path, one_rank):
+    from mmscale.train.checkpoints import Progress, latest_tag, remove_incomplete, save_checkpoint
+
+    root = tmp_path / "checkpoints"
+    state = _plant(root / "step00000004" / ".trainer_state_rank0.pt.tmp", tmp_path)
+    latest = _plant(root / ".latest.tmp", tmp_path)
+    save_checkpoint(_Engine(), root, progress=Progress(step=4), loader_state={}, keep=2)
+    assert _untouched(state) and _untouched(latest) and latest_tag(root) == "step00000004"
+    remove_incomplete(root)  # a stale temporary of either kind of name is cleared
+    assert not list(root.glob(".*"))
+
+
+def test_a_model_save_does_not_write_through_planted_links(tmp_path, tokenizer):
+    from mmscale.models import ModelConfig, build_model
+
+    staging = _plant(tmp_path / f".final.tmp-{os.getpid()}", tmp_path, folder=True)
+    old = _plant(tmp_path / f".final.old-{os.getpid()}", tmp_path, folder=True)
+    model = build_model(ModelConfig(preset="tiny"), vocab_size=len(tokenizer))
+    model.save(tmp_path / "final", tokenizer=tokenizer)
+    model.save(tmp_path / "final", tokenizer=tokenizer)  # over an existing one: the old folder moves aside
+    assert _untouched(staging) and _untouched(old) and (tmp_path / "final" / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.glob(".final*")) == sorted([staging.name[len("outside-"):],
+                                                                       old.name[len("outside-"):]])
+
+
+def test_reports_embeddings_and_failure_lists_do_not_write_through_planted_links(tmp_path):
+    from mmscale.data.sharding import gather_failures
+    from mmscale.eval.use import _write_embeddings
+    from mmscale.train.report import write_report
+
+    planted = [_plant(tmp_path / "run" / "report.md.tmp", tmp_path),
+               _plant(tmp_path / ".embeddings.npy.tmp", tmp_path),
+               _plant(tmp_path / "shards" / f".failed.parquet.tmp{os.getpid()}", tmp_path)]
+    write_report(tmp_path / "run")
+    _write_embeddings(tmp_path / "embeddings.npy", ["a"], np.ones((1, 4), dtype=np.float32))
+    gather_failures(str(tmp_path / "shards"), [], str(tmp_path / "shards" / "failed.parquet"))
+    assert all(_untouched(target) for target in planted)
+    assert (tmp_path / "run" / "report.md").read_text().startswith("# Run report")
+    assert np.load(tmp_path / "embeddings.npy").shape == (1, 4)
+
+
+def test_a_shard_part_does_not_write_through_a_planted_link(tmp_path):
+    from mmscale.data.shard_writer import _PartWriter
+
+    target = _plant(tmp_path / "out" / f".shard-000000.tar.tmp{os.getpid()}", tmp_path)
+    writer = _PartWriter(str(tmp_path / "out"), "shard-000000.tar", max_bytes=None)
+    writer.add([("000000000.txt", b"a caption")])
+    assert writer.finish() == {"shard-000000.tar": 1}
+    assert _untouched(target) and (tmp_path / "out" / "shard-000000.tar").stat().st_size > 0

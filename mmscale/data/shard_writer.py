@@ -38,6 +38,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from itertools import count, takewhile
 
+from mmscale.atomic import open_temporary
 from mmscale.data.dedup import DigestStore
 from mmscale.data.download import RETRYABLE_REASONS, DownloadOptions, Fetched, fetch
 from mmscale.data.images import ImageOptions, SampleRejected, prepare_image
@@ -156,15 +157,6 @@ def part_name(shard_name: str, part: int) -> str:
     return f"{shard_name[: -len('.tar')]}-{part:03d}.tar"
 
 
-def temporary_name(name: str) -> str:
-    """Where a file is written before its rename; stale ones are removed by the next run.
-
-    The process id keeps a worker orphaned by a killed run from writing into the same file
-    as the next run (both would write the same bytes, and the rename is atomic).
-    """
-    return f".{name}.tmp{os.getpid()}"
-
-
 def read_chunk_stats(path: str) -> ChunkStats | None:
     """A chunk's stats file, or None when it is missing or unreadable (the chunk is not done)."""
     try:
@@ -254,8 +246,9 @@ def finish_interrupted_retry(output_dir: str, shard_name: str, *, byte_capped: b
         _record_chunk(output_dir, shard_name, replace(
             stats, shards={name: len(names) for name, names in keys.items()}, skipped=dict(sorted(skipped.items())),
             bytes=sum(os.path.getsize(os.path.join(output_dir, name)) for name in parts)), failures)
-    unfinished = re.compile(rf"\.{re.escape(shard_name[: -len('.tar')])}(-\d{{3,}})?\.tar\.tmp\d+")
-    for name in os.listdir(output_dir):  # the killed retry's part, never renamed (temporary_name)
+    # the killed retry's part, never renamed (mmscale.atomic's names; a process id before those)
+    unfinished = re.compile(rf"\.{re.escape(shard_name[: -len('.tar')])}(-\d{{3,}})?\.tar\.tmp\w+")
+    for name in os.listdir(output_dir):
         if unfinished.fullmatch(name):
             os.remove(os.path.join(output_dir, name))
     os.remove(os.path.join(output_dir, retry_marker_name(shard_name)))
@@ -472,7 +465,7 @@ class _PartWriter:
     def __init__(self, output_dir: str, shard_name: str, *, max_bytes: int | None):
         self.output_dir, self.shard_name, self.max_bytes = output_dir, shard_name, max_bytes
         self.shards: dict[str, int] = {}
-        self.handle = self.name = None
+        self.handle = self.name = self.temporary = None
         self.offset = 0
         self.first_part = 0  # a retry rewrites the chunk's last part and goes on from there
 
@@ -504,14 +497,15 @@ class _PartWriter:
         """Drop an unfinished part after an error; its temporary file goes too."""
         if self.handle is not None:
             self.handle.close()
-            os.remove(os.path.join(self.output_dir, temporary_name(self.name)))
+            os.remove(self.temporary)
             self.handle = None
 
     def _open_part(self) -> None:
         number = self.first_part + len(self.shards)
         self.name = self.shard_name if self.max_bytes is None else part_name(self.shard_name, number)
         self.shards[self.name] = 0
-        self.handle = open(os.path.join(self.output_dir, temporary_name(self.name)), "wb", buffering=1 << 20)
+        # a fresh random name: a worker orphaned by a killed run never writes into this run's file
+        self.handle, self.temporary = open_temporary(os.path.join(self.output_dir, self.name), buffering=1 << 20)
         self.offset = 0
 
     def _close_part(self) -> None:
@@ -520,5 +514,4 @@ class _PartWriter:
         os.fsync(self.handle.fileno())
         self.handle.close()
         self.handle = None
-        os.replace(os.path.join(self.output_dir, temporary_name(self.name)),
-                   os.path.join(self.output_dir, self.name))
+        os.replace(self.temporary, os.path.join(self.output_dir, self.name))

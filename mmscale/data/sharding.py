@@ -28,6 +28,7 @@ Only one make_shards may write to an output folder at a time (a lock file enforc
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -43,6 +44,7 @@ from dataclasses import asdict, dataclass
 
 from tqdm import tqdm
 
+from mmscale.atomic import atomic_write
 from mmscale.data.dedup import DEDUP_FILE, SCRATCH_DEDUP_FILE, DigestStore
 from mmscale.data.download import DownloadOptions
 from mmscale.data.images import ImageOptions
@@ -207,15 +209,25 @@ def _check_no_input_shard_in_output(listing: InputListing, output: str) -> None:
 
 @contextmanager
 def _output_lock(output: str):
-    with open(os.path.join(output, _LOCK_FILE), "a") as handle:
+    path = os.path.join(output, _LOCK_FILE)
+    try:  # O_NOFOLLOW: a symlink planted at the lock's name must not make us create or touch its target
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        raise InputError(f"output {output}: {_LOCK_FILE} is a symbolic link, not a lock file make_shards "
+                         "wrote; remove it") from None
+    try:
         try:
             # a POSIX record lock: unlike flock, forked workers do not inherit it, so workers
             # orphaned by a killed run cannot keep the next run out
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise InputError(f"output {output}: another make_shards is writing there; wait for it "
                              "or pick another --output") from None
         yield
+    finally:
+        os.close(descriptor)
 
 
 def _fingerprint(options: ShardingOptions, kind: str, records: int) -> str:
@@ -506,18 +518,14 @@ def gather_failures(output: str, names: list[str], path: str) -> int:
     import pyarrow.parquet as parquet
 
     schema = pa.schema([(column, pa.string()) for column in _FAILURE_COLUMNS])
-    temporary, rows = os.path.join(output, f".{os.path.basename(path)}.tmp{os.getpid()}"), 0
-    with open(temporary, "wb") as handle:
-        with parquet.ParquetWriter(handle, schema) as writer:
-            for name in names:
-                lines = [{column: _text(row.get(column)) for column in _FAILURE_COLUMNS}
-                         for row in failed_rows(output, name)]
-                if lines:
-                    writer.write_table(pa.Table.from_pylist(lines, schema=schema))
-                    rows += len(lines)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    rows = 0
+    with atomic_write(path) as handle, parquet.ParquetWriter(handle, schema) as writer:
+        for name in names:
+            lines = [{column: _text(row.get(column)) for column in _FAILURE_COLUMNS}
+                     for row in failed_rows(output, name)]
+            if lines:
+                writer.write_table(pa.Table.from_pylist(lines, schema=schema))
+                rows += len(lines)
     return rows
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmscale.atomic import atomic_write
 from mmscale.data.shards import SampleRejected
 from mmscale.data.text import CaptionEncoder, load_tokenizer
 from mmscale.data.transforms import decode_and_crop
@@ -71,20 +72,17 @@ def embed_command(args) -> int:
 
 def _write_embeddings(path: Path, names: list[str], embeddings: np.ndarray) -> None:
     """L2-normalized embeddings: .npy (rows in input order) or .parquet (a `source` and an `embedding` column)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    if path.suffix == ".npy":
-        with open(staging, "wb") as handle:
-            np.save(handle, embeddings)
-    elif path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        table = pa.table({"source": names, "embedding": [row.tolist() for row in embeddings]})
-        pq.write_table(table, staging)
-    else:
+    if path.suffix not in (".npy", ".parquet"):
         raise ValueError(f"--out {path}: write .npy or .parquet")
-    staging.replace(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as handle:
+        if path.suffix == ".npy":
+            np.save(handle, embeddings)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({"source": names, "embedding": [row.tolist() for row in embeddings]}), handle)
 
 
 @torch.no_grad()

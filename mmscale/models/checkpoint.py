@@ -30,6 +30,7 @@ from transformers import (
     VisionTextDualEncoderProcessor,
 )
 
+from mmscale.atomic import temporary_folder
 from mmscale.models.config import ModelConfig, resolve_attention
 from mmscale.models.dual_encoder import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, DualEncoder, new_towers
 
@@ -121,8 +122,18 @@ def save_model(model: DualEncoder, folder: str | os.PathLike, *, tokenizer=None)
     """Write `model` as a consolidated checkpoint (see the module docstring), atomically: a crash
     mid-way leaves any earlier folder of that name as it was."""
     folder = Path(folder)
-    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = temporary_folder(folder)
+    try:
+        _write_checkpoint(model, staging, tokenizer=tokenizer)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _replace_folder(staging, folder)
+    return folder
+
+
+def _write_checkpoint(model: DualEncoder, staging: Path, *, tokenizer) -> None:
     model.towers.save_pretrained(staging, safe_serialization=True)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": model.image_size}, crop_size={"height": model.image_size, "width": model.image_size},
@@ -149,8 +160,6 @@ def save_model(model: DualEncoder, folder: str | os.PathLike, *, tokenizer=None)
             "classes": model.classifier.out_features if model.classifier is not None else 0,
             "image_mean": model.image_mean.flatten().tolist(), "image_std": model.image_std.flatten().tolist()}
     (staging / MMSCALE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    _replace_folder(staging, folder)
-    return folder
 
 
 def image_size_of(folder: str | os.PathLike) -> int:
@@ -163,11 +172,13 @@ def image_size_of(folder: str | os.PathLike) -> int:
 
 
 def _replace_folder(staging: Path, folder: Path) -> None:
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        folder.rename(old)
+    if not folder.exists():
+        staging.rename(folder)
+        return
+    holder = temporary_folder(folder)  # our own fresh folder, so the old one never moves onto a planted name
+    folder.rename(holder / folder.name)
     staging.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(holder, ignore_errors=True)
 
 
 def _read_json(path: Path) -> dict:

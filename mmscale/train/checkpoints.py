@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mmscale.atomic import TEMPORARY_GLOB, atomic_write, write_atomically
+
 LATEST = "latest"
 
 
@@ -111,17 +113,13 @@ def save_checkpoint(engine, root: Path, *, progress: Progress, loader_state: dic
         return tag
     (root / tag).mkdir(parents=True, exist_ok=True)
     state = _plain({"progress": asdict(progress), "loader": loader_state, "rng": rng_state(), "world_size": world})
-    staging = root / tag / f".trainer_state_rank{rank}.pt.tmp"
-    torch.save(state, staging)
-    staging.replace(root / tag / f"trainer_state_rank{rank}.pt")
+    with atomic_write(root / tag / f"trainer_state_rank{rank}.pt", fsync=False) as handle:  # fsynced below
+        torch.save(state, handle)
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     dist.barrier()
     if rank == 0:
         _fsync_tree(root / tag)
-        staging = root / f".{LATEST}.tmp"
-        staging.write_text(tag)
-        _fsync(staging)
-        staging.replace(root / LATEST)
+        write_atomically(root / LATEST, tag.encode())
         _fsync(root)
         for old in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -287,5 +285,5 @@ def remove_incomplete(root: Path) -> None:
     for path in root.iterdir():
         if path.is_dir() and path.name.startswith("step") and path.name > tag:
             shutil.rmtree(path, ignore_errors=True)
-    for path in root.glob(".*.tmp"):
+    for path in root.glob(TEMPORARY_GLOB):  # a `latest` that was never renamed into place
         os.unlink(path)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from mmscale.atomic import write_atomically
+
 LOSS_CURVES = {"loss": "total (weighted)", "contrastive_loss": "contrastive", "mlm_loss": "masked LM",
                "classification_loss": "classification"}
 
@@ -210,9 +212,7 @@ def write_report(run_dir: str | Path) -> Path:
         lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     lines += ["", "## Resolved config", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
     report = run_dir / "report.md"
-    staging = report.with_suffix(".md.tmp")
-    staging.write_text("\n".join(lines), encoding="utf-8")
-    staging.replace(report)
+    write_atomically(report, "\n".join(lines).encode("utf-8"))
     return report
 
 
