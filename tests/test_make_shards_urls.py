@@ -27,7 +27,9 @@ from mmscale.data.make_shards import main
 from mmscale.data.serve import ImageServer, Response
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["--timeout", "0.5", "--retries", "1", "--retry-backoff", "0.05", "--workers", "1", "--no-progress"]
+# the test servers listen on 127.0.0.1, a private address: downloading from it takes the opt-in
+FAST = ["--timeout", "0.5", "--retries", "1", "--retry-backoff", "0.05", "--workers", "1", "--no-progress",
+        "--allow-private-urls"]
 
 
 def run(*args) -> int:
@@ -110,6 +112,21 @@ def test_robots_headers_can_be_ignored_and_other_agents_do_not_count(tmp_path, f
     assert not disallowed_by_robots(["googlebot: noai", "nofollow"])
 
 
+def test_private_addresses_are_refused_by_default_each_row_with_its_reason(tmp_path, faults):
+    """Without --allow-private-urls, loopback (also by name), private and link-local URLs are not
+    fetched: each row is in failed.parquet as private_address, and the server sees no request."""
+    port = faults.url("/").split(":")[2].split("/")[0]
+    urls = [faults.url("/ok/0.jpg"), f"http://localhost:{port}/ok/1.jpg", f"http://[::1]:{port}/ok/2.jpg",
+            "http://169.254.169.254/latest/meta-data/iam/", "http://10.0.0.1/a.jpg", "http://192.168.0.1/a.jpg"]
+    table = write_table(tmp_path / "urls.csv", [{"url": url, "caption": "c"} for url in urls], "csv")
+    before = faults.requests
+    options = [option for option in FAST if option != "--allow-private-urls"]
+    assert run("--input", table, "--output", tmp_path / "out", *options) == 0
+    written, failed = outcome(tmp_path / "out")
+    assert written == {} and failed == {url: "private_address" for url in urls}
+    assert faults.requests == before
+
+
 @pytest.mark.parametrize("mode,size", [("center_crop", (32, 32)), ("border", (32, 32)), ("keep_ratio", (71, 32)),
                                        ("no", (80, 36))])
 def test_resize_modes(tmp_path, faults, mode, size):
@@ -171,7 +188,7 @@ def test_a_429_waits_as_long_as_retry_after_says_in_seconds_or_as_an_http_date()
     """The backoff here is 10 ms; Retry-After (delay-seconds, or an HTTP date 2 s ahead: 1-2 s at its
     one-second resolution) makes the retry wait longer, and the retry succeeds."""
     body = image_bytes((30, 30))
-    options = DownloadOptions(threads=1, timeout_s=5, retries=1, backoff_s=0.01)
+    options = DownloadOptions(threads=1, timeout_s=5, retries=1, backoff_s=0.01, allow_private_urls=True)
     for retry_after in ("1", None):
         when = retry_after or email.utils.formatdate(time.time() + 2, usegmt=True)
         routes = {"/busy.jpg": [Response(429, headers={"Retry-After": when}), Response(body=body)]}
@@ -184,7 +201,7 @@ def test_a_429_waits_as_long_as_retry_after_says_in_seconds_or_as_an_http_date()
 
 
 def test_the_timeout_covers_a_dripping_body_and_a_malformed_url_is_a_failure_not_a_crash():
-    options = DownloadOptions(threads=1, timeout_s=0.5, retries=0)
+    options = DownloadOptions(threads=1, timeout_s=0.5, retries=0, allow_private_urls=True)
     with ImageServer({"/drip.jpg": Response(body=image_bytes((30, 30)), drip_s=0.05)}) as server:
         started = time.monotonic()
         fetched = fetch(server.url("/drip.jpg"), options)
@@ -204,7 +221,7 @@ def test_killed_download_job_resumes_with_every_row_once(tmp_path):
                                                     for i in range(300)], "tsv")
         out = tmp_path / "out"
         options = ["--input", str(table), "--output", str(out), "--samples-per-shard", "10", "--threads", "4",
-                   "--timeout", "5", "--retries", "0", "--dedup"]
+                   "--timeout", "5", "--retries", "0", "--dedup", "--allow-private-urls"]
         process = subprocess.Popen([sys.executable, str(REPO / "tools" / "make_shards.py"), *options,
                                     "--workers", "2", "--no-progress"], start_new_session=True,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

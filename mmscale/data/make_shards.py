@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--threads", type=_positive_int, default=defaults.threads,
                           help=f"concurrent downloads per worker process (default {defaults.threads})")
     download.add_argument("--timeout", type=_positive_float, default=defaults.timeout_s,
-                          help=f"seconds per request, body included (default {defaults.timeout_s:g})")
+                          help=f"seconds per request: DNS, connect, headers and body (default {defaults.timeout_s:g})")
     download.add_argument("--retries", type=int, default=defaults.retries,
                           help=f"retries of connection errors, timeouts, 429 and 5xx (default {defaults.retries})")
     download.add_argument("--retry-backoff", type=_positive_float, default=defaults.backoff_s,
@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "error, 429, 5xx) in finished shards, adding those that succeed")
     download.add_argument("--ignore-robots-headers", action="store_true",
                           help="download even where X-Robots-Tag says noai/noimageai/noindex/noimageindex")
+    download.add_argument("--allow-private-urls", action="store_true",
+                          help="also download from loopback, private and link-local addresses (refused by "
+                               "default as private_address: a scraped table may name internal hosts)")
     captions = parser.add_argument_group("captions")
     for bound in ("min", "max"):
         for unit in ("chars", "words"):
@@ -139,7 +142,8 @@ def options_from_args(args: argparse.Namespace) -> ShardingOptions:
         download=DownloadOptions(threads=args.threads, timeout_s=args.timeout, retries=args.retries,
                                  backoff_s=args.retry_backoff, max_redirects=args.max_redirects,
                                  max_bytes=args.max_download_bytes,
-                                 respect_robots_headers=not args.ignore_robots_headers),
+                                 respect_robots_headers=not args.ignore_robots_headers,
+                                 allow_private_urls=args.allow_private_urls),
         captions=CaptionFilter(min_chars=args.min_caption_chars, max_chars=args.max_caption_chars,
                                min_words=args.min_caption_words, max_words=args.max_caption_words),
         dedup=args.dedup, retry_failed=args.retry_failed, workers=args.workers,
