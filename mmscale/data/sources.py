@@ -20,6 +20,7 @@ import json
 import math
 import os
 import stat
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
@@ -164,12 +165,14 @@ class Loaded:
 
 @dataclass(frozen=True)
 class ShardCount:
-    """Complete samples in an input shard; `error` is set when it cannot be read at all."""
+    """Complete samples in an input shard; `error` is set when it cannot be read at all, `reason` says why
+    (ShardError's reasons: `not_a_tar`, `missing`, ...)."""
 
     url: str
     samples: int
     truncated: bool = False
     error: str | None = None
+    reason: str | None = None
 
 
 def detect_kind(path: str) -> str:
@@ -287,13 +290,19 @@ def _list_tars(spec: str, count_shards: Callable[[list[str]], list[ShardCount]])
     except (ShardError, ValueError) as error:
         raise InputError(f"input {spec}: {error}") from None
     records, skipped = [], defaultdict(int)
+    errors = []
     for count in count_shards(urls):
-        if count.error:
-            raise InputError(f"{count.error}; fix or remove it from --input")
+        if count.error:  # shards may come from anyone: an unreadable one is counted, as the loader does
+            errors.append(count.error)
+            skipped[f"shard_{count.reason}"] += 1
+            warnings.warn(f"{count.error}: skipped", stacklevel=2)
+            continue
         if count.truncated:
             skipped["truncated_shard"] += 1
         records.extend(Record(source=f"{count.url}#{index}", shard_url=count.url, shard_index=index)
                        for index in range(count.samples))
+    if errors and len(errors) == len(urls):
+        raise InputError(f"input {spec}: no shard can be read (first: {errors[0]})")
     return InputListing("tars", records, dict(skipped))
 
 
@@ -306,7 +315,7 @@ def count_shard(url: str) -> ShardCount:
     except ShardTruncated as error:
         return ShardCount(url, error.samples_read, truncated=True)
     except ShardError as error:
-        return ShardCount(url, 0, error=str(error))
+        return ShardCount(url, 0, error=str(error), reason=error.reason)
     return ShardCount(url, samples)
 
 
