@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--max-redirects", type=int, default=defaults.max_redirects,
                           help=f"redirects followed (default {defaults.max_redirects})")
     download.add_argument("--max-download-bytes", type=_byte_count, default=defaults.max_bytes,
-                          help="largest response body accepted (default 20MB)")
+                          help="largest response body, and largest local image or caption file, accepted (default 20MB)")
     download.add_argument("--retry-failed", action="store_true",
                           help="download again the rows that failed for a passing reason (timeout, connection "
                                "error, 429, 5xx) in finished shards, adding those that succeed")

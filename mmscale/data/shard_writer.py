@@ -363,14 +363,15 @@ def _outcomes(task: ChunkTask) -> Iterator[_Outcome]:
         def download(item: tuple[int, Record]) -> tuple[int, Record, Loaded | Fetched]:
             offset, record = item
             if record.url is None:
-                return offset, record, next(iter_loaded([record]))
+                return offset, record, next(iter_loaded([record], max_bytes=task.download.max_bytes))
             return offset, record, fetch(record.url, task.download)
 
         fetched = threaded_map(download, enumerate(task.records), threads=task.download.threads, ordered=False)
         yield from threaded_map(prepare, fetched, threads=task.image_threads, ordered=False)
         return
-    loaded = zip(range(len(task.records)), task.records, iter_loaded(task.records))
-    yield from threaded_map(prepare, loaded, threads=task.image_threads, ordered=True)
+    loaded = iter_loaded(task.records, max_bytes=task.download.max_bytes)
+    yield from threaded_map(prepare, zip(range(len(task.records)), task.records, loaded), threads=task.image_threads,
+                            ordered=True)
 
 
 def threaded_map(function: Callable, items: Iterable, *, threads: int, ordered: bool) -> Iterator:

@@ -245,8 +245,9 @@ def _fingerprint(options: ShardingOptions, kind: str, records: int) -> str:
 
 def _download_fingerprint(download: DownloadOptions) -> dict:
     """What changes which rows can be written (not threads, timeouts or retries: a resume may tune them)."""
+    private = {"allow_private_urls": True} if download.allow_private_urls else {}  # absent: folders of older runs resume
     return {"max_bytes": download.max_bytes, "max_redirects": download.max_redirects,
-            "respect_robots_headers": download.respect_robots_headers}
+            "respect_robots_headers": download.respect_robots_headers, **private}
 
 
 def _done_chunks(output: str, names: list[str], *, plan: str, byte_capped: bool) -> set[int]:

@@ -24,9 +24,10 @@ import time
 import warnings
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import braceexpand
+
+from mmscale.atomic import write_atomically
 
 SIZES_FILE = "sizes.json"
 # Opening a remote shard (fsspec) is retried this many times, after 1, 2, 4, ... x REMOTE_BACKOFF_S
@@ -426,14 +427,8 @@ def shard_sizes(urls: list[str], *, unreadable: list | None = None) -> dict[str,
 
 
 def write_bytes_atomically(path: str | os.PathLike, payload: bytes) -> None:
-    """Write a file under a temporary name and rename it, so readers never see half of it."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(temporary, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    """Write a file under a fresh temporary name and rename it, so readers never see half of it."""
+    write_atomically(path, payload)
 
 
 def write_json_atomically(path: str | os.PathLike, value) -> None:

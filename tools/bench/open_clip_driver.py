@@ -93,7 +93,7 @@ def main() -> None:
     from open_clip_train.main import main as train_main
     from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+    hf = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True, trust_remote_code=False)
     args.eos_id, args.pad_id = hf.sep_token_id, hf.pad_token_id
     name = "mmscale-bench-tiny"
     config_dir = os.path.join(args.output, "model_configs")

@@ -94,7 +94,7 @@ def run_make_shards(table: Path, out: Path, *, workers: int, image_threads: int 
     command = [sys.executable, str(REPO / "tools" / "make_shards.py"), "--input", str(table), "--output", str(out),
                "--resize", str(RESIZE), "--resize-mode", "keep_ratio", "--jpeg-quality", str(QUALITY),
                "--workers", str(workers), "--threads", str(THREADS), "--samples-per-shard", str(PER_SHARD),
-               "--no-progress"] + (["--image-threads", str(image_threads)] if image_threads else [])
+               "--no-progress", "--allow-private-urls"] + (["--image-threads", str(image_threads)] if image_threads else [])
     started = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
     wall = time.perf_counter() - started
