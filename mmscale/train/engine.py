@@ -53,6 +53,50 @@ def process_group_backend(cuda: bool) -> str:
     return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
+# Where MPI-style launchers (mpirun, mpiexec, srun) say which process this is: (name, rank, world size, local
+# rank, local size). DeepSpeed's openmpi/mpich/impi/mvapich launchers start processes this way and export no
+# RANK/WORLD_SIZE of their own.
+LAUNCHER_VARIABLES = (
+    ("Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+     "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("MVAPICH", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_SIZE"),
+    ("MPICH/Intel MPI", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    ("Slurm srun", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE"),
+)
+DEFAULT_MASTER_PORT = 29500  # torch's and DeepSpeed's
+
+
+def launcher_environment(environ: dict | None = None) -> dict[str, str]:
+    """The variables torch.distributed needs (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT) that `environ` lacks: none where a torch-style launcher (deepspeed, torchrun) set RANK and
+    WORLD_SIZE; mapped from an MPI launcher's or srun's own variables where one started this process; else
+    those of one process alone. Without them every process of an `mpirun -n 16` job would be rank 0 of a world
+    of 1 and train alone on cuda:0 into the same folder."""
+    environ = os.environ if environ is None else environ
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        found = {}
+    else:
+        found = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+        for launcher, rank, world, local_rank, local_size in LAUNCHER_VARIABLES:
+            if rank in environ and world in environ:
+                # srun's tasks-per-node reads like "4" or "4(x2)" or "4,2": this node's count is its first number
+                local = (environ.get(local_size) or "").split("(")[0].split(",")[0]
+                found = {"RANK": environ[rank], "WORLD_SIZE": environ[world],
+                         "LOCAL_RANK": environ.get(local_rank, "0"), "LOCAL_WORLD_SIZE": local or environ[world]}
+                if "MASTER_ADDR" not in environ and found["LOCAL_WORLD_SIZE"] != found["WORLD_SIZE"]:
+                    raise RuntimeError(
+                        f"{launcher} started this process as rank {found['RANK']} of {found['WORLD_SIZE']} on more "
+                        "than one node, but MASTER_ADDR is not set: export MASTER_ADDR (the first node's address) and "
+                        "MASTER_PORT to every rank (mpirun -x MASTER_ADDR=... or a .deepspeed_env line; "
+                        "launch/multinode.sh does it for LAUNCHER=openmpi)")
+                found["MASTER_PORT"] = str(DEFAULT_MASTER_PORT)
+                break
+        else:
+            found["MASTER_PORT"] = str(free_port())  # one process alone: any free port
+    found.setdefault("MASTER_ADDR", "127.0.0.1")
+    return {name: value for name, value in found.items() if name not in environ}
+
+
 def init_distributed() -> None:
     """Join the launcher's process group (one process without a launcher): NCCL for CUDA tensors and gloo for
     CPU ones on GPU machines, gloo on CPU (process_group_backend)."""
@@ -61,9 +105,7 @@ def init_distributed() -> None:
     if not torch.cuda.is_available():
         # The shared-memory comm op is a ~80 s JIT build that gloo on CPU does not need.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(name, value)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ.update(launcher_environment())
     deepspeed.init_distributed(dist_backend=process_group_backend(torch.cuda.is_available()))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
