@@ -83,3 +83,96 @@ def test_two_processes_started_by_open_mpi_join_one_group_of_two():
         assert process.returncode == 0, err[-3000:]
         results.append(json.loads(out.strip().splitlines()[-1]))
     assert results == [{"rank": rank, "world": 2, "ranks": [0, 1]} for rank in range(2)]
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """CUDA queries answering as a GPU of a given compute capability would; `is_bf16_supported` says yes, as it
+    does on a V100 (it counts emulation)."""
+    import torch
+
+    def set_capability(major: int, minor: int) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU sm_{major}{minor}")
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+
+    return set_capability
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
+                                                      ((9, 0), "bf16")], ids=["V100", "T4", "A100", "H100"])
+def test_auto_precision_is_bf16_only_with_native_bf16(gpu, capability, expected):
+    from mmscale.train.precision import resolve_precision
+
+    gpu(*capability)
+    precision, reason = resolve_precision("auto")
+    assert precision == expected
+    assert f"compute capability {capability[0]}.{capability[1]}" in reason
+
+
+def test_fp32_on_a_gpu_runs_matmuls_in_tf32(gpu):
+    import torch
+
+    from mmscale.train.precision import allow_tf32
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert not allow_tf32(cuda=False) and torch.get_float32_matmul_precision() == before
+        gpu(8, 0)
+        assert allow_tf32()
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_the_lora_config_picks_its_precision_by_machine():
+    import yaml
+
+    assert yaml.safe_load((ROOT / "configs" / "finetune" / "lora.yaml").read_text())["train"]["precision"] == "auto"
+
+
+def test_image_normalization_stays_fp32_through_casts():
+    import torch
+
+    from mmscale.models import ModelConfig, build_model
+
+    model = build_model(ModelConfig(preset="tiny"), vocab_size=100, mlm_head=False)
+    exact = model.image_mean.clone(), model.image_std.clone()
+    for cast in (torch.nn.Module.bfloat16, torch.nn.Module.half, torch.nn.Module.float):
+        cast(model)
+        assert model.image_mean.dtype == model.image_std.dtype == torch.float32
+        assert torch.equal(model.image_mean, exact[0]) and torch.equal(model.image_std, exact[1])
+
+
+ZERO3_BUILD = """
+import json, sys
+from mmscale.losses import LossConfig
+from mmscale.models import ModelConfig
+from mmscale.train.config import TrainConfig
+from mmscale.train.engine import batch_layout, build_objective, deepspeed_config, init_distributed
+init_distributed()
+train = TrainConfig(precision="bf16", deepspeed="configs/deepspeed/zero3.json", global_batch_size=2, steps=1)
+config, _ = deepspeed_config(train, batch_layout(train, 1))
+model = build_objective(ModelConfig(preset="tiny"), LossConfig(), config, vocab_size=100).model
+print(json.dumps({"dtype": str(model.image_mean.dtype), "mean": model.image_mean.flatten().tolist(),
+                  "std": model.image_std.flatten().tolist(),
+                  "weights": str(model.towers.visual_projection.weight.dtype)}))
+"""
+
+
+@pytest.mark.slow
+def test_a_bf16_zero3_model_normalizes_images_with_exact_fp32_values():
+    """zero.Init makes every floating tensor in the training dtype: the buffers must come out fp32 all the same."""
+    import torch
+
+    from mmscale.models.dual_encoder import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
+
+    result = subprocess.run([sys.executable, "-c", ZERO3_BUILD], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env=os.environ | {"MASTER_PORT": str(free_port())})
+    assert result.returncode == 0, result.stderr[-3000:]
+    built = json.loads(result.stdout.strip().splitlines()[-1])
+    assert built["weights"] == "torch.bfloat16"  # the partitioned weights are bf16: the case that rounded them
+    assert built["dtype"] == "torch.float32"
+    assert built["mean"] == torch.tensor(CLIP_IMAGE_MEAN, dtype=torch.float32).tolist()
+    assert built["std"] == torch.tensor(CLIP_IMAGE_STD, dtype=torch.float32).tolist()

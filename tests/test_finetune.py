@@ -46,9 +46,14 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 def finetune(checkpoint: str, data: dict, output: Path, *extra: str) -> subprocess.CompletedProcess:
-    return cli("finetune", "--checkpoint", checkpoint, "--config", str(LORA), f"data.train={data['train']}",
-               f"output_dir={output}", "data.workers=0", "train.samples=128", "train.global_batch_size=32",
-               "train.progress=false", "train.tensorboard=false", "train.log_every_steps=1", *extra)
+    """`mmscale finetune` with small settings; `extra` overrides replace defaults of the same key (the CLI
+    refuses a key given twice)."""
+    overrides = dict(item.split("=", 1) for item in (
+        f"data.train={data['train']}", f"output_dir={output}", "data.workers=0", "train.samples=128",
+        "train.global_batch_size=32", "train.progress=false", "train.tensorboard=false", "train.log_every_steps=1",
+        *extra))
+    return cli("finetune", "--checkpoint", checkpoint, "--config", str(LORA),
+               *(f"{key}={value}" for key, value in overrides.items()))
 
 
 def test_lora_adapter_reloads_with_peft_and_the_merged_model_reproduces_it(data, tmp_path):
@@ -80,6 +85,29 @@ def test_lora_adapter_reloads_with_peft_and_the_merged_model_reproduces_it(data,
         torch.testing.assert_close(AutoModel.from_pretrained(tmp_path / "exported").get_image_features(
             pixel_values=pixels).pooler_output, merged.get_image_features(pixel_values=pixels).pooler_output,
             rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_bf16_lora_saves_the_fp32_base_and_master_adapters(data, tmp_path):
+    """A bf16 run trains a bf16 copy of the model: `final/` and the adapter must still be the fp32 base plus the
+    optimizer's fp32 adapter weights, not the rounded module (bf16 keeps 8 bits of mantissa)."""
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    finetune(str(data["base"]), data, tmp_path / "run", "train.precision=bf16", "train.samples=64")
+    adapter, final = tmp_path / "run" / "adapter", tmp_path / "run" / "final"
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.float32}
+    base = AutoModel.from_pretrained(data["base"]).eval()
+    merged = AutoModel.from_pretrained(final).eval()
+    adapted = PeftModel.from_pretrained(base, adapter).eval()
+    pixels = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(merged.get_image_features(pixel_values=pixels).pooler_output,
+                                   adapted.get_image_features(pixel_values=pixels).pooler_output, rtol=1e-4, atol=1e-5)
+    frozen = "vision_model.encoder.layers.0.mlp.fc1.weight"  # no adapter there: the base's own fp32 values
+    torch.testing.assert_close(merged.state_dict()[frozen], AutoModel.from_pretrained(data["base"]).state_dict()[frozen],
+                               rtol=0, atol=0)
 
 
 def test_eight_bit_adamw_and_gradient_checkpointing_train(data, tmp_path):

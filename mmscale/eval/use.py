@@ -38,7 +38,7 @@ def read_image(path: str, size: int) -> torch.Tensor:
 
 def _model_and_tokenizer(checkpoint: str) -> tuple[DualEncoder, object]:
     model = load_model(checkpoint, mlm_head=False).eval()
-    if not any(p.device.type == "cuda" for p in model.parameters()):  # int8 layers place themselves
+    if model.device.type != "cuda":  # int8 towers place themselves, and the wrapper follows them
         model = model.to(_device())
     return model, load_tokenizer(checkpoint)
 
@@ -47,7 +47,7 @@ def _model_and_tokenizer(checkpoint: str) -> tuple[DualEncoder, object]:
 def embed_command(args) -> int:
     """Embeddings of images (a glob) or texts (a file, one per line) to .npy or .parquet."""
     model, tokenizer = _model_and_tokenizer(args.checkpoint)
-    device = next(model.parameters()).device
+    device = model.device
     if args.images:
         names = sorted(glob.glob(args.images, recursive=True))
         if not names:
@@ -89,7 +89,7 @@ def _write_embeddings(path: Path, names: list[str], embeddings: np.ndarray) -> N
 def zeroshot_command(args) -> int:
     """The classes of one image, most likely first, with softmax probabilities at the model's scale."""
     model, tokenizer = _model_and_tokenizer(args.checkpoint)
-    device = next(model.parameters()).device
+    device = model.device
     names = read_lines(args.classnames, "classnames")
     classes = class_embeddings(model, tokenizer, names, read_templates(args.templates), device=device,
                                context_length=args.context_length)
@@ -126,7 +126,7 @@ def _evaluator(args):
                           mlm_probability=0.0)
         loader = build_loader(data, spec=args.data, tokenizer=tokenizer, batch_size=64, train=False,
                               rank=0, world_size=1)
-        return evaluate(model, loader, tokenizer=tokenizer, device=next(model.parameters()).device,
+        return evaluate(model, loader, tokenizer=tokenizer, device=model.device,
                         context_length=args.context_length, batch_size=64, classnames=args.classnames,
                         templates=args.templates)
 

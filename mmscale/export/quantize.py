@@ -86,12 +86,16 @@ def embedding_agreement(reference: DualEncoder, candidate: DualEncoder, images: 
                         texts: dict[str, torch.Tensor]) -> dict[str, float]:
     """Mean and minimum cosine similarity of the two models' embeddings on the same inputs."""
     result = {}
-    for kind, (ours, theirs) in {
-        "image": (reference.encode_images(images), candidate.encode_images(images)),
-        "text": (reference.encode_texts(texts["input_ids"], texts["attention_mask"]),
-                 candidate.encode_texts(texts["input_ids"], texts["attention_mask"])),
-    }.items():
-        cosine = F.cosine_similarity(ours.float(), theirs.float(), dim=-1)
+
+    def embeddings(model: DualEncoder) -> dict[str, torch.Tensor]:  # inputs on the model's device (int8: CUDA)
+        device = model.device
+        return {"image": model.encode_images(images.to(device)).float().cpu(),
+                "text": model.encode_texts(texts["input_ids"].to(device),
+                                           texts["attention_mask"].to(device)).float().cpu()}
+
+    ours_all, theirs_all = embeddings(reference), embeddings(candidate)
+    for kind in ("image", "text"):
+        cosine = F.cosine_similarity(ours_all[kind], theirs_all[kind], dim=-1)
         result[f"{kind}_cosine_mean"] = float(cosine.mean())
         result[f"{kind}_cosine_min"] = float(cosine.min())
     return result

@@ -130,10 +130,38 @@ class DualEncoder(nn.Module):
         self.classifier: nn.Linear | None = None
         self.patch_dropout = 0.0
         self._patch_dropout_hook = None
-        self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1),
-                             persistent=False)
+        self._normalization = {"image_mean": tuple(map(float, image_mean)), "image_std": tuple(map(float, image_std))}
+        for name, values in self._normalization.items():
+            self.register_buffer(name, torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        # Towers that placed themselves (bitsandbytes int8 on the current CUDA device) take the rest along.
+        placed = next((p.device for p in towers.parameters() if p.device.type not in ("cpu", "meta")), None)
+        if placed is not None:
+            if self.mlm_head is not None:
+                self.mlm_head.to(placed)
+            if self.logit_bias is not None:
+                self.logit_bias.data = self.logit_bias.data.to(placed)
+            self.image_mean, self.image_std = self.image_mean.to(placed), self.image_std.to(placed)
+        self.keep_normalization_fp32()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the towers' weights are, and so where inputs go."""
+        return next(self.towers.parameters()).device
+
+    def keep_normalization_fp32(self) -> None:
+        """`image_mean`/`image_std` as the exact fp32 values the model was built with, on their device. Built
+        under ZeRO-3's `zero.Init` every floating tensor is created in the training dtype, and `module.bfloat16()`
+        casts buffers: bf16 would normalize with 0.48046875 for 0.48145466, in training and in the saved image
+        processor. Called by `_apply` (every cast and move) and after ZeRO-3 construction."""
+        for name, values in self._normalization.items():
+            device = getattr(self, name).device
+            setattr(self, name, torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if hasattr(self, "_normalization"):
+            self.keep_normalization_fp32()
+        return self
 
     @property
     def image_size(self) -> int:
@@ -210,7 +238,7 @@ class DualEncoder(nn.Module):
 
     def add_classifier(self, classes: int) -> nn.Linear:
         """A new linear head over normalized image embeddings (for `loss.objective=classify`)."""
-        self.classifier = nn.Linear(self.towers.config.projection_dim, classes)
+        self.classifier = nn.Linear(self.towers.config.projection_dim, classes, device=self.image_mean.device)
         return self.classifier
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:

@@ -314,6 +314,7 @@ def build_objective(model_config: ModelConfig, loss: LossConfig, ds_config: dict
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = build_model(model_config, vocab_size=vocab_size, mlm_head=mlm, logit_bias_init=bias)
         _reinitialize(model, temperature_init=model_config.temperature_init)
+        model.keep_normalization_fp32()  # zero.Init made them in the training dtype
         del zero3_marker  # later models (consolidation, eval) are built whole (PITFALLS.md 4)
     else:
         model = build_model(model_config, vocab_size=vocab_size, mlm_head=mlm, logit_bias_init=bias)

@@ -20,7 +20,7 @@ from mmscale.data.text import IGNORE_INDEX, load_tokenizer
 from mmscale.eval.embed import current_logit_scale, evaluate
 from mmscale.finetune.lora import apply_lora, is_adapted, merge_adapter, save_adapter
 from mmscale.losses import check_labels, feature_gradients
-from mmscale.models import DualEncoder, training_flops_per_sample
+from mmscale.models import DualEncoder, build_model, training_flops_per_sample
 from mmscale.models.checkpoint import skeleton_like
 from mmscale.models.config import resolve_attention
 from mmscale.train.checkpoints import (
@@ -48,7 +48,7 @@ from mmscale.train.engine import (
     zero_stage,
 )
 from mmscale.train.metrics import MetricsWriter, memory_gib
-from mmscale.train.precision import resolve_precision
+from mmscale.train.precision import allow_tf32, resolve_precision
 from mmscale.train.report import write_report
 
 # The masked captions go in as flat positions and targets (computed by the loader, on the CPU), not as
@@ -124,6 +124,8 @@ def setup(config: TrainRunConfig) -> Run:
     layout = batch_layout(config.train, world)
     total_steps = _total_steps(config)
     config.train.precision, precision_reason = resolve_precision(config.train.precision)
+    if allow_tf32() and config.train.precision == "fp32":
+        precision_reason += "; fp32 matmuls in TF32"
     config.model.attention = resolve_attention(config.model.attention, precision=config.train.precision,
                                                cuda=torch.cuda.is_available())
     ds_config, notes = deepspeed_config(config.train, layout)
@@ -374,26 +376,57 @@ def _resume(run: Run, loader) -> Progress:
 
 
 def _finish(run: Run) -> Path:
-    """The trained model as `final/` (rank 0), a folder transformers loads: the fp32 master weights
-    gathered from the optimizer's partitions under ZeRO-3, and under ZeRO-1/2 in 16-bit precision (where
-    the module holds only their rounded copy); otherwise the engine's (whole) module, with LoRA adapters
-    saved in PEFT's format under `adapter/` and then merged."""
+    """The trained model as `final/` (rank 0), a folder transformers loads, from the fp32 master weights: in
+    16-bit runs (and under ZeRO-3) the module holds only a rounded copy or a partition, so they are gathered
+    from the optimizer's partitions; in fp32 runs without ZeRO-3 the module holds them. LoRA adapters are saved
+    in PEFT's format under `adapter/`, then merged into the base."""
     final = run.output / "final"
     zero3 = hasattr(run.model.towers.logit_scale, "ds_id")
-    masters_elsewhere = run.engine.zero_optimization_stage() in (1, 2) and run.config.train.precision != "fp32"
-    if zero3 or (masters_elsewhere and not is_adapted(run.model)):
-        model = gather_fp32_weights(run.model, skeleton_like(run.model) if run.rank == 0 else None)
-    elif run.rank == 0:
-        model = run.model
-        if is_adapted(model):
+    sixteen_bit = run.config.train.precision != "fp32"
+    if is_adapted(run.model):
+        model = _fp32_adapted(run) if sixteen_bit else run.model
+        if run.rank == 0:
             source = run.config.model
             save_adapter(model, run.output / "adapter",
                          base=source.init_from or f"{source.vision_from},{source.text_from}")
             model = merge_adapter(model)
+    elif zero3 or sixteen_bit:
+        model = gather_fp32_weights(run.model, skeleton_like(run.model) if run.rank == 0 else None)
+    else:
+        model = run.model
     if run.rank == 0:
         model.float().save(final, tokenizer=run.tokenizer)
     dist.barrier()
     return final
+
+
+def _fp32_adapted(run: Run) -> DualEncoder | None:
+    """An adapted model in fp32 (rank 0; None elsewhere, a collective): the frozen base read again from its
+    source, where the 16-bit module holds it rounded (bf16 keeps 8 bits of mantissa), and the trained weights
+    (adapters, projections, temperature, heads) from the optimizer's fp32 masters."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    skeleton = None
+    if run.rank == 0:
+        skeleton = build_model(run.config.model, vocab_size=len(run.tokenizer), mlm_head=run.model.mlm_head is not None,
+                               logit_bias_init=0.0 if run.model.logit_bias is not None else None)
+        if run.model.classifier is not None:
+            skeleton.add_classifier(run.model.classifier.out_features)
+        apply_lora(skeleton, run.config.lora)
+    source = run.config.model
+    from_source = bool(source.init_from or source.vision_from or source.text_from)  # else the module's base it is
+    targets = dict(skeleton.named_parameters()) if skeleton is not None else {}
+    for name, parameter in run.model.named_parameters():  # the same order on every rank
+        if from_source and not parameter.requires_grad:
+            continue
+        full = safe_get_full_fp32_param(parameter)  # a collective under ZeRO-1/2; None without a master copy
+        if skeleton is not None:
+            if name not in targets:
+                raise RuntimeError(f"parameter {name} of the trained model is not in the model being saved")
+            value = parameter.detach() if full is None else full
+            with torch.no_grad():
+                targets[name].copy_(value.reshape(targets[name].shape).to(targets[name].dtype))
+    return skeleton
 
 
 def train(config: TrainRunConfig) -> dict:
