@@ -4,6 +4,7 @@ generation (CUDA queries patched), and the DeepSpeed configs' reduction dtypes."
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -176,3 +177,53 @@ def test_a_bf16_zero3_model_normalizes_images_with_exact_fp32_values():
     assert built["dtype"] == "torch.float32"
     assert built["mean"] == torch.tensor(CLIP_IMAGE_MEAN, dtype=torch.float32).tolist()
     assert built["std"] == torch.tensor(CLIP_IMAGE_STD, dtype=torch.float32).tolist()
+
+
+STAGES = """import json, sys, time
+import deepspeed, torch
+from mmscale.losses import LossConfig
+from mmscale.models import ModelConfig
+from mmscale.train.config import TrainConfig
+from mmscale.train.engine import (batch_layout, build_objective, deepspeed_config, init_distributed, make_optimizer,
+                                  parameter_groups)
+init_distributed()
+precision = sys.argv[1]
+for name in sys.argv[2:]:
+    train = TrainConfig(precision=precision, deepspeed=f"configs/deepspeed/{name}.json", global_batch_size=4,
+                        micro_batch_size=2, steps=1)
+    config, _ = deepspeed_config(train, batch_layout(train, 1))
+    objective = build_objective(ModelConfig(preset="tiny"), LossConfig(mlm_weight=0.0), config, vocab_size=100)
+    optimizer = make_optimizer(parameter_groups(objective, 0.1), train, config)
+    engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, config=config)
+    generator = torch.Generator().manual_seed(0)
+    batch = {"images": torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8, generator=generator),
+             "input_ids": torch.randint(5, 100, (2, 8), generator=generator), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    start = time.perf_counter()
+    losses = []
+    for _ in range(2):
+        out = engine(**batch)
+        engine.backward(out.total)
+        engine.step()
+        losses.append(float(out.total))
+    print(json.dumps({"config": name, "communication": str(engine.communication_data_type),
+                      "accumulation": str(engine.get_data_types()[1]), "optimizer": type(engine.optimizer).__name__,
+                      "losses": losses, "seconds": time.perf_counter() - start}), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_shipped_zero_configs_reduce_and_accumulate_gradients_in_fp32():
+    """bf16 gradients summed over hundreds of ranks and GradCache micro-batches lose their low bits: every
+    shipped ZeRO config reduces and accumulates them in fp32, and DeepSpeed trains with it at each stage."""
+    result = subprocess.run([sys.executable, "-c", STAGES, "bf16", "zero1", "zero2", "zero3"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600,
+                            env=os.environ | {"MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    built = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [entry["config"] for entry in built] == ["zero1", "zero2", "zero3"]
+    for entry in built:
+        assert (entry["communication"], entry["accumulation"]) == ("torch.float32", "torch.float32"), entry
+        assert all(math.isfinite(loss) for loss in entry["losses"]), entry
+    for name in ("zero1", "zero2", "zero3", "zero3_offload"):
+        config = json.loads((ROOT / "configs" / "deepspeed" / f"{name}.json").read_text())
+        assert config["communication_data_type"] == "fp32" and config["data_types"]["grad_accum_dtype"] == "fp32"

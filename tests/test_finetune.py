@@ -97,7 +97,10 @@ def test_bf16_lora_saves_the_fp32_base_and_master_adapters(data, tmp_path):
     finetune(str(data["base"]), data, tmp_path / "run", "train.precision=bf16", "train.samples=64")
     adapter, final = tmp_path / "run" / "adapter", tmp_path / "run" / "final"
     with safe_open(adapter / "adapter_model.safetensors", "pt") as weights:
-        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.float32}
+        adapters = {name: weights.get_tensor(name) for name in weights.keys()}
+    assert {tensor.dtype for tensor in adapters.values()} == {torch.float32}
+    # the optimizer's fp32 masters, not the bf16 module's values widened to fp32
+    assert any(not torch.equal(tensor, tensor.bfloat16().float()) for tensor in adapters.values())
     base = AutoModel.from_pretrained(data["base"]).eval()
     merged = AutoModel.from_pretrained(final).eval()
     adapted = PeftModel.from_pretrained(base, adapter).eval()

@@ -377,21 +377,24 @@ def _resume(run: Run, loader) -> Progress:
 
 def _finish(run: Run) -> Path:
     """The trained model as `final/` (rank 0), a folder transformers loads, from the fp32 master weights: in
-    16-bit runs (and under ZeRO-3) the module holds only a rounded copy or a partition, so they are gathered
-    from the optimizer's partitions; in fp32 runs without ZeRO-3 the module holds them. LoRA adapters are saved
-    in PEFT's format under `adapter/`, then merged into the base."""
+    16-bit runs (and under ZeRO-3) the module holds only a rounded copy or a partition, so they come from the
+    optimizer; in fp32 runs without ZeRO-3 the module holds them. LoRA adapters are saved in PEFT's format under
+    `adapter/`, then merged into the base."""
     final = run.output / "final"
     zero3 = hasattr(run.model.towers.logit_scale, "ds_id")
     sixteen_bit = run.config.train.precision != "fp32"
     if is_adapted(run.model):
-        model = _fp32_adapted(run) if sixteen_bit else run.model
+        model = (_fp32_copy(run, _adapted_skeleton(run) if run.rank == 0 else None, frozen_from_skeleton=True)
+                 if sixteen_bit else run.model)
         if run.rank == 0:
             source = run.config.model
             save_adapter(model, run.output / "adapter",
                          base=source.init_from or f"{source.vision_from},{source.text_from}")
             model = merge_adapter(model)
-    elif zero3 or sixteen_bit:
+    elif zero3 or (sixteen_bit and run.engine.zero_optimization_stage() in (1, 2)):
         model = gather_fp32_weights(run.model, skeleton_like(run.model) if run.rank == 0 else None)
+    elif sixteen_bit:  # ZeRO-0: DeepSpeed's FP16_Optimizer keeps the fp32 masters in flat groups
+        model = _fp32_copy(run, skeleton_like(run.model) if run.rank == 0 else None)
     else:
         model = run.model
     if run.rank == 0:
@@ -400,26 +403,38 @@ def _finish(run: Run) -> Path:
     return final
 
 
-def _fp32_adapted(run: Run) -> DualEncoder | None:
-    """An adapted model in fp32 (rank 0; None elsewhere, a collective): the frozen base read again from its
-    source, where the 16-bit module holds it rounded (bf16 keeps 8 bits of mantissa), and the trained weights
-    (adapters, projections, temperature, heads) from the optimizer's fp32 masters."""
-    from deepspeed.utils import safe_get_full_fp32_param
+def _adapted_skeleton(run: Run) -> DualEncoder:
+    """The run's model as it started, in fp32 and with the same adapters: its frozen base is read again from its
+    source, where the 16-bit module holds it rounded (bf16 keeps 8 bits of mantissa)."""
+    skeleton = build_model(run.config.model, vocab_size=len(run.tokenizer), mlm_head=run.model.mlm_head is not None,
+                           logit_bias_init=0.0 if run.model.logit_bias is not None else None)
+    if run.model.classifier is not None:
+        skeleton.add_classifier(run.model.classifier.out_features)
+    apply_lora(skeleton, run.config.lora)
+    return skeleton
 
-    skeleton = None
-    if run.rank == 0:
-        skeleton = build_model(run.config.model, vocab_size=len(run.tokenizer), mlm_head=run.model.mlm_head is not None,
-                               logit_bias_init=0.0 if run.model.logit_bias is not None else None)
-        if run.model.classifier is not None:
-            skeleton.add_classifier(run.model.classifier.out_features)
-        apply_lora(skeleton, run.config.lora)
+
+def _fp32_copy(run: Run, skeleton: DualEncoder | None, *, frozen_from_skeleton: bool = False) -> DualEncoder | None:
+    """`skeleton` (rank 0; None elsewhere) with the trained weights' fp32 masters: from the optimizer's
+    partitions (ZeRO-1/2, a collective) or its flat fp32 groups (ZeRO-0's FP16_Optimizer, bf16 too), else the
+    module's own values. With `frozen_from_skeleton`, frozen weights keep the skeleton's values where it read them
+    from the run's source."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    from torch._utils import _unflatten_dense_tensors
+
+    optimizer = getattr(run.engine, "optimizer", None)
+    flat = {}  # FP16_Optimizer (fused Adam) keeps one flat fp32 tensor per group, FP16_UnfusedOptimizer a list
+    for params, masters in zip(getattr(optimizer, "fp16_groups", ()), getattr(optimizer, "fp32_groups_flat", ())):
+        flat |= {id(param): master for param, master in zip(params, _unflatten_dense_tensors(masters, params))}
+    for params, masters in zip(getattr(optimizer, "fp16_groups", ()), getattr(optimizer, "fp32_groups", ())):
+        flat |= {id(param): master for param, master in zip(params, masters)}
     source = run.config.model
-    from_source = bool(source.init_from or source.vision_from or source.text_from)  # else the module's base it is
+    from_source = frozen_from_skeleton and bool(source.init_from or source.vision_from or source.text_from)
     targets = dict(skeleton.named_parameters()) if skeleton is not None else {}
     for name, parameter in run.model.named_parameters():  # the same order on every rank
         if from_source and not parameter.requires_grad:
             continue
-        full = safe_get_full_fp32_param(parameter)  # a collective under ZeRO-1/2; None without a master copy
+        full = flat[id(parameter)] if id(parameter) in flat else safe_get_full_fp32_param(parameter)
         if skeleton is not None:
             if name not in targets:
                 raise RuntimeError(f"parameter {name} of the trained model is not in the model being saved")
