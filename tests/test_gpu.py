@@ -85,3 +85,34 @@ def test_a_cuda_training_step_syncs_the_host_at_most_once(tmp_path):
         assert sum(step.values()) <= 1 and cuda <= 1, counts
         # Both witnesses saw the step's one expected sync (the agreed NaN check's item()): they are live.
         assert step.get("item", 0) == 1 and cuda == 1, counts
+
+
+def test_int8_export_embeds_and_classifies_on_cuda(corpus, tmp_path):
+    """bitsandbytes puts int8 towers on the current CUDA device: the export's agreement check, `embed` and
+    `zeroshot` must run there with the wrapper's normalization and inputs alongside (issue 26 item 4)."""
+    from mmscale.data.text import load_tokenizer
+    from mmscale.models import ModelConfig, build_model, load_model
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    build_model(ModelConfig(preset="tiny"), vocab_size=200).save(base, tokenizer=load_tokenizer(corpus["root"] / "tokenizer"))
+
+    def cli(*args: str) -> dict:
+        result = subprocess.run([sys.executable, "-m", "mmscale.cli", *args], cwd=REPO, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    report = cli("export", "--checkpoint", str(base), "--out", str(tmp_path / "int8"), "--quantize", "int8")
+    assert report["image_cosine_min"] >= 0.98 and report["text_cosine_min"] >= 0.98, report
+    model = load_model(tmp_path / "int8", mlm_head=False)
+    assert model.device.type == "cuda" and model.image_mean.device.type == "cuda"
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a red circle\na blue square\n")
+    assert cli("embed", "--checkpoint", str(tmp_path / "int8"), "--texts", str(texts),
+               "--out", str(tmp_path / "texts.npy"))["count"] == 2
+    from PIL import Image
+
+    Image.new("RGB", (80, 80), (200, 30, 30)).save(tmp_path / "red.png")
+    assert "label" in cli("zeroshot", "--checkpoint", str(tmp_path / "int8"), "--image", str(tmp_path / "red.png"),
+                          "--classnames", str(corpus["classnames"]))

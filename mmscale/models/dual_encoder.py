@@ -233,7 +233,11 @@ class DualEncoder(nn.Module):
         return self.towers.get_image_features(pixel_values=self.pixel_values(images)).pooler_output
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Projected text embeddings, not normalized: `get_text_features` of the saved model."""
+        """Projected text embeddings, not normalized: `get_text_features` of the saved model. A BERT-style tower
+        gets the additive 4-D mask (_text_attention_mask: no host sync); CLIP's causal tower builds its own."""
+        if hasattr(self.towers.text_model, "embeddings") and hasattr(self.towers.text_model.embeddings,
+                                                                     "word_embeddings"):
+            attention_mask = self._text_attention_mask(attention_mask)
         return self.towers.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
     def add_classifier(self, classes: int) -> nn.Linear:

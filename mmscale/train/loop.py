@@ -223,7 +223,7 @@ def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], key
         inputs = [_to_device(batch, run.device) for batch in micro]
         extra = {}
         if config.objective == "contrastive" and config.mlm_weight > 0 and all("mlm_targets" in b for b in micro):
-            extra["mlm_tokens"] = _mlm_tokens(run, micro)
+            extra["mlm_tokens"] = _mlm_tokens(run, inputs)
         if not cached:
             break
         states, passes = [], []
@@ -288,11 +288,12 @@ def _count_nonfinite(run: Run, progress: Progress, bad_in_row: list[int]) -> Non
         raise NonFiniteLoss(f"{bad_in_row[0]} NaN/inf losses in a row at step {progress.step}")
 
 
-def _mlm_tokens(run: Run, micro: list[dict]) -> torch.Tensor:
+def _mlm_tokens(run: Run, inputs: list[dict]) -> torch.Tensor:
     """The masked tokens of the global step (every micro-batch, every rank) per micro-batch and rank: the
-    divisor that makes the MLM loss a token-weighted mean after DeepSpeed's averaging (mlm_loss). Counted on
-    the CPU batches, summed on the device: no host sync."""
-    count = sum((batch["mlm_targets"] != IGNORE_INDEX).sum() for batch in micro).to(run.device, torch.float32)
+    divisor that makes the MLM loss a token-weighted mean after DeepSpeed's averaging (mlm_loss). Counted and
+    summed on the device, from the batches already there: no host sync (a CPU count copied with a blocking
+    `.to()` waited for the whole stream on CUDA)."""
+    count = sum((batch["mlm_targets"] != IGNORE_INDEX).sum(dtype=torch.float32) for batch in inputs)
     dist.all_reduce(count)
     return count.clamp(min=1.0) / (run.layout.accumulation * dist.get_world_size())
 
