@@ -227,3 +227,16 @@ def test_shipped_zero_configs_reduce_and_accumulate_gradients_in_fp32():
     for name in ("zero1", "zero2", "zero3", "zero3_offload"):
         config = json.loads((ROOT / "configs" / "deepspeed" / f"{name}.json").read_text())
         assert config["communication_data_type"] == "fp32" and config["data_types"]["grad_accum_dtype"] == "fp32"
+
+
+def test_compile_under_zero3_is_refused_with_advice_and_allowed_at_zero2():
+    from mmscale.train.config import TrainConfig
+    from mmscale.train.engine import batch_layout, deepspeed_config
+
+    def config(stage: int) -> TrainConfig:
+        return TrainConfig(compile=True, global_batch_size=4, steps=1,
+                           deepspeed=str(ROOT / "configs" / "deepspeed" / f"zero{stage}.json"))
+
+    with pytest.raises(ValueError, match="graph breaks at every submodule.*ZeRO-1/2"):
+        deepspeed_config(config(3), batch_layout(config(3), 1))
+    assert deepspeed_config(config(2), batch_layout(config(2), 1))[0]["zero_optimization"]["stage"] == 2

@@ -45,9 +45,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute tower activations in the backward pass: much less activation memory for about a third more compute."""
     compile: bool = False
-    """Compile the model with torch.compile through DeepSpeed's `engine.compile()` (all ZeRO stages). Off by
-    default: the first steps pay the compilation, and the gain is unmeasured until a GPU run
-    (tools/gpu_check.sh) says otherwise."""
+    """Compile the model with torch.compile through DeepSpeed's `engine.compile()`, with ZeRO 0-2 (refused with
+    ZeRO-3, whose compiler-disabled parameter hooks break the graph at every submodule). Off by default: the
+    first steps pay the compilation, and the gain is unmeasured until a GPU run (tools/gpu_check.sh) says
+    otherwise."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Mixed precision: bf16, fp16 (dynamic loss scaling), fp32, or `auto`: bf16 on GPUs that support it (else
     fp16), fp32 on CPUs without native bf16 (AMX or AVX512-BF16), where bf16 is emulated and slower."""

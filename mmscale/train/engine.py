@@ -165,6 +165,11 @@ def deepspeed_config(train: TrainConfig, layout: BatchLayout) -> tuple[dict, lis
                              "or remove it")
         config[key] = value
         notes.append(f"{key}={value}")
+    if train.compile and zero_stage(config) == 3:
+        raise ValueError(f"train.compile=true with ZeRO-3 ({path}) compiles nothing worth having: DeepSpeed's parameter "
+                         "gathering hooks are compiler-disabled, so the graph breaks at every submodule. Compile with "
+                         "ZeRO-1/2 (train.deepspeed=configs/deepspeed/zero2.json) where the model fits a device, or "
+                         "train ZeRO-3 without compile")
     precision = resolve_precision(train.precision)[0]
     config["bf16"] = {**config.get("bf16", {}), "enabled": precision == "bf16"}
     fp16 = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
