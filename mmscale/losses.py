@@ -269,14 +269,14 @@ class PretrainingObjective(nn.Module):
         if use_mlm and (mlm_input_ids is None or (mlm_labels is None and mlm_positions is None)):
             raise ValueError("loss.mlm_weight > 0 needs masked captions; data.mlm_probability is 0")
         if features_only:
-            # Text before images, as the model's forward runs them: the same random draws (patch dropout)
-            # when the trainer replays the generator state for the gradient pass.
-            text = self.model.encode_texts(input_ids, attention_mask)
-            image = self.model.encode_images(images)
-            bias = self.model.logit_bias
-            return LossOutput(image_features=F.normalize(image.float(), dim=-1),
-                              text_features=F.normalize(text.float(), dim=-1),
-                              logit_scale=self.model.logit_scale().float().detach(),
+            # Through the model's own forward, without masked captions: the same random draws (patch dropout)
+            # when the trainer replays the generator state for the gradient pass, and the same modules in the same
+            # order, a prefix of the gradient pass's (ZeRO-3 keeps its module trace and prefetching).
+            out = self.model(images, input_ids, attention_mask)
+            bias = out.logit_bias
+            return LossOutput(image_features=F.normalize(out.image_features.float(), dim=-1),
+                              text_features=F.normalize(out.text_features.float(), dim=-1),
+                              logit_scale=out.logit_scale.float().detach(),
                               logit_bias=bias.float().detach() if bias is not None else None)
         if not use_mlm:
             mlm_input_ids = mlm_labels = mlm_positions = mlm_targets = None

@@ -82,11 +82,18 @@ def count_training_syncs(config, counter: SyncCounter, *, cuda_sync_debug: bool 
     (`torch.cuda.set_sync_debug_mode`), counted per step in "cuda_syncs"."""
     from mmscale.train import loop
 
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
     step_counts, log_counts, log_steps, original_step, original_log = [], [], [], loop.train_step, loop._log_record
-    cuda_syncs = []
+    cuda_syncs, invalidations, original_invalidate = [], [], PartitionedParameterCoordinator._invalidate_trace
+
+    def counted_invalidate(self):  # ZeRO-3 dropping its recorded module order (and with it prefetching)
+        invalidations[-1] += 1
+        return original_invalidate(self)
 
     def counted_step(run, *args, **kwargs):
         counter.phase = f"step{len(step_counts)}"
+        invalidations.append(0)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if cuda_sync_debug:
@@ -110,12 +117,15 @@ def count_training_syncs(config, counter: SyncCounter, *, cuda_sync_debug: bool 
             counter.phase = "between"
 
     loop.train_step, loop._log_record = counted_step, counted_log
+    PartitionedParameterCoordinator._invalidate_trace = counted_invalidate
     try:
         with counter:
             loop.train(config)
     finally:
         loop.train_step, loop._log_record = original_step, original_log
-    return {"steps": step_counts, "log": log_counts, "log_steps": log_steps, "cuda_syncs": cuda_syncs}
+        PartitionedParameterCoordinator._invalidate_trace = original_invalidate
+    return {"steps": step_counts, "log": log_counts, "log_steps": log_steps, "cuda_syncs": cuda_syncs,
+            "trace_invalidations": invalidations}
 
 
 def main() -> int:
@@ -124,6 +134,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--deepspeed", default="configs/deepspeed/zero3.json")
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--micro-batch", type=int, default=0,
+                        help="micro batch size (of the global 16; below 16, GradCache accumulation)")
     parser.add_argument("--where", action="store_true", help="count by call site")
     parser.add_argument("--cuda-sync-debug", action="store_true",
                         help="also make CUDA raise on any synchronizing call inside a step (GPU only)")
@@ -144,7 +156,7 @@ def main() -> int:
         "data.image_size=0", "data.context_length=32", "train.global_batch_size=16", f"train.steps={args.steps}",
         "train.log_every_steps=3", "train.warmup_steps=2", f"train.precision={args.precision}",
         f"train.deepspeed={args.deepspeed}", "train.progress=false", "train.tensorboard=false",
-        f"train.save_every_steps={10**9}"])
+        f"train.save_every_steps={10**9}", f"train.micro_batch_size={args.micro_batch}"])
     counter = SyncCounter(where=args.where)
     result = count_training_syncs(config, counter, cuda_sync_debug=args.cuda_sync_debug and torch.cuda.is_available())
     print(json.dumps(result))

@@ -33,3 +33,18 @@ def test_a_training_step_syncs_the_host_at_most_once(tmp_path, stage):
         assert sum(step.values()) <= 1, counts
         assert step.get("item", 0) == 1, counts  # the counter does see it: the harness is live
     assert all(sum(log.values()) >= 1 for log in counts["log"])  # log steps read values, as they may
+
+
+@pytest.mark.slow
+def test_gradcache_keeps_zero3s_module_trace(tmp_path):
+    """GradCache's feature pass and gradient pass run the modules in one order (the feature pass a prefix of the
+    gradient pass), so ZeRO-3 keeps its recorded trace and prefetches from it: once recorded, never invalidated
+    (issue 26 item 9; before, both passes invalidated it every step)."""
+    result = subprocess.run(
+        [sys.executable, str(HERE / "synccount.py"), "--work", str(tmp_path), "--steps", "6", "--micro-batch", "8",
+         "--deepspeed", "configs/deepspeed/zero3.json"],
+        cwd=HERE.parent, capture_output=True, text=True, timeout=600,
+        env=os.environ | {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    invalidations = json.loads(result.stdout.strip().splitlines()[-1])["trace_invalidations"]
+    assert len(invalidations) == 6 and invalidations[WARMUP_STEPS:] == [0] * 4, invalidations

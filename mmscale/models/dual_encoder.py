@@ -288,13 +288,19 @@ class DualEncoder(nn.Module):
         ones) from one text-tower pass over both as a single batch of 2B: under ZeRO-3 the tower's weights
         are gathered once per step instead of twice, and the matmuls are twice as tall. The embeddings are
         what `get_text_features` gives (the saved model's), row for row."""
+        features, masked = self._texts_and_masked_hidden(input_ids, attention_mask, mlm_input_ids, mlm_positions)
+        return features, self.mlm_head(masked)
+
+    def _texts_and_masked_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                 mlm_input_ids: torch.Tensor, mlm_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """encode_texts_and_masked before the MLM head: the text features and the masked positions' hidden states."""
         self._require_mlm_head()
         batch = input_ids.shape[0]
         both = self.towers.text_model(input_ids=torch.cat([input_ids, mlm_input_ids]),
                                       attention_mask=self._text_attention_mask(torch.cat([attention_mask, attention_mask])))
         features = self.towers.text_projection(both.pooler_output[:batch])
         hidden = both.last_hidden_state[batch:]
-        return features, self.mlm_head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, mlm_positions))
+        return features, hidden.reshape(-1, hidden.shape[-1]).index_select(0, mlm_positions)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 mlm_input_ids: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None, *,
@@ -302,16 +308,21 @@ class DualEncoder(nn.Module):
         """Features of both towers and, with masked captions, MLM logits. The masked positions come as
         flat indices (`mlm_positions`, `mlm_targets`: mmscale.data.text.masked_positions, made by the
         loader) or, slower, as [B, L] `mlm_labels`, from which they are computed here."""
-        mlm_logits = None
+        masked = None
         if mlm_input_ids is None:
             text_features = self.encode_texts(input_ids, attention_mask)
         else:
             if mlm_positions is None:
                 mlm_positions, mlm_targets = (tensor.to(input_ids.device) for tensor in masked_positions(mlm_labels))
-            text_features, mlm_logits = self.encode_texts_and_masked(input_ids, attention_mask, mlm_input_ids,
-                                                                     mlm_positions)
+            text_features, masked = self._texts_and_masked_hidden(input_ids, attention_mask, mlm_input_ids,
+                                                                   mlm_positions)
+        # Modules run in one order, the MLM head last: a forward without masked captions (GradCache's feature
+        # pass) is then a prefix of one with them, and ZeRO-3 keeps its recorded module trace (and prefetching)
+        # across both instead of invalidating it at every pass.
+        image_features = self.encode_images(images)
+        mlm_logits = None if masked is None else self.mlm_head(masked)
         return DualEncoderOutput(
-            image_features=self.encode_images(images),
+            image_features=image_features,
             text_features=text_features,
             logit_scale=self.logit_scale(),
             logit_bias=self.logit_bias,
