@@ -64,7 +64,7 @@ def main() -> int:
         for repeat in range(args.repeats):
             for tree in trees:
                 for whole_batch in (True, False):
-                    output = root / f"run-{repeat}-{len(results)}-{whole_batch}"
+                    output = root / f"run-{repeat}-{trees.index(tree)}-{whole_batch}"  # a fresh run each time
                     pairs = run(tree, shards, root / "tokenizer", output, args.steps, whole_batch)
                     results.setdefault((str(tree), whole_batch), []).append(pairs)
     print("| tree | layout | pairs/s (each repeat) | mean |")
