@@ -75,6 +75,53 @@ class SyncCounter(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+# The syncs a CUDA step is allowed, by name: DeepSpeed's optimizer step (its gradient norm and overflow checks)
+# and mmscale's agreed finiteness check of each micro-batch's loss (one read, so a NaN micro-batch is skipped
+# on every rank before its gradients are reduced).
+ALLOWED_CUDA_SYNCS = ("DeepSpeedEngine.step", "loop._all_finite")
+
+
+def _allow_syncs(function, name: str, allowed: Counter):
+    """`function` run with CUDA's sync check off, counted under `name` in `allowed`."""
+    def run(*args, **kwargs):
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("default")
+        allowed[name] += 1
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+    return run
+
+
+def raise_on_cuda_syncs(config) -> dict:
+    """Run `mmscale.train.loop.train(config)` with CUDA raising on any synchronizing call inside a training step
+    (`torch.cuda.set_sync_debug_mode("error")`), except inside ALLOWED_CUDA_SYNCS; returns how often each of
+    those ran. A sync anywhere else in a step raises RuntimeError from the call that made it."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from mmscale.train import loop
+
+    allowed: Counter = Counter()
+    original_step, original_engine_step, original_finite = loop.train_step, DeepSpeedEngine.step, loop._all_finite
+
+    def strict_step(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return original_step(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    loop.train_step = strict_step
+    DeepSpeedEngine.step = _allow_syncs(original_engine_step, ALLOWED_CUDA_SYNCS[0], allowed)
+    loop._all_finite = _allow_syncs(original_finite, ALLOWED_CUDA_SYNCS[1], allowed)
+    try:
+        loop.train(config)
+    finally:
+        loop.train_step, DeepSpeedEngine.step, loop._all_finite = original_step, original_engine_step, original_finite
+    return {"allowed_syncs": dict(allowed)}
+
+
 def count_training_syncs(config, counter: SyncCounter, *, cuda_sync_debug: bool = False) -> dict:
     """Run `mmscale.train.loop.train(config)` under `counter`, with each optimizer step and each log
     record in a phase of its own: {"steps": [counts of step 1, 2, ...], "log": [...], "log_steps": [...]}.
@@ -134,6 +181,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--deepspeed", default="configs/deepspeed/zero3.json")
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--cuda-sync-error", action="store_true",
+                        help="make CUDA raise on any sync inside a step but those of ALLOWED_CUDA_SYNCS (GPU only)")
     parser.add_argument("--micro-batch", type=int, default=0,
                         help="micro batch size (of the global 16; below 16, GradCache accumulation)")
     parser.add_argument("--where", action="store_true", help="count by call site")
@@ -157,6 +206,9 @@ def main() -> int:
         "train.log_every_steps=3", "train.warmup_steps=2", f"train.precision={args.precision}",
         f"train.deepspeed={args.deepspeed}", "train.progress=false", "train.tensorboard=false",
         f"train.save_every_steps={10**9}", f"train.micro_batch_size={args.micro_batch}"])
+    if args.cuda_sync_error:
+        print(json.dumps(raise_on_cuda_syncs(config)))
+        return 0
     counter = SyncCounter(where=args.where)
     result = count_training_syncs(config, counter, cuda_sync_debug=args.cuda_sync_debug and torch.cuda.is_available())
     print(json.dumps(result))
