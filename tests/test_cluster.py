@@ -240,3 +240,14 @@ def test_compile_under_zero3_is_refused_with_advice_and_allowed_at_zero2():
     with pytest.raises(ValueError, match="graph breaks at every submodule.*ZeRO-1/2"):
         deepspeed_config(config(3), batch_layout(config(3), 1))
     assert deepspeed_config(config(2), batch_layout(config(2), 1))[0]["zero_optimization"]["stage"] == 2
+
+
+def test_fused_adams_jit_build_gets_this_gpus_arch_unless_set(gpu):
+    """torch's arch list holds `9.0a`, which DeepSpeed 0.19's FusedAdam build cannot parse: the build gets the
+    device's own capability."""
+    from mmscale.train.engine import set_cuda_arch_list
+
+    gpu(9, 0)
+    environ = {}
+    assert set_cuda_arch_list(environ) == "9.0" and environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    assert set_cuda_arch_list({"TORCH_CUDA_ARCH_LIST": "8.0;9.0"}) == "8.0;9.0"

@@ -224,6 +224,7 @@ def make_optimizer(groups: list[dict], train: TrainConfig, ds_config: dict) -> t
             return DeepSpeedCPUAdam(groups, adamw_mode=True, **settings)
         from deepspeed.ops.adam import FusedAdam
 
+        set_cuda_arch_list()
         try:
             return FusedAdam(groups, adam_w_mode=True, **settings)
         except Exception as error:  # noqa: BLE001  # its kernel is a JIT build that needs nvcc and ninja
@@ -234,6 +235,17 @@ def make_optimizer(groups: list[dict], train: TrainConfig, ds_config: dict) -> t
                           stacklevel=2)
             return torch.optim.AdamW(groups, fused=True, **settings)
     return torch.optim.AdamW(groups, **settings)
+
+
+def set_cuda_arch_list(environ: dict | None = None) -> str:
+    """TORCH_CUDA_ARCH_LIST for DeepSpeed's JIT builds (FusedAdam), set to this GPU's compute capability unless
+    the user set it: left unset, DeepSpeed 0.19 reads torch's own arch list, whose `sm_90a` entry it cannot parse
+    (`invalid literal for int() with base 10: '0a'`, DeepSpeed issue 7589), and the build fails."""
+    environ = os.environ if environ is None else environ
+    if not environ.get("TORCH_CUDA_ARCH_LIST"):
+        major, minor = torch.cuda.get_device_capability()
+        environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    return environ["TORCH_CUDA_ARCH_LIST"]
 
 
 def lr_lambda(train: TrainConfig, total_steps: int):
