@@ -5,48 +5,17 @@ take seconds; the multi-process tests (test_train) keep a few representative one
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from corpus import write_tar
+from epochkit import KeyDecoder, write_text_shards
 
 from mmscale.data import epochs
-from mmscale.data.epochs import repartitioned_state
+from mmscale.data.epochs import carried, repartitioned_state, repartitioned_states
 from mmscale.data.loader import ShardStream, StreamSettings
 from mmscale.data.shards import parse_spec
-
-
-@dataclass
-class _Kept:
-    key: str
-    seed: int
-
-
-class KeyDecoder:
-    """Decodes a raw sample to its key; a batch is its keys."""
-
-    def decode(self, raw: dict, *, seed: int) -> _Kept:
-        return _Kept(raw["__key__"], seed)
-
-    def collate(self, samples: list, *, seed: int) -> dict:
-        return {"keys": [sample.key for sample in samples], "size": len(samples)}
-
-
-def write_text_shards(folder: Path, sizes: list[int], *, listed: bool) -> list[str]:
-    """Tars of `sizes` caption-only samples (keys s<shard>k<index>), with a sizes.json when `listed`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    urls = []
-    for shard, size in enumerate(sizes):
-        path = folder / f"shard-{shard:06d}.tar"
-        write_tar(path, [(f"s{shard}k{i:04d}.txt", b"x") for i in range(size)])
-        urls.append(str(path))
-    if listed:
-        (folder / "sizes.json").write_text(json.dumps({Path(url).name: size for url, size in zip(urls, sizes)}))
-    return urls
 
 
 class Rank:
@@ -94,9 +63,18 @@ class Rank:
         return state
 
 
-def simulate(case: random.Random, root: Path) -> tuple[dict, list[dict], list[int]]:
+def resumed_states(saved: list[dict], *, world: int, workers: int, step: int, shares: bool) -> list[dict]:
+    """Each new rank's loader state: its share, built once (what load_checkpoint hands it), or the whole rests."""
+    if shares:
+        return repartitioned_states([carried(state) for state in saved], world_size=world,
+                                    readers_per_rank=max(workers, 1), step=step)
+    return [repartitioned_state(saved, rank=rank, step=step) for rank in range(world)]
+
+
+def simulate(case: random.Random, root: Path, *, shares: bool = True) -> tuple[dict, list[dict], list[int]]:
     """A run over random shards with up to two interruptions, each resumed on a random layout from its last
-    checkpoint (steps between the checkpoint and the kill are trained again, as after a SIGKILL)."""
+    checkpoint (steps between the checkpoint and the kill are trained again, as after a SIGKILL); the new ranks
+    get their shares of the loader position (`shares`) or the whole of it."""
     sizes = [case.choice([0, 1, 2, 5, 9, 17, 30, 47, 64]) for _ in range(case.randint(1, 6))]
     while sum(sizes) < 12:
         sizes.append(case.randint(5, 40))
@@ -116,7 +94,8 @@ def simulate(case: random.Random, root: Path) -> tuple[dict, list[dict], list[in
     trained: dict[int, list] = {}  # step -> (key, epoch) of every rank
     step, saved = 0, None
     for number, (world, workers) in enumerate(layouts):
-        starts = [repartitioned_state(saved, rank=r, step=step) for r in range(world)] if saved else [None] * world
+        starts = resumed_states(saved, world=world, workers=workers, step=step, shares=shares) if saved \
+            else [None] * world
         ranks = [Rank(spec, rank=r, world=world, workers=workers, batch=batch, buffer=buffer, epochs_=epoch_count,
                       start=starts[r]) for r in range(world)]
         last = number == len(layouts) - 1
@@ -161,12 +140,67 @@ def _check(description: dict, steps: list[list], urls: list[str]) -> None:
 def test_random_interruptions_and_layouts_train_every_sample_once_per_epoch_in_order(tmp_path):
     """200 random runs: 1-7 shards of 0-64 samples (sizes.json or counted), 1-3 epochs, shuffle buffers of
     0 to 1,000, 1-3 ranks x 1-3 workers, killed up to twice at a random step, resumed from a random earlier
-    checkpoint on another layout. Every sample trains exactly once per epoch, and each epoch ends before
-    the next begins (within one round of a rank's workers)."""
+    checkpoint on another layout, the new ranks given their shares of the position (every other run: the
+    whole of it). Every sample trains exactly once per epoch, and each epoch ends before the next begins
+    (within one round of a rank's workers)."""
     for number in range(200):
         case = random.Random(number)
-        description, steps, urls = simulate(case, tmp_path / f"case{number}")
+        description, steps, urls = simulate(case, tmp_path / f"case{number}", shares=number % 2 == 0)
         _check(description, steps, urls)
+
+
+def test_shares_hold_each_readers_pieces_as_the_whole_rests_cut_them(tmp_path):
+    """Runs of test_random_...'s kind saved mid-epoch with full shuffle buffers: each new reader's pieces in its
+    rank's share (built once for all ranks) equal those it cuts itself from the whole rests, each rank's share
+    holds its readers' pieces only (together: every rest exactly once), and a share cut down to one reader
+    (what a worker saves) still gives that reader its pieces."""
+    case = random.Random(7)
+    for number in range(30):
+        urls = write_text_shards(tmp_path / f"case{number}", [case.randint(5, 60) for _ in range(case.randint(1, 5))],
+                                 listed=True)
+        old_world, old_workers = case.randint(1, 3), case.randint(1, 3)
+        ranks = [Rank("::".join(urls), rank=r, world=old_world, workers=old_workers, batch=case.randint(1, 3),
+                      buffer=case.choice([0, 4, 16]), epochs_=2, start=None) for r in range(old_world)]
+        for _ in range(case.randint(0, 12)):
+            for rank in ranks:
+                rank.next_batch()
+        saved = [rank.saved() for rank in ranks]
+        world, workers = case.randint(1, 4), case.randint(1, 3)
+        whole = resumed_states(saved, world=world, workers=workers, step=3, shares=False)
+        shares = resumed_states(saved, world=world, workers=workers, step=3, shares=True)
+        total, readers = ranks[0].streams[0].samples_per_epoch, world * workers
+        rests = whole[0]["repartition"]["rests"]
+        held = Counter()
+        for rank in range(world):
+            share = shares[rank]["repartition"]
+            assert sorted(reader for reader, _ in share["pieces"]) == sorted(
+                epochs.reader_order(rank=rank, worker=w, world_size=world) for w in range(workers))
+            for reader, pieces in share["pieces"]:
+                expected = epochs.started(reader=reader, readers=readers, total=total, start=whole[rank]["repartition"])
+                assert epochs.started(reader=reader, readers=readers, total=total, start=share) == expected
+                alone = epochs.own_share(share, reader)
+                assert epochs.started(reader=reader, readers=readers, total=total, start=alone) == expected
+                held.update(position for epoch, _, own in pieces for low, high in own for position in range(low, high))
+        assert held == Counter(position for _, rest in rests for low, high in rest for position in range(low, high))
+        assert [state["samples_delivered"] for state in shares] == [state["samples_delivered"] for state in whole]
+
+
+def test_a_share_for_another_number_of_readers_is_refused():
+    share = {"layout": None, "step": 1, "first_epoch": 0, "readers": 4, "pieces": [[1, []], [3, []]]}
+    with pytest.raises(ValueError, match="re-partitioned for 4 readers and this loader has 6"):
+        epochs.started(reader=1, readers=6, total=10, start=share)
+    with pytest.raises(ValueError, match="no piece for reader 0 of 4"):
+        epochs.started(reader=0, readers=4, total=10, start=share)
+
+
+def test_cut_gives_each_bound_what_take_gives():
+    case = random.Random(3)
+    for _ in range(300):
+        intervals = epochs.normalized((low, low + case.randint(1, 4)) for low in case.sample(range(60), 12))
+        size = epochs.length(intervals)
+        ends = sorted(case.randint(0, size) for _ in range(case.randint(1, 6)))
+        bounds = list(zip([0, *ends[:-1]], ends))
+        assert epochs.cut(intervals, bounds) == [epochs.take(intervals, start, end) for start, end in bounds]
 
 
 def test_the_issue_23_scenario_two_ranks_to_one_with_a_large_buffer(tmp_path):
@@ -204,3 +238,22 @@ def test_pieces_are_equal_and_the_odd_samples_are_dealt_over_the_run():
 ])
 def test_take_cuts_a_rest_in_sequence_order(intervals, start, end, expected):
     assert epochs.take(intervals, start, end) == expected
+
+
+def test_the_elastic_carry_bench_runs_and_shows_each_rank_its_share():
+    """tools/bench/elastic_carry.py at toy size: after the change every old state is read once in all, and a
+    rank's loader state holds its share, not the whole rests."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "bench" / "elastic_carry.py"
+    result = subprocess.run([sys.executable, str(script), "--layouts", "1:2,4:2", "--workers", "2", "--buffer", "50",
+                             "--read", "200", "--epoch", "20000"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {(row["layout"], row["way"]): row for row in json.loads(result.stdout.splitlines()[-1])["rows"]}
+    assert rows[("4:2", "before")]["all_reads"] == 8 and rows[("4:2", "after")]["all_reads"] == 4
+    assert rows[("1:2", "before")]["builds"] == 2 and rows[("1:2", "after")]["builds"] == 1
+    for layout in ("1:2", "4:2"):
+        whole, share = rows[(layout, "before")], rows[(layout, "after")]
+        assert share["all_intervals"] < whole["all_intervals"] and share["worker_keeps"] < whole["worker_keeps"]

@@ -46,6 +46,11 @@ class BatchLoader:
                 persistent_workers=False, pin_memory=torch.cuda.is_available(),
             )
 
+    @property
+    def readers(self) -> int:
+        """This rank's readers: its dataloader workers, or the rank itself without workers."""
+        return max(self._loader.num_workers, 1)
+
     def __iter__(self) -> Iterator[dict]:
         for batch in self._loader:
             self.skipped.update(batch.pop("skipped"))

@@ -272,7 +272,7 @@ class ShardStream(IterableDataset):
     def state_dict(self) -> dict:
         """This worker's position; only meaningful between batches (where the loader asks)."""
         if self._live is None:
-            return dict(self._restored) if self._restored else {}
+            return self._unstarted_state()
         state, buffer, rng = self._live["state"], self._live["buffer"], self._live["rng"]
         return {
             **{key: value for key, value in state.items() if key not in _DERIVED_KEYS},
@@ -283,8 +283,21 @@ class ShardStream(IterableDataset):
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a `state_dict()` taken by the same worker of the same configuration, or from
-        {"repartition": ...} (repartitioned_state) after a change in the number of readers."""
+        {"repartition": ...} (epochs.repartitioned_state(s): the whole rests, or this rank's share of them)
+        after a change in the number of readers."""
         self._restored = dict(state) if state else None
+
+    def _unstarted_state(self) -> dict:
+        """The state of a worker that has not begun: what it was given, in a worker process a rank's share cut
+        down to this reader's pieces (the loader sends each worker's state to the main process, and saves it)."""
+        if not self._restored:
+            return {}
+        state = dict(self._restored)
+        share, info = state.get("repartition"), get_worker_info()
+        if share and "pieces" in share and info is not None:
+            reader = epochs.reader_order(rank=self.settings.rank, worker=info.id, world_size=self.settings.world_size)
+            state["repartition"] = epochs.own_share(share, reader)
+        return state
 
     def _repartitioned_state(self, start: dict, worker: int, workers: int) -> dict:
         """A reader's start in a new layout. `epoch` sampling: its piece of what the old readers left of each

@@ -5,16 +5,24 @@ position, counters, RNG states) for every rank; `checkpoints/latest` names the n
 tag and is replaced (write + rename) only after every rank has finished writing, so a crash during
 a save leaves the previous checkpoint as `latest`. Older tags beyond the kept count are deleted
 after that.
+
+Only rank 0 reads `latest` and what it implies (whether to save, how many ranks saved), and tells the
+others: on a shared filesystem with attribute caching (NFS) another rank can see an older `latest`, and a
+rank that decided otherwise would wait in a collective the others never enter (issue 26, item 13).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import pickle
 import random
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -92,33 +100,78 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file under `folder`, and the folders themselves, to stable storage."""
+def _fsync_folders(folder: Path) -> None:
+    """Flush `folder` and the folders under it (their entries: the names of the files in them)."""
     for path in sorted(folder.rglob("*")):
-        if path.is_file() or path.is_dir():
+        if path.is_dir():
             _fsync(path)
     _fsync(folder)
+
+
+def from_rank_0(compute, *, group=None):
+    """compute() run on rank 0 alone, its value handed to every rank (a collective). An error on rank 0 is
+    raised on every rank, so none is left waiting for a value that never comes."""
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("value", compute())]
+        except Exception as error:
+            box = [("error", f"{type(error).__name__}: {error}")]
+            dist.broadcast_object_list(box, src=0, group=group)
+            raise
+    dist.broadcast_object_list(box, src=0, group=group)
+    kind, value = box[0]
+    if kind == "error":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
+
+
+@contextlib.contextmanager
+def _files_written(engine):
+    """The paths DeepSpeed's checkpoint engine writes on this rank while the block runs: every file of a tag
+    that save_checkpoint writes (its recovery scripts, copied beside the tags, are not part of a checkpoint)."""
+    checkpoint_engine, written = getattr(engine, "checkpoint_engine", None), []
+    if checkpoint_engine is None:  # not a DeepSpeed engine: nothing to record
+        yield written
+        return
+    save, own = checkpoint_engine.save, "save" in vars(checkpoint_engine)
+
+    def recording_save(state_dict, path, *args, **kwargs):
+        written.append(Path(path))
+        return save(state_dict, path, *args, **kwargs)
+
+    checkpoint_engine.save = recording_save
+    try:
+        yield written
+    finally:
+        if own:
+            checkpoint_engine.save = save
+        else:
+            del checkpoint_engine.save  # the class's method again
 
 
 def save_checkpoint(engine, root: Path, *, progress: Progress, loader_state: dict, keep: int) -> str:
     """Save on every rank (collective); returns the tag. The tag that `latest` names is never written
     again (a save at the step of the last checkpoint, as the final or a NaN-abort save can be, keeps
-    that checkpoint as it is), and every file is on stable storage before `latest` moves to a new tag."""
+    that checkpoint as it is): rank 0 reads `latest` and every rank follows its decision. Each rank flushes
+    the files it wrote to stable storage before the barrier, and rank 0 moves `latest` after it."""
     if keep < 1:
         raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}")
     rank, world = dist.get_rank(), dist.get_world_size()
     tag = f"step{progress.step:08d}"
-    if latest_tag(root) == tag:  # every rank reads the same file: all skip alike
-        dist.barrier()
+    if from_rank_0(lambda: latest_tag(root) == tag):
         return tag
     (root / tag).mkdir(parents=True, exist_ok=True)
     state = _plain({"progress": asdict(progress), "loader": loader_state, "rng": rng_state(), "world_size": world})
-    with atomic_write(root / tag / f"trainer_state_rank{rank}.pt", fsync=False) as handle:  # fsynced below
+    with atomic_write(root / tag / f"trainer_state_rank{rank}.pt") as handle:  # fsynced before the rename
         torch.save(state, handle)
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    with _files_written(engine) as written:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    for path in written:
+        _fsync(path)
     dist.barrier()
     if rank == 0:
-        _fsync_tree(root / tag)
+        _fsync_folders(root / tag)
         write_atomically(root / LATEST, tag.encode())
         _fsync(root)
         for old in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))[:-keep]:
@@ -128,11 +181,13 @@ def save_checkpoint(engine, root: Path, *, progress: Progress, loader_state: dic
 
 
 def saved_world_size(root: Path) -> int | None:
-    """How many processes saved the newest complete checkpoint (None: there is none)."""
-    tag = latest_tag(root)
-    if tag is None:
-        return None
-    return _trainer_state(root / tag / "trainer_state_rank0.pt")["world_size"]
+    """How many processes saved the newest complete checkpoint (None: there is none). Read by rank 0 and
+    handed to the others when a process group is up (a collective then)."""
+    def read() -> int | None:
+        tag = latest_tag(root)
+        return None if tag is None else _trainer_state(root / tag / "trainer_state_rank0.pt")["world_size"]
+
+    return from_rank_0(read) if dist.is_available() and dist.is_initialized() else read()
 
 
 def _trainer_state(path: Path) -> dict:
@@ -156,18 +211,44 @@ def _refused_name(error: pickle.UnpicklingError) -> str:
     return found.group(1) if found else "an object that is not plain data"
 
 
-def load_checkpoint(engine, root: Path, tag: str, *, seed: int = 0) -> tuple[Progress, dict]:
+# The wait of the other ranks while rank 0 converts a checkpoint: no conversion takes this long, and a rank 0
+# that dies closes its connections, which ends the wait at once. The process group's own timeout (10 or 30
+# minutes) is shorter than converting a large checkpoint takes (issue 26, item 11).
+CONVERSION_WAIT = timedelta(days=365)
+# Optimizer state below which the conversion runs in this process: starting a worker (importing torch and
+# DeepSpeed, seconds) would cost more than it saves.
+PARALLEL_CONVERSION_BYTES = 1 << 30
+
+
+@dataclass
+class Conversion:
+    """How a universal conversion ran."""
+
+    seconds: float
+    processes: list[int]
+    """Worker processes of each of the converter's parallel passes (extracting, merging; 1: in this process)."""
+
+
+def load_checkpoint(engine, root: Path, tag: str, *, seed: int = 0, readers_per_rank: int = 1,
+                    conversion_processes: int | None = None) -> tuple[Progress, dict]:
     """Restore engine, RNG and counters from `tag`; returns the progress and this rank's loader state.
 
     A checkpoint saved by another number of processes is loaded through DeepSpeed's universal checkpoint
-    (`ds_to_universal`, run here by rank 0 into `<root>/universal/<tag>`; the engine must have been built with
-    `checkpoint.load_universal`), and the loader position is re-partitioned (epochs.repartitioned_state);
-    ranks beyond the old world start their random generators from (seed, step, rank)."""
-    from mmscale.data.epochs import repartitioned_state
-
+    (`ds_to_universal`, run by rank 0 into `<root>/universal/<tag>` with up to `conversion_processes` worker
+    processes, None: as many as the cores and memory allow for a large checkpoint, while the other ranks wait
+    without a timeout; the engine must have been built with `checkpoint.load_universal`), and the loader
+    position is re-partitioned: each old rank's trainer state is read by one new rank, rank 0 builds the rests
+    once and hands each rank its share, cut for `readers_per_rank` readers (BatchLoader.readers) per rank
+    (epochs.repartitioned_states). Ranks beyond the old world start their random generators from (seed, step,
+    rank)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    first = _trainer_state(root / tag / "trainer_state_rank0.pt")
-    saved_world = first["world_size"]
+    first: dict = {}  # old rank 0's trainer state, on rank 0
+
+    def saved_world_of_first() -> int:
+        first.update(_trainer_state(root / tag / "trainer_state_rank0.pt"))
+        return first["world_size"]
+
+    saved_world = from_rank_0(saved_world_of_first)
     if saved_world == world:
         state = _trainer_state(root / tag / f"trainer_state_rank{rank}.pt") if rank else first
         load_path, _ = engine.load_checkpoint(str(root), tag=tag)
@@ -175,54 +256,144 @@ def load_checkpoint(engine, root: Path, tag: str, *, seed: int = 0) -> tuple[Pro
             raise FileNotFoundError(f"DeepSpeed found no checkpoint under {root / tag}")
         set_rng_state(state["rng"])
         return Progress(**state["progress"]), state["loader"]
-    states = [first] + [_trainer_state(root / tag / f"trainer_state_rank{r}.pt") for r in range(1, saved_world)]
     universal = root / "universal"
-    if rank == 0:
-        _to_universal(root / tag, universal / tag)
-    dist.barrier()
-    load_path, _ = engine.load_checkpoint(str(universal), tag=tag)
-    if load_path is None:
-        raise FileNotFoundError(f"DeepSpeed found no universal checkpoint under {universal / tag}")
-    progress = Progress(**first["progress"])
-    if rank < saved_world:
-        set_rng_state(states[rank]["rng"])
-    else:
-        _seed_everything(seed, progress.step, rank)
-    loader = repartitioned_state([state["loader"] for state in states], rank=rank, step=progress.step)
-    dist.barrier()
+    waits = dist.new_group(backend="gloo", timeout=CONVERSION_WAIT)
+    try:
+        conversion = from_rank_0(lambda: _to_universal(root / tag, universal / tag, processes=conversion_processes),
+                                 group=waits)
+        if rank == 0:
+            print(f"mmscale train: converted {root / tag} to DeepSpeed's universal checkpoint in "
+                  f"{conversion.seconds:.1f} s (processes per pass: {conversion.processes})", flush=True)
+        load_path, _ = engine.load_checkpoint(str(universal), tag=tag)
+        if load_path is None:
+            raise FileNotFoundError(f"DeepSpeed found no universal checkpoint under {universal / tag}")
+        states = {old: first if old == 0 else _trainer_state(root / tag / f"trainer_state_rank{old}.pt")
+                  for old in range(rank, saved_world, world)}  # every old rank's state read once, by one rank
+        progress, loader = _repartitioned(states, waits, readers_per_rank=readers_per_rank)
+        if rank < saved_world:
+            set_rng_state(states[rank]["rng"])
+        else:
+            _seed_everything(seed, progress.step, rank)
+        dist.barrier(group=waits)
+    finally:
+        dist.destroy_process_group(waits)
     if rank == 0:
         shutil.rmtree(universal, ignore_errors=True)  # the next save is in this run's own layout
     return progress, loader
 
 
-def _to_universal(source: Path, target: Path) -> None:
+def _repartitioned(states: dict[int, dict], group, *, readers_per_rank: int) -> tuple[Progress, dict]:
+    """The progress and this rank's loader state, from the old ranks' trainer states this rank read (`states`,
+    by old rank): each rank sends what a re-partition needs of them (epochs.carried) to rank 0, which builds
+    the new ranks' states once (epochs.repartitioned_states) and hands each rank its own (collectives)."""
+    from mmscale.data.epochs import carried, repartitioned_states
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {old: carried(state["loader"]) for old, state in states.items()}
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0, group=group)
+    shares = None
+    if rank == 0:
+        by_old_rank = {old: carry for part in gathered for old, carry in part.items()}
+        step = states[0]["progress"]["step"]
+        try:
+            built = repartitioned_states([by_old_rank[old] for old in sorted(by_old_rank)], world_size=world,
+                                         readers_per_rank=readers_per_rank, step=step)
+            shares = [("value", (states[0]["progress"], share)) for share in built]
+        except Exception as error:
+            shares = [("error", f"{type(error).__name__}: {error}")] * world
+            dist.scatter_object_list([None], shares, src=0, group=group)
+            raise
+    received = [None]
+    dist.scatter_object_list(received, shares, src=0, group=group)
+    kind, value = received[0]
+    if kind == "error":
+        raise RuntimeError(f"rank 0 failed to re-partition the loader position: {value}")
+    progress, loader = value
+    return Progress(**progress), loader
+
+
+def conversion_workers(*, optimizer_bytes: list[int], cores: int, available_bytes: int) -> tuple[int, int]:
+    """(extracting, merging) worker processes for ds_to_universal: none (0: in this process) for a small
+    checkpoint; else one per core, extracting at most one optimizer file each, each holding about two of
+    them in memory; merging holds a parameter's slices and moments, so half as many (DeepSpeed's advice)."""
+    if sum(optimizer_bytes) < PARALLEL_CONVERSION_BYTES or cores < 2:
+        return 0, 0
+    fit = max(1, available_bytes // max(2 * max(optimizer_bytes), 1))
+    return max(1, min(cores, len(optimizer_bytes), fit)), max(1, min(cores, fit) // 2)
+
+
+def _available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _to_universal(source: Path, target: Path, *, processes: int | None = None) -> Conversion:
     """DeepSpeed's ds_to_universal on one tag: every parameter's fp32 weights and optimizer moments as whole
-    tensors, which ZeRO 1-3 of any world size can partition again."""
+    tensors, which ZeRO 1-3 of any world size can partition again. Its extracting and merging passes run in
+    `processes` worker processes (half as many merging; None: conversion_workers())."""
     import argparse
 
     import deepspeed.checkpoint.ds_to_universal as converter
 
+    if processes is None:
+        sizes = [path.stat().st_size for path in source.glob("*optim_states.pt")]
+        extract, merge = conversion_workers(optimizer_bytes=sizes, cores=len(os.sched_getaffinity(0)),
+                                            available_bytes=_available_memory())
+    else:
+        extract, merge = processes, max(1, processes // 2)
     if target.exists():
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # DeepSpeed 0.19's converter concatenates each parameter's slices, which fails on 0-dim parameters
-    # (`logit_scale`) under ZeRO-1/2, and its loader chunks them, which fails too: they go in as 1-element
-    # tensors (the loader flattens every parameter anyway).
-    merge_shards = converter._merge_zero_shards
-
-    def merge_keeping_scalars(slice_base_path, state, *args, **kwargs):
-        slices = merge_shards(slice_base_path, state, *args, **kwargs)
-        if slices and torch.is_tensor(slices[0]) and slices[0].dim() == 0:
-            return [piece.reshape(1) for piece in slices]
-        return slices
-
-    converter._merge_zero_shards = merge_keeping_scalars
+    started, passes = time.perf_counter(), []
+    original = converter._do_parallel_work, converter._merge_zero_shards
+    converter._do_parallel_work = functools.partial(_parallel_work, passes=passes)
+    _keep_scalars()
     try:
-        converter.main(argparse.Namespace(input_folder=str(source), output_folder=str(target), num_extract_workers=1,
-                                          num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                          inject_missing_state=True))
+        converter.main(argparse.Namespace(input_folder=str(source), output_folder=str(target),
+                                          num_extract_workers=extract, num_merge_workers=merge, keep_temp_folder=False,
+                                          strict=True, inject_missing_state=True))
     finally:
-        converter._merge_zero_shards = merge_shards
+        converter._do_parallel_work, converter._merge_zero_shards = original
+    return Conversion(seconds=time.perf_counter() - started, processes=passes)
+
+
+def _keep_scalars() -> None:
+    """DeepSpeed 0.19's converter concatenates each parameter's slices, which fails on 0-dim parameters
+    (`logit_scale`) under ZeRO-1/2, and its loader chunks them, which fails too: they go in as 1-element
+    tensors (the loader flattens every parameter anyway). Installed in this process and in each worker."""
+    import deepspeed.checkpoint.ds_to_universal as converter
+
+    if not isinstance(converter._merge_zero_shards, functools.partial):
+        converter._merge_zero_shards = functools.partial(_merge_keeping_scalars, converter._merge_zero_shards)
+
+
+def _merge_keeping_scalars(merge, *args, **kwargs):
+    slices = merge(*args, **kwargs)
+    if slices and torch.is_tensor(slices[0]) and slices[0].dim() == 0:
+        return [piece.reshape(1) for piece in slices]
+    return slices
+
+
+def _parallel_work(do_work, work_chunks, num_workers, *, passes: list[int]):
+    """The converter's _do_parallel_work: in up to `num_workers` fresh (spawned) processes, which hold no CUDA
+    context, process group or threads of the training process, each with the scalar fix installed; in this
+    process for 0 or 1. Records how many worker processes the pass had (1: this process)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = min(num_workers, len(work_chunks))
+    passes.append(max(workers, 1))
+    if workers <= 1:
+        return [do_work(work) for work in work_chunks]
+    with ProcessPoolExecutor(max_workers=workers, initializer=_keep_scalars,
+                             mp_context=multiprocessing.get_context("spawn")) as executor:
+        return list(executor.map(do_work, work_chunks))
 
 
 def _seed_everything(seed: int, step: int, rank: int) -> None:

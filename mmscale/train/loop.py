@@ -362,7 +362,8 @@ def _resume(run: Run, loader) -> Progress:
         remove_incomplete(root)
     dist.barrier()
     tag = latest_tag(root)
-    progress, loader_state = load_checkpoint(run.engine, root, tag, seed=run.config.train.seed)
+    progress, loader_state = load_checkpoint(run.engine, root, tag, seed=run.config.train.seed,
+                                             readers_per_rank=loader.readers)
     loader.load_state_dict(loader_state)
     if run.rank == 0:
         print(f"mmscale train: resumed from {root / tag} at step {progress.step} ({progress.samples} samples)",
