@@ -251,3 +251,49 @@ def test_fused_adams_jit_build_gets_this_gpus_arch_unless_set(gpu):
     environ = {}
     assert set_cuda_arch_list(environ) == "9.0" and environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
     assert set_cuda_arch_list({"TORCH_CUDA_ARCH_LIST": "8.0;9.0"}) == "8.0;9.0"
+
+
+OPS_PER_STEP = """
+import json, sys, torch, deepspeed
+from torch.profiler import profile, ProfilerActivity
+from mmscale.losses import LossConfig
+from mmscale.models import ModelConfig
+from mmscale.train.config import TrainConfig
+from mmscale.train.engine import (batch_layout, build_objective, deepspeed_config, init_distributed, make_optimizer,
+                                  parameter_groups)
+init_distributed()
+train = TrainConfig(precision="bf16", deepspeed=f"configs/deepspeed/{sys.argv[1]}.json", global_batch_size=4, steps=1)
+config, _ = deepspeed_config(train, batch_layout(train, 1))
+objective = build_objective(ModelConfig(preset="tiny"), LossConfig(mlm_weight=0.0), config, vocab_size=100)
+engine, *_ = deepspeed.initialize(model=objective, optimizer=make_optimizer(parameter_groups(objective, 0.1), train,
+                                  config), config=config)
+g = torch.Generator().manual_seed(0)
+batch = {"images": torch.randint(0, 255, (4, 3, 64, 64), dtype=torch.uint8, generator=g),
+         "input_ids": torch.randint(5, 100, (4, 8), generator=g), "attention_mask": torch.ones(4, 8, dtype=torch.long)}
+def step():
+    engine.backward(engine(**batch).total)
+    engine.step()
+step()
+with profile(activities=[ProfilerActivity.CPU]) as profiler:
+    step()
+print(json.dumps({event.key: event.count for event in profiler.key_averages()}))
+"""
+
+
+@pytest.mark.slow
+def test_a_bf16_zero2_step_does_not_scan_every_gradient_for_overflow():
+    """DeepSpeed's bf16 ZeRO-1/2 checks each parameter's gradient for inf/NaN every step (an amin and an amax per
+    parameter, then a host read): fp16's loss-scaling check, which bf16 does not need and the loop's agreed
+    NaN/inf skip already covers. mmscale turns it off (issue 26 item 14: per-parameter host work in a step)."""
+    from mmscale.train.config import TrainConfig
+    from mmscale.train.engine import batch_layout, deepspeed_config
+
+    result = subprocess.run([sys.executable, "-c", OPS_PER_STEP, "zero2"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env=os.environ | {"MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    calls = json.loads(result.stdout.strip().splitlines()[-1])
+    assert calls.get("aten::amax", 0) == 0 and calls.get("aten::amin", 0) == 0, calls
+    assert calls.get("aten::mm", 0) > 0  # the profile saw the step
+    train = TrainConfig(precision="bf16", deepspeed=str(ROOT / "configs" / "deepspeed" / "zero2.json"))
+    kept = deepspeed_config(train, batch_layout(train, 1))[0]["bf16"]
+    assert kept == {"enabled": True, "check_grad_overflow": False}

@@ -31,7 +31,8 @@ fi
 "$py" -m pytest -m gpu -q -p no:cacheprovider --junitxml "$work/gpu.xml" tests/test_gpu.py > "$work/pytest.log" 2>&1
 pytest_rc=$?
 tail -5 "$work/pytest.log"
-"$py" tools/bench/train_throughput.py "${bench[@]}" --json "$work/throughput.json" > "$work/throughput.log" 2>&1
+"$py" tools/bench/train_throughput.py "${bench[@]}" --json "$work/throughput.json" --profile "$work/profiles" \
+  > "$work/throughput.log" 2>&1
 bench_rc=$?
 grep -E '^\|' "$work/throughput.log"
 "$py" - "$work" "$out" "$pytest_rc" "$bench_rc" "$start" <<'PY'

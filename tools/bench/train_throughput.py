@@ -100,6 +100,23 @@ def timed(step, batches: list[dict], warmup: int) -> float:
     return (time.perf_counter() - start) / (len(batches) - warmup)
 
 
+def profile_step(step, batch: dict, path: Path, rows: int = 20) -> list[dict]:
+    """One more step under torch.profiler: its Chrome trace at `path` (.json) and the `rows` operators with the
+    most host time, with their call counts (per-parameter host work shows as counts in the hundreds)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as profiler:
+        step(batch)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profiler.export_chrome_trace(str(path))
+    events = sorted(profiler.key_averages(), key=lambda event: -event.self_cpu_time_total)[:rows]
+    return [{"op": event.key, "calls": event.count, "self_cpu_ms": round(event.self_cpu_time_total / 1e3, 3),
+             "device_ms": round(getattr(event, "self_device_time_total", 0) / 1e3, 3)} for event in events]
+
+
 def plain_step(model_config: ModelConfig, variant: Variant, device: torch.device, precision: str):
     """(step function, model) of the plain PyTorch loop."""
     objective = PretrainingObjective(build_model(model_config, vocab_size=VOCAB), LossConfig()).to(device)
@@ -140,21 +157,23 @@ def deepspeed_step(model_config: ModelConfig, variant: Variant, batch: int, prec
 
 
 def measure(variant: Variant, model_config: ModelConfig, batches: list[dict], warmup: int, device: torch.device,
-            precision: str) -> tuple[float, float]:
-    """(seconds per step, training FLOPs per sample) of one variant; frees its model afterwards."""
+            precision: str, profile_dir: Path | None = None) -> tuple[float, float, list | None]:
+    """(seconds per step, training FLOPs per sample, the profiled step's top operators or None) of one variant;
+    frees its model afterwards."""
     config = replace(model_config, patch_dropout=variant.patch_dropout)
     torch.manual_seed(0)
     size = len(batches[0]["images"])
     step, model = (plain_step(config, variant, device, precision) if variant.engine == "plain"
                    else deepspeed_step(config, variant, size, precision))
     seconds = timed(step, batches, warmup)
+    profiled = profile_step(step, batches[-1], profile_dir / f"{variant}.json") if profile_dir else None
     flops = training_flops_per_sample(model, context_length=CONTEXT, masked_tokens=MASKED * CONTEXT,
                                       contrastive_batch_size=size)
     del step, model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return seconds, flops
+    return seconds, flops, profiled
 
 
 def largest_batch(model_config: ModelConfig, device: torch.device, precision: str, candidates: list[int]) -> int:
@@ -191,6 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--precision", default="auto", help="bf16, fp16, fp32 or auto (bf16 on GPUs)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="device peak dense bf16 TFLOP/s (H100/H200: 989)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--profile", type=Path, help="profile one more step per variant: Chrome traces in this "
+                        "folder, the top host operators in the results")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     variants = [Variant.parse(text) for text in args.variants.split(",") if text]
@@ -209,11 +230,14 @@ def main(argv: list[str] | None = None) -> dict:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     results = {}
     for variant in variants:
-        seconds, flops = measure(variant, model_config, batches, args.warmup, device, precision)
+        seconds, flops, profiled = measure(variant, model_config, batches, args.warmup, device, precision,
+                                           args.profile)
         samples = size / seconds
         results[str(variant)] = {"samples_per_s": round(samples, 2), "tflops": round(samples * flops / 1e12, 2),
                                  "mfu": round(samples * flops / 1e12 / args.peak_tflops, 4),
                                  "gflop_per_sample": round(flops / 1e9, 2)}
+        if profiled is not None:
+            results[str(variant)]["top_host_ops"] = profiled
         print(f"{variant}: {samples:.1f} samples/s", flush=True)
     baseline = results.get("plain", next(iter(results.values())))["samples_per_s"]
     print(f"\n{args.preset}, batch {size}, {precision}, one {name}; peak {args.peak_tflops:g} TFLOP/s\n")
