@@ -201,28 +201,40 @@ def repartition(readers: list[dict]) -> dict:
             own = plan(reader, epoch)
             if reader["epoch"] == epoch:
                 own = from_position(own, reader["cursor"])
-                ranges += [(position, position + 1) for *_, buffered_epoch, position in reader["buffer"]
-                           if buffered_epoch == epoch]
+                ranges += [(position, position + 1) for position in _buffered(reader, epoch)]
             ranges += own
         rests.append([epoch, normalized(ranges)])
     return {"first_epoch": oldest, "rests": rests}
 
 
+def _buffered(reader: dict, epoch: int) -> list[int]:
+    """The positions of `epoch` in a reader's shuffle buffer: its saved entries [url, index, epoch, position],
+    or carried()'s [[epoch, [position, ...]], ...]."""
+    if "buffered" in reader:
+        return next((positions for buffered_epoch, positions in reader["buffered"] if buffered_epoch == epoch), [])
+    return [position for *_, buffered_epoch, position in reader["buffer"] if buffered_epoch == epoch]
+
+
 # --- saved states ------------------------------------------------------------------------------------
 # What a re-partition reads of an old reader's state (plan(), repartition(), the layout check); its random
 # generator and counters stay behind.
-_CARRIED_FIELDS = ("layout", "reader", "total", "first_epoch", "rests", "epoch", "cursor", "buffer", "repartition")
+_CARRIED_FIELDS = ("layout", "reader", "total", "first_epoch", "rests", "epoch", "cursor", "repartition")
 
 
 def carried(loader_state: dict) -> dict:
     """What a re-partition needs of one old rank's BatchLoader.state_dict(): each reader's position, its shuffle
-    buffer cut to [epoch, position] pairs (which samples sat there, not where to re-read them), the re-partition
-    the rank had started from, and its counts: what each rank sends to the one that builds the rests."""
-    readers = [None if reader is None else {key: value for key, value in reader.items() if key in _CARRIED_FIELDS}
-               for reader in _reader_states(loader_state["loader"])]
-    for reader in readers:
-        if reader and "buffer" in reader:
-            reader["buffer"] = [[epoch, position] for *_, epoch, position in reader["buffer"]]
+    buffer cut to the positions of each epoch in it (`buffered`: which samples sat there, not where to re-read
+    them), the re-partition the rank had started from, and its counts: what each rank sends to the one that
+    builds the rests."""
+    readers = []
+    for reader in _reader_states(loader_state["loader"]):
+        kept = None if reader is None else {key: value for key, value in reader.items() if key in _CARRIED_FIELDS}
+        if kept is not None and "buffer" in reader:
+            buffered: dict[int, list[int]] = {}
+            for *_, epoch, position in reader["buffer"]:
+                buffered.setdefault(epoch, []).append(position)
+            kept["buffered"] = [[epoch, positions] for epoch, positions in buffered.items()]
+        readers.append(kept)
     return {"readers": readers, "start": loader_state.get("start"), "skipped": loader_state["skipped"],
             "bad_shards": loader_state.get("bad_shards", {}), "samples_delivered": loader_state["samples_delivered"]}
 

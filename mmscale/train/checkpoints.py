@@ -290,6 +290,10 @@ def _repartitioned(states: dict[int, dict], group, *, readers_per_rank: int) -> 
 
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = {old: carried(state["loader"]) for old, state in states.items()}
+    if world == 1:  # nothing to gather or hand out
+        built = repartitioned_states([mine[old] for old in sorted(mine)], world_size=1,
+                                     readers_per_rank=readers_per_rank, step=states[0]["progress"]["step"])
+        return Progress(**states[0]["progress"]), built[0]
     gathered = [None] * world if rank == 0 else None
     dist.gather_object(mine, gathered, dst=0, group=group)
     shares = None
