@@ -15,6 +15,7 @@ import inspect
 import textwrap
 import types
 import typing
+from collections.abc import Collection
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -194,6 +195,17 @@ def parse_override(text: str) -> dict:
     return value
 
 
+def merge_overrides(*overrides: str) -> list[str]:
+    """`key=value` overrides with each key once, the last one given kept (in its place at the end): for a
+    program that adds its caller's overrides to its own defaults, as load_config refuses a key given twice."""
+    merged: dict[str, str] = {}
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        merged.pop(key, None)
+        merged[key] = override
+    return list(merged.values())
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
     """Defaults < YAML file < dotted overrides, checked strictly against `cls`."""
     values: dict = {}
@@ -207,12 +219,18 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: expected a mapping of sections at the top")
         values = loaded or {}
-    from_command_line: set[str] = set()
+    from_command_line: dict[str, str] = {}  # dotted key -> the override that set it
     for override in overrides:
         parsed = parse_override(override)
         for dotted in _leaf_keys(parsed):
-            _drop_alternative(cls, values, dotted, keep=from_command_line)
-            from_command_line.add(dotted)
+            if dotted in from_command_line:
+                # Typically an unquoted brace spec the shell expanded into one argument per shard: never keep
+                # only the last one silently.
+                raise ConfigError(f"config key {dotted} is given twice on the command line "
+                                  f"({from_command_line[dotted]!r}, then {override!r}); give it once (quote a "
+                                  f"shard spec with braces, or the shell expands it into one argument per shard)")
+            _drop_alternative(cls, values, dotted, keep=from_command_line.keys())
+            from_command_line[dotted] = override
         values = _deep_merge(values, parsed)
     config = _build(cls, values, "")
     _check_alternatives(config, "")
@@ -237,7 +255,7 @@ def _section_class(cls: type, path: list[str]) -> type | None:
     return cls
 
 
-def _drop_alternative(cls: type, values: dict, dotted: str, *, keep: set[str]) -> None:
+def _drop_alternative(cls: type, values: dict, dotted: str, *, keep: Collection[str]) -> None:
     """A command-line key replaces its section's alternative to it (train.steps replaces a YAML's train.samples):
     defaults < YAML < command line, for a pair of keys of which only one can be in force."""
     *path, leaf = dotted.split(".")

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from shardkit import write_shards
 
@@ -48,6 +49,18 @@ def test_user_mistakes_are_one_line_errors(tmp_path, tokenizer_dir, capsys):
         # Unreadable shards are skipped, up to data.max_bad_shard_fraction; here every shard is.
         assert re.fullmatch(r"mmscale data-check: error: no shard could be read \(2 unreadable; first: shard "
                             + re.escape(str(tmp_path)) + r"/missing-0.tar: no such file\)", last_line), last_line
+
+
+def test_train_refuses_a_key_given_twice(capsys):
+    """`mmscale train --config X a.b=1 a.b=2` stops before training, naming the key (a brace spec the shell
+    expanded into one data.train= per shard must not silently train on the last)."""
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml"
+    assert main(["train", "--config", str(tiny), "train.lr=1", "data.train=s-000000.tar",
+                 "data.train=s-000001.tar"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("mmscale train: error: config key data.train is given twice on the command line "
+                            "('data.train=s-000000.tar', then 'data.train=s-000001.tar')"), error
+    assert "\n" not in error and "Traceback" not in error
 
 
 def test_report_writes_plots_and_a_report_from_a_run_directory(tmp_path, capsys):

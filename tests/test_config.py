@@ -118,3 +118,21 @@ def test_a_budget_on_the_command_line_replaces_the_yamls_other_budget_and_two_at
     both.write_text("train:\n  samples: 640\n  steps: 3\n")
     with pytest.raises(ConfigError, match="train.samples=640 and train.steps=3 are both set"):
         load_config(TrainRunConfig, both)
+
+
+def test_a_key_given_twice_on_the_command_line_is_refused_and_names_both():
+    """An unquoted `data.train=x-{0..2}.tar` reaches the program as three data.train= arguments (the shell, or
+    pdsh's remote shell, brace-expands it): keeping the last one would silently train on one shard."""
+    with pytest.raises(ConfigError, match=r"config key data.train is given twice on the command line "
+                                          r"\('data.train=x-0.tar', then 'data.train=x-1.tar'\); give it once"):
+        load_config(Root, None, ["data.train=x-0.tar", "data.train=x-1.tar", "data.train=x-2.tar"])
+    with pytest.raises(ConfigError, match="config key batch_size is given twice"):
+        load_config(Root, None, ["batch_size=1", "tokenizer=t", "batch_size=1"])
+
+
+def test_merge_overrides_keeps_the_last_of_each_key():
+    from mmscale.config import merge_overrides
+
+    merged = merge_overrides("data.workers=1", "batch_size=2", "data.train=a=b", "data.workers=3")
+    assert merged == ["batch_size=2", "data.train=a=b", "data.workers=3"]
+    assert load_config(Root, None, merged).data.workers == 3
