@@ -1,29 +1,48 @@
 #!/usr/bin/env bash
 # Several nodes from one login node, over passwordless ssh (pdsh, the default) or Open MPI:
-#   launch/multinode.sh hostfile configs/pretrain/large.yaml [key=value ...]
+#   launch/multinode.sh hostfile configs/pretrain/large.yaml "data.train=shards/{000000..000999}.tar" [key=value ...]
 #   LAUNCHER=openmpi launch/multinode.sh hostfile configs/pretrain/large.yaml
-# The hostfile lists one node per line as `name slots=GPUS`. Variables the ranks need (NCCL_*,
-# HF_HOME, PYTHONPATH, ...) go in a `.deepspeed_env` file (VAR=value lines) in the directory you
-# launch from or in $HOME: the DeepSpeed launcher exports them on every node (see
-# launch/deepspeed_env.example). Every node must see the same code, config and data paths.
+# The hostfile lists one node per line as `name slots=GPUS`. Every node must see the same code, config and
+# data paths. Variables the ranks need go in a `.deepspeed_env` file in the directory you launch from or in
+# $HOME, which the DeepSpeed launcher exports on every node: copy launch/deepspeed_env.example and edit it.
+# DeepSpeed reads each of its lines as VAR=value (no comments, no blank lines). GLOO_SOCKET_IFNAME belongs
+# there beside NCCL_SOCKET_IFNAME: gloo carries mmscale's barriers and object gathers, and the pdsh
+# launcher passes on only NCCL_*, PYTHON*, UCX_*, MV2_* and MLFLOW_* by itself.
 set -euo pipefail
-hostfile=${1:?usage: launch/multinode.sh HOSTFILE CONFIG [key=value ...]}
-config=${2:?usage: launch/multinode.sh HOSTFILE CONFIG [key=value ...]}
-shift 2
+usage="usage: launch/multinode.sh HOSTFILE CONFIG [key=value ...]"
+hostfile=${1:?$usage}
+: "${2:?$usage}"
+shift
 launcher=${LAUNCHER:-pdsh}
-# pdsh runs one shell command line on every node, which DeepSpeed joins from the arguments quoting only
-# spaces: a `$(...)`, quote or brace in them would be run or expanded there. Those values go in the YAML
-# config instead (or use a launcher that passes arguments as they are, such as openmpi).
 if [[ ${launcher,,} == pdsh ]]; then
-    unsafe='[^A-Za-z0-9_@%+=:,./ -]'
-    for value in "$config" "$@" "${MASTER_ADDR:-}" "${MASTER_PORT:-}"; do
-        if [[ $value =~ $unsafe ]]; then
-            echo "launch/multinode.sh: '$value' holds characters (${BASH_REMATCH[0]}) that the pdsh launcher's" \
-                 "remote shell would interpret; put that value in the YAML config, or use LAUNCHER=openmpi" >&2
+    # pdsh runs one shell command line on every node, which DeepSpeed joins from its arguments: the remote
+    # shell would brace-expand a shard spec into several arguments, split `::`-joined paths with spaces and
+    # run a `$(...)`. So each argument (the config path too) is quoted for that shell, exactly once:
+    # DeepSpeed's PDSHRunner already wraps an argument holding a space in "..." (escaping only its `"`), so
+    # those get the rest of double-quote escaping (\ $ `); every other one gets printf %q. pdsh itself
+    # replaces %n, %h, %u and %% in the line, hence % -> %%.
+    quoted=()
+    for value in "$@"; do
+        if [[ $value == *' '* ]]; then
+            value=${value//\\/\\\\}; value=${value//\$/\\\$}; value=${value//\`/\\\`}
+        else
+            printf -v value %q "$value"
+        fi
+        quoted+=("${value//%/%%}")
+    done
+    set -- "${quoted[@]}"
+    # DeepSpeed writes these into the line as they are (`cd DIR;`, --master_addr=ADDR): they must be plain.
+    plain='^[A-Za-z0-9_@+=:,./-]*$'
+    for name in PWD MASTER_ADDR MASTER_PORT; do
+        if [[ ! ${!name:-} =~ $plain ]]; then
+            echo "launch/multinode.sh: $name=${!name} holds characters that the pdsh launcher's remote shell would" \
+                 "interpret; launch from (or use) a plain name, or use LAUNCHER=openmpi" >&2
             exit 2
         fi
     done
 fi
+config=$1
+shift
 exec deepspeed --hostfile "$hostfile" --launcher "$launcher" \
     ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} ${MASTER_PORT:+--master_port "$MASTER_PORT"} \
     --module mmscale.train --config "$config" "$@"

@@ -112,9 +112,9 @@ class Quickstart:
         started = self.begin(f"pretraining tiny: DeepSpeed ZeRO-3 on {where}, CLIP + masked-LM, "
                              f"{PRETRAIN_STEPS} steps of {BATCH_SIZE} pairs")
         run = self.out / "runs" / "pretrain"
-        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-                   "--master_port", str(free_port()), "--module", "mmscale.train",
-                   "--config", str(_shipped("pretrain/tiny.yaml")), f"output_dir={run}",
+        devices = local_device_args(ranks) if self.devices else ["--num_gpus", str(ranks)]
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", *devices, "--master_port", str(free_port()),
+                   "--module", "mmscale.train", "--config", str(_shipped("pretrain/tiny.yaml")), f"output_dir={run}",
                    f"data.train={shards['train']}", f"data.val={shards['val']}", f"tokenizer={tokenizer}",
                    f"train.samples={PRETRAIN_STEPS * BATCH_SIZE}", f"train.global_batch_size={BATCH_SIZE}",
                    f"train.deepspeed={_shipped('deepspeed/zero3.json')}", "train.save_every_steps=60",
@@ -242,6 +242,16 @@ def _mmscale(*args: str) -> dict:
         raise QuickstartFailed(f"mmscale {' '.join(args)} exited with {code}:\n{output.getvalue()}{errors.getvalue()}")
     lines = output.getvalue().strip().splitlines()
     return json.loads(lines[-1])
+
+
+def local_device_args(ranks: int) -> list[str]:
+    """The DeepSpeed launcher's arguments for `ranks` processes on the first `ranks` GPUs that
+    CUDA_VISIBLE_DEVICES names: with `--num_gpus N` the launcher drops that variable and takes GPUs 0..N-1.
+    Without it (or with GPU UUIDs, which --include cannot name), `--num_gpus`."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    if len(visible) >= ranks and all(index.strip().isdigit() for index in visible):
+        return ["--include", "localhost:" + ",".join(index.strip() for index in visible[:ranks])]
+    return ["--num_gpus", str(ranks)]
 
 
 def _run_with_progress(command: list[str], *, log: Path, run: Path, steps: int) -> None:
