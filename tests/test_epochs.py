@@ -249,7 +249,8 @@ def test_the_elastic_carry_bench_runs_and_shows_each_rank_its_share():
 
     script = Path(__file__).resolve().parents[1] / "tools" / "bench" / "elastic_carry.py"
     result = subprocess.run([sys.executable, str(script), "--layouts", "1:2,4:2", "--workers", "2", "--buffer", "50",
-                             "--read", "200", "--epoch", "20000"], capture_output=True, text=True, timeout=300)
+                             "--read", "200", "--epoch", "20000"], capture_output=True, text=True, timeout=300,
+                            check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {(row["layout"], row["way"]): row for row in json.loads(result.stdout.splitlines()[-1])["rows"]}
     assert rows[("4:2", "before")]["all_reads"] == 8 and rows[("4:2", "after")]["all_reads"] == 4

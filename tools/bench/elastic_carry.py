@@ -32,8 +32,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from mmscale.data import epochs  # noqa: E402
-from mmscale.data.stream import LAYOUT_VERSION  # noqa: E402
+from mmscale.data import epochs
+from mmscale.data.stream import LAYOUT_VERSION
 
 
 def saved_state(*, rank: int, world: int, workers: int, epoch_samples: int, read: int, buffer: int,
