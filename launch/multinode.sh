@@ -43,6 +43,20 @@ if [[ ${launcher,,} == pdsh ]]; then
 fi
 config=$1
 shift
-exec deepspeed --hostfile "$hostfile" --launcher "$launcher" \
+launcher_args=()
+if [[ ${launcher,,} == openmpi ]]; then
+    # mpirun starts every rank itself and DeepSpeed's Open MPI runner exports no rendezvous: the ranks map
+    # OMPI_COMM_WORLD_* to RANK/WORLD_SIZE (mmscale.train.engine.launcher_environment) and meet at the first
+    # host of the hostfile unless MASTER_ADDR says otherwise.
+    master_addr=${MASTER_ADDR:-$(awk '!/^[[:space:]]*(#|$)/ {print $1; exit}' "$hostfile")}
+    master_port=${MASTER_PORT:-29500}
+    plain='^[A-Za-z0-9_.:-]+$'
+    if [[ ! $master_addr =~ $plain || ! $master_port =~ ^[0-9]+$ ]]; then
+        echo "launch/multinode.sh: MASTER_ADDR=$master_addr / MASTER_PORT=$master_port is not a plain host and port" >&2
+        exit 2
+    fi
+    launcher_args=(--launcher_args "-x MASTER_ADDR=$master_addr -x MASTER_PORT=$master_port ${LAUNCHER_ARGS:-}")
+fi
+exec deepspeed --hostfile "$hostfile" --launcher "$launcher" "${launcher_args[@]}" \
     ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} ${MASTER_PORT:+--master_port "$MASTER_PORT"} \
     --module mmscale.train --config "$config" "$@"

@@ -76,12 +76,3 @@ if __name__ == "__main__":
     print("\n".join(problems) or "gather-grad ok")
     sys.exit(1 if problems else 0)
 
-
-def last_wins(overrides) -> list[str]:
-    """`key=value` overrides with a later value of a key replacing the earlier one, in first-seen order: tests
-    add to a base list, and the CLI refuses a key given twice."""
-    merged = {}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        merged[key] = value
-    return [f"{key}={value}" for key, value in merged.items()]

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer, ViTConfig, ViTImageProcessor, ViTModel
 
+from mmscale.config import merge_overrides
 from mmscale.finetune.lora import LoraSettings, apply_lora
 from mmscale.models import ModelConfig, build_model
 
@@ -48,12 +49,10 @@ def data(tmp_path_factory) -> dict[str, Path]:
 def finetune(checkpoint: str, data: dict, output: Path, *extra: str) -> subprocess.CompletedProcess:
     """`mmscale finetune` with small settings; `extra` overrides replace defaults of the same key (the CLI
     refuses a key given twice)."""
-    overrides = dict(item.split("=", 1) for item in (
+    return cli("finetune", "--checkpoint", checkpoint, "--config", str(LORA), *merge_overrides(
         f"data.train={data['train']}", f"output_dir={output}", "data.workers=0", "train.samples=128",
         "train.global_batch_size=32", "train.progress=false", "train.tensorboard=false", "train.log_every_steps=1",
         *extra))
-    return cli("finetune", "--checkpoint", checkpoint, "--config", str(LORA),
-               *(f"{key}={value}" for key, value in overrides.items()))
 
 
 def test_lora_adapter_reloads_with_peft_and_the_merged_model_reproduces_it(data, tmp_path):

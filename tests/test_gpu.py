@@ -34,10 +34,11 @@ def corpus(tmp_path_factory) -> dict:
 def test_one_rank_nccl_training_through_the_launcher_reaches_final_and_evaluates(corpus, tmp_path, precision):
     """ZeRO-3, DeepSpeed's FusedAdam (make_optimizer on CUDA), NCCL + gloo process group; fp16 with dynamic
     loss scaling. Logging, checkpoints and the eval all run collectives on this group."""
+    from mmscale.quickstart import local_device_args
     from mmscale.train.engine import free_port
 
     output = tmp_path / "run"
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", *local_device_args(1), "--master_port", str(free_port()),
                "--module", "mmscale.train", "--config", str(REPO / "configs" / "pretrain" / "tiny.yaml"),
                f"data.train={corpus['root'] / 'train'}", f"data.val={corpus['root'] / 'val'}",
                f"tokenizer={corpus['root'] / 'tokenizer'}", f"output_dir={output}", f"train.precision={precision}",

@@ -228,11 +228,21 @@ def test_multinode_refuses_a_directory_or_address_that_pdsh_would_mangle(cluster
 def test_multinode_with_openmpi_passes_arguments_as_they_are(cluster):
     config = WEIRD_CONFIG.format(marker=cluster["marker"])
     override = WEIRD_OVERRIDE.format(marker=cluster["marker"])
+    (cluster["cwd"] / "hosts").write_text("# two nodes\nnode-a slots=8\nnode-b slots=8\n")
     result = _run(cluster, "multinode.sh", "hosts", config, override, LAUNCHER="openmpi")
     assert result.returncode == 0, result.stderr
+    # mpirun exports the rendezvous to every rank (the first host unless MASTER_ADDR is set): DeepSpeed's Open MPI
+    # runner exports none, and the ranks map OMPI_COMM_WORLD_* to their rank and world size themselves.
     assert cluster["argv"].read_text().splitlines() == [
-        "--hostfile", "hosts", "--launcher", "openmpi", "--module", "mmscale.train", "--config", config, override]
+        "--hostfile", "hosts", "--launcher", "openmpi", "--launcher_args",
+        "-x MASTER_ADDR=node-a -x MASTER_PORT=29500 ", "--module", "mmscale.train", "--config", config, override]
     assert not cluster["marker"].exists()
+    result = _run(cluster, "multinode.sh", "hosts", config, override, LAUNCHER="openmpi", MASTER_ADDR="10.0.0.7",
+                  MASTER_PORT="29999")
+    assert result.returncode == 0, result.stderr
+    assert "-x MASTER_ADDR=10.0.0.7 -x MASTER_PORT=29999 " in cluster["argv"].read_text().splitlines()
+    result = _run(cluster, "multinode.sh", "hosts", config, override, LAUNCHER="openmpi", MASTER_ADDR="a;b")
+    assert result.returncode == 2 and "not a plain host" in result.stderr
 
 
 def test_the_example_deepspeed_env_reads_as_deepspeed_reads_it():

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from distkit import free_port, last_wins
+from distkit import free_port
 from transformers import AutoModel, VisionTextDualEncoderModel
+
+from mmscale.config import merge_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
@@ -55,7 +57,7 @@ def start(command: list[str], *, env: dict | None = None, wait: bool = True):
 def launch(launcher_args: list[str], overrides: list[str], *, env: dict | None = None, wait: bool = True):
     """`deepspeed [launcher_args] --module mmscale.train --config configs/pretrain/tiny.yaml [overrides]`."""
     return start([sys.executable, "-m", "deepspeed.launcher.runner", *launcher_args, "--module", "mmscale.train",
-                  "--config", str(TINY), *last_wins(overrides)], env=env, wait=wait)
+                  "--config", str(TINY), *merge_overrides(*overrides)], env=env, wait=wait)
 
 
 def launch_ranks(ranks: int, overrides: list[str], *, env: dict | None = None, wait: bool = True):
@@ -66,13 +68,13 @@ def launch_ranks(ranks: int, overrides: list[str], *, env: dict | None = None, w
     world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(ranks))}).encode()).decode()
     return start([sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
                   "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--module", "--log_level=info",
-                  "mmscale.train", "--config", str(TINY), *last_wins(overrides)], env=env, wait=wait)
+                  "mmscale.train", "--config", str(TINY), *merge_overrides(*overrides)], env=env, wait=wait)
 
 
 def run_overrides(corpus: dict, output: Path, *extra: str) -> list[str]:
     """tiny.yaml's run on the test corpus, under ZeRO-3 (the stage of the models that do not fit one device;
     tiny itself ships with the stage that is fastest for it)."""
-    return last_wins([f"data.train={corpus['train']}", f"tokenizer={corpus['tokenizer']}", f"output_dir={output}",
+    return merge_overrides(*[f"data.train={corpus['train']}", f"tokenizer={corpus['tokenizer']}", f"output_dir={output}",
                       f"train.deepspeed={REPO / 'configs' / 'deepspeed' / 'zero3.json'}",
                       "data.workers=1", "data.shuffle_buffer=64", "train.global_batch_size=32", "train.warmup_steps=2",
                       "train.log_every_steps=1", "train.progress=false", "train.tensorboard=false", *extra])
@@ -390,7 +392,7 @@ def first_step(setup: dict, corpus: dict, output: Path, ranks: int, micro: int, 
         "data.shuffle_buffer=0", "data.crop_scale=[1.0,1.0]", "data.crop_ratio=[1.0,1.0]", "data.hflip_probability=0",
         f"train.deepspeed={REPO / 'configs' / 'deepspeed' / f'zero{stage}.json'}", *extra)
     if ranks == 1:  # one process needs no launcher (the launcher's own start costs ~10 s a run)
-        code, log = start([sys.executable, "-m", "mmscale.cli", "train", "--config", str(TINY), *last_wins(overrides)])
+        code, log = start([sys.executable, "-m", "mmscale.cli", "train", "--config", str(TINY), *merge_overrides(*overrides)])
     else:
         code, log = launch_ranks(ranks, overrides)
     assert code == 0, log[-3000:]
@@ -507,7 +509,7 @@ def test_user_mistakes_get_one_line_errors(corpus, tmp_path):
         (["train.global_batch_size=30", "train.micro_batch_size=4"], "not micro batch x accumulation x world size"),
     ):
         result = subprocess.run([sys.executable, "-m", "mmscale.cli", "train", "--config", str(TINY),
-                                 *last_wins(run_overrides(corpus, tmp_path / "run", "train.samples=64", *overrides))],
+                                 *merge_overrides(*run_overrides(corpus, tmp_path / "run", "train.samples=64", *overrides))],
                                 cwd=REPO, env=script_env(tmp_path), capture_output=True, text=True, timeout=600)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr

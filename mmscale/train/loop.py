@@ -25,6 +25,7 @@ from mmscale.models.checkpoint import skeleton_like
 from mmscale.models.config import resolve_attention
 from mmscale.train.checkpoints import (
     Progress,
+    from_rank_0,
     gather_fp32_weights,
     latest_tag,
     load_checkpoint,
@@ -130,7 +131,7 @@ def setup(config: TrainRunConfig) -> Run:
                                                cuda=torch.cuda.is_available())
     ds_config, notes = deepspeed_config(config.train, layout)
     output = Path(config.output_dir)
-    if config.train.resume == "never" and latest_tag(output / "checkpoints"):
+    if config.train.resume == "never" and from_rank_0(lambda: latest_tag(output / "checkpoints")):
         raise ValueError(f"{output} already holds checkpoints and train.resume=never; pick another output_dir")
     saved_world = saved_world_size(output / "checkpoints") if config.train.resume == "auto" else None
     if saved_world not in (None, world):  # elastic resume: DeepSpeed re-partitions a universal checkpoint
@@ -356,12 +357,16 @@ def _save(run: Run, progress: Progress, loader) -> str:
 
 def _resume(run: Run, loader) -> Progress:
     root = run.output / "checkpoints"
-    if run.config.train.resume != "auto" or latest_tag(root) is None:
+    if run.config.train.resume != "auto":
         return Progress()
-    if run.rank == 0:
+
+    def newest_complete() -> str | None:  # rank 0 reads `latest` for all: on NFS another rank's view can be stale
         remove_incomplete(root)
-    dist.barrier()
-    tag = latest_tag(root)
+        return latest_tag(root)
+
+    tag = from_rank_0(newest_complete)
+    if tag is None:
+        return Progress()
     progress, loader_state = load_checkpoint(run.engine, root, tag, seed=run.config.train.seed,
                                              readers_per_rank=loader.readers)
     loader.load_state_dict(loader_state)

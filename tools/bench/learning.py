@@ -75,16 +75,17 @@ def run_mmscale(data: dict, args, output: Path, *extra: str, repo: Path = REPO) 
     env = os.environ | {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
     if repo != REPO:
         env["PYTHONPATH"] = str(repo)  # ahead of this checkout's editable install
+    from mmscale.config import merge_overrides
     from mmscale.train.engine import free_port
 
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
                "--master_port", str(free_port()), "--module", "mmscale.train",
-               "--config", str(repo / "configs" / "pretrain" / "tiny.yaml"), f"output_dir={output}",
-               f"data.train={data['train']}", f"tokenizer={data['tokenizer']}",
-               f"train.samples={args.train_samples * args.epochs}", f"train.global_batch_size={args.batch}",
-               f"train.lr={args.lr}", f"train.warmup_steps={args.warmup}", f"train.weight_decay={args.wd}",
-               "train.min_lr=0", "train.progress=false", "train.tensorboard=false",
-               f"train.save_every_steps={10**9}", *extra, *args.mmscale_overrides]
+               "--config", str(repo / "configs" / "pretrain" / "tiny.yaml"), *merge_overrides(
+                   f"output_dir={output}", f"data.train={data['train']}", f"tokenizer={data['tokenizer']}",
+                   f"train.samples={args.train_samples * args.epochs}", f"train.global_batch_size={args.batch}",
+                   f"train.lr={args.lr}", f"train.warmup_steps={args.warmup}", f"train.weight_decay={args.wd}",
+                   "train.min_lr=0", "train.progress=false", "train.tensorboard=false",
+                   f"train.save_every_steps={10**9}", *extra, *args.mmscale_overrides)]
     output.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
