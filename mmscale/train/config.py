@@ -50,8 +50,10 @@ class TrainConfig:
     first steps pay the compilation, and the gain is unmeasured until a GPU run (tools/gpu_check.sh) says
     otherwise."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Mixed precision: bf16, fp16 (dynamic loss scaling), fp32, or `auto`: bf16 on GPUs that support it (else
-    fp16), fp32 on CPUs without native bf16 (AMX or AVX512-BF16), where bf16 is emulated and slower."""
+    """Mixed precision: bf16, fp16 (dynamic loss scaling), fp32, or `auto`: bf16 on GPUs with native bf16
+    (compute capability 8.0 and newer), fp16 on older ones (a V100 or T4 would emulate bf16), fp32 on CPUs
+    without native bf16 (AMX or AVX512-BF16), where bf16 is emulated and slower. fp32 on a GPU runs its matmuls
+    in TF32."""
     deepspeed: str = "configs/deepspeed/zero3.json"
     """DeepSpeed config (JSON or YAML) passed through; mmscale fills only the batch sizes, precision and
     gradient clipping from this section and says so at start."""
