@@ -423,11 +423,14 @@ def consolidate(root: Path, tag: str, skeleton: torch.nn.Module, prefix: str = "
     return skeleton
 
 
-def gather_fp32_weights(model: torch.nn.Module, skeleton: torch.nn.Module | None) -> torch.nn.Module | None:
-    """The fp32 master weights of a DeepSpeed-trained `model` (ZeRO 1-3), gathered from the optimizer
-    partitions in every rank's memory one parameter at a time, into `skeleton` (a whole model of the same
-    config, on rank 0; None elsewhere, which returns None). A collective: every rank calls it. Parameters
-    without a master (frozen ones) come from the module itself, gathered under ZeRO-3.
+def gather_fp32_weights(model: torch.nn.Module, skeleton: torch.nn.Module | None, *, optimizer=None,
+                        keep_frozen: bool = False) -> torch.nn.Module | None:
+    """The fp32 master weights of a DeepSpeed-trained `model`, gathered from the optimizer partitions in every
+    rank's memory one parameter at a time (ZeRO 1-3), or read from `optimizer`'s fp32 groups (ZeRO-0's
+    FP16_Optimizer, bf16 too), into `skeleton` (a whole model of the same config, on rank 0; None elsewhere,
+    which returns None). A collective: every rank calls it. Parameters without a master (frozen ones) come
+    from the module itself, gathered under ZeRO-3; with `keep_frozen` they keep the skeleton's values instead
+    (a skeleton read again from the run's source, where a 16-bit module holds them rounded).
 
     Each rank holds at most one whole parameter beside its partitions, and rank 0 the skeleton: no
     checkpoint file is read, where zero_to_fp32 has rank 0 load every rank's optimizer files (Adam's
@@ -435,9 +438,13 @@ def gather_fp32_weights(model: torch.nn.Module, skeleton: torch.nn.Module | None
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
+    masters = _flat_group_masters(optimizer)
     targets = dict(skeleton.named_parameters()) if skeleton is not None else {}
     for name, parameter in model.named_parameters():  # the same order on every rank
-        full = safe_get_full_fp32_param(parameter)
+        if keep_frozen and not parameter.requires_grad:
+            targets.pop(name, None)
+            continue
+        full = masters[id(parameter)] if id(parameter) in masters else safe_get_full_fp32_param(parameter)
         if full is None:
             with deepspeed.zero.GatheredParameters([parameter]):  # a no-op unless ZeRO-3 partitions it
                 full = parameter.detach().clone() if skeleton is not None else None
@@ -450,6 +457,19 @@ def gather_fp32_weights(model: torch.nn.Module, skeleton: torch.nn.Module | None
     if skeleton is not None and targets:
         raise RuntimeError(f"the trained model has no values for {sorted(targets)}")
     return skeleton
+
+
+def _flat_group_masters(optimizer) -> dict[int, torch.Tensor]:
+    """id(parameter) -> its fp32 master in DeepSpeed's ZeRO-0 16-bit optimizers: FP16_Optimizer (fused Adam) keeps
+    one flat fp32 tensor per group, FP16_UnfusedOptimizer a list; {} for any other optimizer."""
+    from torch._utils import _unflatten_dense_tensors
+
+    masters = {}
+    for params, flat in zip(getattr(optimizer, "fp16_groups", ()), getattr(optimizer, "fp32_groups_flat", ())):
+        masters |= {id(param): master for param, master in zip(params, _unflatten_dense_tensors(flat, params))}
+    for params, listed in zip(getattr(optimizer, "fp16_groups", ()), getattr(optimizer, "fp32_groups", ())):
+        masters |= {id(param): master for param, master in zip(params, listed)}
+    return masters
 
 
 def remove_incomplete(root: Path) -> None:

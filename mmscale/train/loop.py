@@ -390,18 +390,20 @@ def _finish(run: Run) -> Path:
     final = run.output / "final"
     zero3 = hasattr(run.model.towers.logit_scale, "ds_id")
     sixteen_bit = run.config.train.precision != "fp32"
+    source = run.config.model
     if is_adapted(run.model):
-        model = (_fp32_copy(run, _adapted_skeleton(run) if run.rank == 0 else None, frozen_from_skeleton=True)
-                 if sixteen_bit else run.model)
+        model = run.model
+        if sixteen_bit:  # the frozen base from its source where there is one (the module holds it rounded)
+            model = gather_fp32_weights(run.model, _adapted_skeleton(run) if run.rank == 0 else None,
+                                        optimizer=run.engine.optimizer,
+                                        keep_frozen=bool(source.init_from or source.vision_from or source.text_from))
         if run.rank == 0:
-            source = run.config.model
             save_adapter(model, run.output / "adapter",
                          base=source.init_from or f"{source.vision_from},{source.text_from}")
             model = merge_adapter(model)
-    elif zero3 or (sixteen_bit and run.engine.zero_optimization_stage() in (1, 2)):
-        model = gather_fp32_weights(run.model, skeleton_like(run.model) if run.rank == 0 else None)
-    elif sixteen_bit:  # ZeRO-0: DeepSpeed's FP16_Optimizer keeps the fp32 masters in flat groups
-        model = _fp32_copy(run, skeleton_like(run.model) if run.rank == 0 else None)
+    elif zero3 or sixteen_bit:
+        model = gather_fp32_weights(run.model, skeleton_like(run.model) if run.rank == 0 else None,
+                                    optimizer=run.engine.optimizer)
     else:
         model = run.model
     if run.rank == 0:
@@ -418,36 +420,6 @@ def _adapted_skeleton(run: Run) -> DualEncoder:
     if run.model.classifier is not None:
         skeleton.add_classifier(run.model.classifier.out_features)
     apply_lora(skeleton, run.config.lora)
-    return skeleton
-
-
-def _fp32_copy(run: Run, skeleton: DualEncoder | None, *, frozen_from_skeleton: bool = False) -> DualEncoder | None:
-    """`skeleton` (rank 0; None elsewhere) with the trained weights' fp32 masters: from the optimizer's
-    partitions (ZeRO-1/2, a collective) or its flat fp32 groups (ZeRO-0's FP16_Optimizer, bf16 too), else the
-    module's own values. With `frozen_from_skeleton`, frozen weights keep the skeleton's values where it read them
-    from the run's source."""
-    from deepspeed.utils import safe_get_full_fp32_param
-    from torch._utils import _unflatten_dense_tensors
-
-    optimizer = getattr(run.engine, "optimizer", None)
-    flat = {}  # FP16_Optimizer (fused Adam) keeps one flat fp32 tensor per group, FP16_UnfusedOptimizer a list
-    for params, masters in zip(getattr(optimizer, "fp16_groups", ()), getattr(optimizer, "fp32_groups_flat", ())):
-        flat |= {id(param): master for param, master in zip(params, _unflatten_dense_tensors(masters, params))}
-    for params, masters in zip(getattr(optimizer, "fp16_groups", ()), getattr(optimizer, "fp32_groups", ())):
-        flat |= {id(param): master for param, master in zip(params, masters)}
-    source = run.config.model
-    from_source = frozen_from_skeleton and bool(source.init_from or source.vision_from or source.text_from)
-    targets = dict(skeleton.named_parameters()) if skeleton is not None else {}
-    for name, parameter in run.model.named_parameters():  # the same order on every rank
-        if from_source and not parameter.requires_grad:
-            continue
-        full = flat[id(parameter)] if id(parameter) in flat else safe_get_full_fp32_param(parameter)
-        if skeleton is not None:
-            if name not in targets:
-                raise RuntimeError(f"parameter {name} of the trained model is not in the model being saved")
-            value = parameter.detach() if full is None else full
-            with torch.no_grad():
-                targets[name].copy_(value.reshape(targets[name].shape).to(targets[name].dtype))
     return skeleton
 
 
