@@ -23,7 +23,8 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from mmscale.data.text import IGNORE_INDEX
-from mmscale.models.dual_encoder import DualEncoder
+from mmscale.models.base import ImageTextModel
+from mmscale.models.fusion import FusionEncoder
 
 
 @dataclass
@@ -44,6 +45,9 @@ class LossConfig:
     """Weight of the masked-LM loss in the total; 0 skips the masked text pass (needed for CLIP text towers).
     Heavier MLM swamps the contrastive signal in the shared text tower early on: on rendered characters
     CLIP's loss stayed at ln(batch) for 150 steps at 0.25 and 0.5, and left it at step ~70 at 0.1 as without MLM."""
+    itm_weight: float = 1.0
+    """Weight of the image-text matching loss (fusion models only: model.fusion_layers > 0; ignored otherwise):
+    binary cross-entropy of the ITM head on each pair and one hard negative per image and per caption."""
     siglip_bias_init: float = -10.0
     """Initial SigLIP logit bias (the paper's -10 keeps the first steps from being swamped by negatives)."""
     whole_batch_negatives: bool = True
@@ -56,9 +60,9 @@ class LossConfig:
     def __post_init__(self):
         if self.objective == "classify" and self.classes < 2:
             raise ValueError(f"loss.objective=classify needs loss.classes >= 2, got {self.classes}")
-        if self.contrastive_weight < 0 or self.mlm_weight < 0:
+        if min(self.contrastive_weight, self.mlm_weight, self.itm_weight) < 0:
             raise ValueError(f"loss weights must be >= 0, got loss.contrastive_weight={self.contrastive_weight}, "
-                             f"loss.mlm_weight={self.mlm_weight}")
+                             f"loss.mlm_weight={self.mlm_weight}, loss.itm_weight={self.itm_weight}")
 
 
 @dataclass
@@ -70,6 +74,8 @@ class LossOutput(ModelOutput):
     contrastive: torch.Tensor | None = None
     mlm: torch.Tensor | None = None
     classification: torch.Tensor | None = None
+    itm: torch.Tensor | None = None
+    """Image-text matching cross-entropy (fusion models)."""
     logit_scale: torch.Tensor | None = None
     """1/temperature used in this step (detached)."""
     image_features: torch.Tensor | None = None
@@ -193,6 +199,22 @@ def mlm_loss(logits: torch.Tensor, targets: torch.Tensor, tokens: torch.Tensor |
     return summed / (tokens if tokens is not None else (targets != IGNORE_INDEX).sum().clamp(min=1))
 
 
+def itm_labels(rows: int, device: torch.device) -> torch.Tensor:
+    """The classes of a fused ITM batch of 3 x `rows`: the pairs match (1), the two hard-negative blocks do not (0)."""
+    labels = torch.zeros(3 * rows, dtype=torch.long, device=device)
+    labels[:rows] = 1
+    return labels
+
+
+def itm_loss(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Image-text matching cross-entropy over [3B, 2] logits (B pairs, B images with a hard-negative caption, B
+    captions with a hard-negative image: ALBEF/BLIP's 1:2 batch), averaged over the rows that count (`weights`,
+    0 for a negative whose batch had no candidate). Counted on the device: no host sync."""
+    labels = itm_labels(len(logits) // 3, logits.device)
+    per_row = F.cross_entropy(logits.float(), labels, reduction="none")
+    return (per_row * weights).sum() / weights.sum().clamp(min=1.0)
+
+
 def contrastive_loss(config: LossConfig, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
                      logit_bias: torch.Tensor | None) -> torch.Tensor:
     """`config.contrastive` over normalized features, this rank's rows against the global batch."""
@@ -237,7 +259,7 @@ class PretrainingObjective(nn.Module):
     The whole loss, temperature included, is computed inside `forward`, where ZeRO-3 has the
     parameters gathered (PITFALLS.md 3)."""
 
-    def __init__(self, model: DualEncoder, config: LossConfig):
+    def __init__(self, model: ImageTextModel, config: LossConfig):
         super().__init__()
         if config.mlm_weight > 0 and model.mlm_head is None:
             raise ValueError("loss.mlm_weight > 0 but the model has no MLM head (CLIP text towers are causal and "
@@ -247,6 +269,7 @@ class PretrainingObjective(nn.Module):
                              "(build_model(..., logit_bias_init=loss.siglip_bias_init))")
         self.model = model
         self.config = config
+        self.itm = isinstance(model, FusionEncoder) and config.itm_weight > 0  # image-text matching is trained
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 mlm_input_ids: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
@@ -264,7 +287,9 @@ class PretrainingObjective(nn.Module):
           `accumulation` micro-batches and the ranks, is the whole step's contrastive gradient (GradCache),
           plus MLM; `contrastive` is then 0 (the caller has the step's loss).
 
-        `mlm_tokens`: the MLM loss's divisor (see mlm_loss)."""
+        `mlm_tokens`: the MLM loss's divisor (see mlm_loss). A fusion model adds its ITM loss (over this
+        micro-batch's pairs and hard negatives) and conditions the MLM on the image, in every use but the
+        feature pass."""
         use_mlm = self.config.mlm_weight > 0 and not features_only
         if use_mlm and (mlm_input_ids is None or (mlm_labels is None and mlm_positions is None)):
             raise ValueError("loss.mlm_weight > 0 needs masked captions; data.mlm_probability is 0")
@@ -280,8 +305,9 @@ class PretrainingObjective(nn.Module):
                               logit_bias=bias.float().detach() if bias is not None else None)
         if not use_mlm:
             mlm_input_ids = mlm_labels = mlm_positions = mlm_targets = None
+        extra = {"itm": True} if self.itm else {}
         out = self.model(images, input_ids, attention_mask, mlm_input_ids, mlm_labels,
-                         mlm_positions=mlm_positions, mlm_targets=mlm_targets)
+                         mlm_positions=mlm_positions, mlm_targets=mlm_targets, **extra)
         image = F.normalize(out.image_features.float(), dim=-1)
         text = F.normalize(out.text_features.float(), dim=-1)
         scale = out.logit_scale.float()
@@ -298,7 +324,11 @@ class PretrainingObjective(nn.Module):
             weighted = self.config.contrastive_weight * surrogate
         mlm = mlm_loss(out.mlm_logits, out.mlm_targets, mlm_tokens) if use_mlm else scale.new_zeros(())
         total = weighted + self.config.mlm_weight * mlm
-        return LossOutput(total=total, contrastive=contrastive, mlm=mlm, logit_scale=scale.detach())
+        itm = None
+        if self.itm:
+            itm = itm_loss(out.itm_logits, out.itm_weights)
+            total = total + self.config.itm_weight * itm
+        return LossOutput(total=total, contrastive=contrastive, mlm=mlm, itm=itm, logit_scale=scale.detach())
 
 
 def check_labels(labels: torch.Tensor, classes: int) -> None:
@@ -315,7 +345,7 @@ class ClassificationObjective(nn.Module):
     (-1, no label, is ignored); the text tower is not used. The labels' range is checked on the CPU
     (`check_labels`, by the training loop)."""
 
-    def __init__(self, model: DualEncoder, config: LossConfig):
+    def __init__(self, model: ImageTextModel, config: LossConfig):
         super().__init__()
         if model.classifier is None or model.classifier.out_features != config.classes:
             model.add_classifier(config.classes)

@@ -18,6 +18,11 @@ import torch
 IGNORE_INDEX = -100
 
 
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """The tokenizer's padding, [CLS] and [SEP] ids (0 for any it lacks), for model configs that name them."""
+    return {name: getattr(tokenizer, f"{name}_token_id", None) or 0 for name in ("pad", "cls", "sep")}
+
+
 def load_tokenizer(path: str | os.PathLike):
     """A transformers tokenizer from a local folder; a clear error when the folder is wrong."""
     from transformers import AutoTokenizer

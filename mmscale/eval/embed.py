@@ -85,7 +85,7 @@ def embed_pass(model: DualEncoder, batches, *, device: torch.device, context_len
             captions.append(caption_groups(batch["input_ids"], batch["attention_mask"]).to(device))
             pictures.append(image_groups(batch["images"]).to(device))
             seen += len(image)
-    width = model.towers.config.projection_dim
+    width = model.embedding_dim
     empty = (torch.empty(0, width, device=device), torch.empty(0, width, device=device),
              *(torch.empty(0, dtype=torch.int64, device=device) for _ in range(3)))
     return Embedded(*(torch.cat(parts) if parts else blank
@@ -121,7 +121,7 @@ def _classifier_accuracy(model: DualEncoder, embedded: Embedded, device: torch.d
 
 def current_logit_scale(model: DualEncoder) -> float:
     """The current 1/temperature; under ZeRO-3 the parameter is gathered first (collective)."""
-    parameter = model.towers.logit_scale
+    parameter = model.logit_scale_parameter
     if not hasattr(parameter, "ds_id"):
         return float(model.logit_scale().detach())
     import deepspeed

@@ -21,6 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModel,
+    BlipForImageTextRetrieval,
+    BlipImageProcessor,
+    BlipProcessor,
     CLIPImageProcessor,
     CLIPModel,
     CLIPVisionModel,
@@ -31,16 +34,27 @@ from transformers import (
 )
 
 from mmscale.atomic import temporary_folder
+from mmscale.models.base import ImageTextModel
 from mmscale.models.config import ModelConfig, resolve_attention
 from mmscale.models.dual_encoder import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, DualEncoder, new_towers
+from mmscale.models.fusion import ATTENTION as FUSION_ATTENTION
+from mmscale.models.fusion import FusionEncoder, new_fusion_towers
 
 MMSCALE_FILE = "mmscale.json"
 HEADS_FILE = "mmscale_heads.safetensors"
 FORMAT = "mmscale-dual-encoder"
 FORMAT_VERSION = 1
-EXPECTED = ("a Hugging Face CLIPModel or VisionTextDualEncoderModel folder, or an mmscale checkpoint "
-            "(for a separate vision model and text encoder set model.vision_from and model.text_from)")
-_TOWER_CLASSES = {"clip": CLIPModel, "vision-text-dual-encoder": VisionTextDualEncoderModel}
+EXPECTED = ("a Hugging Face CLIPModel, VisionTextDualEncoderModel or BlipForImageTextRetrieval folder, or an mmscale "
+            "checkpoint (for a separate vision model and text encoder set model.vision_from and model.text_from)")
+_TOWER_CLASSES = {"clip": CLIPModel, "vision-text-dual-encoder": VisionTextDualEncoderModel,
+                  "blip": BlipForImageTextRetrieval}
+# BLIP folders of other classes hold no ITM head or contrastive projections, or a decoder as their text side.
+_BLIP_REFUSED = {
+    "BlipForQuestionAnswering": "a BLIP VQA model (its text side answers by generation; no ITM head or contrastive "
+                                "projections)",
+    "BlipForConditionalGeneration": "a BLIP captioning model (a text decoder, no text encoder, ITM head or projections)",
+    "BlipModel": "a BLIP contrastive-only model (no ITM head; its text model is not the cross-attending encoder)",
+}
 # Every from_pretrained in mmscale takes these: weights from safetensors only (a pickle can run code), no
 # folder's own Python (`auto_map`), no hub downloads.
 SAFE_LOADING = {"use_safetensors": True, "trust_remote_code": False, "local_files_only": True}
@@ -51,19 +65,28 @@ class CheckpointError(ValueError):
 
 
 def build_model(config: ModelConfig, *, vocab_size: int | None = None, mlm_head: bool | None = None,
-                logit_bias_init: float | None = None) -> DualEncoder:
-    """The dual encoder `config` asks for: new from its preset, or started from `model.init_from`,
-    or from `model.vision_from` + `model.text_from`.
+                logit_bias_init: float | None = None, token_ids: dict[str, int] | None = None) -> ImageTextModel:
+    """The model `config` asks for: new from its preset (a fusion model with model.fusion_layers), or started
+    from `model.init_from`, or from `model.vision_from` + `model.text_from`.
 
-    `vocab_size` (the tokenizer's) sizes a new text tower; `mlm_head` (default `model.mlm_head`)
-    adds an MLM head where the text tower is bidirectional; `logit_bias_init` adds SigLIP's bias
-    (a checkpoint's own bias wins)."""
+    `vocab_size` (the tokenizer's) sizes a new text tower and `token_ids` (its pad/cls/sep ids) go in a new
+    fusion model's config; `mlm_head` (default `model.mlm_head`) adds an MLM head where the text tower is
+    bidirectional; `logit_bias_init` adds SigLIP's bias (a checkpoint's own bias wins)."""
     want_mlm = config.mlm_head if mlm_head is None else mlm_head
     if config.attention == "auto":
-        config = dataclasses.replace(config, attention=resolve_attention("auto", cuda=torch.cuda.is_available()))
+        config = dataclasses.replace(config, attention=resolve_attention(
+            "auto", cuda=torch.cuda.is_available(), fusion=bool(config.fusion_layers)))
     if config.init_from:
         model = load_model(config.init_from, mlm_head=want_mlm, logit_bias_init=logit_bias_init,
-                           attention=config.attention)
+                           attention=config.attention, logit_scale_init=1 / config.temperature_init)
+        if config.fusion_layers and not isinstance(model, FusionEncoder):
+            raise CheckpointError(f"model.fusion_layers={config.fusion_layers} but model.init_from {config.init_from} "
+                                  f"holds a dual encoder ({model.kind}); a fusion model starts new or from a "
+                                  "BlipForImageTextRetrieval folder (set model.fusion_layers=0 to fine-tune it as is)")
+    elif config.fusion_layers:
+        towers = new_fusion_towers(config.sizes(vocab_size=vocab_size), config, token_ids=token_ids)
+        model = FusionEncoder(towers, mlm_head=want_mlm, logit_scale_init=1 / config.temperature_init,
+                              logit_bias_init=logit_bias_init, max_logit_scale=config.max_logit_scale)
     else:
         if config.vision_from:
             towers = _towers_from_pair(config)
@@ -78,24 +101,29 @@ def build_model(config: ModelConfig, *, vocab_size: int | None = None, mlm_head:
 
 
 def load_model(folder: str | os.PathLike, *, mlm_head: bool = True, logit_bias_init: float | None = None,
-               attention: str = "sdpa") -> DualEncoder:
-    """A dual encoder from a CLIPModel, VisionTextDualEncoderModel or mmscale checkpoint folder.
+               attention: str = "sdpa", logit_scale_init: float = 1 / 0.07) -> ImageTextModel:
+    """A dual encoder from a CLIPModel, VisionTextDualEncoderModel or mmscale dual-encoder folder; a fusion
+    model (fusion.FusionEncoder) from a BlipForImageTextRetrieval or mmscale fusion folder.
 
-    An mmscale checkpoint brings back its MLM head and SigLIP bias. `mlm_head` adds a new head
-    where there is none and the text tower can take one (not CLIP's causal tower); `logit_bias_init`
-    adds a SigLIP bias where there is none. Heads the caller does not ask for are left out."""
+    An mmscale checkpoint brings back its MLM head, SigLIP bias and (fusion) temperature. `mlm_head` adds a
+    new head where there is none and the text tower can take one (not CLIP's causal tower); `logit_bias_init`
+    adds a SigLIP bias where there is none; `logit_scale_init` is the temperature of a BLIP folder, which
+    keeps none. Heads the caller does not ask for are left out."""
     folder = Path(folder)
     kind = _model_type(folder)
+    if kind == "blip":
+        attention = FUSION_ATTENTION
     towers = _TOWER_CLASSES[kind].from_pretrained(folder, attn_implementation=attention, **SAFE_LOADING)
     extras = _read_extras(folder)
     meta = extras.pop("meta", {})
     mean, std = (meta["image_mean"], meta["image_std"]) if meta else _image_normalization(folder)
-    model = DualEncoder(
-        towers,
-        mlm_head=mlm_head and kind != "clip",
-        logit_bias_init=None if logit_bias_init is None else float(extras.get("logit_bias", logit_bias_init)),
-        max_logit_scale=meta.get("max_logit_scale", 100.0), image_mean=mean, image_std=std,
-    )
+    bias = None if logit_bias_init is None else float(extras.get("logit_bias", logit_bias_init))
+    settings = {"max_logit_scale": meta.get("max_logit_scale", 100.0), "image_mean": mean, "image_std": std}
+    if kind == "blip":
+        scale = float(extras["logit_scale"].exp()) if "logit_scale" in extras else logit_scale_init
+        model = FusionEncoder(towers, mlm_head=mlm_head, logit_scale_init=scale, logit_bias_init=bias, **settings)
+    else:
+        model = DualEncoder(towers, mlm_head=mlm_head and kind != "clip", logit_bias_init=bias, **settings)
     if meta.get("classes"):
         model.add_classifier(int(meta["classes"]))
         model.classifier.load_state_dict({"weight": extras["classifier.weight"], "bias": extras["classifier.bias"]})
@@ -105,20 +133,20 @@ def load_model(folder: str | os.PathLike, *, mlm_head: bool = True, logit_bias_i
     return model
 
 
-def skeleton_like(model: DualEncoder) -> DualEncoder:
+def skeleton_like(model: ImageTextModel) -> ImageTextModel:
     """A whole (unpartitioned) model with `model`'s architecture and settings, to load consolidated
     weights into. Build it where no ZeRO-3 `HfDeepSpeedConfig` is alive (PITFALLS.md 4)."""
     towers = type(model.towers)(model.towers.config)
-    skeleton = DualEncoder(towers, mlm_head=model.mlm_head is not None,
-                           logit_bias_init=0.0 if model.logit_bias is not None else None,
-                           max_logit_scale=model.max_logit_scale, image_mean=model.image_mean.flatten().tolist(),
-                           image_std=model.image_std.flatten().tolist())
+    settings = {"mlm_head": model.mlm_head is not None, "logit_bias_init": 0.0 if model.logit_bias is not None else None,
+                "max_logit_scale": model.max_logit_scale, "image_mean": model.image_mean.flatten().tolist(),
+                "image_std": model.image_std.flatten().tolist()}
+    skeleton = FusionEncoder(towers, **settings) if isinstance(model, FusionEncoder) else DualEncoder(towers, **settings)
     if model.classifier is not None:
         skeleton.add_classifier(model.classifier.out_features)
     return skeleton
 
 
-def save_model(model: DualEncoder, folder: str | os.PathLike, *, tokenizer=None) -> Path:
+def save_model(model: ImageTextModel, folder: str | os.PathLike, *, tokenizer=None) -> Path:
     """Write `model` as a consolidated checkpoint (see the module docstring), atomically: a crash
     mid-way leaves any earlier folder of that name as it was."""
     folder = Path(folder)
@@ -133,20 +161,16 @@ def save_model(model: DualEncoder, folder: str | os.PathLike, *, tokenizer=None)
     return folder
 
 
-def _write_checkpoint(model: DualEncoder, staging: Path, *, tokenizer) -> None:
+def _write_checkpoint(model: ImageTextModel, staging: Path, *, tokenizer) -> None:
     model.towers.save_pretrained(staging, safe_serialization=True)
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": model.image_size}, crop_size={"height": model.image_size, "width": model.image_size},
-        image_mean=model.image_mean.flatten().tolist(), image_std=model.image_std.flatten().tolist(),
-        resample=2,  # bilinear, as the loader resizes
-    )
-    if tokenizer is not None and model.kind == "vision-text-dual-encoder":
-        VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(staging)
+    fusion = isinstance(model, FusionEncoder)
+    if fusion:
+        _write_blip_processor(model, staging, tokenizer=tokenizer)
     else:
-        image_processor.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        _write_processor(model, staging, tokenizer=tokenizer)
     heads = {}
+    if fusion:
+        heads["logit_scale"] = model.logit_scale_log.detach().clone().float()
     if model.mlm_head is not None:
         heads |= {f"mlm_head.{name}": tensor.detach().contiguous() for name, tensor in model.mlm_head.state_dict().items()
                   if name != "decoder.weight"}
@@ -159,7 +183,36 @@ def _write_checkpoint(model: DualEncoder, staging: Path, *, tokenizer) -> None:
             "logit_bias": model.logit_bias is not None, "max_logit_scale": model.max_logit_scale,
             "classes": model.classifier.out_features if model.classifier is not None else 0,
             "image_mean": model.image_mean.flatten().tolist(), "image_std": model.image_std.flatten().tolist()}
+    if fusion:
+        meta["fusion_layers"] = model.fusion_layers
     (staging / MMSCALE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _write_blip_processor(model: FusionEncoder, staging: Path, *, tokenizer) -> None:
+    """BLIP's processor: a square resize to the model's side (bilinear, as the loader resizes), no crop, the
+    model's mean/std; `BlipProcessor` leaves token_type_ids out, as BLIP's text encoder takes none."""
+    image_processor = BlipImageProcessor(
+        size={"height": model.image_size, "width": model.image_size}, resample=2,
+        image_mean=model.image_mean.flatten().tolist(), image_std=model.image_std.flatten().tolist(),
+    )
+    if tokenizer is not None:
+        BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(staging)
+    else:
+        image_processor.save_pretrained(staging)
+
+
+def _write_processor(model: DualEncoder, staging: Path, *, tokenizer) -> None:
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": model.image_size}, crop_size={"height": model.image_size, "width": model.image_size},
+        image_mean=model.image_mean.flatten().tolist(), image_std=model.image_std.flatten().tolist(),
+        resample=2,  # bilinear, as the loader resizes
+    )
+    if tokenizer is not None and model.kind == "vision-text-dual-encoder":
+        VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(staging)
+    else:
+        image_processor.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
 
 
 def image_size_of(folder: str | os.PathLike) -> int:
@@ -207,9 +260,17 @@ def _check_weights(folder: Path) -> None:
 
 
 def _model_type(folder: Path) -> str:
-    model_type = _hf_config(folder).get("model_type")
+    config = _hf_config(folder)
+    model_type = config.get("model_type")
     if model_type not in _TOWER_CLASSES:
         raise CheckpointError(f"{folder} holds a {model_type!r} model; expected {EXPECTED}")
+    if model_type == "blip":
+        architectures = config.get("architectures") or []
+        refused = next((_BLIP_REFUSED[name] for name in architectures if name in _BLIP_REFUSED), None)
+        if refused or "BlipForImageTextRetrieval" not in architectures:
+            raise CheckpointError(f"{folder} holds {refused or 'a BLIP model of class ' + str(architectures)}; mmscale's "
+                                  "fusion model starts from a BlipForImageTextRetrieval folder (BLIP's ITM checkpoints, "
+                                  "e.g. Salesforce/blip-itm-base-coco)")
     _check_weights(folder)
     return model_type
 

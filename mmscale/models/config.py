@@ -90,6 +90,11 @@ class ModelConfig:
     """Text vocabulary size (null: the tokenizer's size; the preset's when there is no tokenizer)."""
     projection_dim: int | None = None
     """Size of the shared image-text embedding (null: the preset's)."""
+    fusion_layers: int = 0
+    """Text layers that cross-attend to the image's patch tokens (BLIP's layout: a fusion model trained with
+    image-text matching and image-conditioned MLM, saved as a `BlipForImageTextRetrieval`). 0: a dual encoder.
+    BLIP's text encoder cross-attends in every layer, so N must equal the text layers (model.text_layers or the
+    preset's). With model.init_from the folder's kind decides (a BLIP ITM folder is a fusion model)."""
     mlm_head: bool = True
     """Give the text tower a masked-LM head tied to its word embeddings (not possible on causal CLIP text towers)."""
     temperature_init: float = 0.07
@@ -121,6 +126,18 @@ class ModelConfig:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ValueError(f"model.patch_dropout must be in [0, 1), got {self.patch_dropout}")
+        if self.fusion_layers:
+            if self.vision_from:
+                raise ValueError("model.fusion_layers builds a BLIP model, which model.vision_from + model.text_from "
+                                 "cannot start; start from a BLIP ITM folder (model.init_from) or a new model")
+            if self.attention not in ("auto", "eager"):
+                raise ValueError(f"model.attention={self.attention}: BLIP's attention (model.fusion_layers > 0) is "
+                                 "eager only; set model.attention=auto or eager")
+            layers = self.text_layers or PRESETS[self.preset].text_layers
+            if self.fusion_layers != layers and not self.init_from:
+                raise ValueError(f"model.fusion_layers={self.fusion_layers} but the text tower has {layers} layers: "
+                                 "BLIP's text encoder cross-attends in every layer, so set both to the same number "
+                                 f"(model.fusion_layers={layers}, or model.text_layers={self.fusion_layers})")
 
     def sizes(self, *, vocab_size: int | None = None) -> ModelSizes:
         """The preset's sizes with this config's overrides; `vocab_size` (the tokenizer's) fills an unset
@@ -140,7 +157,7 @@ class ModelConfig:
         return sizes
 
 
-def resolve_attention(requested: str, *, precision: str = "fp32", cuda: bool = False) -> str:
+def resolve_attention(requested: str, *, precision: str = "fp32", cuda: bool = False, fusion: bool = False) -> str:
     """The attention implementation for `model.attention=requested` (itself unless `auto`): sdpa, except
     eager in bf16/fp16 on a CPU. PyTorch's CPU flash-attention kernel is slow in 16-bit at the short
     sequences of image-text towers: on one core of an AMX Xeon, forward + backward of 32 x 4 heads x 65
@@ -148,4 +165,6 @@ def resolve_attention(requested: str, *, precision: str = "fp32", cuda: bool = F
     and tiny's whole training step 147 ms against 91 ms (docs/benchmarks.md)."""
     if requested != "auto":
         return requested
+    if fusion:  # BLIP's attention is eager only (models/fusion.py)
+        return "eager"
     return "eager" if not cuda and precision in ("bf16", "fp16") else "sdpa"

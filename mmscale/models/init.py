@@ -34,7 +34,7 @@ def _torch_default(module: nn.Module) -> None:
 
 def init_module(module: nn.Module, *, towers_config) -> bool:
     """Initialize `module`'s own weights (and its leaf children's) as open_clip would; False when this
-    module has nothing of its own to set. `towers_config` is the VisionTextDualEncoderConfig."""
+    module has nothing of its own to set. `towers_config` is the VisionTextDualEncoderConfig or BlipConfig."""
     kind = type(module).__name__
     vision, text = towers_config.vision_config, towers_config.text_config
     if kind == "CLIPVisionEmbeddings":
@@ -56,6 +56,8 @@ def init_module(module: nn.Module, *, towers_config) -> bool:
     elif kind == "VisionTextDualEncoderModel":
         _normal(module.visual_projection, vision.hidden_size ** -0.5)
         _normal(module.text_projection, text.hidden_size ** -0.5)
+    elif kind.startswith("Blip"):
+        return _init_blip_module(module, kind, vision=vision, text=text)
     else:
         return False
     return True
@@ -73,12 +75,43 @@ def _init_bert_module(module: nn.Module, kind: str, *, width: int, layers: int) 
     elif kind == "BertSelfAttention":
         for projection in (module.query, module.key, module.value):
             _normal(projection, attention_std)
-    elif kind in ("BertSelfOutput", "BertOutput"):
+    elif kind in ("BertSelfOutput", "BertOutput"):  # BLIP's cross-attention output too
         _normal(module.dense, residual_std)
     elif kind == "BertIntermediate":
         _normal(module.dense, fc_std)
     else:  # BertPooler: unit gain into its tanh
         _normal(module.dense, attention_std)
+
+
+def _init_blip_module(module: nn.Module, kind: str, *, vision, text) -> bool:
+    """The same scheme on BLIP's modules (fusion.FusionEncoder): its ViT like CLIP's (BLIP's own init leaves the
+    class and position embeddings at std 1e-10), its text encoder like BERT's, the cross-attention's keys and
+    values at unit gain from the image width, the projections at width^-0.5 and the ITM head as BERT's heads."""
+    if kind == "BlipVisionEmbeddings":
+        scale = vision.hidden_size ** -0.5
+        nn.init.normal_(module.class_embedding, std=scale)
+        nn.init.normal_(module.position_embedding, std=scale)
+        _torch_default(module.patch_embedding)
+    elif kind == "BlipAttention":  # fused qkv, as nn.MultiheadAttention's in_proj
+        _normal(module.qkv, (2 * module.embed_dim) ** -0.5)
+        _torch_default(module.projection)
+    elif kind == "BlipMLP":
+        _torch_default(module.fc1)
+        _torch_default(module.fc2)
+    elif kind == "BlipTextSelfAttention":
+        _normal(module.query, text.hidden_size ** -0.5)
+        for projection in (module.key, module.value):  # fan-in: the image width for cross-attention
+            _normal(projection, projection.in_features ** -0.5)
+    elif kind in ("BlipTextSelfOutput", "BlipTextIntermediate", "BlipTextOutput", "BlipTextEmbeddings"):
+        _init_bert_module(module, "Bert" + kind.removeprefix("BlipText"), width=text.hidden_size,
+                          layers=text.num_hidden_layers)
+    elif kind == "BlipForImageTextRetrieval":
+        _normal(module.vision_proj, vision.hidden_size ** -0.5)
+        _normal(module.text_proj, text.hidden_size ** -0.5)
+        _normal(module.itm_head, 0.02)
+    else:
+        return False
+    return True
 
 
 def init_towers(towers: nn.Module) -> None:

@@ -19,8 +19,9 @@ import torch
 import yaml
 
 from mmscale.losses import ClassificationObjective, LossConfig, PretrainingObjective
-from mmscale.models import DualEncoder, ModelConfig, build_model
-from mmscale.models.dual_encoder import MaskedLMHead
+from mmscale.models import ModelConfig, build_model
+from mmscale.models.base import ImageTextModel
+from mmscale.models.heads import MaskedLMHead
 from mmscale.models.init import init_module
 from mmscale.train.config import TrainConfig
 from mmscale.train.precision import resolve_precision
@@ -268,7 +269,7 @@ def lr_lambda(train: TrainConfig, total_steps: int):
     return factor
 
 
-def _reinitialize(model: DualEncoder, *, temperature_init: float) -> None:
+def _reinitialize(model: ImageTextModel, *, temperature_init: float) -> None:
     """Re-run each module's own initialization, then mmscale's (open_clip's scheme, as `new_towers` does
     without ZeRO-3), with its full parameters gathered, writing on rank 0: construction under ZeRO-3 can
     leave weights uninitialized (PITFALLS.md 2)."""
@@ -294,9 +295,9 @@ def _reinitialize(model: DualEncoder, *, temperature_init: float) -> None:
                     parameter._is_hf_initialized = False
                 owner._init_weights(module)
                 init_module(module, towers_config=model.towers.config)
-    with _gathered([model.towers.logit_scale]):
+    with _gathered([model.logit_scale_parameter]):
         if rank == 0:
-            model.towers.logit_scale.data.fill_(math.log(1 / temperature_init))
+            model.logit_scale_parameter.data.fill_(math.log(1 / temperature_init))
     if model.logit_bias is not None:
         with _gathered([model.logit_bias]):
             if rank == 0:
@@ -321,11 +322,12 @@ def _gathered(parameters: list[torch.nn.Parameter]):
         yield
 
 
-def build_objective(model_config: ModelConfig, loss: LossConfig, ds_config: dict, *,
-                    vocab_size: int) -> PretrainingObjective | ClassificationObjective:
+def build_objective(model_config: ModelConfig, loss: LossConfig, ds_config: dict, *, vocab_size: int,
+                    token_ids: dict[str, int] | None = None) -> PretrainingObjective | ClassificationObjective:
     """The model with its losses. A new model under ZeRO-3 is built partitioned (`zero.Init`), so
     one larger than a device's memory can be built; a model started from a folder is loaded whole
-    and partitioned by `deepspeed.initialize`."""
+    and partitioned by `deepspeed.initialize`. `token_ids`: the tokenizer's pad/cls/sep ids (a new fusion model's
+    config names them)."""
     import deepspeed
 
     bias = loss.siglip_bias_init if loss.contrastive == "siglip" else None
@@ -336,12 +338,14 @@ def build_objective(model_config: ModelConfig, loss: LossConfig, ds_config: dict
 
         zero3_marker = HfDeepSpeedConfig(ds_config)  # noqa: F841  # transformers partitions while it is alive
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            model = build_model(model_config, vocab_size=vocab_size, mlm_head=mlm, logit_bias_init=bias)
+            model = build_model(model_config, vocab_size=vocab_size, mlm_head=mlm, logit_bias_init=bias,
+                                token_ids=token_ids)
         _reinitialize(model, temperature_init=model_config.temperature_init)
         model.keep_normalization_fp32()  # zero.Init made them in the training dtype
         del zero3_marker  # later models (consolidation, eval) are built whole (PITFALLS.md 4)
     else:
-        model = build_model(model_config, vocab_size=vocab_size, mlm_head=mlm, logit_bias_init=bias)
+        model = build_model(model_config, vocab_size=vocab_size, mlm_head=mlm, logit_bias_init=bias,
+                                token_ids=token_ids)
     for parameter in model.zero3_external_parameters():
         deepspeed.zero.register_external_parameter(model, parameter)
     if loss.objective == "classify":

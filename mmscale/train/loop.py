@@ -16,11 +16,12 @@ import torch.distributed as dist
 
 from mmscale.config import dump_yaml
 from mmscale.data.loader import build_loader
-from mmscale.data.text import IGNORE_INDEX, load_tokenizer
+from mmscale.data.text import IGNORE_INDEX, load_tokenizer, special_token_ids
 from mmscale.eval.embed import current_logit_scale, evaluate
 from mmscale.finetune.lora import apply_lora, is_adapted, merge_adapter, save_adapter
 from mmscale.losses import check_labels, feature_gradients
-from mmscale.models import DualEncoder, build_model, training_flops_per_sample
+from mmscale.models import build_model, training_flops_per_sample
+from mmscale.models.base import ImageTextModel
 from mmscale.models.checkpoint import skeleton_like
 from mmscale.models.config import resolve_attention
 from mmscale.train.checkpoints import (
@@ -55,7 +56,7 @@ from mmscale.train.report import write_report
 # The masked captions go in as flat positions and targets (computed by the loader, on the CPU), not as
 # [B, L] labels: picking rows by a boolean mask would make the device wait for the host.
 MODEL_INPUTS = ("images", "input_ids", "attention_mask", "mlm_input_ids", "mlm_positions", "mlm_targets", "labels")
-LOSS_PARTS = ("total", "contrastive", "mlm", "classification")
+LOSS_PARTS = ("total", "contrastive", "mlm", "classification", "itm")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -68,7 +69,7 @@ class Run:
 
     config: TrainRunConfig
     engine: object
-    model: DualEncoder
+    model: ImageTextModel
     tokenizer: object
     layout: BatchLayout
     total_steps: int
@@ -103,7 +104,7 @@ def _total_steps(config: TrainRunConfig) -> int:
     raise ValueError("set a budget: train.samples=N (training pairs) or train.steps=N")
 
 
-def _check_fit(config: TrainRunConfig, model: DualEncoder) -> None:
+def _check_fit(config: TrainRunConfig, model: ImageTextModel) -> None:
     """Check the data settings against the model; data.image_size=0 takes the model's side."""
     if not config.data.image_size:
         config.data.image_size = model.image_size
@@ -128,7 +129,7 @@ def setup(config: TrainRunConfig) -> Run:
     if allow_tf32() and config.train.precision == "fp32":
         precision_reason += "; fp32 matmuls in TF32"
     config.model.attention = resolve_attention(config.model.attention, precision=config.train.precision,
-                                               cuda=torch.cuda.is_available())
+                                               cuda=torch.cuda.is_available(), fusion=bool(config.model.fusion_layers))
     ds_config, notes = deepspeed_config(config.train, layout)
     output = Path(config.output_dir)
     if config.train.resume == "never" and from_rank_0(lambda: latest_tag(output / "checkpoints")):
@@ -142,7 +143,8 @@ def setup(config: TrainRunConfig) -> Run:
                   f"the new readers); global batch {layout.global_batch_size} kept", flush=True)
     tokenizer = load_tokenizer(_tokenizer_path(config))
     torch.manual_seed(config.train.seed)
-    objective = build_objective(config.model, config.loss, ds_config, vocab_size=len(tokenizer))
+    objective = build_objective(config.model, config.loss, ds_config, vocab_size=len(tokenizer),
+                                token_ids=special_token_ids(tokenizer))
     _check_fit(config, objective.model)
     if config.lora.enabled:
         if zero_stage(ds_config) == 3:
@@ -196,7 +198,7 @@ def _loss_parts(out) -> torch.Tensor:
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each tower's layer activations in the backward pass instead of keeping them (non-reentrant
     checkpointing: it keeps the random state, so dropout draws the same masks again)."""
-    for tower in (model.towers.vision_model, model.towers.text_model):
+    for tower in (model.towers.vision_model, getattr(model.towers, "text_model", None) or model.towers.text_encoder):
         tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
@@ -277,8 +279,9 @@ def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], key
     means = sums / accumulation
     if cached:  # the step's contrastive loss comes from the feature pass; the gradient pass's total is a surrogate
         contrastive = gradients.loss.float()
-        means = torch.stack([config.contrastive_weight * contrastive + config.mlm_weight * means[2], contrastive,
-                             *means[2:]])
+        itm = means[4] if getattr(run.engine.module, "itm", False) else 0.0
+        total = config.contrastive_weight * contrastive + config.mlm_weight * means[2] + config.itm_weight * itm
+        means = torch.stack([total, contrastive, *means[2:]])
     return means
 
 
@@ -306,7 +309,8 @@ def _flops_per_sample(run: Run) -> float:
     length = sum(shape[0] for shape in shapes) / len(shapes)
     masked = sum(shape[1] for shape in shapes) / len(shapes) if run.config.loss.mlm_weight > 0 else 0.0
     return training_flops_per_sample(run.model, context_length=round(length), masked_tokens=masked,
-                                     contrastive_batch_size=run.layout.global_batch_size)
+                                     contrastive_batch_size=run.layout.global_batch_size,
+                                     itm=getattr(run.engine.module, "itm", False))
 
 
 def _log_record(run: Run, progress: Progress, losses: torch.Tensor, seconds: float, steps: int, loader) -> dict:
@@ -388,7 +392,7 @@ def _finish(run: Run) -> Path:
     optimizer; in fp32 runs without ZeRO-3 the module holds them. LoRA adapters are saved in PEFT's format under
     `adapter/`, then merged into the base."""
     final = run.output / "final"
-    zero3 = hasattr(run.model.towers.logit_scale, "ds_id")
+    zero3 = hasattr(run.model.logit_scale_parameter, "ds_id")
     sixteen_bit = run.config.train.precision != "fp32"
     source = run.config.model
     if is_adapted(run.model):
@@ -412,7 +416,7 @@ def _finish(run: Run) -> Path:
     return final
 
 
-def _adapted_skeleton(run: Run) -> DualEncoder:
+def _adapted_skeleton(run: Run) -> ImageTextModel:
     """The run's model as it started, in fp32 and with the same adapters: its frozen base is read again from its
     source, where the 16-bit module holds it rounded (bf16 keeps 8 bits of mantissa)."""
     skeleton = build_model(run.config.model, vocab_size=len(run.tokenizer), mlm_head=run.model.mlm_head is not None,

@@ -1,0 +1,87 @@
+"""Heads mmscale adds beside the `transformers` towers: BERT's masked-LM head, and the hard negatives that
+image-text matching (ITM) is trained on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+
+
+class MaskedLMHead(nn.Module):
+    """BERT's MLM head (dense, activation, LayerNorm, decoder) with the decoder weight tied to the
+    text tower's word embeddings. The tied weight is registered on `decoder`, so under ZeRO-3 it is
+    gathered when the decoder runs, like any parameter of the module that uses it."""
+
+    def __init__(self, *, width: int, vocab_size: int, activation: str, layer_norm_eps: float,
+                 word_embeddings: nn.Embedding):
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.activation = ACT2FN[activation]
+        self.norm = nn.LayerNorm(width, eps=layer_norm_eps)
+        self.decoder = nn.Linear(width, vocab_size)
+        self.decoder.weight = word_embeddings.weight
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """BERT's initialization of the head's own weights (the tied decoder weight is the embedding's)."""
+        nn.init.normal_(self.dense.weight, std=0.02)
+        nn.init.zeros_(self.dense.bias)
+        self.norm.reset_parameters()
+        nn.init.zeros_(self.decoder.bias)
+
+    @classmethod
+    def for_text_tower(cls, text_model: PreTrainedModel) -> MaskedLMHead:
+        """A new head that fits `text_model` (any BERT-style encoder config)."""
+        config = text_model.config
+        return cls(width=config.hidden_size, vocab_size=config.vocab_size,
+                   activation=getattr(config, "hidden_act", "gelu"),
+                   layer_norm_eps=getattr(config, "layer_norm_eps", 1e-12),
+                   word_embeddings=text_model.get_input_embeddings())
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(self.activation(self.dense(hidden_states))))
+
+
+
+@dataclass
+class HardNegatives:
+    """For each row of a batch, the row whose caption is its image's hard negative and the row whose image is
+    its caption's hard negative."""
+
+    text_index: torch.Tensor
+    """[B] int64: the caption paired with image i as a negative."""
+    image_index: torch.Tensor
+    """[B] int64: the image paired with caption i as a negative."""
+    text_valid: torch.Tensor
+    """[B] float 0/1: 0 where image i has no candidate (every caption of the batch is its own), so the pair it
+    got must not count as a negative."""
+    image_valid: torch.Tensor
+    """[B] float 0/1: the same for caption i."""
+
+
+@torch.no_grad()
+def hard_negatives(image_features: torch.Tensor, text_features: torch.Tensor, input_ids: torch.Tensor,
+                   logit_scale: torch.Tensor) -> HardNegatives:
+    """One hard negative per image and per caption, drawn with probability softmax(scale x similarity) over the
+    batch's other rows (ALBEF and BLIP's ITM sampling, arXiv:2107.07651 §3.2), excluding the pair itself and
+    every row with an identical caption (identical token ids, padding included): that pair is a positive too.
+
+    Drawn by Gumbel-max (argmax of logits + Gumbel noise), which is the same distribution as BLIP's
+    `torch.multinomial` of the masked softmax, without its per-row host reads; a row with no candidate gets
+    weight 0 instead of being skipped, so every rank runs the same shapes. No gradient flows."""
+    image = nn.functional.normalize(image_features.float(), dim=-1)
+    text = nn.functional.normalize(text_features.float(), dim=-1)
+    same_caption = (input_ids[:, None, :] == input_ids[None, :, :]).all(dim=-1)  # the diagonal included
+    logits = (logit_scale.float() * image @ text.T).masked_fill(same_caption, float("-inf"))
+    valid = (~same_caption).any(dim=1).float()  # symmetric: a caption's candidates are the same rows
+
+    def draw(scores: torch.Tensor) -> torch.Tensor:
+        uniform = torch.rand_like(scores).clamp_(min=1e-20)
+        # -inf + finite noise stays -inf; a row that is all -inf gives index 0, weighted 0 by `valid`.
+        return (scores - torch.log(-torch.log(uniform))).argmax(dim=1)
+
+    return HardNegatives(text_index=draw(logits), image_index=draw(logits.T), text_valid=valid, image_valid=valid)
