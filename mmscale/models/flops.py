@@ -69,7 +69,7 @@ def training_flops_per_sample(model: ImageTextModel, *, context_length: int, mas
         image_side += 2 * vision.hidden_size ** 2
     text_pass = _encoder_forward(tokens=context_length, width=text.hidden_size, layers=text.num_hidden_layers,
                                  mlp_width=text.intermediate_size)
-    if getattr(model.towers.text_model, "pooler", None) is not None:  # BERT: dense + tanh on [CLS]
+    if getattr(getattr(model.towers, "text_model", None), "pooler", None) is not None:  # BERT: dense + tanh on [CLS]
         text_pass += 2 * text.hidden_size ** 2
     text_side = text_pass + 2 * text.hidden_size * projection
     if model.kind == "blip":  # the masked captions go through the fused pass, with the ITM rows

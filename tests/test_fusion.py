@@ -1,0 +1,245 @@
+"""The fusion model kind (issue 27): hard negatives, the BLIP layout against transformers' own class, the saved
+folder, the losses and their cost. Training on ranks is in tests/test_train.py (parametrized by model kind)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor, BlipProcessor
+
+from mmscale.data.text import CaptionEncoder, masked_positions
+from mmscale.losses import LossConfig, PretrainingObjective, itm_loss
+from mmscale.models import CheckpointError, ModelConfig, build_model, load_model, training_flops_per_sample
+from mmscale.models.fusion import FusionEncoder
+from mmscale.models.heads import hard_negatives
+
+CAPTIONS = ["a red circle on a gray background", "a blue square on a white background", "a green star",
+            "a red circle on a gray background", "a small yellow triangle", "a purple cross on a dark background"]
+
+
+def test_hard_negatives_never_pick_the_pair_or_an_identical_caption():
+    torch.manual_seed(0)
+    ids = torch.tensor([[2, 5, 6, 3], [2, 7, 8, 3], [2, 5, 6, 3], [2, 9, 9, 3], [2, 7, 8, 3]])
+    for _ in range(50):
+        features = torch.randn(5, 8), torch.randn(5, 8)
+        negatives = hard_negatives(*features, ids, torch.tensor(10.0))
+        for row in range(5):
+            assert not torch.equal(ids[negatives.text_index[row]], ids[row])
+            assert not torch.equal(ids[negatives.image_index[row]], ids[row])
+    assert negatives.text_valid.tolist() == [1.0] * 5
+
+
+def test_hard_negatives_follow_the_masked_softmax_of_the_similarities():
+    """Gumbel-max draws have BLIP's distribution: softmax(scale x similarity) over the allowed rows."""
+    torch.manual_seed(1)
+    image, text = torch.randn(4, 6), torch.randn(4, 6)
+    ids = torch.arange(4)[:, None].repeat(1, 3)
+    scale = torch.tensor(3.0)
+    logits = scale * torch.nn.functional.normalize(image, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).T
+    expected = logits.masked_fill(torch.eye(4, dtype=torch.bool), float("-inf")).softmax(dim=1)
+    counts = torch.zeros(4, 4)
+    torch.manual_seed(2)
+    for _ in range(4000):
+        chosen = hard_negatives(image, text, ids, scale).text_index
+        counts[torch.arange(4), chosen] += 1
+    observed = counts / counts.sum(dim=1, keepdim=True)
+    assert torch.allclose(observed, expected, atol=0.03), (observed, expected)
+    assert counts.diagonal().sum() == 0
+
+
+def test_a_batch_of_identical_captions_has_no_negative_and_weight_zero():
+    ids = torch.tensor([[2, 5, 3]] * 3)
+    negatives = hard_negatives(torch.randn(3, 4), torch.randn(3, 4), ids, torch.tensor(5.0))
+    assert negatives.text_valid.tolist() == [0.0, 0.0, 0.0] and negatives.image_valid.tolist() == [0.0, 0.0, 0.0]
+    logits = torch.randn(9, 2)
+    weights = torch.cat([torch.ones(3), negatives.text_valid, negatives.image_valid])
+    positives_only = torch.nn.functional.cross_entropy(logits[:3], torch.ones(3, dtype=torch.long))
+    torch.testing.assert_close(itm_loss(logits, weights), positives_only)
+
+
+@pytest.fixture(scope="module")
+def blip_folder(tmp_path_factory, tokenizer):
+    """A small random BlipForImageTextRetrieval (transformers' class, its own init) saved with a BlipProcessor, as a
+    released BLIP ITM folder is."""
+    torch.manual_seed(0)
+    config = BlipConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": 64, "pad_token_id": tokenizer.pad_token_id,
+                     "bos_token_id": tokenizer.cls_token_id, "sep_token_id": tokenizer.sep_token_id},
+        vision_config={"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8, "initializer_range": 0.02},
+        image_text_hidden_size=16)
+    config.architectures = ["BlipForImageTextRetrieval"]
+    model = BlipForImageTextRetrieval(config).eval()
+    folder = tmp_path_factory.mktemp("blip") / "itm"
+    model.save_pretrained(folder, safe_serialization=True)
+    processor = BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5, 0.4, 0.3],
+                                                 image_std=[0.2, 0.25, 0.3]), tokenizer)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _inputs(tokenizer, size: int, rows: int = 4):
+    encoded = CaptionEncoder(tokenizer, context_length=16, mlm_probability=0.0).encode(CAPTIONS[:rows])
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (rows, 3, size, size), dtype=np.uint8))
+    return images, encoded["input_ids"], encoded["attention_mask"]
+
+
+def _hf_scores(hf: BlipForImageTextRetrieval, pixel_values, ids, mask):
+    with torch.no_grad():
+        itm = hf(input_ids=ids, pixel_values=pixel_values, attention_mask=mask).itm_score.softmax(-1)[:, 1]
+        itc = hf(input_ids=ids, pixel_values=pixel_values, attention_mask=mask, use_itm_head=False).itm_score
+    return itm, itc
+
+
+def _our_scores(model: FusionEncoder, images, ids, mask):
+    with torch.no_grad():
+        itm = model.itm_scores(images, ids, mask)
+        image = torch.nn.functional.normalize(model.encode_images(images), dim=-1)
+        text = torch.nn.functional.normalize(model.encode_texts(ids, mask), dim=-1)
+    return itm, image @ text.T
+
+
+def test_a_blip_itm_folder_starts_a_fusion_model_that_scores_as_transformers_does(blip_folder, tokenizer):
+    model = build_model(ModelConfig(init_from=str(blip_folder))).eval()
+    assert isinstance(model, FusionEncoder) and model.fusion_layers == 2 and model.mlm_head is not None
+    assert model.image_mean.flatten().tolist() == pytest.approx([0.5, 0.4, 0.3])  # the folder's processor
+    assert float(model.logit_scale().detach()) == pytest.approx(1 / 0.07)  # BLIP folders keep no temperature
+    hf = BlipForImageTextRetrieval.from_pretrained(blip_folder).eval()
+    images, ids, mask = _inputs(tokenizer, 32)
+    ours, theirs = _our_scores(model, images, ids, mask), _hf_scores(hf, model.pixel_values(images), ids, mask)
+    for mine, reference in zip(ours, theirs):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_a_saved_fusion_model_loads_in_transformers_and_gives_the_same_scores(blip_folder, tokenizer, tmp_path):
+    """After training steps (weights no longer BLIP's) the folder is a plain BlipForImageTextRetrieval with its
+    BlipProcessor: the processor's pixels and ids give mmscale's ITM probabilities and ITC similarities; mmscale's
+    heads come back bit for bit."""
+    model = build_model(ModelConfig(init_from=str(blip_folder), temperature_init=0.05))
+    objective = PretrainingObjective(model, LossConfig(mlm_weight=0.5))
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-3)
+    images, ids, mask = _inputs(tokenizer, 32, rows=6)
+    encoder = CaptionEncoder(tokenizer, context_length=16, mlm_probability=0.3)
+    for step in range(3):
+        batch = encoder.encode_and_mask(CAPTIONS, seed=step)
+        positions, targets = masked_positions(batch["mlm_labels"])
+        out = objective(images, batch["input_ids"], batch["attention_mask"], batch["mlm_input_ids"],
+                        mlm_positions=positions, mlm_targets=targets)
+        out.total.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert float(out.itm) > 0 and float(out.mlm) > 0
+    model.eval().save(tmp_path / "final", tokenizer=tokenizer)
+    hf, info = BlipForImageTextRetrieval.from_pretrained(tmp_path / "final", output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    processor = BlipProcessor.from_pretrained(tmp_path / "final")
+    pictures = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]
+    inputs = processor(images=pictures, text=CAPTIONS, padding=True, return_tensors="pt")
+    assert "token_type_ids" not in inputs
+    theirs = _hf_scores(hf.eval(), inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
+    ours = _our_scores(model, images, inputs["input_ids"], inputs["attention_mask"])
+    for mine, reference in zip(ours, theirs):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-5)
+    reloaded = load_model(tmp_path / "final")
+    assert isinstance(reloaded, FusionEncoder)
+    assert torch.equal(reloaded.logit_scale_log, model.logit_scale_log.detach())
+    for name, tensor in model.mlm_head.state_dict().items():
+        assert torch.equal(reloaded.mlm_head.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("architecture,named", [("BlipForQuestionAnswering", "VQA"),
+                                                 ("BlipForConditionalGeneration", "captioning"),
+                                                 ("BlipModel", "contrastive-only")])
+def test_other_blip_folders_are_refused_with_the_reason(blip_folder, tmp_path, architecture, named):
+    import json
+    import shutil
+
+    folder = tmp_path / architecture
+    shutil.copytree(blip_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"architectures": [architecture]}))
+    with pytest.raises(CheckpointError, match=f"{named}.*BlipForImageTextRetrieval"):
+        load_model(folder)
+
+
+def test_fusion_layers_must_cover_the_text_tower_and_attention_is_eager():
+    with pytest.raises(ValueError, match=r"fusion_layers=2 but the text tower has 4 layers.*model.fusion_layers=4"):
+        ModelConfig(preset="tiny", fusion_layers=2)
+    with pytest.raises(ValueError, match="eager only"):
+        ModelConfig(preset="tiny", fusion_layers=4, attention="sdpa")
+    assert ModelConfig(preset="tiny", fusion_layers=2, text_layers=2).fusion_layers == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_fusion(tokenizer):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(preset="tiny", fusion_layers=4), vocab_size=len(tokenizer),
+                       token_ids={"pad": tokenizer.pad_token_id, "cls": tokenizer.cls_token_id,
+                                  "sep": tokenizer.sep_token_id})
+
+
+def test_the_fusion_objective_trains_itm_and_image_conditioned_mlm(tiny_fusion, tokenizer):
+    """At init the ITM loss is the 1:2 prior's (ln 3 - 2/3 ln 2 = 0.64); its gradient reaches the cross-attention,
+    and the MLM logits depend on the image while the contrastive text features do not."""
+    objective = PretrainingObjective(tiny_fusion, LossConfig(mlm_weight=0.1, itm_weight=1.0))
+    encoder = CaptionEncoder(tokenizer, context_length=16, mlm_probability=0.3)
+    batch = encoder.encode_and_mask(CAPTIONS * 2, seed=0)
+    positions, targets = masked_positions(batch["mlm_labels"])
+    images = torch.randint(0, 256, (12, 3, 64, 64), dtype=torch.uint8)
+    out = objective(images, batch["input_ids"], batch["attention_mask"], batch["mlm_input_ids"],
+                    mlm_positions=positions, mlm_targets=targets)
+    prior = math.log(3) - 2 / 3 * math.log(2)
+    assert float(out.itm) == pytest.approx(prior, abs=0.1)
+    assert float(out.total) == pytest.approx(float(out.contrastive + 0.1 * out.mlm + out.itm), rel=1e-5)
+    out.total.backward()
+    cross = tiny_fusion.towers.text_encoder.encoder.layer[0].crossattention.self.key.weight
+    assert cross.grad is not None and cross.grad.abs().sum() > 0
+    tiny_fusion.zero_grad()
+    with torch.no_grad():
+        flipped = images.flip(0)
+        first = tiny_fusion.mlm_logits(batch["mlm_input_ids"], batch["attention_mask"], batch["mlm_labels"], images=images)[0]
+        second = tiny_fusion.mlm_logits(batch["mlm_input_ids"], batch["attention_mask"], batch["mlm_labels"],
+                                        images=flipped)[0]
+        assert not torch.allclose(first, second)
+        features = tiny_fusion(images, batch["input_ids"], batch["attention_mask"]).text_features
+        torch.testing.assert_close(features, tiny_fusion(flipped, batch["input_ids"], batch["attention_mask"]).text_features)
+
+
+TOP_MODULES = ("towers.text_encoder", "towers.text_proj", "towers.vision_model", "towers.vision_proj",
+               "towers.itm_head", "mlm_head")
+
+
+def test_the_feature_pass_is_a_prefix_of_the_full_forward(tiny_fusion, tokenizer):
+    """GradCache replays a micro-batch: its feature pass (no ITM, no MLM) must run the same modules first, in the
+    same order, so ZeRO-3 keeps its module trace."""
+    order = []
+    hooks = [module.register_forward_pre_hook(lambda module, args, name=name: order.append(name))
+             for name, module in tiny_fusion.named_modules() if name in TOP_MODULES]
+    try:
+        encoder = CaptionEncoder(tokenizer, context_length=16, mlm_probability=0.3)
+        batch = encoder.encode_and_mask(CAPTIONS, seed=0)
+        positions, targets = masked_positions(batch["mlm_labels"])
+        images = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8)
+        with torch.no_grad():
+            tiny_fusion(images, batch["input_ids"], batch["attention_mask"])
+            features_only, order[:] = list(order), []
+            tiny_fusion(images, batch["input_ids"], batch["attention_mask"], batch["mlm_input_ids"],
+                        mlm_positions=positions, mlm_targets=targets, itm=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert features_only == ["towers.text_encoder", "towers.text_proj", "towers.vision_model", "towers.vision_proj"]
+    assert order == features_only + ["towers.text_encoder", "towers.itm_head", "mlm_head"]
+
+
+def test_flops_count_the_fused_passes(tiny_fusion, tokenizer):
+    dual = build_model(ModelConfig(preset="tiny"), vocab_size=len(tokenizer))
+    plain = training_flops_per_sample(dual, context_length=32, masked_tokens=4.0)
+    fused = training_flops_per_sample(tiny_fusion, context_length=32, masked_tokens=4.0, itm=True)
+    no_itm = training_flops_per_sample(tiny_fusion, context_length=32, masked_tokens=4.0)
+    assert no_itm < fused and 1.5 * plain < fused < 4 * plain  # three ITM rows + one MLM row with cross-attention
