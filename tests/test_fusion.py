@@ -243,3 +243,58 @@ def test_flops_count_the_fused_passes(tiny_fusion, tokenizer):
     fused = training_flops_per_sample(tiny_fusion, context_length=32, masked_tokens=4.0, itm=True)
     no_itm = training_flops_per_sample(tiny_fusion, context_length=32, masked_tokens=4.0)
     assert no_itm < fused and 1.5 * plain < fused < 4 * plain  # three ITM rows + one MLM row with cross-attention
+
+
+def test_lora_adapts_self_and_cross_attention_and_merges_to_the_adapters_scores(blip_folder, tokenizer, tmp_path):
+    from mmscale.finetune.lora import LoraSettings, apply_lora, merge_adapter, save_adapter
+
+    model = build_model(ModelConfig(init_from=str(blip_folder)))
+    trainable, total = apply_lora(model, LoraSettings(enabled=True, rank=4))
+    adapted = {name.split(".lora_A")[0] for name, _ in model.towers.named_modules() if name.endswith("lora_A")}
+    for part in ("crossattention.self.key", "crossattention.self.value", "crossattention.output.dense",
+                 "attention.self.query", "attention.output.dense", "self_attn.qkv", "self_attn.projection"):
+        assert any(name.endswith(part) for name in adapted), part
+    assert 0 < trainable < total and model.logit_scale_parameter.requires_grad
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert any("itm_head" in name for name in trained) and any("text_proj" in name for name in trained)
+    with torch.no_grad():  # move the adapters off zero, so merging has something to fold in
+        for name, parameter in model.towers.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    images, ids, mask = _inputs(tokenizer, 32)
+    model.eval()
+    adapter_scores = _our_scores(model, images, ids, mask)
+    save_adapter(model, tmp_path / "adapter", base=str(blip_folder))
+    merged = merge_adapter(model)
+    for mine, reference in zip(_our_scores(merged, images, ids, mask), adapter_scores):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-5)
+    assert isinstance(merged.towers, BlipForImageTextRetrieval)
+    from peft import PeftModel
+
+    reloaded = PeftModel.from_pretrained(BlipForImageTextRetrieval.from_pretrained(blip_folder), tmp_path / "adapter")
+    with torch.no_grad():
+        hf_itm = reloaded.eval()(input_ids=ids, pixel_values=merged.pixel_values(images),
+                                 attention_mask=mask).itm_score.softmax(-1)[:, 1]
+    torch.testing.assert_close(hf_itm, adapter_scores[0], rtol=1e-4, atol=1e-5)
+
+
+def test_int8_export_keeps_the_itm_head_and_the_scores_close(blip_folder, tokenizer, tmp_path):
+    """bitsandbytes LLM.int8 on CPU: the towers' linear layers in int8 (the fused qkv and the cross-attention's
+    keys and values included), the projections and ITM head in fp16; plain transformers reloads it."""
+    from mmscale.export.quantize import export
+
+    model = build_model(ModelConfig(init_from=str(blip_folder)))
+    model.save(tmp_path / "float", tokenizer=tokenizer)
+    report = export(str(tmp_path / "float"), str(tmp_path / "int8"), quantize="int8")
+    assert report["image_cosine_min"] > 0.98 and report["text_cosine_min"] > 0.98, report
+    assert report["itm_probability_max_difference"] < 0.05, report
+    import bitsandbytes as bnb
+
+    hf = BlipForImageTextRetrieval.from_pretrained(tmp_path / "int8")
+    layer = hf.text_encoder.encoder.layer[0]
+    assert isinstance(layer.crossattention.self.key, bnb.nn.Linear8bitLt)
+    assert isinstance(hf.vision_model.encoder.layers[0].self_attn.qkv, bnb.nn.Linear8bitLt)
+    assert not isinstance(hf.itm_head, bnb.nn.Linear8bitLt)
+    reloaded = load_model(tmp_path / "int8")
+    assert isinstance(reloaded, FusionEncoder)
+    assert float(reloaded.logit_scale().detach()) == pytest.approx(float(model.logit_scale().detach()), rel=1e-3)

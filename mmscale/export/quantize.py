@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmscale.models import DualEncoder, load_model
-from mmscale.models.checkpoint import SAFE_LOADING, CheckpointError
-
-PROJECTIONS = ["visual_projection", "text_projection"]
+from mmscale.models import load_model
+from mmscale.models.base import ImageTextModel
+from mmscale.models.checkpoint import SAFE_LOADING, CheckpointError, wrap_like
+from mmscale.models.fusion import FusionEncoder
 
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -52,7 +52,7 @@ def _check_adapter_weights(folder: Path) -> None:
     raise CheckpointError(f"adapter {folder} has an adapter_config.json but no {ADAPTER_WEIGHTS}")
 
 
-def load_float(checkpoint: str | os.PathLike) -> DualEncoder:
+def load_float(checkpoint: str | os.PathLike) -> ImageTextModel:
     """A float model from a checkpoint folder, or from a PEFT adapter folder merged into its base."""
     folder = Path(checkpoint)
     base = adapter_base(folder)
@@ -69,25 +69,26 @@ def folder_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
 
 
-def quantize_int8(model: DualEncoder, float_towers: Path, *, keep_projections: bool = True) -> DualEncoder:
+def quantize_int8(model: ImageTextModel, float_towers: Path, *, keep_projections: bool = True) -> ImageTextModel:
     """`model` with its linear layers in int8 (bitsandbytes LLM.int8), the rest in fp16, read back from
     `float_towers` (where `model.towers` was saved)."""
     from transformers import BitsAndBytesConfig
 
-    config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=PROJECTIONS if keep_projections else [])
+    skipped = list(model.head_names) if keep_projections else []
+    config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skipped)
+    extra = {"attn_implementation": "eager"} if isinstance(model, FusionEncoder) else {}
     towers = type(model.towers).from_pretrained(float_towers, quantization_config=config, dtype=torch.float16,
-                                                **SAFE_LOADING)
-    return DualEncoder(towers, mlm_head=False, max_logit_scale=model.max_logit_scale,
-                       image_mean=model.image_mean.flatten().tolist(), image_std=model.image_std.flatten().tolist())
+                                                **SAFE_LOADING, **extra)
+    return wrap_like(model, towers, mlm_head=False)
 
 
 @torch.no_grad()
-def embedding_agreement(reference: DualEncoder, candidate: DualEncoder, images: torch.Tensor,
+def embedding_agreement(reference: ImageTextModel, candidate: ImageTextModel, images: torch.Tensor,
                         texts: dict[str, torch.Tensor]) -> dict[str, float]:
     """Mean and minimum cosine similarity of the two models' embeddings on the same inputs."""
     result = {}
 
-    def embeddings(model: DualEncoder) -> dict[str, torch.Tensor]:  # inputs on the model's device (int8: CUDA)
+    def embeddings(model: ImageTextModel) -> dict[str, torch.Tensor]:  # inputs on the model's device (int8: CUDA)
         device = model.device
         return {"image": model.encode_images(images.to(device)).float().cpu(),
                 "text": model.encode_texts(texts["input_ids"].to(device),
@@ -98,10 +99,17 @@ def embedding_agreement(reference: DualEncoder, candidate: DualEncoder, images: 
         cosine = F.cosine_similarity(ours_all[kind], theirs_all[kind], dim=-1)
         result[f"{kind}_cosine_mean"] = float(cosine.mean())
         result[f"{kind}_cosine_min"] = float(cosine.min())
+    if isinstance(reference, FusionEncoder):  # the ITM head's P(match) of each pair, float against exported
+        def matches(model: FusionEncoder) -> torch.Tensor:
+            device = model.device
+            return model.itm_scores(images.to(device), texts["input_ids"].to(device),
+                                    texts["attention_mask"].to(device)).float().cpu()
+
+        result["itm_probability_max_difference"] = float((matches(reference) - matches(candidate)).abs().max())
     return result
 
 
-def sample_inputs(model: DualEncoder, tokenizer, *, count: int = 32, context_length: int = 64) -> tuple:
+def sample_inputs(model: ImageTextModel, tokenizer, *, count: int = 32, context_length: int = 64) -> tuple:
     """A fixed batch of generated shape images and their captions, when no evaluation data is given."""
     import random
 

@@ -1,9 +1,10 @@
-"""LoRA (PEFT) on the towers of a dual encoder, with whole-tower locking (LiT) and full-rank heads.
+"""LoRA (PEFT) on the towers of a dual encoder or fusion model, with whole-tower locking (LiT) and full-rank heads.
 
-LoRA goes on the Hugging Face towers (`model.towers`, a CLIPModel or VisionTextDualEncoderModel),
-so the adapter is saved in PEFT's own format and `peft.PeftModel.from_pretrained(AutoModel.
-from_pretrained(base), adapter)` reloads it. The projections train fully (PEFT's
-`modules_to_save`, so they are in the adapter too) and so does the temperature.
+LoRA goes on the Hugging Face towers (`model.towers`, a CLIPModel, VisionTextImageTextModelModel or
+BlipForImageTextRetrieval), so the adapter is saved in PEFT's own format and `peft.PeftModel.from_pretrained(
+<the base's transformers class>.from_pretrained(base), adapter)` reloads it. The projections (and a fusion model's
+ITM head) train fully (PEFT's `modules_to_save`, so they are in the adapter too) and so does the temperature.
+A fusion model's cross-attention layers get adapters as its self-attention does.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mmscale.models import DualEncoder
+from mmscale.models.base import ImageTextModel
 
 # Attention projections by tower type: CLIP/ViT-style towers and BERT-style encoders.
 DEFAULT_TARGETS = {
@@ -24,6 +25,10 @@ DEFAULT_TARGETS = {
     "bert": ["query", "key", "value", "attention.output.dense"],
     "roberta": ["query", "key", "value", "attention.output.dense"],
     "xlm-roberta": ["query", "key", "value", "attention.output.dense"],
+    # BLIP (fusion models): the ViT's fused qkv; the text encoder's self- and cross-attention (query/key/value match
+    # both; `attention.output.dense` does not match `crossattention.output.dense`, so it is named too).
+    "blip_vision_model": ["qkv", "projection"],
+    "blip_text_model": ["query", "key", "value", "attention.output.dense", "crossattention.output.dense"],
 }
 
 
@@ -58,33 +63,35 @@ class LoraSettings:
                              "unlock one tower")
 
 
-def _targets(model: DualEncoder, settings: LoraSettings) -> str:
+def _targets(model: ImageTextModel, settings: LoraSettings) -> str:
     """A regex over module names: the chosen suffixes inside each unlocked tower."""
     patterns = []
-    for tower, locked, chosen in (("vision_model", settings.lock_vision, settings.vision_targets),
-                                  ("text_model", settings.lock_text, settings.text_targets)):
+    vision, text = model.tower_names
+    for tower, locked, chosen in ((vision, settings.lock_vision, settings.vision_targets),
+                                  (text, settings.lock_text, settings.text_targets)):
         if locked:
             continue
         model_type = getattr(model.towers, tower).config.model_type
         suffixes = chosen or DEFAULT_TARGETS.get(model_type)
+        side = "vision" if tower == vision else "text"
         if not suffixes:
-            raise ValueError(f"no default LoRA targets for a {model_type!r} {tower.split('_')[0]} tower; set "
-                             f"lora.{tower.split('_')[0]}_targets to module name suffixes")
+            raise ValueError(f"no default LoRA targets for a {model_type!r} {side} tower; set "
+                             f"lora.{side}_targets to module name suffixes")
         alternatives = "|".join(suffix.replace(".", r"\.") for suffix in suffixes)
         patterns.append(rf"{tower}\..*\.({alternatives})")
     return rf"^({'|'.join(patterns)})$"
 
 
-def apply_lora(model: DualEncoder, settings: LoraSettings) -> tuple[int, int]:
+def apply_lora(model: ImageTextModel, settings: LoraSettings) -> tuple[int, int]:
     """Wrap `model.towers` in a PEFT LoRA model; returns (trainable, total) parameter counts."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=_targets(model, settings),
-                        modules_to_save=["visual_projection", "text_projection"])
+                        modules_to_save=list(model.head_names))
     model.towers = get_peft_model(model.towers, config)
     _check_every_tower_adapted(model, settings)
-    model.towers.base_model.model.logit_scale.requires_grad_(True)
+    model.logit_scale_parameter.requires_grad_(True)
     if model.mlm_head is not None:  # the head is tied to the (frozen) embeddings; its own layers train
         for name, parameter in model.mlm_head.named_parameters():
             parameter.requires_grad_(name != "decoder.weight")
@@ -94,32 +101,33 @@ def apply_lora(model: DualEncoder, settings: LoraSettings) -> tuple[int, int]:
     return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
 
 
-def _check_every_tower_adapted(model: DualEncoder, settings: LoraSettings) -> None:
+def _check_every_tower_adapted(model: ImageTextModel, settings: LoraSettings) -> None:
     """A target list that matches no module of a tower would leave it frozen without a word: refuse it."""
-    for tower, locked in (("vision_model", settings.lock_vision), ("text_model", settings.lock_text)):
+    vision, text = model.tower_names
+    for tower, locked in ((vision, settings.lock_vision), (text, settings.lock_text)):
         module = getattr(model.towers.base_model.model, tower)
         if locked or any("lora_A" in name for name, _ in module.named_modules()):
             continue
         linear = sorted({name.rsplit(".", 1)[-1] for name, child in module.named_modules()
                          if isinstance(child, torch.nn.Linear)})
-        side = tower.split("_")[0]
+        side = "vision" if tower == vision else "text"
         raise ValueError(f"LoRA targets matched no module of the {side} tower ({module.config.model_type}); set "
                          f"lora.{side}_targets to some of its linear layers' names: {', '.join(linear)}")
 
 
-def is_adapted(model: DualEncoder) -> bool:
+def is_adapted(model: ImageTextModel) -> bool:
     from peft import PeftModel
 
     return isinstance(model.towers, PeftModel)
 
 
-def save_adapter(model: DualEncoder, folder: Path, *, base: str) -> None:
+def save_adapter(model: ImageTextModel, folder: Path, *, base: str) -> None:
     """The adapter in PEFT's format, naming `base` (the checkpoint it was trained on)."""
     model.towers.peft_config["default"].base_model_name_or_path = base
     model.towers.save_pretrained(folder, safe_serialization=True)  # the only adapter format export reads
 
 
-def merge_adapter(model: DualEncoder) -> DualEncoder:
+def merge_adapter(model: ImageTextModel) -> ImageTextModel:
     """Fold the LoRA updates into the tower weights, leaving plain Hugging Face towers."""
     model.towers = model.towers.merge_and_unload()
     return model

@@ -73,8 +73,10 @@ class ImageTextModel(nn.Module):
     `vision_model` whose `embeddings` output [B, 1 + patches, D]) and implements `logit_scale_parameter`,
     `embedding_dim`, `_input_dtype`, `encode_images` and `encode_texts`."""
 
-    kind: str
-    """The Hugging Face model type of `towers` (`vision-text-dual-encoder`, `clip`, `blip`)."""
+    tower_names: tuple[str, str] = ("vision_model", "text_model")
+    """The attribute names of the image and text towers inside `towers`."""
+    head_names: tuple[str, ...] = ("visual_projection", "text_projection")
+    """The small full-rank layers of `towers` on top of the towers (LoRA trains them whole; int8 keeps them float)."""
 
     def __init__(self, *, max_logit_scale: float, image_mean, image_std):
         super().__init__()

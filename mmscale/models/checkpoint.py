@@ -133,14 +133,23 @@ def load_model(folder: str | os.PathLike, *, mlm_head: bool = True, logit_bias_i
     return model
 
 
+def wrap_like(model: ImageTextModel, towers, *, mlm_head: bool) -> ImageTextModel:
+    """A model of `model`'s kind and settings (temperature, SigLIP bias, normalization) around other `towers` (a
+    skeleton, or the same weights in int8); the heads' weights are not copied."""
+    settings = {"mlm_head": mlm_head, "logit_bias_init": 0.0 if model.logit_bias is not None else None,
+                "max_logit_scale": model.max_logit_scale, "image_mean": model.image_mean.flatten().tolist(),
+                "image_std": model.image_std.flatten().tolist()}
+    if isinstance(model, FusionEncoder):
+        parameter = model.logit_scale_parameter  # its current value, unless ZeRO-3 holds only a partition of it
+        scale = model.logit_scale_init if hasattr(parameter, "ds_id") else float(parameter.detach().float().exp())
+        return FusionEncoder(towers, logit_scale_init=scale, **settings)
+    return DualEncoder(towers, **settings)
+
+
 def skeleton_like(model: ImageTextModel) -> ImageTextModel:
     """A whole (unpartitioned) model with `model`'s architecture and settings, to load consolidated
     weights into. Build it where no ZeRO-3 `HfDeepSpeedConfig` is alive (PITFALLS.md 4)."""
-    towers = type(model.towers)(model.towers.config)
-    settings = {"mlm_head": model.mlm_head is not None, "logit_bias_init": 0.0 if model.logit_bias is not None else None,
-                "max_logit_scale": model.max_logit_scale, "image_mean": model.image_mean.flatten().tolist(),
-                "image_std": model.image_std.flatten().tolist()}
-    skeleton = FusionEncoder(towers, **settings) if isinstance(model, FusionEncoder) else DualEncoder(towers, **settings)
+    skeleton = wrap_like(model, type(model.towers)(model.towers.config), mlm_head=model.mlm_head is not None)
     if model.classifier is not None:
         skeleton.add_classifier(model.classifier.out_features)
     return skeleton

@@ -70,6 +70,9 @@ class FusionEncoder(ImageTextModel):
     (`vision_proj` of the image's first token, `text_proj` of the caption's first token without the image);
     the ITM logits are the saved model's `itm_score`."""
 
+    tower_names = ("vision_model", "text_encoder")
+    head_names = ("vision_proj", "text_proj", "itm_head")
+
     def __init__(self, towers: BlipForImageTextRetrieval, *, mlm_head: bool, logit_scale_init: float = 1 / 0.07,
                  logit_bias_init: float | None = None, max_logit_scale: float = 100.0,
                  image_mean=CLIP_IMAGE_MEAN, image_std=CLIP_IMAGE_STD):

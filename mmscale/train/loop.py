@@ -198,7 +198,7 @@ def _loss_parts(out) -> torch.Tensor:
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each tower's layer activations in the backward pass instead of keeping them (non-reentrant
     checkpointing: it keeps the random state, so dropout draws the same masks again)."""
-    for tower in (model.towers.vision_model, getattr(model.towers, "text_model", None) or model.towers.text_encoder):
+    for tower in (getattr(model.towers, name) for name in model.tower_names):
         tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
