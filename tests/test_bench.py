@@ -121,6 +121,7 @@ def test_learning_benchmark_trains_mmscale_on_rendered_characters_end_to_end():
     numbers = json.loads(out.strip().splitlines()[-1])
     assert {"mmscale_top1", "mmscale_seconds"} <= set(numbers) and numbers["mmscale_seconds"] > 0
     assert "contrastive loss (mmscale, seed 0): 4: " in out
+    assert numbers["mmscale_fusion_seconds"] > 0 and 0 <= numbers["mmscale_fusion_mlm_accuracy"] <= 1
 
 
 def test_sharding_benchmark_downloads_from_its_loopback_server():

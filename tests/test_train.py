@@ -159,9 +159,16 @@ def last_per_step(path: Path, *, with_epochs: bool = False) -> dict[int, list]:
     return entries
 
 
-def test_resume_after_sigkill_continues_the_straight_run_exactly(corpus, tmp_path):
+# The model kinds the resume tests run: the dual encoder, and the fusion model (issue 27: CLIP + ITM +
+# image-conditioned MLM, the BLIP layout) under the same ZeRO-3 with GradCache accumulation.
+MODEL_KINDS = {"dual": [], "fusion": ["model.fusion_layers=4", "loss.itm_weight=1.0"]}
+
+
+@pytest.mark.parametrize("kind", list(MODEL_KINDS))
+def test_resume_after_sigkill_continues_the_straight_run_exactly(corpus, tmp_path, kind):
     steps, half = 12, 6
-    common = [f"train.samples={steps * 32}", f"train.save_every_steps={half}", "train.log_sample_keys=true"]
+    common = [f"train.samples={steps * 32}", f"train.save_every_steps={half}", "train.log_sample_keys=true",
+              *MODEL_KINDS[kind]]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     code, log = launch_ranks(2, run_overrides(corpus, straight, *common))
     assert code == 0, log[-3000:]
@@ -189,10 +196,15 @@ def test_resume_after_sigkill_continues_the_straight_run_exactly(corpus, tmp_pat
     resumed_losses = {r["step"]: r["loss"] for r in metrics(crashed)}  # later records win, as for keys
     for step in range(half + 1, steps + 1):
         assert resumed_losses[step] == pytest.approx(straight_losses[step], rel=1e-4), step
+    if kind == "fusion":  # ITM is trained and logged, and final/ is the transformers class the README names
+        assert all(record["itm_loss"] > 0 for record in metrics(crashed))
+        from transformers import BlipForImageTextRetrieval
+
+        _, info = BlipForImageTextRetrieval.from_pretrained(crashed / "final", output_loading_info=True)
+        assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
 
 
-@pytest.fixture(scope="module")
-def killed_run(corpus, tmp_path_factory) -> dict:
+def _killed_run(corpus, tmp_path_factory, kind: str) -> dict:
     """A 2-rank run (960 pairs of 240 in 3 uneven shards of 100, 100 and 40; batch 48; tiny.yaml's shuffle buffer
     of 256, larger than any shard) whose rank 1 was SIGKILLed in the middle of step 11, after the checkpoint of
     step 8: mid-epoch, mid-shard, with samples in the buffers, and steps 9-10 to be trained again."""
@@ -201,20 +213,39 @@ def killed_run(corpus, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("killed")
     shards = make_synthetic_shards(root / "shards", 240, samples_per_shard=100, seed=4, corpus_name="digits")
     common = [f"data.train={'::'.join(shards)}", "train.global_batch_size=48", "train.samples=960",
-              "train.save_every_steps=4", "train.log_sample_keys=true", "data.shuffle_buffer=256"]
+              "train.save_every_steps=4", "train.log_sample_keys=true", "data.shuffle_buffer=256", *MODEL_KINDS[kind]]
     output = root / "run"
     code, log = launch_ranks(2, run_overrides(corpus, output, *common), env={"MMSCALE_KILL_DURING_STEP": "1:11"})
     assert code != 0 and (output / "checkpoints" / "latest").read_text() == "step00000008", log[-3000:]
     return {"output": output, "shards": shards, "common": common}
 
 
-@pytest.fixture(scope="module")
-def straight_run(corpus, killed_run, tmp_path_factory) -> Path:
+def _straight_run(corpus, killed_run, tmp_path_factory) -> Path:
     """killed_run's command on 2 ranks, not interrupted: the losses a resumed run is held to."""
     output = tmp_path_factory.mktemp("straight") / "run"
     code, log = launch_ranks(2, run_overrides(corpus, output, *killed_run["common"]))
     assert code == 0, log[-3000:]
     return output
+
+
+@pytest.fixture(scope="module")
+def killed_run(corpus, tmp_path_factory) -> dict:
+    return _killed_run(corpus, tmp_path_factory, "dual")
+
+
+@pytest.fixture(scope="module")
+def straight_run(corpus, killed_run, tmp_path_factory) -> Path:
+    return _straight_run(corpus, killed_run, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def killed_fusion_run(corpus, tmp_path_factory) -> dict:
+    return _killed_run(corpus, tmp_path_factory, "fusion")
+
+
+@pytest.fixture(scope="module")
+def straight_fusion_run(corpus, killed_fusion_run, tmp_path_factory) -> Path:
+    return _straight_run(corpus, killed_fusion_run, tmp_path_factory)
 
 
 def _trained_until(output: Path, step: int, ranks: int) -> Counter:
@@ -240,12 +271,15 @@ def _assert_every_key_once_per_epoch(trained: Counter, shards: list[str]) -> Non
     assert set(trained.values()) == {1}, [pair for pair, count in trained.items() if count > 1][:5]
 
 
-@pytest.mark.parametrize("new_ranks", [1, 3])
-def test_a_run_killed_on_two_ranks_resumes_on_another_number(corpus, killed_run, straight_run, tmp_path, new_ranks):
+@pytest.mark.parametrize("kind,new_ranks", [("dual", 1), ("dual", 3), ("fusion", 1)])
+def test_a_run_killed_on_two_ranks_resumes_on_another_number(corpus, request, tmp_path, kind, new_ranks):
     """Elastic resume: the 2-rank run killed mid-step resumed on 1 rank, or on 3 ranks that are killed again
     (mid-step 15, after the checkpoint of step 12) and resumed on 2: DeepSpeed's universal checkpoint, the loader's
     position re-partitioned each time. Over both interruptions every key trains exactly once in each of the
     four epochs, and the loss goes on from where it was."""
+    suffix = "_fusion" if kind == "fusion" else ""
+    killed_run = request.getfixturevalue(f"killed{suffix}_run")
+    straight_run = request.getfixturevalue(f"straight{suffix}_run")
     crashed = killed_run["output"]
     trained = _trained_until(crashed, 8, 2)
     resumed = tmp_path / "resumed"

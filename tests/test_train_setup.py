@@ -20,7 +20,7 @@ PRETRAIN_CONFIGS = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
 
 
 def test_the_real_configs_are_shipped():
-    assert {path.stem for path in PRETRAIN_CONFIGS} >= {"tiny", "base", "large", "huge", "giant"}
+    assert {path.stem for path in PRETRAIN_CONFIGS} >= {"tiny", "base", "large", "huge", "giant", "tiny_fusion", "base_fusion"}
 
 
 @pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=lambda path: path.stem)

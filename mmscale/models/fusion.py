@@ -64,6 +64,14 @@ def new_fusion_towers(sizes: ModelSizes, config: ModelConfig, *,
     return towers
 
 
+def select_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`tensor[index]` (rows may repeat) as a one-hot matmul, whose backward sums each row's gradients in a fixed
+    order: the backward of advanced indexing (`index_put_` with accumulation) is not deterministic on CPU, and a
+    hard negative drawn by several rows made a resumed run drift from the uninterrupted one (1e-4 in a step)."""
+    picks = nn.functional.one_hot(index, tensor.shape[0]).to(tensor.dtype)
+    return (picks @ tensor.reshape(tensor.shape[0], -1)).view(len(index), *tensor.shape[1:])
+
+
 class FusionEncoder(ImageTextModel):
     """BLIP's image-text matching model (`towers`, a `BlipForImageTextRetrieval`) plus a learned temperature,
     an optional MLM head and an optional SigLIP bias. The contrastive features are BLIP's ITC features exactly
@@ -175,7 +183,7 @@ class FusionEncoder(ImageTextModel):
             negatives = hard_negatives(image_features, text_features, input_ids, scale.detach())
             fused_ids += [input_ids, input_ids[negatives.text_index], input_ids]
             fused_masks += [attention_mask, attention_mask[negatives.text_index], attention_mask]
-            fused_tokens += [tokens, tokens, tokens[negatives.image_index]]
+            fused_tokens += [tokens, tokens, select_rows(tokens, negatives.image_index)]
             out.itm_weights = torch.cat([torch.ones_like(negatives.text_valid), negatives.text_valid,
                                          negatives.image_valid])
         if mlm_input_ids is not None:

@@ -6,6 +6,8 @@ positions, rotations and colours; the label is the character, so colour tells no
 - mmscale: `tiny`, DeepSpeed through its launcher on 2 CPU ranks, CLIP + masked-LM
   (configs/pretrain/tiny.yaml: ZeRO-2, the stage tiny ships with), and again under ZeRO-3
   (configs/deepspeed/zero3.json, the stage of models that do not fit a device), and
+- mmscale again with `model.fusion_layers=4` (BLIP-style cross-attention, ITM and image-conditioned MLM;
+  its contrastive part is scored the same way, and its held-out masked-LM accuracy is printed), and
 - open_clip: its own trainer (`open_clip_train.main`) with a matched ViT/text transformer
   (tools/bench/open_clip_driver.py), one process,
 
@@ -21,7 +23,8 @@ start (about 14 s of imports and process start-up before the first step) to its 
     python tools/bench/learning.py --seeds 3                # mean and spread over 3 seeds per trainer
 
 The last line is one JSON object: {"mmscale_top1", "open_clip_top1", "mmscale_seconds", "open_clip_seconds",
-"mmscale_zero3_top1", "mmscale_zero3_seconds"}, means over the seeds (with --seeds > 1 also the per-seed
+"mmscale_zero3_top1", "mmscale_zero3_seconds", "mmscale_fusion_top1", "mmscale_fusion_seconds",
+"mmscale_fusion_mlm_accuracy"}, means over the seeds (with --seeds > 1 also the per-seed
 top-1 lists); the first four are the shipped config's.
 """
 
@@ -142,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="keep data, runs and logs here (default: a temporary folder)")
     parser.add_argument("--skip-open-clip", action="store_true", help="train mmscale only")
     parser.add_argument("--skip-zero3", action="store_true", help="leave out mmscale's ZeRO-3 run")
+    parser.add_argument("--skip-fusion", action="store_true", help="leave out the fusion run (model.fusion_layers: "
+                        "CLIP + ITM + image-conditioned MLM), whose contrastive part is scored like the dual encoder's")
     parser.add_argument("--patch-dropout", type=float, default=0.0, help="add a run with this model.patch_dropout")
     parser.add_argument("--before", metavar="GIT_REF", help="add a run trained by mmscale at this commit (a git "
                         "worktree of this checkout), for before/after comparisons")
@@ -154,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_open_clip:
         ensure_open_clip(args.open_clip_dir)
     rows: dict[str, list] = {}  # row label -> [(top-1, seconds, train records or None) per seed]
+    fusion_mlm, fusion_mlm_blind = [], []  # the fusion run's held-out masked-LM accuracy with and without the image
     with tempfile.TemporaryDirectory(prefix="mmscale-learning-") as scratch:
         root = args.output or Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
@@ -172,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             for seed in range(args.seeds):
                 for label, result in runs_of_seed(data, args, root / f"seed{seed}", seed, checkout):
                     rows.setdefault(label, []).append(result)
+                    if label == FUSION:
+                        accuracy, blind = masked_lm_accuracy(root / f"seed{seed}" / "mmscale_fusion" / "final", data)
+                        fusion_mlm.append(accuracy)
+                        fusion_mlm_blind.append(blind)
                     print(f"seed {seed}: {label}: zero-shot top-1 {result[0]:.3f}, {result[1]:.1f} s", flush=True)
         finally:
             if checkout is not None:
@@ -187,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
           f"window; chance {chance:.3f}; {os.cpu_count()} cores)")
     summary = {"mmscale_top1": mean(rows, SHIPPED, 0, 4), "open_clip_top1": mean(rows, OPEN_CLIP, 0, 4),
                "mmscale_seconds": mean(rows, SHIPPED, 1, 1), "open_clip_seconds": mean(rows, OPEN_CLIP, 1, 1),
-               "mmscale_zero3_top1": mean(rows, ZERO3, 0, 4), "mmscale_zero3_seconds": mean(rows, ZERO3, 1, 1)}
+               "mmscale_zero3_top1": mean(rows, ZERO3, 0, 4), "mmscale_zero3_seconds": mean(rows, ZERO3, 1, 1),
+               "mmscale_fusion_top1": mean(rows, FUSION, 0, 4), "mmscale_fusion_seconds": mean(rows, FUSION, 1, 1)}
+    if fusion_mlm:
+        summary["mmscale_fusion_mlm_accuracy"] = round(sum(fusion_mlm) / len(fusion_mlm), 4)
+        print(f"fusion: image-conditioned masked-LM accuracy on the held-out captions {summary['mmscale_fusion_mlm_accuracy']:.3f}"
+              f" (without the image {sum(fusion_mlm_blind) / len(fusion_mlm_blind):.3f})")
     if args.seeds > 1:
         summary |= {"seeds": args.seeds, "mmscale_top1_per_seed": [round(r[0], 4) for r in rows[SHIPPED]],
                     "open_clip_top1_per_seed": [round(r[0], 4) for r in rows.get(OPEN_CLIP, [])]}
@@ -196,6 +211,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 SHIPPED, ZERO3, OPEN_CLIP = "mmscale tiny (ZeRO-2), 2 ranks", "mmscale tiny, ZeRO-3, 2 ranks", "open_clip_train, 1 process"
+FUSION = "mmscale tiny + fusion (ZeRO-2), 2 ranks"
+
+
+def masked_lm_accuracy(final: Path, data: dict) -> tuple[float, float]:
+    """(accuracy, accuracy_without_image) of `mmscale eval mlm` (random 15% masking) on the held-out shards."""
+    env = os.environ | {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, "-m", "mmscale.cli", "eval", "mlm", "--checkpoint", str(final), "--data",
+                             data["test"]], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    return summary["accuracy"], summary["accuracy_without_image"]
 
 
 def runs_of_seed(data: dict, args, root: Path, seed: int, checkout: Path | None):
@@ -206,6 +231,9 @@ def runs_of_seed(data: dict, args, root: Path, seed: int, checkout: Path | None)
     if not args.skip_zero3:
         yield ZERO3, run_mmscale(data, args, root / "mmscale_zero3", *seeded,
                                  f"train.deepspeed={REPO / 'configs' / 'deepspeed' / 'zero3.json'}")
+    if not args.skip_fusion:  # the same budget and settings, with BLIP's cross-attention, ITM and conditioned MLM
+        yield FUSION, run_mmscale(data, args, root / "mmscale_fusion", *seeded, "model.fusion_layers=4",
+                                  "loss.itm_weight=1.0")
     if args.patch_dropout:
         yield f"mmscale tiny, patch dropout {args.patch_dropout:g}", run_mmscale(
             data, args, root / "mmscale_patch_dropout", *seeded, f"model.patch_dropout={args.patch_dropout}")
