@@ -298,3 +298,23 @@ def test_int8_export_keeps_the_itm_head_and_the_scores_close(blip_folder, tokeni
     reloaded = load_model(tmp_path / "int8")
     assert isinstance(reloaded, FusionEncoder)
     assert float(reloaded.logit_scale().detach()) == pytest.approx(float(model.logit_scale().detach()), rel=1e-3)
+
+
+def test_the_readme_snippet_loads_a_saved_fusion_model_with_the_classes_it_names(tiny_fusion, tokenizer, tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    snippet = next(block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+                   if "BlipForImageTextRetrieval" in block)
+    tiny_fusion.eval().save(tmp_path / "final", tokenizer=tokenizer)
+    pixels = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    namespace = {"image": Image.fromarray(pixels)}
+    with torch.no_grad():
+        exec(snippet.replace('"run/final"', repr(str(tmp_path / "final"))), namespace)  # noqa: S102
+        encoded = CaptionEncoder(tokenizer, context_length=32, mlm_probability=0.0).encode(
+            ["a red circle on a gray background"])
+        expected = tiny_fusion.itm_scores(torch.from_numpy(pixels).permute(2, 0, 1)[None], encoded["input_ids"],
+                                          encoded["attention_mask"])
+    torch.testing.assert_close(namespace["p_match"], expected, rtol=1e-4, atol=1e-5)
+    assert namespace["cosine"].shape == (1, 1)
