@@ -186,6 +186,8 @@ def main() -> int:
     parser.add_argument("--micro-batch", type=int, default=0,
                         help="micro batch size (of the global 16; below 16, GradCache accumulation)")
     parser.add_argument("--where", action="store_true", help="count by call site")
+    parser.add_argument("--fusion", action="store_true", help="a fusion model (model.fusion_layers=4: ITM + "
+                        "image-conditioned MLM)")
     parser.add_argument("--cuda-sync-debug", action="store_true",
                         help="also make CUDA raise on any synchronizing call inside a step (GPU only)")
     args = parser.parse_args()
@@ -205,7 +207,8 @@ def main() -> int:
         "data.image_size=0", "data.context_length=32", "train.global_batch_size=16", f"train.steps={args.steps}",
         "train.log_every_steps=3", "train.warmup_steps=2", f"train.precision={args.precision}",
         f"train.deepspeed={args.deepspeed}", "train.progress=false", "train.tensorboard=false",
-        f"train.save_every_steps={10**9}", f"train.micro_batch_size={args.micro_batch}"])
+        f"train.save_every_steps={10**9}", f"train.micro_batch_size={args.micro_batch}",
+        *(["model.fusion_layers=4", "loss.itm_weight=1.0"] if args.fusion else [])])
     if args.cuda_sync_error:
         print(json.dumps(raise_on_cuda_syncs(config)))
         return 0

@@ -17,11 +17,13 @@ read back to the host); from the third step on it replays the trace."""
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["zero3", "zero2"])
-def test_a_training_step_syncs_the_host_at_most_once(tmp_path, stage):
+@pytest.mark.parametrize("stage,kind", [("zero3", "dual"), ("zero2", "dual"), ("zero3", "fusion")])
+def test_a_training_step_syncs_the_host_at_most_once(tmp_path, stage, kind):
+    """Also with a fusion model (issue 27): its hard negatives are drawn on the device (Gumbel-max) and its ITM
+    loss divides by a count that stays there."""
     result = subprocess.run(
         [sys.executable, str(HERE / "synccount.py"), "--work", str(tmp_path), "--steps", "6",
-         "--deepspeed", f"configs/deepspeed/{stage}.json"],
+         "--deepspeed", f"configs/deepspeed/{stage}.json", *(["--fusion"] if kind == "fusion" else [])],
         cwd=HERE.parent, capture_output=True, text=True, timeout=600,
         env=os.environ | {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -36,13 +38,14 @@ def test_a_training_step_syncs_the_host_at_most_once(tmp_path, stage):
 
 
 @pytest.mark.slow
-def test_gradcache_keeps_zero3s_module_trace(tmp_path):
+@pytest.mark.parametrize("kind", ["dual", "fusion"])
+def test_gradcache_keeps_zero3s_module_trace(tmp_path, kind):
     """GradCache's feature pass and gradient pass run the modules in one order (the feature pass a prefix of the
     gradient pass), so ZeRO-3 keeps its recorded trace and prefetches from it: once recorded, never invalidated
     (issue 26 item 9; before, both passes invalidated it every step)."""
     result = subprocess.run(
         [sys.executable, str(HERE / "synccount.py"), "--work", str(tmp_path), "--steps", "6", "--micro-batch", "8",
-         "--deepspeed", "configs/deepspeed/zero3.json"],
+         "--deepspeed", "configs/deepspeed/zero3.json", *(["--fusion"] if kind == "fusion" else [])],
         cwd=HERE.parent, capture_output=True, text=True, timeout=600,
         env=os.environ | {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"})
     assert result.returncode == 0, result.stderr[-3000:]
