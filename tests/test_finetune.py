@@ -364,3 +364,39 @@ def test_lora_fine_tuning_resumes_exactly_after_a_kill(data, tmp_path):
 
     assert losses("resumed") == pytest.approx(losses("straight"), rel=1e-6)
     assert sorted(losses("straight")) == list(range(1, 9))
+
+
+def test_lora_fine_tunes_a_blip_itm_folder_into_one_transformers_loads(data, tmp_path):
+    """`mmscale finetune --checkpoint` on a BlipForImageTextRetrieval folder (transformers' class, random weights,
+    saved as released BLIP ITM folders are): a fusion model trained with CLIP + ITM through LoRA adapters on its
+    self- and cross-attention; final/ is a BlipForImageTextRetrieval whose ITM scores are those of the base with
+    the PEFT adapter."""
+    from peft import PeftModel
+    from transformers import BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor, BlipProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(data["base"])
+    torch.manual_seed(0)
+    config = BlipConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": 64, "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 64, "patch_size": 16, "initializer_range": 0.02},
+        image_text_hidden_size=16)
+    config.architectures = ["BlipForImageTextRetrieval"]
+    blip = tmp_path / "blip-itm"
+    BlipForImageTextRetrieval(config).save_pretrained(blip, safe_serialization=True)
+    BlipProcessor(BlipImageProcessor(size={"height": 64, "width": 64}), tokenizer).save_pretrained(blip)
+    result = finetune(str(blip), data, tmp_path / "run")
+    assert "LoRA r=8 trains" in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) == 4 and all(r["itm_loss"] > 0 and r["grad_norm"] > 0 for r in train)
+    final, info = BlipForImageTextRetrieval.from_pretrained(tmp_path / "run" / "final", output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    adapted = PeftModel.from_pretrained(BlipForImageTextRetrieval.from_pretrained(blip), tmp_path / "run" / "adapter")
+    pixels, ids = torch.randn(3, 3, 64, 64), torch.randint(5, len(tokenizer), (3, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(final.eval()(input_ids=ids, pixel_values=pixels).itm_score,
+                                   adapted.eval()(input_ids=ids, pixel_values=pixels).itm_score, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(BlipForImageTextRetrieval.from_pretrained(blip).eval()(
+            input_ids=ids, pixel_values=pixels).itm_score, final(input_ids=ids, pixel_values=pixels).itm_score, atol=1e-4)
