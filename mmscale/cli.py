@@ -35,12 +35,15 @@ def _allow_pipe_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval_parsers(subparsers) -> None:
-    evaluation = subparsers.add_parser("eval", help="evaluate a saved model (zero-shot, retrieval)")
+    evaluation = subparsers.add_parser("eval", help="evaluate a saved model (zero-shot, retrieval, masked words)")
     kinds = evaluation.add_subparsers(dest="eval_kind", required=True)
     for kind, summary in (("zeroshot", "zero-shot classification accuracy on labelled shards"),
-                          ("retrieval", "image-text retrieval recall@1/5/10 on caption shards")):
+                          ("retrieval", "image-text retrieval recall@1/5/10 on caption shards"),
+                          ("mlm", "masked-word accuracy on caption shards, with each caption's image and with a "
+                                  "blank gray one")):
         parser = kinds.add_parser(kind, help=summary, description=summary + "; the last line printed is one JSON object")
-        parser.add_argument("--checkpoint", required=True, help="model folder (mmscale final/, HF CLIP or dual encoder)")
+        parser.add_argument("--checkpoint", required=True,
+                            help="model folder (mmscale final/, HF CLIP, dual encoder or BLIP ITM)")
         parser.add_argument("--data", required=True, help="shard spec of the evaluation data")
         parser.add_argument("--tokenizer", default="", help="tokenizer folder (default: the checkpoint's)")
         parser.add_argument("--batch-size", type=int, default=64)
@@ -51,6 +54,14 @@ def _eval_parsers(subparsers) -> None:
             parser.add_argument("--classnames", required=True, help="one class name per line; line i is label i")
             parser.add_argument("--templates", default="", help="prompt templates, one per line with {} (default: "
                                 "'a photo of a {}.')")
+        if kind == "retrieval":
+            parser.add_argument("--rerank", type=int, default=0, metavar="K", help="re-rank each query's top K "
+                                "contrastive results by a fusion model's ITM P(match) and report rerank_i2t_r1.. "
+                                "beside the contrastive recall (ALBEF/BLIP evaluation; default 0: off)")
+        if kind == "mlm":
+            parser.add_argument("--words", default="", metavar="FILE", help="mask every whole-word occurrence "
+                                "(case-insensitive, every word piece) of these words, one a line (default: "
+                                "BERT's random 15%% masking, seeded per caption)")
 
 
 def _use_parsers(subparsers) -> None:
@@ -79,6 +90,14 @@ def _use_parsers(subparsers) -> None:
     zeroshot.add_argument("--templates", default="", help="prompt templates with {} (default 'a photo of a {}.')")
     zeroshot.add_argument("--top", type=int, default=5)
     zeroshot.add_argument("--context-length", type=int, default=64)
+    summary = "image-text matching probability of one image with each text (a fusion model's ITM head)"
+    match = subparsers.add_parser("match", help=summary, description=summary + "; one line per text in the file's "
+                                  "order, then one JSON object")
+    match.add_argument("--checkpoint", required=True, help="fusion model folder (mmscale final/ or BLIP ITM)")
+    match.add_argument("--image", required=True)
+    match.add_argument("--texts", required=True, help="text file, one text per line; printed in this order")
+    match.add_argument("--batch-size", type=int, default=64)
+    match.add_argument("--context-length", type=int, default=64)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise FileNotFoundError(f"{args.run_dir}: no metrics.jsonl here; give a training run's output_dir")
             print(write_report(args.run_dir))
             return 0
-        if args.command in ("export", "embed", "zeroshot"):
+        if args.command in ("export", "embed", "zeroshot", "match"):
             from mmscale.eval import use
 
             return getattr(use, f"{args.command}_command")(args)

@@ -105,11 +105,13 @@ class BatchLoader:
 def build_loader(
     config: DataConfig, *, spec: str, tokenizer, batch_size: int, train: bool,
     rank: int | None = None, world_size: int | None = None, epochs: int | None = None,
+    captions: CaptionEncoder | None = None,
 ) -> BatchLoader:
     """A rank's loader for `spec`: training (augmented, shuffled, endless unless `epochs`)
     or evaluation (center crop, in order, one pass).
 
-    `rank` and `world_size` default to the initialized torch.distributed group (else 0 and 1).
+    `rank` and `world_size` default to the initialized torch.distributed group (else 0 and 1). `captions`
+    replaces the caption encoder the data config describes (e.g. an evaluation's own masking).
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -134,8 +136,8 @@ def build_loader(
         image_size=config.image_size, max_pixels=config.max_pixels, train=train, crop_scale=config.crop_scale,
         crop_ratio=config.crop_ratio, hflip_probability=config.hflip_probability,
     )
-    captions = CaptionEncoder(tokenizer, context_length=config.context_length,
-                              mlm_probability=config.mlm_probability, pad_to_longest=config.pad_to_longest)
+    captions = captions or CaptionEncoder(tokenizer, context_length=config.context_length,
+                                          mlm_probability=config.mlm_probability, pad_to_longest=config.pad_to_longest)
     stream = ShardStream(settings, SampleDecoder(augment, captions))
     return BatchLoader(stream, workers=config.workers, prefetch_factor=config.prefetch_factor)
 

@@ -1,4 +1,4 @@
-"""`mmscale eval zeroshot|retrieval`: a saved model on shards, one process."""
+"""`mmscale eval zeroshot|retrieval|mlm`: a saved model on shards, one process."""
 
 from __future__ import annotations
 
@@ -11,17 +11,32 @@ from mmscale.data.loader import build_loader
 from mmscale.data.text import load_tokenizer
 from mmscale.eval.embed import evaluate
 from mmscale.models import load_model
+from mmscale.models.fusion import FusionEncoder
 
 
 def run_eval_command(args) -> int:
     """Print the metrics, then one JSON object as the last line."""
+    if args.eval_kind == "mlm":
+        from mmscale.eval.mlm import mlm_command
+
+        return mlm_command(args)
+    rerank = getattr(args, "rerank", 0)
+    if rerank < 0:
+        raise ValueError(f"--rerank {rerank}: give the number of contrastive candidates to re-rank (0: off)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.checkpoint, mlm_head=False).to(device)
+    if rerank and not isinstance(model, FusionEncoder):
+        raise ValueError(f"--rerank needs a fusion model (an ITM head): {args.checkpoint} is a dual encoder "
+                         f"({model.kind}); train one with model.fusion_layers > 0, or start from a BLIP ITM folder")
     tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
     data = DataConfig(val=args.data, image_size=model.image_size, context_length=args.context_length,
                       workers=args.workers, mlm_probability=0.0)
-    loader = build_loader(data, spec=args.data, tokenizer=tokenizer, batch_size=args.batch_size, train=False,
-                          rank=0, world_size=1)
+
+    def make_loader():
+        return build_loader(data, spec=args.data, tokenizer=tokenizer, batch_size=args.batch_size, train=False,
+                            rank=0, world_size=1)
+
+    loader = make_loader()
     metrics = evaluate(model, loader, tokenizer=tokenizer, device=device, context_length=args.context_length,
                        batch_size=args.batch_size, classnames=getattr(args, "classnames", ""),
                        templates=getattr(args, "templates", ""))
@@ -30,10 +45,17 @@ def run_eval_command(args) -> int:
     else:
         result = {name: metrics[name] for name in metrics if name.startswith(("i2t", "t2i"))}
         result |= {"val_loss": metrics.get("val_loss"), "samples": int(metrics["samples"])}
+        result |= {name: metrics[name] for name in ("itm_accuracy",) if name in metrics}  # a fusion model's
+        if rerank:
+            from mmscale.eval.rerank import rerank_metrics
+
+            model.eval()
+            result |= rerank_metrics(model, make_loader, k=rerank, device=device, context_length=args.context_length,
+                                     batch_size=args.batch_size) | {"rerank": rerank}
     for name, value in result.items():
-        print(f"{name:>10}: {value:.4f}" if isinstance(value, float) else f"{name:>10}: {value}")
+        print(f"{name:>16}: {value:.4f}" if isinstance(value, float) else f"{name:>16}: {value}")
     skipped = dict(loader.skipped)
     if skipped:
-        print(f"   skipped: {skipped}")
+        print(f"{'skipped':>16}: {skipped}")
     print(json.dumps(result))
     return 0

@@ -14,10 +14,12 @@ import torch
 import torch.distributed as dist
 
 from mmscale.data.text import CaptionEncoder
+from mmscale.eval.fusion import FusionValidation
 from mmscale.eval.metrics import contrastive_val_loss, read_lines, read_templates
 from mmscale.eval.shared import all_reduce_sum, rank_sizes, shared_retrieval_metrics, shared_zeroshot_accuracy
 from mmscale.models import DualEncoder
 from mmscale.models.dual_encoder import classifier_input
+from mmscale.models.fusion import FusionEncoder
 
 
 @dataclass
@@ -59,11 +61,28 @@ def _placeholder(model: DualEncoder, context_length: int) -> dict:
             "attention_mask": torch.ones(1, context_length, dtype=torch.long)}
 
 
+def _encode(model, inputs: dict, *, device: torch.device, fusion: FusionValidation | None,
+            counted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image and text features of one batch; with `fusion`, the image tokens are computed once and serve its
+    ITM and MLM counts too (the image features are `encode_images`', the projection of their first token)."""
+    images = inputs["images"].to(device, non_blocking=True)
+    if fusion is None:
+        image = model.encode_images(images)
+        return image, model.encode_texts(inputs["input_ids"].to(device), inputs["attention_mask"].to(device))
+    text = model.encode_texts(inputs["input_ids"].to(device), inputs["attention_mask"].to(device))
+    tokens = model.image_tokens(images)
+    image = model.towers.vision_proj(tokens[:, 0])
+    fusion.add_batch(inputs, image_tokens=tokens, image_features=image, text_features=text,
+                     captions=caption_groups(inputs["input_ids"], inputs["attention_mask"]), counted=counted)
+    return image, text
+
+
 @torch.no_grad()
 def embed_pass(model: DualEncoder, batches, *, device: torch.device, context_length: int,
-               max_samples: int = 0) -> Embedded:
+               max_samples: int = 0, fusion: FusionValidation | None = None) -> Embedded:
     """Image and caption embeddings (and `.cls` labels) of this rank's share of one pass over `batches`,
-    on `device`, where mmscale.eval.shared scores them without gathering them."""
+    on `device`, where mmscale.eval.shared scores them without gathering them. `fusion` (a fusion model's)
+    also counts ITM and MLM predictions of every batch."""
     images, texts, labels, captions, pictures = [], [], [], [], []
     iterator, seen, distributed = iter(batches), 0, _distributed()
     while True:
@@ -76,8 +95,7 @@ def embed_pass(model: DualEncoder, batches, *, device: torch.device, context_len
         elif batch is None:
             break
         inputs = batch if batch is not None else _placeholder(model, context_length)
-        image = model.encode_images(inputs["images"].to(device, non_blocking=True))
-        text = model.encode_texts(inputs["input_ids"].to(device), inputs["attention_mask"].to(device))
+        image, text = _encode(model, inputs, device=device, fusion=fusion, counted=batch is not None)
         if batch is not None:
             images.append(image.float())
             texts.append(text.float())
@@ -132,13 +150,16 @@ def current_logit_scale(model: DualEncoder) -> float:
 
 def evaluate(model: DualEncoder, batches, *, tokenizer, device: torch.device, context_length: int,
              batch_size: int, classnames: str = "", templates: str = "", max_samples: int = 0) -> dict[str, float]:
-    """Validation loss, retrieval recall@1/5/10 and, with class names, zero-shot top-1/top-5."""
+    """Validation loss, retrieval recall@1/5/10, with class names zero-shot top-1/top-5, and for a fusion
+    model ITM accuracy and (with an MLM head) image-conditioned MLM accuracy (mmscale.eval.fusion)."""
     was_training = model.training
     model.eval()
     try:
-        embedded = embed_pass(model, batches, device=device, context_length=context_length, max_samples=max_samples)
+        fusion = FusionValidation(model, tokenizer) if isinstance(model, FusionEncoder) else None
+        embedded = embed_pass(model, batches, device=device, context_length=context_length, max_samples=max_samples,
+                              fusion=fusion)
         samples = sum(rank_sizes(len(embedded.images), device))
-        metrics = {"samples": float(samples)}
+        metrics = {"samples": float(samples)} | (fusion.metrics(device) if fusion is not None else {})
         if classnames:
             names = read_lines(classnames, "classnames")
             classes = class_embeddings(model, tokenizer, names, read_templates(templates), device=device,

@@ -1,4 +1,5 @@
-"""Using a saved model (float or int8 export): `mmscale embed`, `mmscale zeroshot`, `mmscale export`."""
+"""Using a saved model (float or int8 export): `mmscale embed`, `mmscale zeroshot`, `mmscale match`,
+`mmscale export`."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from mmscale.data.transforms import decode_and_crop
 from mmscale.eval.embed import class_embeddings
 from mmscale.eval.metrics import read_lines, read_templates
 from mmscale.models import DualEncoder, load_model
+from mmscale.models.fusion import FusionEncoder
 
 MAX_PIXELS = 89_478_485
 
@@ -100,6 +102,30 @@ def zeroshot_command(args) -> int:
     for index in ranked.tolist():
         print(f"{probabilities[index]:7.2%}  {names[index]}")
     print(json.dumps({"label": names[ranked[0]], "probability": float(probabilities[ranked[0]])}))
+    return 0
+
+
+@torch.no_grad()
+def match_command(args) -> int:
+    """P(match) of one image with each text by a fusion model's ITM head, one line per text in the file's
+    order, then one JSON object."""
+    model, tokenizer = _model_and_tokenizer(args.checkpoint)
+    if not isinstance(model, FusionEncoder):
+        raise ValueError(f"{args.checkpoint} is a dual encoder ({model.kind}) without an ITM head; matching needs a "
+                         "fusion model: train one with model.fusion_layers > 0, or give a BLIP ITM folder")
+    texts = read_lines(args.texts, "texts")
+    encoder = CaptionEncoder(tokenizer, context_length=args.context_length, mlm_probability=0.0)
+    tokens = model.image_tokens(read_image(args.image, model.image_size)[None].to(model.device))
+    probabilities = []
+    for start in range(0, len(texts), args.batch_size):
+        encoded = encoder.encode(texts[start:start + args.batch_size])
+        logits = model.itm_logits(tokens.expand(len(encoded["input_ids"]), -1, -1),
+                                  encoded["input_ids"].to(model.device), encoded["attention_mask"].to(model.device))
+        probabilities += logits.float().softmax(dim=-1)[:, 1].tolist()
+    for text, probability in zip(texts, probabilities):
+        print(f"{probability:.4f}  {text}")
+    best = max(range(len(texts)), key=probabilities.__getitem__)
+    print(json.dumps({"probabilities": probabilities, "best": texts[best], "best_probability": probabilities[best]}))
     return 0
 
 
