@@ -71,7 +71,7 @@ def _encode(model, inputs: dict, *, device: torch.device, fusion: FusionValidati
         return image, model.encode_texts(inputs["input_ids"].to(device), inputs["attention_mask"].to(device))
     text = model.encode_texts(inputs["input_ids"].to(device), inputs["attention_mask"].to(device))
     tokens = model.image_tokens(images)
-    image = model.towers.vision_proj(tokens[:, 0])
+    image = model.image_features(tokens)
     fusion.add_batch(inputs, image_tokens=tokens, image_features=image, text_features=text,
                      captions=caption_groups(inputs["input_ids"], inputs["attention_mask"]), counted=counted)
     return image, text

@@ -133,9 +133,14 @@ class FusionEncoder(ImageTextModel):
         cross-attends to, and whose first token is the contrastive image feature's input."""
         return self.towers.vision_model(pixel_values=self.pixel_values(images)).last_hidden_state
 
+    def image_features(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """The contrastive image features of `image_tokens` (image_tokens' output): for callers that need both
+        without running the image tower twice."""
+        return self.towers.vision_proj(image_tokens[:, 0])
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Projected image embeddings, not normalized: BLIP's ITC image feature before its normalization."""
-        return self.towers.vision_proj(self.image_tokens(images)[:, 0])
+        return self.image_features(self.image_tokens(images))
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Projected text embeddings, not normalized: BLIP's ITC text feature (no image) before its normalization."""
@@ -174,7 +179,7 @@ class FusionEncoder(ImageTextModel):
         full one, so ZeRO-3 keeps its module trace."""
         text_features = self.encode_texts(input_ids, attention_mask)
         tokens = self.image_tokens(images)
-        image_features = self.towers.vision_proj(tokens[:, 0])
+        image_features = self.image_features(tokens)
         scale = self.logit_scale()
         out = DualEncoderOutput(image_features=image_features, text_features=text_features, logit_scale=scale,
                                 logit_bias=self.logit_bias)
