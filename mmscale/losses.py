@@ -48,6 +48,10 @@ class LossConfig:
     itm_weight: float = 1.0
     """Weight of the image-text matching loss (fusion models only: model.fusion_layers > 0; ignored otherwise):
     binary cross-entropy of the ITM head on each pair and one hard negative per image and per caption."""
+    itm_label_groups: bool = False
+    """Draw no ITM hard negative from a row with the same `.cls` label (besides identical captions): for captions
+    templated from the label, as classification data has them, where "the character 7" and "a printed 7" say the
+    same and would otherwise be drawn as each other's negative. Off where the caption says more than the label."""
     siglip_bias_init: float = -10.0
     """Initial SigLIP logit bias (the paper's -10 keeps the first steps from being swamped by negatives)."""
     whole_batch_negatives: bool = True
@@ -305,7 +309,7 @@ class PretrainingObjective(nn.Module):
                               logit_bias=bias.float().detach() if bias is not None else None)
         if not use_mlm:
             mlm_input_ids = mlm_labels = mlm_positions = mlm_targets = None
-        extra = {"itm": True} if self.itm else {}
+        extra = {"itm": True, "itm_groups": labels if self.config.itm_label_groups else None} if self.itm else {}
         out = self.model(images, input_ids, attention_mask, mlm_input_ids, mlm_labels,
                          mlm_positions=mlm_positions, mlm_targets=mlm_targets, **extra)
         image = F.normalize(out.image_features.float(), dim=-1)

@@ -33,6 +33,23 @@ def test_hard_negatives_never_pick_the_pair_or_an_identical_caption():
     assert negatives.text_valid.tolist() == [1.0] * 5
 
 
+def test_hard_negatives_skip_captions_of_the_same_label():
+    """Where the shards have `.cls` labels, a caption of the same label is no negative ("the character 7" is true
+    of the image of "a printed 7"); -1 (no label) excludes nothing more."""
+    torch.manual_seed(0)
+    ids = torch.tensor([[2, 5, 3], [2, 6, 3], [2, 7, 3], [2, 8, 3]])
+    groups = torch.tensor([0, 0, 1, -1])
+    picked = set()
+    for _ in range(200):
+        negatives = hard_negatives(torch.randn(4, 8), torch.randn(4, 8), ids, torch.tensor(10.0), groups=groups)
+        for row, (text, image) in enumerate(zip(negatives.text_index.tolist(), negatives.image_index.tolist())):
+            assert text != row and image != row
+            if groups[row] >= 0:
+                assert groups[text] != groups[row] and groups[image] != groups[row]
+            picked.add((row, text))
+    assert (3, 0) in picked and (3, 1) in picked  # no label: every other row is a candidate
+
+
 def test_hard_negatives_follow_the_masked_softmax_of_the_similarities():
     """Gumbel-max draws have BLIP's distribution: softmax(scale x similarity) over the allowed rows."""
     torch.manual_seed(1)
@@ -335,3 +352,52 @@ def test_the_readme_snippet_loads_a_saved_fusion_model_with_the_classes_it_names
                                           encoded["attention_mask"])
     torch.testing.assert_close(namespace["p_match"], expected, rtol=1e-4, atol=1e-5)
     assert namespace["cosine"].shape == (1, 1)
+
+
+ZERO3_FUSION_BUILD = """
+import json, math
+import deepspeed, torch
+from mmscale.losses import LossConfig
+from mmscale.models import ModelConfig
+from mmscale.train.config import TrainConfig
+from mmscale.train.engine import batch_layout, build_objective, deepspeed_config, init_distributed
+init_distributed()
+train = TrainConfig(precision="fp32", deepspeed="configs/deepspeed/zero3.json", global_batch_size=2, steps=1)
+config, _ = deepspeed_config(train, batch_layout(train, 1))
+model = build_objective(ModelConfig(preset="tiny", fusion_layers=4), LossConfig(), config, vocab_size=100).model
+parameters = dict(model.named_parameters())
+report = {"partitioned": all(hasattr(p, "ds_id") for p in parameters.values())}
+with deepspeed.zero.GatheredParameters(list(parameters.values())):
+    report["finite"] = all(bool(torch.isfinite(p).all()) for p in parameters.values())
+    report["class_std"] = float(model.towers.vision_model.embeddings.class_embedding.std())
+    report["position_std"] = float(model.towers.vision_model.embeddings.position_embedding.std())
+    report["cross_key_std"] = float(model.towers.text_encoder.encoder.layer[0].crossattention.self.key.weight.std())
+    report["itm_std"] = float(model.towers.itm_head.weight.std())
+    report["logit_scale"] = float(model.logit_scale_log.exp())
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.slow
+def test_a_fusion_model_built_under_zero3_gets_mmscales_initialization():
+    """Built partitioned (zero.Init), then initialized once gathered: open_clip's scheme on BLIP's modules, not
+    BLIP's own (its ViT's class and position embeddings at std 1e-10), every value finite, the temperature set."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mmscale.train.engine import free_port
+
+    result = subprocess.run([sys.executable, "-c", ZERO3_FUSION_BUILD], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=300,
+                            env=os.environ | {"MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    built = json.loads(result.stdout.strip().splitlines()[-1])
+    assert built["partitioned"] and built["finite"]
+    assert built["class_std"] == pytest.approx(128 ** -0.5, rel=0.5)
+    assert built["position_std"] == pytest.approx(128 ** -0.5, rel=0.2)
+    assert built["cross_key_std"] == pytest.approx(128 ** -0.5, rel=0.2)  # unit gain from the image width
+    assert built["itm_std"] == pytest.approx(0.02, rel=0.5)
+    assert built["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-5)

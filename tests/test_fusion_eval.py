@@ -311,9 +311,10 @@ def test_a_dual_encoder_is_refused_for_rerank_and_match(dual_dir, data, tmp_path
 # --- validation during training --------------------------------------------------------------------------------
 
 
-def _expected_itm_accuracy(model, batches) -> float:
-    """Per batch: each pair, and its image with the batch's most similar caption that differs (by model.itm_scores
-    and the public encoders: a second computation of what mmscale.eval.fusion counts)."""
+def _expected_itm_accuracy(model, batches, *, label_groups: bool = False) -> float:
+    """Per batch: each pair, and its image with the batch's most similar caption that differs and has another
+    `.cls` label with `label_groups` (by model.itm_scores and the public encoders: a second computation of what mmscale.eval.fusion
+    counts)."""
     right = total = 0
     with torch.no_grad():
         for batch in batches:
@@ -322,6 +323,9 @@ def _expected_itm_accuracy(model, batches) -> float:
                           @ torch.nn.functional.normalize(model.encode_texts(ids, mask), dim=-1).T)
             same = torch.tensor([[torch.equal(a[m.bool()], b[n.bool()]) for b, n in zip(ids, mask)]
                                  for a, m in zip(ids, mask)])
+            if label_groups:
+                labels = batch["labels"]
+                same |= (labels[:, None] == labels[None, :]) & (labels[:, None] >= 0)
             positives = model.itm_scores(images, ids, mask) > 0.5
             rows = (~same.all(dim=1)).nonzero().squeeze(1)
             negative = similarity.masked_fill(same, float("-inf")).argmax(dim=1)[rows]
@@ -339,6 +343,10 @@ def test_validation_of_a_fusion_model_reports_itm_and_mlm_accuracy(fusion_dir, d
     metrics = evaluate(model, batches, tokenizer=tokenizer, device=model.device, context_length=CONTEXT,
                        batch_size=6)
     assert metrics["itm_accuracy"] == pytest.approx(_expected_itm_accuracy(model, batches), abs=1e-9)
+    grouped = evaluate(model, batches, tokenizer=tokenizer, device=model.device, context_length=CONTEXT,
+                       batch_size=6, itm_label_groups=True)
+    assert grouped["itm_accuracy"] == pytest.approx(_expected_itm_accuracy(model, batches, label_groups=True),
+                                                    abs=1e-9)
     assert 0 <= metrics["mlm_accuracy"] <= 1 and "i2t_r1" in metrics
     dual = load_model(dual_dir).eval()
     plain = evaluate(dual, batches, tokenizer=tokenizer, device=dual.device, context_length=CONTEXT, batch_size=6)

@@ -39,7 +39,8 @@ def run_eval_command(args) -> int:
     loader = make_loader()
     metrics = evaluate(model, loader, tokenizer=tokenizer, device=device, context_length=args.context_length,
                        batch_size=args.batch_size, classnames=getattr(args, "classnames", ""),
-                       templates=getattr(args, "templates", ""))
+                       templates=getattr(args, "templates", ""),
+                       itm_label_groups=getattr(args, "itm_label_groups", False))
     if args.eval_kind == "zeroshot":
         result = {"top1": metrics["top1"], "top5": metrics["top5"], "samples": int(metrics["samples"])}
     else:

@@ -149,13 +149,16 @@ def current_logit_scale(model: DualEncoder) -> float:
 
 
 def evaluate(model: DualEncoder, batches, *, tokenizer, device: torch.device, context_length: int,
-             batch_size: int, classnames: str = "", templates: str = "", max_samples: int = 0) -> dict[str, float]:
+             batch_size: int, classnames: str = "", templates: str = "", max_samples: int = 0,
+             itm_label_groups: bool = False) -> dict[str, float]:
     """Validation loss, retrieval recall@1/5/10, with class names zero-shot top-1/top-5, and for a fusion
-    model ITM accuracy and (with an MLM head) image-conditioned MLM accuracy (mmscale.eval.fusion)."""
+    model ITM accuracy (`itm_label_groups`: no hard negative of the same `.cls` label, as loss.itm_label_groups)
+    and (with an MLM head) image-conditioned MLM accuracy (mmscale.eval.fusion)."""
     was_training = model.training
     model.eval()
     try:
-        fusion = FusionValidation(model, tokenizer) if isinstance(model, FusionEncoder) else None
+        fusion = (FusionValidation(model, tokenizer, label_groups=itm_label_groups)
+                  if isinstance(model, FusionEncoder) else None)
         embedded = embed_pass(model, batches, device=device, context_length=context_length, max_samples=max_samples,
                               fusion=fusion)
         samples = sum(rank_sizes(len(embedded.images), device))

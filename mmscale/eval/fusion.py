@@ -1,7 +1,9 @@
 """A fusion model's own validation metrics, counted batch by batch during the embedding pass.
 
 `itm_accuracy`: each pair and one hard negative, the caption of the same batch most similar to the image
-contrastively (never an identical caption), classified by the ITM head (P(match) > 0.5 is "match").
+contrastively (never an identical caption, nor with `label_groups` one of the same `.cls` label, as training draws
+them under loss.itm_label_groups: models.heads.same_meaning), classified by the ITM head (P(match) > 0.5 is
+"match").
 `mlm_accuracy`: BERT's random 15% masking of each caption from a generator seeded with the caption (so the
 result does not depend on the batching or the number of ranks), predicted with the captions attending to their
 images. Every batch, a rank's placeholder batch included, runs the same forward calls, so ranks stay in lockstep
@@ -21,8 +23,9 @@ from mmscale.eval.shared import all_reduce_sum
 class FusionValidation:
     """Counts of ITM and (with an MLM head and a [MASK] token) image-conditioned MLM over one evaluation."""
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, *, label_groups: bool = False):
         self.model = model
+        self.label_groups = label_groups
         self.masking = None
         if model.mlm_head is not None and tokenizer.mask_token_id is not None:
             self.masking = MaskingSpec(mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -52,6 +55,10 @@ class FusionValidation:
         device = tokens.device
         ids, mask = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
         same = (captions[:, None] == captions[None, :]).to(device)
+        labels = inputs.get("labels") if self.label_groups else None
+        if labels is not None:  # as training draws them: a caption of the same label is not a negative
+            labels = labels.to(device)
+            same |= (labels[:, None] == labels[None, :]) & (labels[:, None] >= 0)
         similarity = F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T
         negative = similarity.masked_fill(same, float("-inf")).argmax(dim=1)
         has_negative = ~same.all(dim=1)

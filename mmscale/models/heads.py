@@ -63,19 +63,32 @@ class HardNegatives:
     """[B] float 0/1: the same for caption i."""
 
 
+def same_meaning(input_ids: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, B] True where two rows' pairs cannot be each other's negatives: identical captions (identical token
+    ids, padding included), and rows of the same group where `groups` ([B] int, -1 for none) gives one. BLIP
+    excludes pairs of the same image id (`idx`, the 5 captions of a COCO image) the same way; with
+    loss.itm_label_groups mmscale's group is the sample's `.cls` label: where captions are templated from it,
+    "the character 7" and "a printed 7" describe each other's images, and as the most similar caption they would
+    be drawn as negatives whenever both are in a batch (labelled false: with 33 characters, in most batches of 64)."""
+    same = (input_ids[:, None, :] == input_ids[None, :, :]).all(dim=-1)  # the diagonal included
+    if groups is not None:
+        same = same | ((groups[:, None] == groups[None, :]) & (groups[:, None] >= 0))
+    return same
+
+
 @torch.no_grad()
 def hard_negatives(image_features: torch.Tensor, text_features: torch.Tensor, input_ids: torch.Tensor,
-                   logit_scale: torch.Tensor) -> HardNegatives:
+                   logit_scale: torch.Tensor, *, groups: torch.Tensor | None = None) -> HardNegatives:
     """One hard negative per image and per caption, drawn with probability softmax(scale x similarity) over the
     batch's other rows (ALBEF and BLIP's ITM sampling, arXiv:2107.07651 §3.2), excluding the pair itself and
-    every row with an identical caption (identical token ids, padding included): that pair is a positive too.
+    every row whose caption means the same (same_meaning: an identical caption, or the same `groups` label).
 
     Drawn by Gumbel-max (argmax of logits + Gumbel noise), which is the same distribution as BLIP's
     `torch.multinomial` of the masked softmax, without its per-row host reads; a row with no candidate gets
     weight 0 instead of being skipped, so every rank runs the same shapes. No gradient flows."""
     image = nn.functional.normalize(image_features.float(), dim=-1)
     text = nn.functional.normalize(text_features.float(), dim=-1)
-    same_caption = (input_ids[:, None, :] == input_ids[None, :, :]).all(dim=-1)  # the diagonal included
+    same_caption = same_meaning(input_ids, groups)
     logits = (logit_scale.float() * image @ text.T).masked_fill(same_caption, float("-inf"))
     valid = (~same_caption).any(dim=1).float()  # symmetric: a caption's candidates are the same rows
 

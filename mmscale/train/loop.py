@@ -350,7 +350,7 @@ def run_eval(run: Run, step: int) -> dict | None:
     metrics = evaluate(run.model, loader, tokenizer=run.tokenizer, device=run.device,
                        context_length=config.data.context_length, batch_size=config.eval.batch_size,
                        classnames=config.eval.classnames, templates=config.eval.templates,
-                       max_samples=config.eval.max_samples)
+                       max_samples=config.eval.max_samples, itm_label_groups=config.loss.itm_label_groups)
     return {"kind": "eval", "step": step} | metrics
 
 
