@@ -56,7 +56,7 @@ def _eval_parsers(subparsers) -> None:
                                 "'a photo of a {}.')")
         if kind == "retrieval":
             parser.add_argument("--rerank", type=int, default=0, metavar="K", help="re-rank each query's top K "
-                                "contrastive results by a fusion model's ITM P(match) and report rerank_i2t_r1.. "
+                                "contrastive results by a fusion model's ITM match logit plus the cosine (BLIP's score) and report rerank_i2t_r1.. "
                                 "beside the contrastive recall (ALBEF/BLIP evaluation; default 0: off)")
             parser.add_argument("--itm-label-groups", action="store_true", help="a fusion model's itm_accuracy: "
                                 "no hard negative with the caption's .cls label (as loss.itm_label_groups trains)")

@@ -225,10 +225,10 @@ def test_eval_retrieval_with_one_candidate_reranks_nothing(fusion_dir, data, cap
     assert 0 <= result["itm_accuracy"] <= 1 and result["rerank"] == 1 and result["samples"] == 24
 
 
-def test_reranking_every_candidate_is_retrieval_by_itm_alone(fusion_dir, data, tokenizer):
-    """With K above the number of results the ranking is the ITM head's: the same recall as ranking every
-    distinct (image, caption) by model.itm_scores, with retrieval_metrics' rules (same caption or same image is
-    correct, copies are one result, ties count for the query)."""
+def test_reranking_every_candidate_is_retrieval_by_blips_score(fusion_dir, data, tokenizer):
+    """With K above the number of results the ranking is BLIP's: the same recall as ranking every distinct
+    (image, caption) by the ITM "match" logit plus the contrastive cosine, with retrieval_metrics' rules (same
+    caption or same image is correct, copies are one result, ties count for the query)."""
     from mmscale.eval.rerank import rerank_metrics
 
     model = load_model(fusion_dir, mlm_head=False).eval()
@@ -246,8 +246,10 @@ def test_reranking_every_candidate_is_retrieval_by_itm_alone(fusion_dir, data, t
     with torch.no_grad():
         tokens = model.image_tokens(images[first_image])  # what model.itm_scores runs, each image once
         logits = model.itm_logits(tokens[grid[:, 0]], ids[grid[:, 1]], mask[grid[:, 1]])
-    probability = logits.float().softmax(dim=-1)[:, 1]
-    score = probability.view(len(first_image), len(first_caption))  # [distinct image, distinct caption]
+        cosine = (torch.nn.functional.normalize(model.encode_images(images[first_image]).float(), dim=-1)
+                  @ torch.nn.functional.normalize(model.encode_texts(ids[first_caption], mask[first_caption]).float(),
+                                                  dim=-1).T)
+    score = logits.float()[:, 1].view(len(first_image), len(first_caption)) + cosine  # [image, caption]
 
     def recall(query_ids, scores_of, result_of) -> dict[int, float]:
         ranks = []

@@ -2,7 +2,9 @@
 
 ALBEF's and BLIP's evaluation (arXiv:2107.07651 section 4, arXiv:2201.12086 section 5.1): the contrastive
 similarities pick each query's top K results, the fusion model's ITM head scores those K pairs, and they are
-re-ordered by P(match); the results below the top K keep their contrastive order. The conventions are those
+re-ordered by BLIP's score, the ITM head's "match" logit plus the pair's contrastive cosine (BLIP's
+`evaluation()` in train_retrieval.py: `score + topk_sim`; ALBEF ranks by the ITM score alone, and the cosine
+breaks its near-ties); the results below the top K keep their contrastive order. The conventions are those
 of mmscale.eval.metrics.retrieval_metrics: pair j is a correct result for query i when it has the same
 caption or the same image, copies of a caption (of an image) are one result, and ties count for the query.
 With K = 1 nothing moves, and the re-ranked recall is the contrastive one.
@@ -54,6 +56,8 @@ class Candidates:
     """[queries, K] False where there were fewer than K results."""
     rank: torch.Tensor
     """[queries] wrong results scored above the query's best correct one (MISS for a NaN score)."""
+    similarity: torch.Tensor
+    """[queries, K] each candidate's contrastive score (its best copy's cosine; -inf where not valid)."""
 
 
 @torch.no_grad()
@@ -102,12 +106,12 @@ def top_candidates(queries: torch.Tensor, keys: torch.Tensor, *, correct_of, res
         nudged = torch.nextafter(wrong, torch.tensor(float("-inf"), dtype=torch.float64))
         values, chosen = torch.cat([right, nudged], dim=1).topk(kept, dim=1)
         is_correct = (chosen < count) & ~best.isnan()[:, None]  # a NaN query stays a miss after re-ranking
-        parts.append((chosen % count, is_correct, values > float("-inf"), rank))
+        parts.append((chosen % count, is_correct, values > float("-inf"), rank, values.float()))
     return Candidates(*(torch.cat(column) for column in zip(*parts)))
 
 
 def reranked_recall(candidates: Candidates, itm: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[int, float]:
-    """Recall@k after re-ordering each query's candidates by `itm` ([queries, K] P(match)): a query whose
+    """Recall@k after re-ordering each query's candidates by `itm` ([queries, K] re-ranking scores): a query whose
     candidates include a correct one ranks by the wrong candidates that beat its best correct one (ties count
     for the query); any other keeps its contrastive rank, which is K or more."""
     correct = candidates.correct & candidates.valid
@@ -118,9 +122,9 @@ def reranked_recall(candidates: Candidates, itm: torch.Tensor, ks: tuple[int, ..
 
 
 @torch.no_grad()
-def itm_probabilities(model, batches, pairs: Pairs, jobs: torch.Tensor, *, device: torch.device,
-                      batch_size: int) -> torch.Tensor:
-    """Second pass: P(match) of each job (distinct image x captions + distinct caption, sorted), each image's
+def itm_match_logits(model, batches, pairs: Pairs, jobs: torch.Tensor, *, device: torch.device,
+                     batch_size: int) -> torch.Tensor:
+    """Second pass: the ITM head's "match" logit of each job (distinct image x captions + distinct caption, sorted), each image's
     tokens computed once, when the pass first reaches it, and its pairs scored `batch_size` at a time."""
     captions = int(pairs.caption_index.max()) + 1
     job_image, job_caption = jobs // captions, jobs % captions
@@ -148,7 +152,7 @@ def itm_probabilities(model, batches, pairs: Pairs, jobs: torch.Tensor, *, devic
             length = int(pairs.attention_mask[pair].sum(dim=1).max())
             logits = model.itm_logits(tokens[token_row[chunk].to(device)], pairs.input_ids[pair, :length].to(device),
                                       pairs.attention_mask[pair, :length].to(device))
-            scores[job_index[chunk]] = logits.float().softmax(dim=-1)[:, 1].cpu()
+            scores[job_index[chunk]] = logits.float()[:, 1].cpu()
         pending[new] = False
     if pending.any():
         raise ValueError(f"the evaluation data changed between the two passes of --rerank ({int(pending.sum())} "
@@ -185,10 +189,11 @@ def rerank_metrics(model, make_batches, *, k: int, device: torch.device, context
                         (t2i.result * captions + pairs.caption_index[:, None]).flatten()])
     valid = torch.cat([i2t.valid.flatten(), t2i.valid.flatten()])
     jobs, inverse = torch.unique(job_of[valid], return_inverse=True)
-    scores = itm_probabilities(model, make_batches(), pairs, jobs, device=device, batch_size=batch_size)
+    scores = itm_match_logits(model, make_batches(), pairs, jobs, device=device, batch_size=batch_size)
     itm = torch.full((len(job_of),), float("nan"))
     itm[valid] = scores[inverse]
     i2t_itm, t2i_itm = itm.split([i2t.valid.numel(), t2i.valid.numel()])
-    return ({f"rerank_i2t_r{n}": value for n, value in reranked_recall(i2t, i2t_itm.view_as(i2t.valid)).items()}
-            | {f"rerank_t2i_r{n}": value for n, value in reranked_recall(t2i, t2i_itm.view_as(t2i.valid)).items()}
+    i2t_score, t2i_score = i2t_itm.view_as(i2t.valid) + i2t.similarity, t2i_itm.view_as(t2i.valid) + t2i.similarity
+    return ({f"rerank_i2t_r{n}": value for n, value in reranked_recall(i2t, i2t_score).items()}
+            | {f"rerank_t2i_r{n}": value for n, value in reranked_recall(t2i, t2i_score).items()}
             | {"rerank_itm_pairs": len(jobs)})
