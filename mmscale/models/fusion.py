@@ -168,9 +168,10 @@ class FusionEncoder(ImageTextModel):
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 mlm_input_ids: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None, *,
                 mlm_positions: torch.Tensor | None = None, mlm_targets: torch.Tensor | None = None,
-                itm: bool = False) -> DualEncoderOutput:
+                itm: bool = False, itm_groups: torch.Tensor | None = None) -> DualEncoderOutput:
         """Contrastive features and temperature; with `itm`, ITM logits of each pair and its two hard negatives
-        (mmscale.models.heads.hard_negatives, from this batch's rows); with masked captions, MLM logits of the
+        (mmscale.models.heads.hard_negatives, from this batch's rows, never one of the same `itm_groups` label);
+        with masked captions, MLM logits of the
         captions attending to their images. ITM and MLM share one fused text-encoder pass over
         [captions | hard-negative captions... ] of 3B (+B) rows.
 
@@ -185,7 +186,7 @@ class FusionEncoder(ImageTextModel):
                                 logit_bias=self.logit_bias)
         fused_ids, fused_masks, fused_tokens = [], [], []
         if itm:
-            negatives = hard_negatives(image_features, text_features, input_ids, scale.detach())
+            negatives = hard_negatives(image_features, text_features, input_ids, scale.detach(), groups=itm_groups)
             fused_ids += [input_ids, input_ids[negatives.text_index], input_ids]
             fused_masks += [attention_mask, attention_mask[negatives.text_index], attention_mask]
             fused_tokens += [tokens, tokens, select_rows(tokens, negatives.image_index)]
