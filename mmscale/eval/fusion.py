@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from mmscale.data.text import MaskingSpec
 from mmscale.eval.mlm import mask_each_caption, masked_token_counts
 from mmscale.eval.shared import all_reduce_sum
+from mmscale.models.heads import same_meaning
 
 
 class FusionValidation:
@@ -37,7 +38,7 @@ class FusionValidation:
                   text_features: torch.Tensor, captions: torch.Tensor, counted: bool) -> None:
         """Score one batch (`captions`: its caption groups, equal for identical captions); `counted=False` for a
         placeholder batch, which runs the same forward calls and counts nothing."""
-        pairs, right = self._itm(inputs, image_tokens, image_features, text_features, captions)
+        pairs, right = self._itm(inputs, image_tokens, image_features, text_features)
         masked = mlm_right = 0
         if self.masking is not None:
             ids, labels = mask_each_caption(inputs["input_ids"], inputs["attention_mask"], seeds=captions.tolist(),
@@ -49,16 +50,13 @@ class FusionValidation:
             for slot, value in enumerate((pairs, right, masked, mlm_right)):
                 self.counts[slot] += value
 
-    def _itm(self, inputs: dict, tokens: torch.Tensor, image_features: torch.Tensor, text_features: torch.Tensor,
-             captions: torch.Tensor) -> tuple[int, int]:
+    def _itm(self, inputs: dict, tokens: torch.Tensor, image_features: torch.Tensor,
+             text_features: torch.Tensor) -> tuple[int, int]:
         """(pairs scored, pairs classified right): the batch's positives and, per image, its hardest caption."""
         device = tokens.device
         ids, mask = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
-        same = (captions[:, None] == captions[None, :]).to(device)
         labels = inputs.get("labels") if self.label_groups else None
-        if labels is not None:  # as training draws them: a caption of the same label is not a negative
-            labels = labels.to(device)
-            same |= (labels[:, None] == labels[None, :]) & (labels[:, None] >= 0)
+        same = same_meaning(ids, None if labels is None else labels.to(device))  # as training draws negatives
         similarity = F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T
         negative = similarity.masked_fill(same, float("-inf")).argmax(dim=1)
         has_negative = ~same.all(dim=1)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from mmscale.models import load_model
 from mmscale.models.base import ImageTextModel
 from mmscale.models.checkpoint import SAFE_LOADING, CheckpointError, wrap_like
+from mmscale.models.fusion import ATTENTION as FUSION_ATTENTION
 from mmscale.models.fusion import FusionEncoder
 
 
@@ -76,7 +77,7 @@ def quantize_int8(model: ImageTextModel, float_towers: Path, *, keep_projections
 
     skipped = list(model.head_names) if keep_projections else []
     config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skipped)
-    extra = {"attn_implementation": "eager"} if isinstance(model, FusionEncoder) else {}
+    extra = {"attn_implementation": FUSION_ATTENTION} if isinstance(model, FusionEncoder) else {}
     towers = type(model.towers).from_pretrained(float_towers, quantization_config=config, dtype=torch.float16,
                                                 **SAFE_LOADING, **extra)
     return wrap_like(model, towers, mlm_head=False)

@@ -1,6 +1,6 @@
 """LoRA (PEFT) on the towers of a dual encoder or fusion model, with whole-tower locking (LiT) and full-rank heads.
 
-LoRA goes on the Hugging Face towers (`model.towers`, a CLIPModel, VisionTextImageTextModelModel or
+LoRA goes on the Hugging Face towers (`model.towers`, a CLIPModel, VisionTextDualEncoderModel or
 BlipForImageTextRetrieval), so the adapter is saved in PEFT's own format and `peft.PeftModel.from_pretrained(
 <the base's transformers class>.from_pretrained(base), adapter)` reloads it. The projections (and a fusion model's
 ITM head) train fully (PEFT's `modules_to_save`, so they are in the adapter too) and so does the temperature.
