@@ -131,6 +131,24 @@ def test_restored_state_yields_exactly_the_uninterrupted_batches(tmp_path, token
     assert resumed.samples_delivered == 30 * 4
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_loader_leaves_the_trainers_random_generator_alone(tmp_path, tokenizer, workers):
+    """A resumed run restores torch's generator before its loader starts: a loader that drew from it (the
+    workers' base seed of each iter()) shifted every later draw of the model (the fusion model's ITM negatives)."""
+    config = DataConfig(image_size=32, context_length=16, shuffle_buffer=16, workers=workers)
+    spec = "::".join(write_shards(tmp_path, shards=2, per_shard=6))
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    loader = build_loader(config, spec=spec, tokenizer=tokenizer, batch_size=4, train=True)
+    batches = iter(loader)
+    next(batches)
+    state = loader.state_dict()
+    resumed = build_loader(config, spec=spec, tokenizer=tokenizer, batch_size=4, train=True)
+    resumed.load_state_dict(state)
+    next(iter(resumed))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 @pytest.mark.parametrize("old_batches,epochs", [(4, 1), (8, 2), (11, 2)], ids=["mid-epoch", "one-reader-past-it",
                                                                                "both-readers-past-it"])
 @pytest.mark.parametrize("new_ranks,new_workers", [(1, 0), (3, 0), (3, 2)])

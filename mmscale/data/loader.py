@@ -15,7 +15,7 @@ import torch
 from mmscale.data.config import DataConfig
 from mmscale.data.samples import AugmentSettings, SampleDecoder
 from mmscale.data.shards import ShardError, parse_spec, shard_sizes
-from mmscale.data.stream import ShardStream, StreamSettings, UnusableData
+from mmscale.data.stream import ShardStream, StreamSettings, UnusableData, mix_seed
 from mmscale.data.text import CaptionEncoder
 
 __all__ = ["BatchLoader", "ShardStream", "StreamSettings", "UnusableData", "build_loader"]
@@ -44,6 +44,11 @@ class BatchLoader:
                 stream, batch_size=None, num_workers=workers,
                 prefetch_factor=prefetch_factor if workers > 0 else None,
                 persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                # Its own generator for the workers' base seed: each iter() would otherwise draw it from torch's
+                # global one, which a resumed run restores before the loader starts (the fusion model's ITM
+                # negatives came out different after a resume).
+                generator=torch.Generator().manual_seed(mix_seed(stream.settings.seed, "workers", stream.settings.rank)
+                                                        % 2**63),
             )
 
     @property
