@@ -52,6 +52,11 @@ class LossConfig:
     """Draw no ITM hard negative from a row with the same `.cls` label (besides identical captions): for captions
     templated from the label, as classification data has them, where "the character 7" and "a printed 7" say the
     same and would otherwise be drawn as each other's negative. Off where the caption says more than the label."""
+    itm_negatives: Literal["micro_batch", "global"] = "micro_batch"
+    """Where ITM hard negatives are drawn from: `micro_batch`, the rank's own micro-batch (ALBEF and BLIP
+    pretraining), or `global`, every rank's pairs of the micro-batch (BLIP's retrieval fine-tuning): three more
+    gathers per micro-batch, one of them the image tokens with gradient, and captions of one length on every rank
+    (set data.pad_to_longest=false)."""
     siglip_bias_init: float = -10.0
     """Initial SigLIP logit bias (the paper's -10 keeps the first steps from being swamped by negatives)."""
     whole_batch_negatives: bool = True
@@ -309,7 +314,11 @@ class PretrainingObjective(nn.Module):
                               logit_bias=bias.float().detach() if bias is not None else None)
         if not use_mlm:
             mlm_input_ids = mlm_labels = mlm_positions = mlm_targets = None
-        extra = {"itm": True, "itm_groups": labels if self.config.itm_label_groups else None} if self.itm else {}
+        extra = {}
+        if self.itm:
+            gather = gather_with_grad if self.config.itm_negatives == "global" and dist.is_initialized() else None
+            extra = {"itm": True, "itm_groups": labels if self.config.itm_label_groups else None,
+                     "itm_gather": gather}
         out = self.model(images, input_ids, attention_mask, mlm_input_ids, mlm_labels,
                          mlm_positions=mlm_positions, mlm_targets=mlm_targets, **extra)
         image = F.normalize(out.image_features.float(), dim=-1)

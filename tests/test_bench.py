@@ -124,6 +124,20 @@ def test_learning_benchmark_trains_mmscale_on_rendered_characters_end_to_end():
     assert numbers["mmscale_fusion_seconds"] > 0 and 0 <= numbers["mmscale_fusion_mlm_accuracy"] <= 1
 
 
+def test_itm_negatives_benchmark_trains_both_modes_through_the_launcher_and_scores_them():
+    """tools/bench/itm_negatives.py at toy size: both runs (micro-batch and global ITM negatives, the latter
+    gathering image tokens with gradient across the 2 ranks) train through the DeepSpeed launcher and are scored;
+    four steps learn nothing, so only the figures' presence and range are checked."""
+    out = bench("itm_negatives.py", "--train-samples", "128", "--test-samples", "64", "--per-shard", "64",
+                "--steps", "4", "--batch", "32", "--rerank", "4")
+    numbers = json.loads(out.strip().splitlines()[-1])
+    assert set(numbers) == {"micro_batch", "global"}
+    for row in numbers.values():
+        assert row["seconds"] > 0 and row["itm_loss"] > 0 and 0 <= row["itm_accuracy"] <= 1
+        assert 0 <= row["rerank_i2t_r1"] <= 1 and 0 <= row["i2t_r1"] <= 1
+    assert "| global |" in out
+
+
 def test_sharding_benchmark_downloads_from_its_loopback_server():
     """The make_shards half of tools/bench/sharding.py at toy size (img2dataset needs its own virtual
     environment from PyPI, which the full benchmark makes)."""

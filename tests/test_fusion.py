@@ -401,3 +401,72 @@ def test_a_fusion_model_built_under_zero3_gets_mmscales_initialization():
     assert built["cross_key_std"] == pytest.approx(128 ** -0.5, rel=0.2)  # unit gain from the image width
     assert built["itm_std"] == pytest.approx(0.02, rel=0.5)
     assert built["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def _global_negatives_rank(rank: int, port: int, vocab_size: int, batch: dict, results: str) -> None:
+    """One of two gloo ranks, each with one pair of `batch`: ITM-only loss with loss.itm_negatives=global, and the
+    gradients of the parameters it reaches."""
+    import os
+
+    import torch.distributed as dist
+    from distkit import save_from_every_rank
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(preset="tiny", fusion_layers=4), vocab_size=vocab_size)
+        objective = PretrainingObjective(model, LossConfig(contrastive_weight=0.0, mlm_weight=0.0, itm_weight=1.0,
+                                                           itm_negatives="global"))
+        mine = slice(rank, rank + 1)
+        out = objective(batch["images"][mine], batch["input_ids"][mine], batch["attention_mask"][mine])
+        out.total.backward()
+        save_from_every_rank({"loss": out.itm.detach(), "grads": _itm_gradients(model)}, results)
+    finally:
+        dist.destroy_process_group()
+
+
+def _itm_gradients(model: FusionEncoder) -> dict[str, torch.Tensor]:
+    """Gradients of a vision, a cross-attention, a text and the ITM head's weights."""
+    towers = model.towers
+    return {name: parameter.grad.clone() for name, parameter in (
+        ("patch", towers.vision_model.embeddings.patch_embedding.weight),
+        ("cross", towers.text_encoder.encoder.layer[1].crossattention.self.key.weight),
+        ("words", towers.text_encoder.embeddings.word_embeddings.weight),
+        ("itm", towers.itm_head.weight))}
+
+
+@pytest.mark.slow
+def test_global_negatives_on_two_ranks_equal_one_process_on_both_pairs(tokenizer, tmp_path):
+    """loss.itm_negatives=global with one pair per rank: each pair's only candidate is the other rank's, as in one
+    process with both pairs and micro-batch negatives. The mean loss and the summed gradients (the image tokens'
+    gather sends each rank's share back to the image's own rank) equal that process's."""
+    import torch.multiprocessing as mp
+    from distkit import free_port
+
+    encoder = CaptionEncoder(tokenizer, context_length=16, mlm_probability=0.0, pad_to_longest=False)
+    batch = dict(encoder.encode_and_mask(CAPTIONS[:2], seed=0))
+    batch["images"] = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    results = tmp_path / "ranks.pt"
+    mp.spawn(_global_negatives_rank, args=(free_port(), len(tokenizer), batch, str(results)), nprocs=2, join=True)
+    ranks = torch.load(results)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny", fusion_layers=4), vocab_size=len(tokenizer))
+    objective = PretrainingObjective(model, LossConfig(contrastive_weight=0.0, mlm_weight=0.0, itm_weight=1.0))
+    out = objective(batch["images"], batch["input_ids"], batch["attention_mask"])
+    out.total.backward()
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, out.itm.detach(), rtol=1e-5, atol=1e-6)
+    for name, expected in _itm_gradients(model).items():
+        assert expected.abs().sum() > 0, name
+        torch.testing.assert_close((ranks[0]["grads"][name] + ranks[1]["grads"][name]) / 2, expected,
+                                   rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_global_itm_negatives_ask_for_one_caption_length_on_every_rank():
+    from mmscale.config import ConfigError, load_config
+    from mmscale.train.config import TrainRunConfig
+
+    with pytest.raises(ConfigError, match="set data.pad_to_longest=false"):
+        load_config(TrainRunConfig, overrides=["loss.itm_negatives=global"])
+    config = load_config(TrainRunConfig, overrides=["loss.itm_negatives=global", "data.pad_to_longest=false"])
+    assert config.loss.itm_negatives == "global"

@@ -13,6 +13,7 @@ the MLM head tied to the word embeddings, and optionally SigLIP's bias, saved in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from transformers import BlipConfig, BlipForImageTextRetrieval, BlipTextConfig, 
 from mmscale.data.text import IGNORE_INDEX, masked_positions
 from mmscale.models.base import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, DualEncoderOutput, ImageTextModel
 from mmscale.models.config import ModelConfig, ModelSizes
-from mmscale.models.heads import MaskedLMHead, hard_negatives
+from mmscale.models.heads import MaskedLMHead, NegativePool, hard_negatives
 from mmscale.models.init import init_towers
 
 # BLIP's attention is eager only: its text encoder adds the mask and multiplies by hand, and transformers
@@ -168,12 +169,14 @@ class FusionEncoder(ImageTextModel):
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 mlm_input_ids: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None, *,
                 mlm_positions: torch.Tensor | None = None, mlm_targets: torch.Tensor | None = None,
-                itm: bool = False, itm_groups: torch.Tensor | None = None) -> DualEncoderOutput:
+                itm: bool = False, itm_groups: torch.Tensor | None = None,
+                itm_gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> DualEncoderOutput:
         """Contrastive features and temperature; with `itm`, ITM logits of each pair and its two hard negatives
-        (mmscale.models.heads.hard_negatives, from this batch's rows, never one of the same `itm_groups` label);
-        with masked captions, MLM logits of the
-        captions attending to their images. ITM and MLM share one fused text-encoder pass over
-        [captions | hard-negative captions... ] of 3B (+B) rows.
+        (mmscale.models.heads.hard_negatives, never one of the same `itm_groups` label), drawn from this batch's
+        rows, or with `itm_gather` (every rank's rows of a tensor, in rank order, gradients flowing back to their
+        rank: mmscale.losses.gather_with_grad) from every rank's: the captions must then have one length on every
+        rank. With masked captions, MLM logits of the captions attending to their images. ITM and MLM share one
+        fused text-encoder pass over [captions | hard-negative captions... ] of 3B (+B) rows.
 
         Modules run in one order (text encoder, text_proj, vision, vision_proj, then the fused text pass, the
         ITM head, the MLM head): the forward without ITM and MLM (GradCache's feature pass) is a prefix of the
@@ -186,10 +189,17 @@ class FusionEncoder(ImageTextModel):
                                 logit_bias=self.logit_bias)
         fused_ids, fused_masks, fused_tokens = [], [], []
         if itm:
-            negatives = hard_negatives(image_features, text_features, input_ids, scale.detach(), groups=itm_groups)
-            fused_ids += [input_ids, input_ids[negatives.text_index], input_ids]
-            fused_masks += [attention_mask, attention_mask[negatives.text_index], attention_mask]
-            fused_tokens += [tokens, tokens, select_rows(tokens, negatives.image_index)]
+            pool, pool_masks, pool_tokens = None, attention_mask, tokens
+            if itm_gather is not None:
+                pool, pool_masks = self._global_pool(itm_gather, image_features, text_features, input_ids,
+                                                     attention_mask, itm_groups)
+                pool_tokens = itm_gather(tokens)
+            negatives = hard_negatives(image_features, text_features, input_ids, scale.detach(), groups=itm_groups,
+                                       pool=pool)
+            pool_ids = input_ids if pool is None else pool.input_ids
+            fused_ids += [input_ids, pool_ids[negatives.text_index], input_ids]
+            fused_masks += [attention_mask, pool_masks[negatives.text_index], attention_mask]
+            fused_tokens += [tokens, tokens, select_rows(pool_tokens, negatives.image_index)]
             out.itm_weights = torch.cat([torch.ones_like(negatives.text_valid), negatives.text_valid,
                                          negatives.image_valid])
         if mlm_input_ids is not None:
@@ -210,3 +220,20 @@ class FusionEncoder(ImageTextModel):
             out.mlm_logits = self.mlm_head(masked.reshape(-1, masked.shape[-1]).index_select(0, mlm_positions))
             out.mlm_targets = mlm_targets
         return out
+
+    @staticmethod
+    def _global_pool(gather: Callable[[torch.Tensor], torch.Tensor], image_features: torch.Tensor,
+                     text_features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     groups: torch.Tensor | None) -> tuple[NegativePool, torch.Tensor]:
+        """Every rank's pairs as a NegativePool, and their attention masks: two gathers (the features, then the
+        captions, masks and labels as one integer tensor), neither with gradient."""
+        width, length = image_features.shape[1], input_ids.shape[1]
+        features = gather(torch.cat([image_features, text_features], dim=1).detach())
+        columns = [input_ids, attention_mask.to(input_ids.dtype)]
+        if groups is not None:
+            columns.append(groups.to(input_ids.dtype)[:, None])
+        integers = gather(torch.cat(columns, dim=1))
+        pool = NegativePool(image_features=features[:, :width], text_features=features[:, width:],
+                            input_ids=integers[:, :length],
+                            groups=integers[:, 2 * length] if groups is not None else None)
+        return pool, integers[:, length:2 * length].to(attention_mask.dtype)

@@ -63,38 +63,65 @@ class HardNegatives:
     """[B] float 0/1: the same for caption i."""
 
 
-def same_meaning(input_ids: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, B] True where two rows' pairs cannot be each other's negatives: identical captions (identical token
-    ids, padding included), and rows of the same group where `groups` ([B] int, -1 for none) gives one. BLIP
-    excludes pairs of the same image id (`idx`, the 5 captions of a COCO image) the same way; with
-    loss.itm_label_groups mmscale's group is the sample's `.cls` label: where captions are templated from it,
-    "the character 7" and "a printed 7" describe each other's images, and as the most similar caption they would
-    be drawn as negatives whenever both are in a batch (labelled false: with 33 characters, in most batches of 64)."""
-    same = (input_ids[:, None, :] == input_ids[None, :, :]).all(dim=-1)  # the diagonal included
+@dataclass
+class NegativePool:
+    """The pairs hard negatives are drawn from, when not the batch's own rows: under loss.itm_negatives=global,
+    every rank's rows of the micro-batch (this rank's among them, so the pair itself is excluded as an identical
+    caption). Features need no gradient; captions have the batch's length."""
+
+    image_features: torch.Tensor
+    """[N, D] contrastive image features (not normalized)."""
+    text_features: torch.Tensor
+    """[N, D] contrastive text features (not normalized)."""
+    input_ids: torch.Tensor
+    """[N, L] captions."""
+    groups: torch.Tensor | None = None
+    """[N] labels (-1: none), or None."""
+
+
+def same_meaning(input_ids: torch.Tensor, groups: torch.Tensor | None = None, *,
+                 pool: NegativePool | None = None) -> torch.Tensor:
+    """[B, N] True where a row's pair and a pair of `pool` (default: the same rows, N = B) cannot be each other's
+    negatives: identical captions (identical token ids, padding included), and the same group where `groups`
+    ([B] int, -1 for none) gives one. BLIP excludes pairs of the same image id (`idx`, the 5 captions of a COCO
+    image) the same way; with loss.itm_label_groups mmscale's group is the sample's `.cls` label: where captions
+    are templated from it, "the character 7" and "a printed 7" describe each other's images, and as the most
+    similar caption they would be drawn as negatives whenever both are in a batch (labelled false: with 33
+    characters, in most batches of 64)."""
+    pool_ids, pool_groups = (input_ids, groups) if pool is None else (pool.input_ids, pool.groups)
+    same = (input_ids[:, None, :] == pool_ids[None, :, :]).all(dim=-1)  # the pair itself included
     if groups is not None:
-        same = same | ((groups[:, None] == groups[None, :]) & (groups[:, None] >= 0))
+        same = same | ((groups[:, None] == pool_groups[None, :]) & (groups[:, None] >= 0))
     return same
 
 
 @torch.no_grad()
 def hard_negatives(image_features: torch.Tensor, text_features: torch.Tensor, input_ids: torch.Tensor,
-                   logit_scale: torch.Tensor, *, groups: torch.Tensor | None = None) -> HardNegatives:
+                   logit_scale: torch.Tensor, *, groups: torch.Tensor | None = None,
+                   pool: NegativePool | None = None) -> HardNegatives:
     """One hard negative per image and per caption, drawn with probability softmax(scale x similarity) over the
-    batch's other rows (ALBEF and BLIP's ITM sampling, arXiv:2107.07651 §3.2), excluding the pair itself and
-    every row whose caption means the same (same_meaning: an identical caption, or the same `groups` label).
+    batch's other rows (ALBEF and BLIP's ITM sampling, arXiv:2107.07651 §3.2), or over `pool`'s rows (indices
+    then point into the pool), excluding the pair itself and every row whose caption means the same
+    (same_meaning: an identical caption, or the same `groups` label).
 
     Drawn by Gumbel-max (argmax of logits + Gumbel noise), which is the same distribution as BLIP's
     `torch.multinomial` of the masked softmax, without its per-row host reads; a row with no candidate gets
     weight 0 instead of being skipped, so every rank runs the same shapes. No gradient flows."""
+    if pool is None:
+        pool = NegativePool(image_features, text_features, input_ids, groups)
     image = nn.functional.normalize(image_features.float(), dim=-1)
     text = nn.functional.normalize(text_features.float(), dim=-1)
-    same_caption = same_meaning(input_ids, groups)
-    logits = (logit_scale.float() * image @ text.T).masked_fill(same_caption, float("-inf"))
-    valid = (~same_caption).any(dim=1).float()  # symmetric: a caption's candidates are the same rows
+    same = same_meaning(input_ids, groups, pool=pool)
+    scale = logit_scale.float()
+    captions_for_images = (scale * image @ nn.functional.normalize(pool.text_features.float(), dim=-1).T)
+    images_for_captions = (scale * text @ nn.functional.normalize(pool.image_features.float(), dim=-1).T)
+    valid = (~same).any(dim=1).float()  # a caption's candidates are the same pairs as its image's
 
     def draw(scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.masked_fill(same, float("-inf"))
         uniform = torch.rand_like(scores).clamp_(min=1e-20)
         # -inf + finite noise stays -inf; a row that is all -inf gives index 0, weighted 0 by `valid`.
         return (scores - torch.log(-torch.log(uniform))).argmax(dim=1)
 
-    return HardNegatives(text_index=draw(logits), image_index=draw(logits.T), text_valid=valid, image_valid=valid)
+    return HardNegatives(text_index=draw(captions_for_images), image_index=draw(images_for_captions),
+                         text_valid=valid, image_valid=valid)

@@ -118,3 +118,9 @@ class TrainRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self):
+        if self.loss.itm_negatives == "global" and self.data.pad_to_longest:
+            raise ValueError("loss.itm_negatives=global gathers every rank's captions, which needs one caption "
+                             "length on every rank: set data.pad_to_longest=false (captions padded to "
+                             "data.context_length)")
