@@ -1,17 +1,19 @@
 """Where should ITM hard negatives come from: the rank's micro-batch or every rank's? Both, in one run.
 
-Trains `configs/pretrain/tiny_fusion.yaml` (CLIP + ITM + image-conditioned MLM) twice on the same generated shards
+Trains `configs/pretrain/tiny_fusion.yaml` (CLIP + ITM + image-conditioned MLM) on the same generated shards
 through the DeepSpeed launcher on 2 CPU ranks, once with `loss.itm_negatives=micro_batch` and once with `global`
-(the image tokens gathered with gradient, captions padded to data.context_length in both runs, so the caption
-length is no difference between them), then scores each saved model with `mmscale eval retrieval --rerank K` on
-held-out shards: held-out ITM accuracy (each pair and its hardest caption of the batch), contrastive and re-ranked
-recall@1. Wall time is the whole training command; pairs/s the mean of the log windows after the first.
+(the image tokens gathered with gradient; captions padded to data.context_length in both runs, so the caption
+length is no difference between them), and once more with the shipped default, micro-batch negatives and
+captions padded to each batch's longest (what global negatives' fixed length costs). Each saved model is scored
+with `mmscale eval retrieval --rerank K` on held-out shards: ITM accuracy (each pair and its hardest caption of
+the batch), contrastive and re-ranked recall@1. Wall time is the whole training command; pairs/s the mean of
+the log windows after the first.
 
     python tools/bench/itm_negatives.py                                   # shapes, 400 steps of 64
     python tools/bench/itm_negatives.py --corpus characters --steps 1200 --label-groups --mlm-weight 0.5
 
-The last line is one JSON object: per mode ("micro_batch", "global"), {"seconds", "pairs_per_second",
-"itm_accuracy", "i2t_r1", "t2i_r1", "rerank_i2t_r1", "rerank_t2i_r1", "itm_loss"}.
+The last line is one JSON object: per mode ("micro_batch", "global", "micro_batch_longest"), {"seconds",
+"pairs_per_second", "itm_accuracy", "i2t_r1", "t2i_r1", "rerank_i2t_r1", "rerank_t2i_r1", "itm_loss"}.
 """
 
 from __future__ import annotations
@@ -31,7 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from learning import make_data, steady_rate  # noqa: E402
 
-MODES = ("micro_batch", "global")
+# Each run's overrides: global negatives need one caption length on every rank (data.pad_to_longest=false), so the
+# comparison is at that length; `micro_batch_longest` is the shipped default (captions padded to the batch's
+# longest), for what that padding costs.
+MODES = {"micro_batch": ["loss.itm_negatives=micro_batch", "data.pad_to_longest=false"],
+         "global": ["loss.itm_negatives=global", "data.pad_to_longest=false"],
+         "micro_batch_longest": ["loss.itm_negatives=micro_batch", "data.pad_to_longest=true"]}
 ENV = os.environ | {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -42,8 +49,8 @@ def train(data: dict, args, mode: str, output: Path) -> tuple[float, list[dict]]
 
     overrides = [f"output_dir={output}", f"data.train={data['train']}", f"tokenizer={data['tokenizer']}",
                  f"train.samples={args.steps * args.batch}", f"train.global_batch_size={args.batch}",
-                 f"train.seed={args.seed}", f"data.seed={args.seed}", "data.pad_to_longest=false",
-                 f"data.context_length={args.context_length}", f"loss.itm_negatives={mode}",
+                 f"train.seed={args.seed}", f"data.seed={args.seed}", *MODES[mode],
+                 f"data.context_length={args.context_length}",
                  f"loss.mlm_weight={args.mlm_weight}", f"loss.itm_label_groups={str(args.label_groups).lower()}",
                  "train.progress=false", "train.tensorboard=false", f"train.save_every_steps={10**9}",
                  f"train.log_every_steps={max(1, args.steps // 20)}", *args.overrides]
@@ -56,7 +63,7 @@ def train(data: dict, args, mode: str, output: Path) -> tuple[float, list[dict]]
     log = output.parent / f"{output.name}.log"
     log.write_text(result.stdout + result.stderr)
     if result.returncode:
-        raise SystemExit(f"training with loss.itm_negatives={mode} failed (log: {log}):\n{result.stderr[-3000:]}")
+        raise SystemExit(f"training {mode} failed (log: {log}):\n{result.stderr[-3000:]}")
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     return seconds, [record for record in records if record["kind"] == "train"]
 
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-groups", action="store_true", help="loss.itm_label_groups (templated captions)")
     parser.add_argument("--rerank", type=int, default=16, help="K of the re-ranked retrieval (default 16)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--workdir", default="", help="keep shards and runs here (default: a temporary folder)")
     parser.add_argument("overrides", nargs="*", help="more config overrides for both runs (key=value)")
     args = parser.parse_args(argv)
@@ -98,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                          test_samples=args.test_samples, per_shard=args.per_shard)
         results = {}
         for mode in args.modes:
-            print(f"training with loss.itm_negatives={mode} ...", flush=True)
+            print(f"training {mode} ({' '.join(MODES[mode])}) ...", flush=True)
             seconds, records = train(data, args, mode, root / mode)
             scores = score(data, args, root / mode / "final")
             results[mode] = {"seconds": round(seconds, 1), "pairs_per_second": round(steady_rate(records), 1),
