@@ -60,6 +60,9 @@ def _eval_parsers(subparsers) -> None:
                                 "beside the contrastive recall (ALBEF/BLIP evaluation; default 0: off)")
             parser.add_argument("--itm-label-groups", action="store_true", help="a fusion model's itm_accuracy: "
                                 "no hard negative with the caption's .cls label (as loss.itm_label_groups trains)")
+            parser.add_argument("--match-labels", action="store_true", help="a result with the query's .cls label "
+                                "counts as correct (category-level recall, for captions that are templates of a "
+                                "label); default: the same caption or the same image")
         if kind == "mlm":
             parser.add_argument("--words", default="", metavar="FILE", help="mask every whole-word occurrence "
                                 "(case-insensitive, every word piece) of these words, one a line (default: "

@@ -126,15 +126,19 @@ def test_learning_benchmark_trains_mmscale_on_rendered_characters_end_to_end():
 
 def test_itm_negatives_benchmark_trains_both_modes_through_the_launcher_and_scores_them():
     """tools/bench/itm_negatives.py at toy size: both runs (micro-batch and global ITM negatives, the latter
-    gathering image tokens with gradient across the 2 ranks) train through the DeepSpeed launcher and are scored;
-    four steps learn nothing, so only the figures' presence and range are checked."""
+    gathering image tokens with gradient across the 2 ranks) train through the DeepSpeed launcher and are scored
+    (by label too, and conditioned MLM on the class names); four steps learn nothing, so only the figures'
+    presence and range are checked, and that matching by label never finds less."""
     out = bench("itm_negatives.py", "--train-samples", "128", "--test-samples", "64", "--per-shard", "64",
-                "--steps", "4", "--batch", "32", "--rerank", "4")
+                "--steps", "4", "--batch", "32", "--rerank", "4", "--label-groups")
     numbers = json.loads(out.strip().splitlines()[-1])
     assert set(numbers) == {"micro_batch", "global", "micro_batch_longest"}
     for row in numbers.values():
         assert row["seconds"] > 0 and row["itm_loss"] > 0 and 0 <= row["itm_accuracy"] <= 1
         assert 0 <= row["rerank_i2t_r1"] <= 1 and 0 <= row["i2t_r1"] <= 1
+        assert 0 <= row["mlm_accuracy"] <= 1 and 0 <= row["mlm_accuracy_without_image"] <= 1
+        assert all(row[f"label_{name}"] >= row[name] for name in ("i2t_r1", "t2i_r1", "rerank_i2t_r1",
+                                                                   "rerank_t2i_r1"))
     assert "| global |" in out
 
 

@@ -30,15 +30,18 @@ def whole_set() -> dict[str, torch.Tensor]:
     texts = centres[pictures] + 1.5 * torch.randn(count, dim, generator=generator)
     texts[[21, 33]] = texts[[2, 5]]
     classes = F.normalize(torch.randn(6, dim, generator=generator), dim=-1)
-    labels = (pictures % 6).masked_fill(torch.arange(count) % 7 == 3, -1)  # some images without a label
+    labels = (pictures % 3).masked_fill(torch.arange(count) % 7 == 3, -1)  # 3-4 images a class, some without one
     return {"images": images, "texts": texts, "caption_groups": captions, "image_groups": pictures,
             "labels": labels, "classes": classes}
 
 
 def reference() -> dict[str, float]:
     data = whole_set()
+    by_label = retrieval_metrics(data["images"], data["texts"], KS, caption_groups=data["caption_groups"],
+                                 image_groups=data["image_groups"], label_groups=data["labels"])
     return (retrieval_metrics(data["images"], data["texts"], KS, caption_groups=data["caption_groups"],
                               image_groups=data["image_groups"])
+            | {f"label_{name}": value for name, value in by_label.items()}
             | zeroshot_accuracy(data["images"], data["labels"], data["classes"]))
 
 
@@ -54,6 +57,11 @@ def _rank_main(rank: int, world: int, shares: list[int], port: int, results: str
         metrics = shared.shared_retrieval_metrics(data["images"][mine], data["texts"][mine], KS,
                                                   caption_groups=data["caption_groups"][mine],
                                                   image_groups=data["image_groups"][mine])
+        by_label = shared.shared_retrieval_metrics(data["images"][mine], data["texts"][mine], KS,
+                                                   caption_groups=data["caption_groups"][mine],
+                                                   image_groups=data["image_groups"][mine],
+                                                   label_groups=data["labels"][mine])
+        metrics |= {f"label_{name}": value for name, value in by_label.items()}
         metrics |= shared.shared_zeroshot_accuracy(data["images"][mine], data["labels"][mine], data["classes"])
         save_from_every_rank(metrics, results)
     finally:
@@ -67,6 +75,7 @@ def test_metrics_over_ranks_equal_the_single_process_ones(tmp_path, shares):
     mp.spawn(_rank_main, args=(len(shares), shares, free_port(), str(results)), nprocs=len(shares), join=True)
     expected = reference()
     assert 0 < expected["i2t_r1"] < expected["i2t_r5"] < 1 and 0 < expected["t2i_r1"] < 1  # not a trivial set
+    assert expected["t2i_r1"] < expected["label_t2i_r1"] < 1  # labels find more, and not everything
     for metrics in torch.load(results):
         assert metrics == pytest.approx(expected, rel=1e-6)  # counts: one query more or less moves them by >= 1/40
 
@@ -77,6 +86,9 @@ def test_one_process_without_a_group_scores_like_the_reference():
     data = whole_set()
     metrics = shared_retrieval_metrics(data["images"], data["texts"], KS, caption_groups=data["caption_groups"],
                                        image_groups=data["image_groups"])
+    by_label = shared_retrieval_metrics(data["images"], data["texts"], KS, caption_groups=data["caption_groups"],
+                                        image_groups=data["image_groups"], label_groups=data["labels"])
+    metrics |= {f"label_{name}": value for name, value in by_label.items()}
     metrics |= shared_zeroshot_accuracy(data["images"], data["labels"], data["classes"])
     assert metrics == pytest.approx(reference(), rel=1e-6)
     nan_texts = data["texts"].clone()

@@ -182,24 +182,30 @@ def test_eval_mlm_mistakes_are_one_line_errors(dual_dir, data, tokenizer, tmp_pa
 # --- re-ranked retrieval --------------------------------------------------------------------------------------
 
 
-def test_candidates_rank_as_retrieval_metrics_and_reranking_reorders_them():
-    """On a COCO-like set (4 captions per image, repeated captions): the candidates' contrastive ranks give
-    retrieval_metrics' recall exactly; with K = 1 re-ranking moves nothing; an ITM that knows the answer puts a
-    correct candidate first whenever one is among the top K."""
+@pytest.mark.parametrize("by_label", [False, True], ids=["caption-or-image", "label"])
+def test_candidates_rank_as_retrieval_metrics_and_reranking_reorders_them(by_label):
+    """On a COCO-like set (4 captions per image, repeated captions, some unlabelled pairs): the candidates'
+    contrastive ranks give retrieval_metrics' recall exactly (also where the same `.cls` label counts); with K = 1
+    re-ranking moves nothing; an ITM that knows the answer puts a correct candidate first whenever one is among
+    the top K."""
     from test_eval_shared import whole_set
 
+    from mmscale.eval.metrics import same_label
     from mmscale.eval.rerank import reranked_recall, top_candidates
 
     data = whole_set()
     image = torch.nn.functional.normalize(data["images"], dim=-1)
     text = torch.nn.functional.normalize(data["texts"], dim=-1)
     captions, pictures = data["caption_groups"], data["image_groups"]
+    labels = data["labels"] if by_label else None
     _, caption_index = torch.unique(captions, return_inverse=True)
 
     def correct_of(rows):
-        return (captions[rows][:, None] == captions[None, :]) | (pictures[rows][:, None] == pictures[None, :])
+        correct = (captions[rows][:, None] == captions[None, :]) | (pictures[rows][:, None] == pictures[None, :])
+        return correct | same_label(labels[rows], labels) if by_label else correct
 
-    expected = retrieval_metrics(data["images"], data["texts"], caption_groups=captions, image_groups=pictures)
+    expected = retrieval_metrics(data["images"], data["texts"], caption_groups=captions, image_groups=pictures,
+                                 label_groups=labels)
     for direction, queries, keys, results in (("i2t", image, text, caption_index), ("t2i", text, image, pictures)):
         for k in (1, 5):
             candidates = top_candidates(queries, keys, correct_of=correct_of, results=results, k=k)
@@ -223,6 +229,23 @@ def test_eval_retrieval_with_one_candidate_reranks_nothing(fusion_dir, data, cap
     assert all(0 <= result[name] <= 1 and 0 <= result[f"rerank_{name}"] <= 1 for name in names)
     assert all(result[f"rerank_{name}"] == result[name] for name in names)
     assert 0 <= result["itm_accuracy"] <= 1 and result["rerank"] == 1 and result["samples"] == 24
+
+
+def test_eval_retrieval_by_label_counts_more_results_as_correct(fusion_dir, data, capsys):
+    """`--match-labels`: shapes' labels are their colours, shared by several captions, so a result with the query's
+    colour is correct too: no recall falls, contrastive or re-ranked, and some rise."""
+    common = ("eval", "retrieval", "--checkpoint", fusion_dir, "--data", data["spec"], "--rerank", 4,
+              "--batch-size", 8, "--workers", 0)
+    code, lines, _ = run(capsys, *common)
+    assert code == 0
+    strict = json.loads(lines[-1])
+    code, lines, _ = run(capsys, *common, "--match-labels")
+    assert code == 0
+    by_label = json.loads(lines[-1])
+    names = [f"{prefix}{direction}_r{n}" for prefix in ("", "rerank_") for direction in ("i2t", "t2i")
+             for n in (1, 5, 10)]
+    assert all(by_label[name] >= strict[name] for name in names)
+    assert any(by_label[name] > strict[name] for name in names)
 
 
 def test_reranking_every_candidate_is_retrieval_by_blips_score(fusion_dir, data, tokenizer):

@@ -128,6 +128,18 @@ def test_retrieval_counts_another_caption_of_the_same_image_as_a_match():
     assert grouped["i2t_r1"] == 1.0 and grouped["t2i_r1"] == 1.0
 
 
+def test_retrieval_by_label_counts_a_result_with_the_query_label_and_never_an_unlabelled_one():
+    """Templated captions: pairs 0 and 1 are two images of class 3 with different templates, and image 0's best
+    caption is pair 1's; pairs 2 and 3 have no label (-1), which never matches another unlabelled pair."""
+    image = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, -1.0]])
+    text = torch.tensor([[0.6, 0.8, 0.0], [1.0, 0.0, 0.0], [0.0, 0.6, -0.8], [0.0, 0.0, 1.0]])
+    labels = torch.tensor([3, 3, -1, -1])
+    strict = retrieval_metrics(image, text, ks=(1,))
+    assert strict == {"i2t_r1": 0.0, "t2i_r1": 0.0}
+    by_label = retrieval_metrics(image, text, ks=(1,), label_groups=labels)
+    assert by_label == {"i2t_r1": 0.5, "t2i_r1": 0.5}  # pairs 0 and 1 are found, the unlabelled ones are not
+
+
 def test_retrieval_of_nan_embeddings_is_a_miss_not_a_hit():
     image = torch.full((3, 2), float("nan"))
     assert retrieval_metrics(image, torch.eye(3, 2), ks=(1,)) == {"i2t_r1": 0.0, "t2i_r1": 0.0}

@@ -40,7 +40,8 @@ def run_eval_command(args) -> int:
     metrics = evaluate(model, loader, tokenizer=tokenizer, device=device, context_length=args.context_length,
                        batch_size=args.batch_size, classnames=getattr(args, "classnames", ""),
                        templates=getattr(args, "templates", ""),
-                       itm_label_groups=getattr(args, "itm_label_groups", False))
+                       itm_label_groups=getattr(args, "itm_label_groups", False),
+                       match_labels=getattr(args, "match_labels", False))
     if args.eval_kind == "zeroshot":
         result = {"top1": metrics["top1"], "top5": metrics["top5"], "samples": int(metrics["samples"])}
     else:
@@ -52,7 +53,7 @@ def run_eval_command(args) -> int:
 
             model.eval()
             result |= rerank_metrics(model, make_loader, k=rerank, device=device, context_length=args.context_length,
-                                     batch_size=args.batch_size) | {"rerank": rerank}
+                                     batch_size=args.batch_size, match_labels=args.match_labels) | {"rerank": rerank}
     for name, value in result.items():
         print(f"{name:>16}: {value:.4f}" if isinstance(value, float) else f"{name:>16}: {value}")
     skipped = dict(loader.skipped)

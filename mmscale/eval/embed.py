@@ -150,10 +150,11 @@ def current_logit_scale(model: DualEncoder) -> float:
 
 def evaluate(model: DualEncoder, batches, *, tokenizer, device: torch.device, context_length: int,
              batch_size: int, classnames: str = "", templates: str = "", max_samples: int = 0,
-             itm_label_groups: bool = False) -> dict[str, float]:
-    """Validation loss, retrieval recall@1/5/10, with class names zero-shot top-1/top-5, and for a fusion
-    model ITM accuracy (`itm_label_groups`: no hard negative of the same `.cls` label, as loss.itm_label_groups)
-    and (with an MLM head) image-conditioned MLM accuracy (mmscale.eval.fusion)."""
+             itm_label_groups: bool = False, match_labels: bool = False) -> dict[str, float]:
+    """Validation loss, retrieval recall@1/5/10 (`match_labels`: a result with the query's `.cls` label counts,
+    mmscale.eval.metrics.retrieval_metrics), with class names zero-shot top-1/top-5, and for a fusion model ITM
+    accuracy (`itm_label_groups`: no hard negative of the same `.cls` label, as loss.itm_label_groups) and
+    (with an MLM head) image-conditioned MLM accuracy (mmscale.eval.fusion)."""
     was_training = model.training
     model.eval()
     try:
@@ -176,7 +177,8 @@ def evaluate(model: DualEncoder, batches, *, tokenizer, device: torch.device, co
             loss, pairs = all_reduce_sum([loss, pairs], device)
             metrics["val_loss"] = loss / pairs
             metrics |= shared_retrieval_metrics(embedded.images, embedded.texts, caption_groups=embedded.caption_groups,
-                                                image_groups=embedded.image_groups)
+                                                image_groups=embedded.image_groups,
+                                                label_groups=embedded.labels if match_labels else None)
         return metrics
     finally:
         model.train(was_training)

@@ -32,15 +32,24 @@ def _recall_at(queries: torch.Tensor, keys: torch.Tensor, ks: tuple[int, ...], *
     return {k: hits[k] / len(queries) for k in ks}
 
 
+def same_label(query_labels: torch.Tensor, key_labels: torch.Tensor) -> torch.Tensor:
+    """[queries, keys]: both have a `.cls` label (>= 0) and it is the same."""
+    return (query_labels[:, None] == key_labels[None, :]) & (query_labels[:, None] >= 0)
+
+
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10),
-                      *, caption_groups: torch.Tensor | None = None,
-                      image_groups: torch.Tensor | None = None) -> dict[str, float]:
+                      *, caption_groups: torch.Tensor | None = None, image_groups: torch.Tensor | None = None,
+                      label_groups: torch.Tensor | None = None) -> dict[str, float]:
     """Image-to-text and text-to-image recall@k, pair i being image i with caption i.
 
     `caption_groups` / `image_groups` (equal for identical captions / images) make pair j a match for pair
     i when it has the same caption or the same image, as COCO-style evaluation counts any of an image's
     five captions: an image found through another of its captions, or a caption repeated word for word,
     is what the query asked for. Copies of a caption (of an image) then take one rank place.
+
+    `label_groups` (each pair's `.cls` label, -1 for none) also make pair j a match when it has pair i's label:
+    category-level retrieval (metric learning's Recall@K), for captions that are templates of a label, where
+    which template a caption used is nowhere in its image.
     """
     image = F.normalize(image_features.float(), dim=-1)
     text = F.normalize(text_features.float(), dim=-1)
@@ -52,6 +61,8 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
         for groups in (caption_groups, image_groups):
             if groups is not None:
                 correct |= groups[index][:, None] == groups[None, :]
+        if label_groups is not None:
+            correct |= same_label(label_groups[index], label_groups)
         return correct
 
     pairs = torch.arange(count)

@@ -6,7 +6,8 @@ re-ordered by BLIP's score, the ITM head's "match" logit plus the pair's contras
 `evaluation()` in train_retrieval.py: `score + topk_sim`; ALBEF ranks by the ITM score alone, and the cosine
 breaks its near-ties); the results below the top K keep their contrastive order. The conventions are those
 of mmscale.eval.metrics.retrieval_metrics: pair j is a correct result for query i when it has the same
-caption or the same image, copies of a caption (of an image) are one result, and ties count for the query.
+caption or the same image (with `match_labels`, also the same `.cls` label), copies of a caption (of an image)
+are one result, and ties count for the query.
 With K = 1 nothing moves, and the re-ranked recall is the contrastive one.
 
 Memory stays bounded by the number of pairs: the data is read twice (once for the embeddings and the
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mmscale.eval.embed import caption_groups, image_groups
+from mmscale.eval.metrics import same_label
 
 QUERY_BLOCK = 256
 KS = (1, 5, 10)
@@ -32,7 +34,7 @@ MISS = torch.iinfo(torch.int64).max
 @dataclass
 class Pairs:
     """What the first pass keeps of every pair: its normalized features, which caption and which image it has
-    (indices into the distinct ones), and its caption's tokens."""
+    (indices into the distinct ones), its caption's tokens and its `.cls` label (-1 for none)."""
 
     image_features: torch.Tensor
     text_features: torch.Tensor
@@ -42,6 +44,7 @@ class Pairs:
     """The distinct images' digests (mmscale.eval.embed.image_groups), sorted: image_index points into it."""
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    labels: torch.Tensor
 
 
 @dataclass
@@ -63,7 +66,7 @@ class Candidates:
 @torch.no_grad()
 def embed_pairs(model, batches, *, device: torch.device, context_length: int) -> Pairs:
     """First pass: features, caption and image identities, and caption tokens (padded to `context_length`)."""
-    images, texts, captions, pictures, ids, masks = [], [], [], [], [], []
+    images, texts, captions, pictures, ids, masks, labels = [], [], [], [], [], [], []
     for batch in batches:
         images.append(F.normalize(model.encode_images(batch["images"].to(device)).float(), dim=-1).cpu())
         texts.append(F.normalize(model.encode_texts(batch["input_ids"].to(device),
@@ -73,12 +76,13 @@ def embed_pairs(model, batches, *, device: torch.device, context_length: int) ->
         padding = (0, context_length - batch["input_ids"].shape[1])
         ids.append(F.pad(batch["input_ids"], padding))
         masks.append(F.pad(batch["attention_mask"], padding))
+        labels.append(batch.get("labels", torch.full((len(batch["input_ids"]),), -1)).long().cpu())
     if not images:
         raise ValueError("the evaluation data has no pairs to re-rank")
     _, caption_index = torch.unique(torch.cat(captions), return_inverse=True)
     image_digests, image_index = torch.unique(torch.cat(pictures), return_inverse=True)
     return Pairs(torch.cat(images), torch.cat(texts), caption_index, image_index, image_digests, torch.cat(ids),
-                 torch.cat(masks))
+                 torch.cat(masks), torch.cat(labels))
 
 
 def top_candidates(queries: torch.Tensor, keys: torch.Tensor, *, correct_of, results: torch.Tensor,
@@ -170,15 +174,16 @@ def _first_rows(index: torch.Tensor, pending: torch.Tensor) -> tuple[torch.Tenso
 
 
 def rerank_metrics(model, make_batches, *, k: int, device: torch.device, context_length: int,
-                   batch_size: int) -> dict[str, float]:
+                   batch_size: int, match_labels: bool = False) -> dict[str, float]:
     """`rerank_i2t_r{1,5,10}` and `rerank_t2i_r{1,5,10}` of a fusion model on the pairs of `make_batches()`
     (called twice: one pass for the embeddings, one for the images), and `rerank_itm_pairs`, the distinct
-    image-caption pairs the ITM head scored."""
+    image-caption pairs the ITM head scored. `match_labels`: a result with the query's `.cls` label is correct."""
     pairs = embed_pairs(model, make_batches(), device=device, context_length=context_length)
 
     def correct_of(rows: torch.Tensor) -> torch.Tensor:
-        return ((pairs.caption_index[rows][:, None] == pairs.caption_index[None, :])
-                | (pairs.image_index[rows][:, None] == pairs.image_index[None, :]))
+        correct = ((pairs.caption_index[rows][:, None] == pairs.caption_index[None, :])
+                   | (pairs.image_index[rows][:, None] == pairs.image_index[None, :]))
+        return correct | same_label(pairs.labels[rows], pairs.labels) if match_labels else correct
 
     i2t = top_candidates(pairs.image_features, pairs.text_features, correct_of=correct_of,
                          results=pairs.caption_index, k=k)

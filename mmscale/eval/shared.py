@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mmscale.eval.metrics import same_label
 from mmscale.losses import _neighbour_exchange, _rank_and_world
 
 CHUNK = 4096
@@ -86,9 +87,11 @@ def _group_chunks(groups: torch.Tensor, size: int) -> Iterator[slice]:
 
 
 def _correct(query_ids: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
-    """[queries, candidates]: the same caption or the same image (a pair has its own caption and image)."""
+    """[queries, candidates]: the same caption, the same image (a pair has its own caption and image) or the
+    same label (column 3: -1 where labels are not matched)."""
     return ((query_ids[:, None, 1] == candidate_ids[None, :, 1])
-            | (query_ids[:, None, 2] == candidate_ids[None, :, 2]))
+            | (query_ids[:, None, 2] == candidate_ids[None, :, 2])
+            | same_label(query_ids[:, 3], candidate_ids[:, 3]))
 
 
 def _recall(queries: torch.Tensor, query_ids: torch.Tensor, candidates: tuple[torch.Tensor, torch.Tensor],
@@ -125,7 +128,8 @@ def _recall(queries: torch.Tensor, query_ids: torch.Tensor, candidates: tuple[to
 
 def shared_retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
                              ks: tuple[int, ...] = (1, 5, 10), *, caption_groups: torch.Tensor | None = None,
-                             image_groups: torch.Tensor | None = None) -> dict[str, float]:
+                             image_groups: torch.Tensor | None = None,
+                             label_groups: torch.Tensor | None = None) -> dict[str, float]:
     """`retrieval_metrics` of the pairs spread over the ranks, each rank passing its own pairs (any
     number, none included); every rank gets the same result. A collective."""
     device = image_features.device
@@ -135,7 +139,8 @@ def shared_retrieval_metrics(image_features: torch.Tensor, text_features: torch.
     pair = torch.arange(count, device=device) + sum(sizes[:rank])
     captions = caption_groups.to(device) if caption_groups is not None else pair
     pictures = image_groups.to(device) if image_groups is not None else pair
-    ids = torch.stack([pair, captions, pictures], dim=1)  # [pair, caption group, image group]
+    labels = label_groups.to(device) if label_groups is not None else torch.full_like(pair, -1)
+    ids = torch.stack([pair, captions, pictures, labels], dim=1)  # [pair, caption group, image group, label]
     image = F.normalize(image_features.float(), dim=-1)
     text = F.normalize(text_features.float(), dim=-1)
     i2t = _recall(image, ids, (text, ids), 1, sizes, ks)  # copies of a caption are one result

@@ -5,15 +5,20 @@ through the DeepSpeed launcher on 2 CPU ranks, once with `loss.itm_negatives=mic
 (the image tokens gathered with gradient; captions padded to data.context_length in both runs, so the caption
 length is no difference between them), and once more with the shipped default, micro-batch negatives and
 captions padded to each batch's longest (what global negatives' fixed length costs). Each saved model is scored
-with `mmscale eval retrieval --rerank K` on held-out shards: ITM accuracy (each pair and its hardest caption of
-the batch), contrastive and re-ranked recall@1. Wall time is the whole training command; pairs/s the mean of
-the log windows after the first.
+on held-out shards with `mmscale eval retrieval --rerank K`: ITM accuracy (each pair and its hardest caption of
+the batch), contrastive and re-ranked recall@1, and with `--label-groups` (templated captions: which template a
+caption used is nowhere in its image) also by label (`--match-labels`); and with `mmscale eval mlm --words` on
+the corpus's class names (colours, characters), with and without the image. Wall time is the whole training
+command; pairs/s the mean of the log windows after the first.
 
     python tools/bench/itm_negatives.py                                   # shapes, 400 steps of 64
-    python tools/bench/itm_negatives.py --corpus characters --steps 1200 --label-groups --mlm-weight 0.5
+    python tools/bench/itm_negatives.py --corpus characters --steps 3000 --label-groups --mlm-weight 0.5 \
+        --modes micro_batch_longest                                       # issue 27's characters acceptance run
 
 The last line is one JSON object: per mode ("micro_batch", "global", "micro_batch_longest"), {"seconds",
-"pairs_per_second", "itm_accuracy", "i2t_r1", "t2i_r1", "rerank_i2t_r1", "rerank_t2i_r1", "itm_loss"}.
+"pairs_per_second", "itm_loss", "itm_accuracy", "i2t_r1", "t2i_r1", "rerank_i2t_r1", "rerank_t2i_r1",
+"mlm_accuracy", "mlm_accuracy_without_image"} and with --label-groups "label_i2t_r1", "label_t2i_r1",
+"label_rerank_i2t_r1", "label_rerank_t2i_r1".
 """
 
 from __future__ import annotations
@@ -68,15 +73,30 @@ def train(data: dict, args, mode: str, output: Path) -> tuple[float, list[dict]]
     return seconds, [record for record in records if record["kind"] == "train"]
 
 
-def score(data: dict, args, final: Path) -> dict:
-    """`mmscale eval retrieval --rerank K` of a saved fusion model on the held-out shards."""
-    command = [sys.executable, "-m", "mmscale.cli", "eval", "retrieval", "--checkpoint", str(final), "--data",
-               data["test"], "--rerank", str(args.rerank), "--context-length", str(args.context_length),
-               "--batch-size", str(args.batch)] + (["--itm-label-groups"] if args.label_groups else [])
-    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True)
+def mmscale(*arguments: str) -> dict:
+    """The JSON last line of `python -m mmscale.cli ARGUMENTS`."""
+    result = subprocess.run([sys.executable, "-m", "mmscale.cli", *arguments], cwd=REPO, env=ENV,
+                            capture_output=True, text=True)
     if result.returncode:
-        raise SystemExit(f"eval retrieval failed on {final}:\n{result.stderr[-3000:]}")
+        raise SystemExit(f"mmscale {' '.join(arguments[:2])} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+RECALLS = ("i2t_r1", "t2i_r1", "rerank_i2t_r1", "rerank_t2i_r1")
+
+
+def score(data: dict, args, final: Path) -> dict:
+    """Re-ranked retrieval and ITM accuracy (by label too with --label-groups), and conditioned MLM accuracy
+    on the class names, of a saved fusion model on the held-out shards."""
+    common = ["--checkpoint", str(final), "--data", data["test"], "--context-length", str(args.context_length),
+              "--batch-size", str(args.batch)]
+    retrieval = ["eval", "retrieval", *common, "--rerank", str(args.rerank)]
+    scores = mmscale(*retrieval, *(["--itm-label-groups"] if args.label_groups else []))
+    if args.label_groups:
+        by_label = mmscale(*retrieval, "--itm-label-groups", "--match-labels")
+        scores |= {f"label_{name}": by_label[name] for name in RECALLS}
+    words = mmscale("eval", "mlm", *common, "--words", data["classnames"])
+    return scores | {"mlm_accuracy": words["accuracy"], "mlm_accuracy_without_image": words["accuracy_without_image"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,15 +130,21 @@ def main(argv: list[str] | None = None) -> int:
             scores = score(data, args, root / mode / "final")
             results[mode] = {"seconds": round(seconds, 1), "pairs_per_second": round(steady_rate(records), 1),
                              "itm_loss": round(records[-1]["itm_loss"], 4)} | {
-                name: round(scores[name], 4) for name in ("itm_accuracy", "i2t_r1", "t2i_r1", "rerank_i2t_r1",
-                                                          "rerank_t2i_r1")}
+                name: round(value, 4) for name, value in scores.items()
+                if name in ("itm_accuracy", *RECALLS, "mlm_accuracy", "mlm_accuracy_without_image")
+                or name.startswith("label_")}
     print(f"\n{args.corpus}, {args.steps} steps of {args.batch} on {args.ranks} CPU ranks, re-ranking the top "
           f"{args.rerank}:\n")
-    print("| negatives | ITM accuracy | R@1 i2t / t2i | re-ranked R@1 i2t / t2i | final ITM loss | train s | pairs/s |")
-    print("|---|---:|---|---|---:|---:|---:|")
+    by_label = " | by label: R@1 / re-ranked, i2t; t2i" if args.label_groups else ""
+    print(f"| negatives | ITM accuracy | MLM on class names, with / without image | R@1 i2t / t2i | re-ranked R@1 "
+          f"i2t / t2i{by_label} | final ITM loss | train s | pairs/s |")
+    print("|---|---:|---|---|---|" + ("---|" if by_label else "") + "---:|---:|---:|")
     for mode, row in results.items():
-        print(f"| {mode} | {row['itm_accuracy']:.3f} | {row['i2t_r1']:.3f} / {row['t2i_r1']:.3f} | "
-              f"{row['rerank_i2t_r1']:.3f} / {row['rerank_t2i_r1']:.3f} | {row['itm_loss']:.3f} | "
+        label = (f" | {row['label_i2t_r1']:.3f} / {row['label_rerank_i2t_r1']:.3f}; {row['label_t2i_r1']:.3f} / "
+                 f"{row['label_rerank_t2i_r1']:.3f}" if by_label else "")
+        print(f"| {mode} | {row['itm_accuracy']:.3f} | {row['mlm_accuracy']:.3f} / "
+              f"{row['mlm_accuracy_without_image']:.3f} | {row['i2t_r1']:.3f} / {row['t2i_r1']:.3f} | "
+              f"{row['rerank_i2t_r1']:.3f} / {row['rerank_t2i_r1']:.3f}{label} | {row['itm_loss']:.3f} | "
               f"{row['seconds']:.1f} | {row['pairs_per_second']:.0f} |")
     print(json.dumps(results))
     return 0
