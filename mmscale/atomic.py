@@ -8,7 +8,7 @@ collision just draws another name. Files get the usual 0666 & ~umask permissions
 would make shards and checkpoints unreadable to the rest of a team).
 
 Stale temporaries of a killed run match `TEMPORARY_GLOB` (and contain `.tmp`), which is what the
-cleanups in train/checkpoints.py and data/sharding.py look for.
+cleanups in train/checkpoints.py and shards/sharding.py look for.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mmscale.config import ConfigError, help_text, load_config
 from mmscale.data.loader import UnusableData
-from mmscale.data.shards import ALLOW_PIPE_VARIABLE, ShardError
+from mmscale.data.tars import ALLOW_PIPE_VARIABLE, ShardError
 
 
 def _config_parser(subparsers, name: str, *, summary: str, config_class) -> argparse.ArgumentParser:

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from mmscale.data.inspection import inspect_spec
-from mmscale.data.sharding import ShardingOptions, make_shards
-from mmscale.data.sources import InputOptions
-from mmscale.data.synthetic import OBJECT_COLOURS, corpus, make_image_folder, write_zeroshot_files
-from mmscale.data.tokenizer_train import iter_captions, train_wordpiece
+from mmscale.shards.inspection import inspect_spec
+from mmscale.shards.sharding import ShardingOptions, make_shards
+from mmscale.shards.sources import InputOptions
+from mmscale.shards.synthetic import OBJECT_COLOURS, corpus, make_image_folder, write_zeroshot_files
+from mmscale.shards.tokenizer_train import iter_captions, train_wordpiece
 from mmscale.train.engine import free_port
 from mmscale.train.report import read_history
 

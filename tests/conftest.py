@@ -17,7 +17,7 @@ WORDS = ("red green blue yellow purple orange small large circle square triangle
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    from mmscale.data.tokenizer_train import train_wordpiece
+    from mmscale.shards.tokenizer_train import train_wordpiece
 
     captions = [f"{a} {b} {c} caption {i} {j} of shard" for i, (a, b, c) in
                 enumerate(zip(WORDS, WORDS[3:] + WORDS[:3], WORDS[7:] + WORDS[:7])) for j in range(30)]
@@ -59,8 +59,8 @@ def trained_tiny(tmp_path_factory) -> dict[str, Path]:
     import subprocess
     import sys
 
-    from mmscale.data.synthetic import OBJECT_COLOURS, make_synthetic_shards
-    from mmscale.data.tokenizer_train import iter_captions, train_wordpiece
+    from mmscale.shards.synthetic import OBJECT_COLOURS, make_synthetic_shards
+    from mmscale.shards.tokenizer_train import iter_captions, train_wordpiece
 
     root = tmp_path_factory.mktemp("trained-tiny")
     make_synthetic_shards(root / "train", 1024, samples_per_shard=128, seed=10)

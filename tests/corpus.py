@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmscale.data.shards import iter_raw_samples, spec_urls, tar_member
-from mmscale.data.synthetic import make_image_folder
+from mmscale.data.tars import iter_raw_samples, spec_urls, tar_member
+from mmscale.shards.synthetic import make_image_folder
 
 
 def image_bytes(size: tuple[int, int] = (64, 48), *, seed: int = 0, image_format: str = "JPEG",

@@ -10,7 +10,7 @@ from pathlib import Path
 from corpus import write_tar
 
 from mmscale.data.loader import BatchLoader, ShardStream, StreamSettings
-from mmscale.data.shards import parse_spec
+from mmscale.data.tars import parse_spec
 
 
 @dataclass

@@ -194,8 +194,8 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from mmscale.config import load_config
-    from mmscale.data.synthetic import make_synthetic_shards
-    from mmscale.data.tokenizer_train import iter_captions, train_wordpiece
+    from mmscale.shards.synthetic import make_synthetic_shards
+    from mmscale.shards.tokenizer_train import iter_captions, train_wordpiece
     from mmscale.train.config import TrainRunConfig
 
     data, tokenizer = args.work / "shards", args.work / "tokenizer"

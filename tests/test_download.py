@@ -18,9 +18,9 @@ import pytest
 import urllib3
 from corpus import image_bytes
 
-from mmscale.data.download import DownloadOptions, disallowed_by_robots, fetch
-from mmscale.data.safe_connect import any_address, guard, guarded_pool_manager, is_public_address
-from mmscale.data.serve import ImageServer, Response
+from mmscale.shards.download import DownloadOptions, disallowed_by_robots, fetch
+from mmscale.shards.safe_connect import any_address, guard, guarded_pool_manager, is_public_address
+from mmscale.shards.serve import ImageServer, Response
 
 STRICT = DownloadOptions(threads=1, timeout_s=2, retries=0)  # the defaults, but quick
 OPEN = DownloadOptions(threads=1, timeout_s=2, retries=0, allow_private_urls=True)

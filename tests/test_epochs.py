@@ -15,7 +15,7 @@ from epochkit import KeyDecoder, write_text_shards
 from mmscale.data import epochs
 from mmscale.data.epochs import carried, repartitioned_state, repartitioned_states
 from mmscale.data.loader import ShardStream, StreamSettings
-from mmscale.data.shards import parse_spec
+from mmscale.data.tars import parse_spec
 
 
 class Rank:

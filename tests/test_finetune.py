@@ -33,8 +33,8 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    from mmscale.data.synthetic import OBJECT_COLOURS, make_synthetic_shards
-    from mmscale.data.tokenizer_train import iter_captions, train_wordpiece
+    from mmscale.shards.synthetic import OBJECT_COLOURS, make_synthetic_shards
+    from mmscale.shards.tokenizer_train import iter_captions, train_wordpiece
 
     root = tmp_path_factory.mktemp("finetune")
     make_synthetic_shards(root / "train", 256, samples_per_shard=64, seed=0, domain="dim")
@@ -223,7 +223,7 @@ def held_out_pairs(val: Path, count: int = 48) -> tuple[list, list[str]]:
 
     from PIL import Image
 
-    from mmscale.data.shards import iter_raw_samples, sample_caption, sample_image_bytes, spec_urls
+    from mmscale.data.tars import iter_raw_samples, sample_caption, sample_image_bytes, spec_urls
 
     raws = [raw for url in spec_urls(str(val)) for raw in iter_raw_samples(url)][:count]
     return ([Image.open(io.BytesIO(sample_image_bytes(raw)[1])).convert("RGB") for raw in raws],
@@ -285,7 +285,7 @@ def test_int8_export_serves_the_use_commands(data, tmp_path):
     assert report == json.loads((out / "export_report.json").read_text())
     assert {"top1"} <= set(report["eval_float"]) and {"top1"} <= set(report["eval_exported"])
     images = tmp_path / "images"
-    from mmscale.data.synthetic import make_image_folder
+    from mmscale.shards.synthetic import make_image_folder
 
     make_image_folder(images, 3, size=80, seed=2)
     cli("embed", "--checkpoint", str(out), "--images", str(images / "*.jpg"), "--out", str(tmp_path / "e.npy"))

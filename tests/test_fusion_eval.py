@@ -20,7 +20,7 @@ from distkit import free_port, save_from_every_rank
 from mmscale.cli import main
 from mmscale.data.config import DataConfig
 from mmscale.data.loader import build_loader
-from mmscale.data.shards import sample_caption
+from mmscale.data.tars import sample_caption
 from mmscale.data.text import IGNORE_INDEX, special_token_ids
 from mmscale.eval.metrics import retrieval_metrics
 from mmscale.models import ModelConfig, build_model, load_model
@@ -32,7 +32,7 @@ CONTEXT = 32
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
     """24 rendered shapes in 3 shards, and their captions ("a red circle on a gray background")."""
-    from mmscale.data.synthetic import make_synthetic_shards
+    from mmscale.shards.synthetic import make_synthetic_shards
 
     root = tmp_path_factory.mktemp("fusion-eval")
     make_synthetic_shards(root / "val", 24, samples_per_shard=8, seed=5)
@@ -296,7 +296,7 @@ def test_reranking_every_candidate_is_retrieval_by_blips_score(fusion_dir, data,
 
 
 def test_match_prints_the_itm_probability_of_each_text_in_order(fusion_dir, data, tokenizer, tmp_path, capsys):
-    from mmscale.data.synthetic import make_image_folder
+    from mmscale.shards.synthetic import make_image_folder
     from mmscale.data.text import CaptionEncoder
     from mmscale.eval.use import read_image
 
@@ -320,7 +320,7 @@ def test_match_prints_the_itm_probability_of_each_text_in_order(fusion_dir, data
 
 
 def test_a_dual_encoder_is_refused_for_rerank_and_match(dual_dir, data, tmp_path, capsys):
-    from mmscale.data.synthetic import make_image_folder
+    from mmscale.shards.synthetic import make_image_folder
 
     image = make_image_folder(tmp_path / "image", 1)[0].image_path
     (tmp_path / "texts.txt").write_text("a red circle\n")
@@ -430,8 +430,8 @@ def test_zero3_training_of_a_fusion_model_validates_on_uneven_ranks(tmp_path):
     import subprocess
     import sys
 
-    from mmscale.data.synthetic import make_synthetic_shards
-    from mmscale.data.tokenizer_train import iter_captions, train_wordpiece
+    from mmscale.shards.synthetic import make_synthetic_shards
+    from mmscale.shards.tokenizer_train import iter_captions, train_wordpiece
 
     make_synthetic_shards(tmp_path / "train", 128, samples_per_shard=64, seed=0)
     make_synthetic_shards(tmp_path / "val", 33, samples_per_shard=24, seed=1)

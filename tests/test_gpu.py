@@ -19,8 +19,8 @@ REPO = HERE.parent
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
-    from mmscale.data.synthetic import make_synthetic_shards, write_zeroshot_files
-    from mmscale.data.tokenizer_train import iter_captions, train_wordpiece
+    from mmscale.shards.synthetic import make_synthetic_shards, write_zeroshot_files
+    from mmscale.shards.tokenizer_train import iter_captions, train_wordpiece
 
     root = tmp_path_factory.mktemp("gpu_corpus")
     make_synthetic_shards(root / "train", 512, samples_per_shard=128, seed=0, corpus_name="digits")

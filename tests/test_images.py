@@ -9,7 +9,7 @@ import pytest
 from corpus import bomb_png, image_bytes
 from PIL import Image
 
-from mmscale.data.images import ImageOptions, SampleRejected, prepare_image
+from mmscale.shards.images import ImageOptions, SampleRejected, prepare_image
 
 
 def test_jpeg_within_size_keeps_its_bytes_and_larger_ones_shrink():
@@ -101,7 +101,7 @@ def test_every_synthetic_corpus_draws_labelled_captioned_images(name, tmp_path):
     class, and the same images for the same seed; the zero-shot files list its classes and templates."""
     import random
 
-    from mmscale.data.synthetic import corpus, write_zeroshot_files
+    from mmscale.shards.synthetic import corpus, write_zeroshot_files
 
     chosen = corpus(name)
     drawn = [chosen.draw(random.Random(seed), 48, "plain") for seed in range(12)]
@@ -116,7 +116,7 @@ def test_every_synthetic_corpus_draws_labelled_captioned_images(name, tmp_path):
 
 
 def test_an_unknown_corpus_is_named_with_the_choices():
-    from mmscale.data.synthetic import corpus
+    from mmscale.shards.synthetic import corpus
 
     with pytest.raises(ValueError, match="choose one of shapes, forms, characters, digits"):
         corpus("letters")

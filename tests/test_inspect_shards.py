@@ -6,8 +6,8 @@ import json
 
 from corpus import image_bytes, truncate_inside_last_image, write_tar
 
-from mmscale.data.inspection import main
-from mmscale.data.synthetic import make_synthetic_shards
+from mmscale.shards.inspection import main
+from mmscale.shards.synthetic import make_synthetic_shards
 
 
 def test_good_shards_pass_and_print_statistics(tmp_path, capsys):

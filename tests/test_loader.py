@@ -6,6 +6,8 @@ import contextlib
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -27,7 +29,7 @@ from mmscale.data.loader import (
     build_loader,
 )
 from mmscale.data.samples import AugmentSettings, SampleDecoder
-from mmscale.data.shards import parse_spec
+from mmscale.data.tars import parse_spec
 from mmscale.data.text import IGNORE_INDEX, CaptionEncoder
 
 CONFIG = DataConfig(image_size=32, context_length=16, shuffle_buffer=16, workers=0)
@@ -350,7 +352,7 @@ def test_a_permission_denied_shard_is_skipped(tmp_path, tokenizer, monkeypatch):
         if str(path) == urls[1]:
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
-    monkeypatch.setattr("mmscale.data.shards.open", guarded, raising=False)
+    monkeypatch.setattr("mmscale.data.tars.open", guarded, raising=False)
     config = DataConfig(image_size=32, context_length=16, workers=0, max_bad_shard_fraction=0.5)
     loader = build_loader(config, spec="::".join(urls), tokenizer=tokenizer, batch_size=3, train=False)
     with pytest.warns(UserWarning, match="permission denied"):
@@ -374,7 +376,7 @@ def test_remote_shards_are_retried_with_backoff_then_skipped(tmp_path, tokenizer
             raise ConnectionError("connection reset by peer")
         return real_open(url, *args, **kwargs)
     monkeypatch.setattr(fsspec, "open", flaky)
-    monkeypatch.setattr("mmscale.data.shards.time.sleep", sleeps.append)
+    monkeypatch.setattr("mmscale.data.tars.time.sleep", sleeps.append)
     config = DataConfig(image_size=32, context_length=16, workers=0, max_bad_shard_fraction=0.5)
     loader = build_loader(config, spec="memory://flaky/shard-{000000..000001}.tar", tokenizer=tokenizer,
                           batch_size=3, train=False)
@@ -605,3 +607,16 @@ def test_a_position_saved_by_the_earlier_shard_split_is_refused_with_the_reason(
     loader.load_state_dict(state)
     with pytest.raises(ValueError, match="saved by an earlier mmscale, which split epochs among readers by shards"):
         next(iter(loader))
+
+
+def test_the_reading_side_imports_nothing_of_the_writing_side():
+    """mmscale.data (reading shards for training) stands without mmscale.shards (writing them): importing every
+    module of it in a fresh interpreter loads no module of the writing package."""
+    code = ("import importlib, json, pkgutil, sys, mmscale.data\n"
+            "for module in pkgutil.iter_modules(mmscale.data.__path__):\n"
+            "    importlib.import_module('mmscale.data.' + module.name)\n"
+            "print(json.dumps(sorted(name for name in sys.modules if name.startswith('mmscale.'))))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    imported = json.loads(result.stdout)
+    assert "mmscale.data.loader" in imported and "mmscale.data.check" in imported
+    assert [name for name in imported if name.startswith("mmscale.shards")] == []

@@ -24,11 +24,11 @@ from corpus import (
 )
 from PIL import Image
 
-from mmscale.data.images import decode_image
-from mmscale.data.inspection import inspect_spec
-from mmscale.data.make_shards import main
-from mmscale.data.shards import ShardTruncated, iter_raw_samples, read_sizes, spec_urls
-from mmscale.data.synthetic import make_image_folder, make_synthetic_shards
+from mmscale.shards.images import decode_image
+from mmscale.shards.inspection import inspect_spec
+from mmscale.shards.make_shards import main
+from mmscale.data.tars import ShardTruncated, iter_raw_samples, read_sizes, spec_urls
+from mmscale.shards.synthetic import make_image_folder, make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["--workers", "1", "--no-progress"]
@@ -251,7 +251,7 @@ def test_bad_table_rows_are_skipped_and_counted(tmp_path):
 def test_row_counts_match_the_rows_read_and_report_every_byte(tmp_path, kind, payload):
     """Shards are planned from counted rows: the count must equal what iter_rows yields (quoted newlines,
     empty rows, bad JSON, no final newline), and the progress callback must reach the file's size."""
-    from mmscale.data.tables import count_rows, iter_rows
+    from mmscale.shards.tables import count_rows, iter_rows
 
     path = tmp_path / f"rows.{kind}"
     path.write_bytes(payload)

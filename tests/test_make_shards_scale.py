@@ -23,7 +23,7 @@ def high_water_kib():
 """
 _STORE = _HWM + """
 import json, os, sys
-from mmscale.data.dedup import DigestStore
+from mmscale.shards.dedup import DigestStore
 store, peaks = DigestStore(sys.argv[1]), []
 for total in (100_000, 1_000_000):
     done = sum(1 for _ in store._db.execute("SELECT 1 FROM digests"))
@@ -36,7 +36,7 @@ print(json.dumps(peaks))
 # this process after its exec, so their ru_maxrss (RUSAGE_CHILDREN) holds nothing of pytest's.
 _MEASURE = _HWM + """
 import json, resource, sys
-from mmscale.data.make_shards import main
+from mmscale.shards.make_shards import main
 code = main(sys.argv[1:])
 print(json.dumps({"code": code, "main_kib": high_water_kib(),
                   "worker_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))

@@ -20,11 +20,11 @@ import pytest
 from corpus import image_bytes, read_samples, write_table, write_tar
 
 from mmscale.data.config import DataConfig
-from mmscale.data.download import DownloadOptions, disallowed_by_robots, fetch
+from mmscale.shards.download import DownloadOptions, disallowed_by_robots, fetch
 from mmscale.data.loader import build_loader
-from mmscale.data.images import decode_image
-from mmscale.data.make_shards import main
-from mmscale.data.serve import ImageServer, Response
+from mmscale.shards.images import decode_image
+from mmscale.shards.make_shards import main
+from mmscale.shards.serve import ImageServer, Response
 
 REPO = Path(__file__).resolve().parents[1]
 # the test servers listen on 127.0.0.1, a private address: downloading from it takes the opt-in

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
-from mmscale.data.synthetic import make_synthetic_shards
-from mmscale.data.tokenizer_train import SPECIAL_TOKENS, iter_captions, main, train_wordpiece
+from mmscale.shards.synthetic import make_synthetic_shards
+from mmscale.shards.tokenizer_train import SPECIAL_TOKENS, iter_captions, main, train_wordpiece
 
 
 def test_trained_tokenizer_loads_with_auto_tokenizer(tmp_path, capsys):

@@ -30,8 +30,8 @@ ZEROSHOT_FLOOR = 0.25  # held-out digits, chance 0.1
 def corpus(tmp_path_factory) -> dict[str, Path]:
     """Rendered digits (train and labelled val: glyphs in several fonts, sizes, rotations and colours, so
     only the shape tells them apart), a tokenizer trained on their captions, class names and templates."""
-    from mmscale.data.synthetic import make_synthetic_shards, write_zeroshot_files
-    from mmscale.data.tokenizer_train import iter_captions, train_wordpiece
+    from mmscale.shards.synthetic import make_synthetic_shards, write_zeroshot_files
+    from mmscale.shards.tokenizer_train import iter_captions, train_wordpiece
 
     root = tmp_path_factory.mktemp("corpus")
     make_synthetic_shards(root / "train", 2048, samples_per_shard=64, seed=0, corpus_name="digits")
@@ -210,7 +210,7 @@ def _killed_run(corpus, tmp_path_factory, kind: str) -> dict:
     """A 2-rank run (960 pairs of 240 in 3 uneven shards of 100, 100 and 40; batch 48; tiny.yaml's shuffle buffer
     of 256, larger than any shard) whose rank 1 was SIGKILLed in the middle of step 11, after the checkpoint of
     step 8: mid-epoch, mid-shard, with samples in the buffers, and steps 9-10 to be trained again."""
-    from mmscale.data.synthetic import make_synthetic_shards
+    from mmscale.shards.synthetic import make_synthetic_shards
 
     root = tmp_path_factory.mktemp("killed")
     shards = make_synthetic_shards(root / "shards", 240, samples_per_shard=100, seed=4, corpus_name="digits")
@@ -375,7 +375,7 @@ def test_zero3_with_cpu_offload_trains_and_resumes_exactly(corpus, tmp_path):
 
 
 def test_unreadable_shards_are_skipped_and_every_good_sample_trains(corpus, tmp_path):
-    from mmscale.data.synthetic import make_synthetic_shards
+    from mmscale.shards.synthetic import make_synthetic_shards
 
     good = make_synthetic_shards(tmp_path / "good", 128, samples_per_shard=48, seed=3, corpus_name="digits")
     (tmp_path / "zero-000000.tar").write_bytes(b"")
@@ -407,7 +407,7 @@ def _keys_of(shard: str) -> list[str]:
 def first_step_setup(corpus, tmp_path_factory) -> dict:
     """One model folder (every run starts from the same weights whatever its ZeRO stage and world size) and two
     shards of 32 pairs: one rank reads both in its first step of 64, two ranks one each."""
-    from mmscale.data.synthetic import make_synthetic_shards
+    from mmscale.shards.synthetic import make_synthetic_shards
     from mmscale.data.text import load_tokenizer
     from mmscale.models import ModelConfig, build_model
 

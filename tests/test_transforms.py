@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmscale.data.shards import SampleRejected
+from mmscale.data.tars import SampleRejected
 from mmscale.data.transforms import decode_and_crop, image_size, random_resized_crop_box
 
 

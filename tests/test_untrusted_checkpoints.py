@@ -247,7 +247,7 @@ def test_a_model_save_does_not_write_through_planted_links(tmp_path, tokenizer):
 
 
 def test_reports_embeddings_and_failure_lists_do_not_write_through_planted_links(tmp_path):
-    from mmscale.data.sharding import gather_failures
+    from mmscale.shards.sharding import gather_failures
     from mmscale.eval.use import _write_embeddings
     from mmscale.train.report import write_report
 
@@ -263,7 +263,7 @@ def test_reports_embeddings_and_failure_lists_do_not_write_through_planted_links
 
 
 def test_a_shard_part_does_not_write_through_a_planted_link(tmp_path):
-    from mmscale.data.shard_writer import _PartWriter
+    from mmscale.shards.writer import _PartWriter
 
     target = _plant(tmp_path / "out" / f".shard-000000.tar.tmp{os.getpid()}", tmp_path)
     writer = _PartWriter(str(tmp_path / "out"), "shard-000000.tar", max_bytes=None)

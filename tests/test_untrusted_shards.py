@@ -28,8 +28,8 @@ from corpus import write_tar
 from PIL import EpsImagePlugin, Image, ImageDraw
 from shardkit import jpeg_bytes
 
-from mmscale.data.images import ImageOptions, decode_image, prepare_image
-from mmscale.data.shards import SampleRejected, iter_raw_samples, tar_member
+from mmscale.shards.images import ImageOptions, decode_image, prepare_image
+from mmscale.data.tars import SampleRejected, iter_raw_samples, tar_member
 from mmscale.data.transforms import decode_and_crop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 _IMPORTS = textwrap.dedent("""
     import json
     import PIL.Image, torch, webdataset
-    import mmscale.data.check, mmscale.data.inspection, mmscale.data.loader, mmscale.data.make_shards
+    import mmscale.data.check, mmscale.shards.inspection, mmscale.data.loader, mmscale.shards.make_shards
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
 """)
@@ -159,7 +159,7 @@ def test_data_check_trains_past_every_bad_kind(folders, tmp_path, tokenizer_dir)
 def test_inspect_shards_reports_each_bad_sample_under_its_reason(folders, tmp_path):
     code = """
         import json
-        from mmscale.data.inspection import inspect_spec
+        from mmscale.shards.inspection import inspect_spec
         report = inspect_spec("FOLDER", progress=False)
         result = dict(samples=sum(shard.samples for shard in report.shards), bad=dict(report.bad_samples),
                       problems=report.all_problems)
@@ -173,8 +173,8 @@ def test_inspect_shards_reports_each_bad_sample_under_its_reason(folders, tmp_pa
 def test_make_shards_reshards_the_good_samples_and_counts_the_rest(folders, tmp_path):
     code = """
         import json, sys
-        from mmscale.data.make_shards import main
-        from mmscale.data.shards import iter_raw_samples, spec_urls
+        from mmscale.shards.make_shards import main
+        from mmscale.data.tars import iter_raw_samples, spec_urls
         code = main(["--input", "FOLDER", "--output", "OUT/out", "--workers", "1", "--no-progress"])
         captions = sorted(s["txt"].decode() for url in spec_urls("OUT/out") for s in iter_raw_samples(url))
         stats = json.load(open("OUT/out/stats.json"))

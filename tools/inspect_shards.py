@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-from mmscale.data.inspection import main  # noqa: E402
+from mmscale.shards.inspection import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mmscale.data.shards import ALLOW_PIPE_VARIABLE
+from mmscale.data.tars import ALLOW_PIPE_VARIABLE
 
 
 @dataclass

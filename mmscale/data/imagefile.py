@@ -17,7 +17,7 @@ import warnings
 
 from PIL import Image
 
-from mmscale.data.shards import SampleRejected
+from mmscale.data.tars import SampleRejected
 
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 """The PIL formats mmscale opens; anything else is `not_an_image`."""

@@ -14,7 +14,7 @@ import torch
 
 from mmscale.data.config import DataConfig
 from mmscale.data.samples import AugmentSettings, SampleDecoder
-from mmscale.data.shards import ShardError, parse_spec, shard_sizes
+from mmscale.data.tars import ShardError, parse_spec, shard_sizes
 from mmscale.data.stream import ShardStream, StreamSettings, UnusableData, mix_seed
 from mmscale.data.text import CaptionEncoder
 

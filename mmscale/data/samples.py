@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmscale.data.shards import SampleRejected, check_raw_sample, sample_caption, sample_image_bytes
+from mmscale.data.tars import SampleRejected, check_raw_sample, sample_caption, sample_image_bytes
 from mmscale.data.text import CaptionEncoder
 from mmscale.data.transforms import decode_and_crop
 

@@ -24,7 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mmscale.data import epochs
 from mmscale.data.samples import SampleDecoder
-from mmscale.data.shards import (
+from mmscale.data.tars import (
     DEFAULT_MAX_MEMBER_BYTES,
     SAMPLE_EXTENSIONS,
     SampleRejected,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mmscale.data.imagefile import open_image, rgb_on_white
-from mmscale.data.shards import SampleRejected
+from mmscale.data.tars import SampleRejected
 
 
 @dataclass(frozen=True)

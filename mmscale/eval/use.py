@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from mmscale.atomic import atomic_write
-from mmscale.data.shards import SampleRejected
+from mmscale.data.tars import SampleRejected
 from mmscale.data.text import CaptionEncoder, load_tokenizer
 from mmscale.data.transforms import decode_and_crop
 from mmscale.eval.embed import class_embeddings

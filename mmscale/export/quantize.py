@@ -116,7 +116,7 @@ def sample_inputs(model: ImageTextModel, tokenizer, *, count: int = 32, context_
 
     import numpy as np
 
-    from mmscale.data.synthetic import draw_sample
+    from mmscale.shards.synthetic import draw_sample
     from mmscale.data.text import CaptionEncoder
 
     rng = random.Random(0)

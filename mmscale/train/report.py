@@ -218,7 +218,7 @@ def write_report(run_dir: str | Path) -> Path:
 
 def _data_lines(config: dict, last: dict) -> list[str]:
     """Pairs and shards per split (from sizes.json, when the shards are local and have one) and epochs seen."""
-    from mmscale.data.shards import read_sizes, spec_urls
+    from mmscale.data.tars import read_sizes, spec_urls
 
     lines = []
     for split, title in (("train", "Training"), ("val", "Validation")):

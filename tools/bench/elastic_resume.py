@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default="2:1,1:2,2:3,3:2", help="old:new rank counts")
     parser.add_argument("--kill", default="after,during", help="after (the checkpoint of step 8), during (step 10)")
     args = parser.parse_args(argv)
-    from mmscale.data.synthetic import make_synthetic_shards
-    from mmscale.data.tokenizer_train import iter_captions, train_wordpiece
+    from mmscale.shards.synthetic import make_synthetic_shards
+    from mmscale.shards.tokenizer_train import iter_captions, train_wordpiece
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="mmscale-elastic-") as scratch:

@@ -51,8 +51,8 @@ def main() -> int:
     parser.add_argument("--trees", default=".", help="comma-separated source trees to compare (default: this one)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    from mmscale.data.synthetic import make_synthetic_shards
-    from mmscale.data.tokenizer_train import iter_captions, train_wordpiece
+    from mmscale.shards.synthetic import make_synthetic_shards
+    from mmscale.shards.tokenizer_train import iter_captions, train_wordpiece
 
     trees = [Path(tree).resolve() for tree in args.trees.split(",")]
     results: dict[tuple[str, bool], list[float]] = {}

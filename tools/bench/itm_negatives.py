@@ -101,7 +101,7 @@ def score(data: dict, args, final: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", default="shapes", help="mmscale.data.synthetic corpus (default shapes)")
+    parser.add_argument("--corpus", default="shapes", help="mmscale.shards.synthetic corpus (default shapes)")
     parser.add_argument("--train-samples", type=int, default=8192)
     parser.add_argument("--test-samples", type=int, default=512)
     parser.add_argument("--per-shard", type=int, default=256)

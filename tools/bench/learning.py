@@ -1,6 +1,6 @@
 """Does mmscale learn what open_clip learns? Both trainers on the same shards, in one run.
 
-Generates rendered-character shards (mmscale.data.synthetic: glyphs in several fonts, sizes,
+Generates rendered-character shards (mmscale.shards.synthetic: glyphs in several fonts, sizes,
 positions, rotations and colours; the label is the character, so colour tells nothing), trains
 
 - mmscale: `tiny`, DeepSpeed through its launcher on 2 CPU ranks, CLIP + masked-LM
@@ -57,8 +57,8 @@ def ensure_open_clip(folder: Path) -> None:
 
 def make_data(root: Path, *, corpus: str, train_samples: int, test_samples: int, per_shard: int) -> dict:
     """Train and held-out shards of one corpus, its zero-shot files and a WordPiece tokenizer."""
-    from mmscale.data.synthetic import make_synthetic_shards, write_zeroshot_files
-    from mmscale.data.tokenizer_train import iter_captions, train_wordpiece
+    from mmscale.shards.synthetic import make_synthetic_shards, write_zeroshot_files
+    from mmscale.shards.tokenizer_train import iter_captions, train_wordpiece
 
     train = make_synthetic_shards(root / "train", train_samples, samples_per_shard=per_shard, seed=0,
                                   corpus_name=corpus)
@@ -130,7 +130,7 @@ def run_open_clip(data: dict, args, output: Path, seed: int = 0) -> tuple[float,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus", default="characters", help="mmscale.data.synthetic corpus (characters, digits, forms)")
+    parser.add_argument("--corpus", default="characters", help="mmscale.shards.synthetic corpus (characters, digits, forms)")
     parser.add_argument("--train-samples", type=int, default=4000)
     parser.add_argument("--test-samples", type=int, default=620)
     parser.add_argument("--per-shard", type=int, default=500)

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from mmscale.data.config import DataConfig  # noqa: E402
 from mmscale.data.loader import UnusableData, build_loader  # noqa: E402
-from mmscale.data.shards import ShardError, spec_urls, tar_member, write_json_atomically  # noqa: E402
+from mmscale.data.tars import ShardError, spec_urls, tar_member, write_json_atomically  # noqa: E402
 from mmscale.data.text import CaptionEncoder, load_tokenizer  # noqa: E402
 
 BATCH_SIZE = 64
@@ -116,7 +116,7 @@ def bare_decode(spec: str):
     without an image or with one PIL cannot decode (a truncated JPEG) is passed over, as both loaders do."""
     from PIL import Image
 
-    from mmscale.data.shards import iter_raw_samples, sample_image_bytes
+    from mmscale.data.tars import iter_raw_samples, sample_image_bytes
 
     for url in spec_urls(spec):
         for raw in iter_raw_samples(url):
@@ -174,7 +174,7 @@ def best_of(repeats: int, *makers) -> list[tuple[float, int] | str]:
 
 
 def tokenizer_for(spec: str, folder: Path):
-    from mmscale.data.tokenizer_train import iter_captions, train_wordpiece
+    from mmscale.shards.tokenizer_train import iter_captions, train_wordpiece
 
     train_wordpiece(iter_captions(spec), vocab_size=2000, output_dir=folder)
     return load_tokenizer(folder)

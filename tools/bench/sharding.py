@@ -4,7 +4,7 @@
     python tools/bench/sharding.py [--images 2000] [--repeats 3] [--img2dataset-python PATH]
 
 Writes N photo-like JPEGs (320-512 px, as tools/bench/loader.py makes them) and serves them
-from a loopback HTTP server in its own process (mmscale.data.serve: asyncio, keep-alive
+from a loopback HTTP server in its own process (mmscale.shards.serve: asyncio, keep-alive
 allowed, the same for both tools). A parquet table of their URLs and captions goes to:
 - img2dataset (the reference tool), 1 process, 16 threads, resize 256 keep_ratio, JPEG
   quality 90, webdataset output, 250 samples per shard;
@@ -69,7 +69,7 @@ def write_images(folder: Path, count: int) -> None:
 
 
 def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
-    server = subprocess.Popen([sys.executable, "-m", "mmscale.data.serve", str(folder)], stdout=subprocess.PIPE,
+    server = subprocess.Popen([sys.executable, "-m", "mmscale.shards.serve", str(folder)], stdout=subprocess.PIPE,
                               cwd=REPO)
     return server, server.stdout.readline().decode().strip()
 

@@ -27,8 +27,8 @@ from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmscale.data.tables import TABLE_KINDS, TableError, TableFile, column_names, count_rows, iter_rows, table_paths
-from mmscale.data.shards import (
+from mmscale.shards.tables import TABLE_KINDS, TableError, TableFile, column_names, count_rows, iter_rows, table_paths
+from mmscale.data.tars import (
     IMAGE_EXTENSIONS,
     SAMPLE_EXTENSIONS,
     SampleRejected,

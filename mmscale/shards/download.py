@@ -4,7 +4,7 @@ Each worker process keeps one urllib3 pool (connections are reused: keep-alive) 
 download threads. A request:
 - sends a user agent naming mmscale, follows redirects up to a limit (relative ones too),
 - connects only to public addresses unless `allow_private_urls`: the check is made after DNS, on
-  the address connected to, at every redirect hop (see mmscale.data.safe_connect),
+  the address connected to, at every redirect hop (see mmscale.shards.safe_connect),
 - gives up after `timeout_s` for the whole request, DNS, connect, headers and body together,
 - retries connection errors, timeouts, cut-short bodies, 408, 429 and 5xx with exponential
   backoff (honouring a short `Retry-After`, delay-seconds or an HTTP date),
@@ -33,7 +33,7 @@ from urllib.parse import urljoin, urlsplit
 import urllib3
 
 from mmscale import __version__
-from mmscale.data.safe_connect import (AddressNotAllowed, AddressPolicy, RequestGuard, any_address, guard,
+from mmscale.shards.safe_connect import (AddressNotAllowed, AddressPolicy, RequestGuard, any_address, guard,
                                        guarded_pool_manager, is_public_address)
 
 USER_AGENT_TOKEN = "mmscale"

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from mmscale.data.shards import (
+from mmscale.data.tars import (
     SampleRejected,
     ShardError,
     ShardTruncated,

@@ -9,7 +9,7 @@ successive requests (`500` then `200`). It binds 127.0.0.1 only.
     with ImageServer({"/a.jpg": Response(body=jpeg), "/flaky.jpg": [Response(500), Response(body=jpeg)]}) as server:
         server.url("/a.jpg")
 
-`python -m mmscale.data.serve FOLDER` serves a folder's files until killed and prints its base URL.
+`python -m mmscale.shards.serve FOLDER` serves a folder's files until killed and prints its base URL.
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ from functools import partial
 
 from tqdm import tqdm
 
-from mmscale.data.images import DEFAULT_MAX_PIXELS, decode_image
-from mmscale.data.sharding import parallel_map
-from mmscale.data.shards import (
+from mmscale.shards.images import DEFAULT_MAX_PIXELS, decode_image
+from mmscale.shards.sharding import parallel_map
+from mmscale.data.tars import (
     DEFAULT_MAX_MEMBER_BYTES,
     SAMPLE_EXTENSIONS,
     SIZES_FILE,

@@ -7,12 +7,12 @@ import os
 import re
 import sys
 
-from mmscale.data.download import DownloadOptions
-from mmscale.data.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageOptions
-from mmscale.data.shard_writer import CaptionFilter
-from mmscale.data.sharding import DEFAULT_NAME_PATTERN, DEFAULT_SAMPLES_PER_SHARD, ShardingOptions, make_shards
-from mmscale.data.shards import ShardError
-from mmscale.data.sources import INPUT_KINDS, InputError, InputOptions
+from mmscale.shards.download import DownloadOptions
+from mmscale.shards.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageOptions
+from mmscale.shards.writer import CaptionFilter
+from mmscale.shards.sharding import DEFAULT_NAME_PATTERN, DEFAULT_SAMPLES_PER_SHARD, ShardingOptions, make_shards
+from mmscale.data.tars import ShardError
+from mmscale.shards.sources import INPUT_KINDS, InputError, InputOptions
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}

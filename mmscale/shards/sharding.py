@@ -45,10 +45,10 @@ from dataclasses import asdict, dataclass
 from tqdm import tqdm
 
 from mmscale.atomic import atomic_write
-from mmscale.data.dedup import DEDUP_FILE, SCRATCH_DEDUP_FILE, DigestStore
-from mmscale.data.download import DownloadOptions
-from mmscale.data.images import ImageOptions
-from mmscale.data.shard_writer import (
+from mmscale.shards.dedup import DEDUP_FILE, SCRATCH_DEDUP_FILE, DigestStore
+from mmscale.shards.download import DownloadOptions
+from mmscale.shards.images import ImageOptions
+from mmscale.shards.writer import (
     CaptionFilter,
     ChunkTask,
     failed_rows,
@@ -60,8 +60,8 @@ from mmscale.data.shard_writer import (
     stats_name,
     write_chunk,
 )
-from mmscale.data.shards import SIZES_FILE, write_json_atomically
-from mmscale.data.sources import (
+from mmscale.data.tars import SIZES_FILE, write_json_atomically
+from mmscale.shards.sources import (
     InputError,
     InputListing,
     InputOptions,
@@ -307,7 +307,7 @@ def parallel_map(function: Callable, items: Iterable, *, workers: int, ordered: 
     `items` may be a lazy iterator: at most 2 x workers items are taken from it ahead of the
     results, so a streamed input never piles up in the pool's queue.
     `progress_counter` (a multiprocessing.Value) is handed to every worker for
-    shard_writer.set_progress_counter, so record-level progress crosses processes.
+    writer.set_progress_counter, so record-level progress crosses processes.
     """
     if workers > 1 and isinstance(items, Sized):
         workers = min(workers, len(items))

@@ -15,7 +15,7 @@ import simplejpeg
 from PIL import Image, ImageOps
 
 from mmscale.data.imagefile import open_image, rgb_on_white
-from mmscale.data.shards import SampleRejected  # noqa: F401 (re-exported for the writer)
+from mmscale.data.tars import SampleRejected  # noqa: F401 (re-exported for the writer)
 
 # PIL's own default (Image.MAX_IMAGE_PIXELS): about 0.25 GB of 24-bit pixels.
 DEFAULT_MAX_PIXELS = 89_478_485

@@ -262,8 +262,8 @@ def make_synthetic_shards(output_dir: str | os.PathLike, n: int, *, samples_per_
                           size: int = 64, seed: int = 0, labels: bool = True, domain: str = "plain",
                           corpus_name: str = "shapes") -> list[str]:
     """Write n synthetic samples as shards with the real make_shards pipeline; returns the shard paths."""
-    from mmscale.data.sharding import ShardingOptions, make_shards
-    from mmscale.data.sources import InputOptions
+    from mmscale.shards.sharding import ShardingOptions, make_shards
+    from mmscale.shards.sources import InputOptions
 
     with tempfile.TemporaryDirectory(prefix="mmscale-synthetic-") as folder:
         make_image_folder(folder, n, size=size, seed=seed, labels=labels, domain=domain, corpus_name=corpus_name)

@@ -39,11 +39,11 @@ from dataclasses import dataclass, field, replace
 from itertools import count, takewhile
 
 from mmscale.atomic import open_temporary
-from mmscale.data.dedup import DigestStore
-from mmscale.data.download import RETRYABLE_REASONS, DownloadOptions, Fetched, fetch
-from mmscale.data.images import ImageOptions, SampleRejected, prepare_image
-from mmscale.data.shards import tar_member, write_bytes_atomically, write_json_atomically
-from mmscale.data.sources import Loaded, Record, iter_loaded
+from mmscale.shards.dedup import DigestStore
+from mmscale.shards.download import RETRYABLE_REASONS, DownloadOptions, Fetched, fetch
+from mmscale.shards.images import ImageOptions, SampleRejected, prepare_image
+from mmscale.data.tars import tar_member, write_bytes_atomically, write_json_atomically
+from mmscale.shards.sources import Loaded, Record, iter_loaded
 
 _TAR_BLOCK = 512
 _TAR_END = 2 * _TAR_BLOCK  # two zero blocks close an archive
