@@ -54,6 +54,9 @@ def _eval_parsers(subparsers) -> None:
             parser.add_argument("--classnames", required=True, help="one class name per line; line i is label i")
             parser.add_argument("--templates", default="", help="prompt templates, one per line with {} (default: "
                                 "'a photo of a {}.')")
+            parser.add_argument("--report", default="", metavar="DIR", help="also write a per-class report to "
+                                "DIR (created): report.txt and report.json (precision, recall, F1 and support per "
+                                "class, scikit-learn's classification_report layout) and confusion.png")
         if kind == "retrieval":
             parser.add_argument("--rerank", type=int, default=0, metavar="K", help="re-rank each query's top K "
                                 "contrastive results by a fusion model's ITM match logit plus the cosine (BLIP's score) and report rerank_i2t_r1.. "

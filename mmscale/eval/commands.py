@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -10,6 +11,7 @@ from mmscale.data.config import DataConfig
 from mmscale.data.loader import build_loader
 from mmscale.data.text import load_tokenizer
 from mmscale.eval.embed import evaluate
+from mmscale.eval.metrics import read_lines
 from mmscale.models import load_model
 from mmscale.models.fusion import FusionEncoder
 
@@ -23,6 +25,13 @@ def run_eval_command(args) -> int:
     rerank = getattr(args, "rerank", 0)
     if rerank < 0:
         raise ValueError(f"--rerank {rerank}: give the number of contrastive candidates to re-rank (0: off)")
+    report = getattr(args, "report", "")
+    if report:  # refused before the pass over the data, not after it
+        from mmscale.eval.report import check_names
+
+        if Path(report).exists() and not Path(report).is_dir():
+            raise ValueError(f"--report {report}: a file is there; give a folder (it is created if missing)")
+        check_names(read_lines(args.classnames, "classnames"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.checkpoint, mlm_head=False).to(device)
     if rerank and not isinstance(model, FusionEncoder):
@@ -41,9 +50,10 @@ def run_eval_command(args) -> int:
                        batch_size=args.batch_size, classnames=getattr(args, "classnames", ""),
                        templates=getattr(args, "templates", ""),
                        itm_label_groups=getattr(args, "itm_label_groups", False),
-                       match_labels=getattr(args, "match_labels", False))
+                       match_labels=getattr(args, "match_labels", False), report=report)
     if args.eval_kind == "zeroshot":
         result = {"top1": metrics["top1"], "top5": metrics["top5"], "samples": int(metrics["samples"])}
+        result |= {"report": report} if report else {}
     else:
         result = {name: metrics[name] for name in metrics if name.startswith(("i2t", "t2i"))}
         result |= {"val_loss": metrics.get("val_loss"), "samples": int(metrics["samples"])}

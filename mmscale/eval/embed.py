@@ -16,7 +16,8 @@ import torch.distributed as dist
 from mmscale.data.text import CaptionEncoder
 from mmscale.eval.fusion import FusionValidation
 from mmscale.eval.metrics import contrastive_val_loss, read_lines, read_templates
-from mmscale.eval.shared import all_reduce_sum, rank_sizes, shared_retrieval_metrics, shared_zeroshot_accuracy
+from mmscale.eval.shared import (all_reduce_sum, rank_sizes, shared_retrieval_metrics, shared_zeroshot_accuracy,
+                                 shared_zeroshot_predictions)
 from mmscale.models import DualEncoder
 from mmscale.models.dual_encoder import classifier_input
 from mmscale.models.fusion import FusionEncoder
@@ -148,13 +149,24 @@ def current_logit_scale(model: DualEncoder) -> float:
         return float(model.logit_scale().detach())
 
 
+def _write_zeroshot_report(folder: str, embedded: Embedded, classes: torch.Tensor, names: list[str]) -> None:
+    """Every rank's (label, top-1 class) pairs, gathered (a collective), as a per-class report by rank 0."""
+    from mmscale.eval.report import write_report
+
+    truth, predicted = shared_zeroshot_predictions(embedded.images, embedded.labels, classes)
+    if not _distributed() or dist.get_rank() == 0:
+        write_report(folder, truth.cpu(), predicted.cpu(), names, title="Zero-shot classification")
+
+
 def evaluate(model: DualEncoder, batches, *, tokenizer, device: torch.device, context_length: int,
              batch_size: int, classnames: str = "", templates: str = "", max_samples: int = 0,
-             itm_label_groups: bool = False, match_labels: bool = False) -> dict[str, float]:
+             itm_label_groups: bool = False, match_labels: bool = False, report: str = "") -> dict[str, float]:
     """Validation loss, retrieval recall@1/5/10 (`match_labels`: a result with the query's `.cls` label counts,
     mmscale.eval.metrics.retrieval_metrics), with class names zero-shot top-1/top-5, and for a fusion model ITM
     accuracy (`itm_label_groups`: no hard negative of the same `.cls` label, as loss.itm_label_groups) and
-    (with an MLM head) image-conditioned MLM accuracy (mmscale.eval.fusion)."""
+    (with an MLM head) image-conditioned MLM accuracy (mmscale.eval.fusion). With class names, `report` (a
+    folder) gets the zero-shot per-class report and confusion PNG (mmscale.eval.report.write_report), written
+    by rank 0 from every rank's predictions."""
     was_training = model.training
     model.eval()
     try:
@@ -169,6 +181,8 @@ def evaluate(model: DualEncoder, batches, *, tokenizer, device: torch.device, co
             classes = class_embeddings(model, tokenizer, names, read_templates(templates), device=device,
                                        context_length=context_length)
             metrics |= shared_zeroshot_accuracy(embedded.images, embedded.labels, classes)
+            if report:
+                _write_zeroshot_report(report, embedded, classes, names)
         if model.classifier is not None and samples:
             metrics["classifier_top1"] = _classifier_accuracy(model, embedded, device)
         if samples:
