@@ -4,11 +4,17 @@ Every sample must have an image member that fully decodes and a UTF-8 caption; a
 member must be an integer; keys must be unique; `sizes.json`, when present (or required
 with `check_sizes`), must match the tars. All problems are collected, each naming the
 shard and, where there is one, the key, so one run lists everything to fix.
+
+A VQA sample (its json member holds a question or answers: mmscale.data.vqa's format) needs a
+question and answers instead of a caption (`--questions-only`: a test split, no answers needed);
+the report counts VQA samples, those without a question or answers by reason, the question types
+and the most frequent normalized answers.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -20,6 +26,7 @@ from tqdm import tqdm
 
 from mmscale.shards.images import DEFAULT_MAX_PIXELS, decode_image
 from mmscale.shards.sharding import parallel_map
+from mmscale.shards.vqa_input import vqa_fields
 from mmscale.data.tars import (
     DEFAULT_MAX_MEMBER_BYTES,
     SAMPLE_EXTENSIONS,
@@ -34,6 +41,8 @@ from mmscale.data.tars import (
     sample_image_bytes,
     spec_urls,
 )
+
+TOP_ANSWERS = 10  # most frequent VQA answers reported
 
 
 @dataclass
@@ -54,6 +63,13 @@ class ShardReport:
     bad_samples: Counter = field(default_factory=Counter)
     """Samples the loader would skip, by the reason it would count (the first problem of each)."""
     readable: bool = True
+    vqa_samples: int = 0
+    """Samples whose json member holds a question or answers."""
+    vqa_bad: Counter = field(default_factory=Counter)
+    """VQA samples without a question or answers, by mmscale.data.vqa.parse_vqa_json's reason."""
+    question_types: Counter = field(default_factory=Counter)
+    answers: Counter = field(default_factory=Counter)
+    """Normalized answers, each counted once per question that was given it (as the VQA answer list counts)."""
 
 
 @dataclass
@@ -67,6 +83,10 @@ class InspectReport:
     def bad_samples(self) -> Counter:
         """Samples the loader would skip, by reason, over all shards."""
         return sum((shard.bad_samples for shard in self.shards), Counter())
+
+    def total(self, name: str) -> Counter:
+        """A Counter field of ShardReport summed over the shards."""
+        return sum((getattr(shard, name) for shard in self.shards), Counter())
 
     @property
     def all_problems(self) -> list[str]:
@@ -92,23 +112,51 @@ class InspectReport:
                              f"mean {statistics.fmean(values):,.1f}  max {max(values):,}")
         if labels:
             lines.append(f"labels: {sum(labels.values()):,} labelled samples, {len(labels):,} distinct")
+        lines.extend(self._describe_vqa())
         shown = [example for shard in self.shards for example in shard.examples][:examples]
         if shown:
             lines.append("samples:")
             lines.extend(f"  {key}  {size:>9}  {caption[:100]}" for key, size, caption in shown)
         return "\n".join(lines)
 
+    def _describe_vqa(self) -> list[str]:
+        vqa = self.as_dict()["vqa"]
+        if not vqa["samples"]:
+            return []
+        bad = ", ".join(f"{reason}={count:,}" for reason, count in vqa["bad"].items())
+        lines = [f"vqa samples: {vqa['samples']:,}   without a question or answers: {sum(vqa['bad'].values()):,}"
+                 + (f" ({bad})" if bad else "")]
+        if vqa["question_types"]:
+            lines.append("question types: " + ", ".join(f"{name or '(none)'}={count:,}"
+                                                       for name, count in vqa["question_types"].items()))
+        if vqa["top_answers"]:
+            lines.append("top answers: " + ", ".join(f"{answer}={count:,}" for answer, count in vqa["top_answers"]))
+        return lines
+
+    def as_dict(self) -> dict:
+        """The report's figures as JSON-ready values (`--json`)."""
+        types, answers = self.total("question_types"), self.total("answers")
+        return {"shards": len(self.shards), "samples": sum(shard.samples for shard in self.shards),
+                "bytes": sum(shard.bytes for shard in self.shards),
+                "bad_samples": dict(sorted(self.bad_samples.items())),
+                "labelled_samples": sum(self.total("labels").values()), "problems": len(self.all_problems),
+                "vqa": {"samples": sum(shard.vqa_samples for shard in self.shards),
+                        "bad": dict(sorted(self.total("vqa_bad").items())),
+                        "question_types": dict(sorted(types.items(), key=lambda item: (-item[1], item[0]))),
+                        "top_answers": sorted(answers.items(), key=lambda item: (-item[1], item[0]))[:TOP_ANSWERS]}}
+
 
 def inspect_shard(url: str, *, examples: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> ShardReport:
-    """Read one shard through, fully decoding every image; collects problems instead of raising."""
+                  max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, need_answers: bool = True) -> ShardReport:
+    """Read one shard through, fully decoding every image; collects problems instead of raising.
+    `need_answers=False` accepts VQA questions without answers (a test split)."""
     report = ShardReport(url)
     if os.path.exists(url):
         report.bytes = os.path.getsize(url)
     try:
         for sample in iter_raw_samples(url, extensions=SAMPLE_EXTENSIONS, max_member_bytes=max_member_bytes):
             report.samples += 1
-            _check_sample(sample, report, examples=examples, max_pixels=max_pixels)
+            _check_sample(sample, report, examples=examples, max_pixels=max_pixels, need_answers=need_answers)
     except ShardTruncated as error:
         report.problems.append(str(error))
     except ShardError as error:
@@ -117,7 +165,7 @@ def inspect_shard(url: str, *, examples: int = 0, max_pixels: int = DEFAULT_MAX_
     return report
 
 
-def _check_sample(sample: dict, report: ShardReport, *, examples: int, max_pixels: int) -> None:
+def _check_sample(sample: dict, report: ShardReport, *, examples: int, max_pixels: int, need_answers: bool) -> None:
     key = sample["__key__"]
     report.keys.append(key)
     reasons: list[str] = []
@@ -132,9 +180,10 @@ def _check_sample(sample: dict, report: ShardReport, *, examples: int, max_pixel
         problem(rejected.reason, rejected.detail)
     size = _check_image(sample, problem, report, max_pixels=max_pixels) if not reasons else "?"
     caption = None
+    question = _check_question(sample, problem, report, need_answers=need_answers) if _is_vqa(sample) else None
     try:
         caption = sample_caption(sample)
-        if caption is None:
+        if caption is None and question is None and not _is_vqa(sample):
             problem("missing_caption", "no caption (no .txt member and no json caption)")
     except SampleRejected as rejected:
         problem(rejected.reason, "caption is not UTF-8" if rejected.reason == "bad_text" else rejected.detail)
@@ -150,7 +199,40 @@ def _check_sample(sample: dict, report: ShardReport, *, examples: int, max_pixel
     if reasons:
         report.bad_samples[reasons[0]] += 1
     if len(report.examples) < examples:
-        report.examples.append((key, size, caption or "<no caption>"))
+        report.examples.append((key, size, question or caption or "<no caption>"))
+
+
+def _is_vqa(sample: dict) -> bool:
+    """Whether the sample's json member holds a question or answers (a VQA sample)."""
+    try:
+        meta = json.loads(sample["json"]) if sample.get("json") else None
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(meta, dict) and ("question" in meta or "answers" in meta)
+
+
+def _check_question(sample: dict, problem, report: ShardReport, *, need_answers: bool) -> str | None:
+    """Count a VQA sample's question type and answers; '<question>  A: <answer>' to show, None when bad."""
+    from mmscale.data.vqa import normalize_answer  # imports torch: only VQA shards pay for it
+
+    report.vqa_samples += 1
+    try:
+        fields = vqa_fields(sample["json"], need_answers=need_answers)
+    except SampleRejected as rejected:
+        report.vqa_bad[rejected.reason] += 1
+        problem(rejected.reason, _VQA_PROBLEMS.get(rejected.reason, rejected.reason))
+        return None
+    report.question_types[fields.question_type] += 1
+    normalized = Counter(normalize_answer(answer) for answer in fields.answers)
+    report.answers.update(normalized.keys())
+    answer = normalized.most_common(1)[0][0] if normalized else "(no answers)"
+    return f"Q: {fields.question}  A: {answer}"
+
+
+_VQA_PROBLEMS = {"missing_question": "VQA sample without a question (json \"question\")",
+                 "bad_json": "VQA answers are not a list of answers (json \"answers\")",
+                 "missing_answer": "VQA question without answers (json \"answers\"; a test split? pass "
+                                   "--questions-only)"}
 
 
 def _check_image(sample: dict, problem, report: ShardReport, *, max_pixels: int) -> str:
@@ -171,11 +253,12 @@ def _check_image(sample: dict, problem, report: ShardReport, *, max_pixels: int)
 
 def inspect_spec(spec: str, *, examples: int = 3, check_sizes: bool = False, workers: int = 1,
                  progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> InspectReport:
+                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, need_answers: bool = True) -> InspectReport:
     """Inspect every shard of a spec and cross-check keys and sizes.json."""
     urls = spec_urls(spec)
     shards = []
-    check = partial(inspect_shard, examples=examples, max_pixels=max_pixels, max_member_bytes=max_member_bytes)
+    check = partial(inspect_shard, examples=examples, max_pixels=max_pixels, max_member_bytes=max_member_bytes,
+                    need_answers=need_answers)
     with tqdm(total=len(urls), desc="inspecting shards", unit="shard", disable=not progress) as bar:
         for report in parallel_map(check, urls, workers=workers):
             shards.append(report)
@@ -227,12 +310,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="images with more pixels are reported as decompression bombs (image_too_large)")
     parser.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
                         help="tar members larger than this are reported unread (member_too_large)")
+    parser.add_argument("--questions-only", action="store_true",
+                        help="VQA questions need no answers (a test split)")
+    parser.add_argument("--json", action="store_true", help="end with the figures as one JSON object")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         report = inspect_spec(args.spec, examples=args.samples, check_sizes=args.check_sizes,
                               workers=args.workers, progress=not args.no_progress, max_pixels=args.max_pixels,
-                              max_member_bytes=args.max_member_bytes)
+                              max_member_bytes=args.max_member_bytes, need_answers=not args.questions_only)
     except (ShardError, ValueError) as error:
         print(f"inspect_shards: error: {error}", file=sys.stderr)
         return 2
@@ -242,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{len(problems):,} problem(s):", file=sys.stderr)
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
-        return 1
-    print("ok: every sample has a decodable image and a caption")
-    return 0
+    elif any(shard.vqa_samples for shard in report.shards):
+        print("ok: every sample has a decodable image and a caption or a VQA question"
+              + (" with answers" if not args.questions_only else ""))
+    else:
+        print("ok: every sample has a decodable image and a caption")
+    if args.json:
+        print(json.dumps(report.as_dict()))
+    return 1 if problems else 0

@@ -65,14 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_argument_group("input")
     source.add_argument("--input", required=True,
                         help="folder of images+captions; a table (csv/tsv/jsonl/parquet), a glob or folder of "
-                             "tables, of image paths or http(s) URLs; a COCO json; or a shard spec")
+                             "tables, of image paths or http(s) URLs; a COCO captions or VQA v2 questions json; "
+                             "or a shard spec")
     source.add_argument("--input-kind", choices=INPUT_KINDS, help="override auto-detection from the path")
-    source.add_argument("--image-root", help="folder that relative image paths of a table or COCO file start from")
+    source.add_argument("--image-root", help="folder that relative image paths of a table or COCO file start from; the "
+                             "folder searched for a VQA v2 file's images by id")
     source.add_argument("--image-column", "--url-column", dest="image_column",
                         help="table column with image paths or URLs (default: auto)")
     source.add_argument("--caption-column", help="table column with captions (default: auto)")
     source.add_argument("--label-column", help="table column with integer labels, written as KEY.cls")
     source.add_argument("--coco-first-caption-only", action="store_true", help="one sample per COCO image")
+    vqa = parser.add_argument_group("visual question answering (one sample per question: KEY.jpg + KEY.json "
+                                    "with question, answers, question_type)")
+    vqa.add_argument("--answers", help="VQA v2 annotations json with the answers of the --input questions file "
+                                       "(leave out for a test split: questions without answers)")
+    vqa.add_argument("--question-column", help="table column with questions (instead of captions)")
+    vqa.add_argument("--answer-column", help="table column with answers: one answer, a JSON list, or a list")
+    vqa.add_argument("--question-type-column", help="table column with question types (optional)")
     output = parser.add_argument_group("output")
     output.add_argument("--output", required=True, help="output folder (resumes if it holds this job's shards)")
     output.add_argument("--samples-per-shard", type=_positive_int,
@@ -134,7 +143,9 @@ def options_from_args(args: argparse.Namespace) -> ShardingOptions:
     return ShardingOptions(
         input=InputOptions(path=args.input, kind=args.input_kind, image_root=args.image_root,
                            image_column=args.image_column, caption_column=args.caption_column,
-                           label_column=args.label_column, coco_first_caption_only=args.coco_first_caption_only),
+                           label_column=args.label_column, coco_first_caption_only=args.coco_first_caption_only,
+                           answers=args.answers, question_column=args.question_column,
+                           answer_column=args.answer_column, question_type_column=args.question_type_column),
         output_dir=args.output, samples_per_shard=args.samples_per_shard,
         max_bytes_per_shard=args.max_bytes_per_shard,
         image=ImageOptions(resize=args.resize, resize_mode=args.resize_mode, jpeg_quality=args.jpeg_quality,

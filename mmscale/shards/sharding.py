@@ -9,7 +9,8 @@ How it stays resumable and deterministic:
 - A chunk is done when its stats file exists (written after its shards were renamed into
   place). A re-run skips done chunks, removes stale temporary files and redoes the rest;
   `sizes.json` and `stats.json` are rebuilt from the chunks' stats files at the end.
-- `dedup` compares image bytes (sha256; COCO's several captions per image collapse to one),
+- `dedup` compares image bytes (sha256; COCO's several captions per image collapse to one; a VQA
+  sample's question is compared with its image, so an image's several questions are all kept),
   keeping the digests in an on-disk set (dedup.py), so memory stays bounded at any scale.
   Local input is hashed up to the last chunk still to write, in record order, before
   writing, so the first copy is kept and the others are skipped the same way in every run.
@@ -68,6 +69,7 @@ from mmscale.shards.sources import (
     Record,
     ShardCount,
     count_shard,
+    dedup_digest,
     iter_loaded,
     list_input,
 )
@@ -235,6 +237,11 @@ def _fingerprint(options: ShardingOptions, kind: str, records: int) -> str:
     source = asdict(options.input)
     if kind != "tars":
         source["path"] = os.path.abspath(source["path"])
+    for name in ("answers", "question_column", "answer_column", "question_type_column"):
+        if source[name] is None:
+            del source[name]  # absent: folders written before VQA input existed resume
+    if source.get("answers"):
+        source["answers"] = os.path.abspath(source["answers"])
     described = {"input": source, "kind": kind, "records": records, "image": asdict(options.image),
                  "captions": asdict(options.captions), "dedup": options.dedup,
                  "download": _download_fingerprint(options.download),
@@ -384,11 +391,11 @@ def _file_stamp(url: str) -> list[int] | None:
 
 
 def image_digests(task: tuple[int, list[Record], CaptionFilter]) -> list[tuple[int, bytes]]:
-    """(ordinal, sha256 of the image bytes) of a chunk's records, leaving out those skipped anyway."""
+    """(ordinal, dedup digest: sources.dedup_digest) of a chunk's records, leaving out those skipped anyway."""
     start, records, captions = task
-    return [(start + offset, hashlib.sha256(loaded.image).digest())
+    return [(start + offset, dedup_digest(hashlib.sha256(loaded.image).digest(), loaded.question))
             for offset, loaded in enumerate(iter_loaded(records))
-            if loaded.image and loaded.caption and captions.accepts(loaded.caption)]
+            if loaded.image and (loaded.question is not None or (loaded.caption and captions.accepts(loaded.caption)))]
 
 
 def find_duplicates(listing: InputListing, store: DigestStore, options: ShardingOptions, *, count: int) -> None:
@@ -505,7 +512,7 @@ def _write_totals(summary: ShardingSummary, names: list[str], *, rewrite_stats: 
         gather_failures(summary.output_dir, names, failed_path)
 
 
-_FAILURE_COLUMNS = ("key", "source", "url", "caption", "label", "reason", "detail")
+_FAILURE_COLUMNS = ("key", "source", "url", "caption", "question", "label", "reason", "detail")
 
 
 def _text(value) -> str | None:

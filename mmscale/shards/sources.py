@@ -6,7 +6,9 @@ writing resumable. Loading happens in the worker processes, one planned chunk at
 
 Kinds: `folder` (images with same-stem `.txt` captions and optional `.cls` labels, searched
 recursively), `csv`, `tsv` (tab-separated, header row, no quoting), `jsonl`, `parquet`,
-`coco` (a COCO-captions annotation file) and `tars` (existing WebDataset shards).
+`coco` (a COCO-captions annotation file), `vqa` (a VQA v2 questions file, with its annotations file for
+the answers; vqa_input.py) and `tars` (existing WebDataset shards). A table with a question column is VQA
+input too: one sample per row, its question and answers in the sample's json member, no caption.
 
 Tables (one file, a glob or a folder of them) are never held in memory: their listing counts
 rows and streams them chunk by chunk (tables.py). A table's image column may hold local paths
@@ -16,6 +18,7 @@ or http(s) URLs; URL records are downloaded by the shard writer (download.py).
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import math
 import os
@@ -27,6 +30,7 @@ from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmscale.shards.vqa_input import Question, VqaFileError, question_from_cells, sample_question, vqa_v2_samples
 from mmscale.shards.tables import TABLE_KINDS, TableError, TableFile, column_names, count_rows, iter_rows, table_paths
 from mmscale.data.tars import (
     IMAGE_EXTENSIONS,
@@ -41,7 +45,7 @@ from mmscale.data.tars import (
     spec_urls,
 )
 
-INPUT_KINDS = ("folder", "csv", "tsv", "jsonl", "parquet", "coco", "tars")
+INPUT_KINDS = ("folder", "csv", "tsv", "jsonl", "parquet", "coco", "vqa", "tars")
 _TABLE_KIND_NAMES = ("csv", "tsv", "jsonl", "parquet")
 _EXTENSION_KINDS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
                     ".parquet": "parquet", ".json": "coco", ".tar": "tars"}
@@ -72,6 +76,7 @@ class Record:
     shard_index: int = -1
     url: str | None = None  # an http(s) image to download
     problem: str | None = None  # skip reason already known at listing time
+    question: Question | None = None  # a VQA sample: its question and answers take the caption's place
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,14 @@ class InputOptions:
     caption_column: str | None = None
     label_column: str | None = None
     coco_first_caption_only: bool = False
+    answers: str | None = None
+    """A VQA v2 annotations file: the answers of the questions file given as `path`."""
+    question_column: str | None = None
+    """A table of VQA samples: the column with the questions (the caption column is then not read)."""
+    answer_column: str | None = None
+    """The column with each question's answers: one answer, a JSON list of them, or a list."""
+    question_type_column: str | None = None
+    """The column with each question's type (optional)."""
 
 
 @dataclass
@@ -129,9 +142,12 @@ class TableInput:
 
     files: list[TableFile]
     image_column: str
-    caption_column: str
+    caption_column: str | None
     label_column: str | None
     root: str
+    question_column: str | None = None
+    answer_column: str | None = None
+    question_type_column: str | None = None
 
     @property
     def rows(self) -> int:
@@ -140,16 +156,23 @@ class TableInput:
 
     def iter_records(self) -> Iterator[Record]:
         """One Record per row, file after file."""
-        columns = [c for c in (self.image_column, self.caption_column, self.label_column) if c]
+        columns = [c for c in (self.image_column, self.caption_column, self.label_column, self.question_column,
+                               self.answer_column, self.question_type_column) if c]
         for file in self.files:
             for number, row in enumerate(iter_rows(file.path, file.kind, columns)):
                 if isinstance(row, str):  # a row that could not be parsed: its skip reason
                     yield Record(source=f"{file.path}:{number + 1}", problem=row)
                     continue
                 name = row.get(self.image_column)
-                yield _row_record(name, row.get(self.caption_column),
+                question = None
+                if self.question_column:
+                    question = question_from_cells(
+                        row.get(self.question_column), row.get(self.answer_column) if self.answer_column else None,
+                        row.get(self.question_type_column) if self.question_type_column else None,
+                        with_answers=self.answer_column is not None)
+                yield _row_record(name, row.get(self.caption_column) if self.caption_column else None,
                                   row.get(self.label_column) if self.label_column else None,
-                                  root=self.root, source=str(name))
+                                  root=self.root, source=str(name), question=question)
 
 
 @dataclass
@@ -161,6 +184,15 @@ class Loaded:
     caption: str | None = None
     label: int | None = None
     problem: str | None = None
+    question: Question | None = None
+
+
+def dedup_digest(image_sha256: bytes, question: Question | None) -> bytes:
+    """What `--dedup` compares: the image bytes' sha256; for a VQA sample the image and its question together,
+    so an image's several questions are all kept (a caption corpus keeps one caption of an image)."""
+    if question is None:
+        return image_sha256
+    return hashlib.sha256(image_sha256 + b"\0question\0" + question.text.encode("utf-8", "surrogateescape")).digest()
 
 
 @dataclass(frozen=True)
@@ -214,10 +246,18 @@ def list_input(options: InputOptions, *, count_shards: Callable[[list[str]], lis
         raise InputError(f"input kind {kind!r} is unknown; use one of {', '.join(INPUT_KINDS)}")
     if kind not in ("tars", *_TABLE_KIND_NAMES) and not os.path.exists(options.path):
         raise InputError(f"input {options.path}: no such file or folder; check --input")
+    data = None
+    if kind in ("coco", "vqa"):
+        data = _read_json(options.path)
+        if options.kind is None and isinstance(data, dict) and "questions" in data:
+            kind = "vqa"  # a .json file: its content tells VQA v2 questions from COCO captions
+    _check_vqa_options(options, kind)
     if kind == "folder":
         listing = _list_folder(options.path)
     elif kind == "coco":
-        listing = _list_coco(options)
+        listing = _list_coco(options, data)
+    elif kind == "vqa":
+        listing = _list_vqa(options, data)
     elif kind == "tars":
         listing = _list_tars(options.path, count_shards or (lambda urls: [count_shard(u) for u in urls]))
     else:
@@ -257,12 +297,28 @@ def _list_folder(root: str) -> InputListing:
     return InputListing("folder", records, dict(skipped))
 
 
-def _list_coco(options: InputOptions) -> InputListing:
+def _read_json(path: str, flag: str = "input"):
     try:
-        with open(options.path, encoding="utf-8") as handle:
-            data = json.load(handle)
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
     except (OSError, ValueError) as error:
-        raise InputError(f"input {options.path}: not a readable JSON file ({error})") from None
+        raise InputError(f"{flag} {path}: not a readable JSON file ({error})") from None
+
+
+def _check_vqa_options(options: InputOptions, kind: str) -> None:
+    """VQA options that the input kind would silently ignore are mistakes."""
+    if options.answers and kind != "vqa":
+        raise InputError(f"--answers {options.answers}: VQA v2 answers go with a VQA v2 questions file as --input "
+                         f"(a JSON file with a 'questions' list); {options.path} is {kind} input")
+    columns = [f"--{name.replace('_', '-')}" for name in ("question_column", "answer_column", "question_type_column")
+               if getattr(options, name)]
+    if columns and kind not in _TABLE_KIND_NAMES:
+        raise InputError(f"{' and '.join(columns)} name table columns; {options.path} is {kind} input")
+    if columns and not options.question_column:
+        raise InputError(f"{' and '.join(columns)} go with --question-column (the column with the questions)")
+
+
+def _list_coco(options: InputOptions, data) -> InputListing:
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("annotations"), list):
         raise InputError(f"input {options.path}: not a COCO captions file (needs 'images' and 'annotations' "
@@ -282,6 +338,18 @@ def _list_coco(options: InputOptions) -> InputListing:
         for text in texts[:1] if options.coco_first_caption_only else texts:
             records.append(_row_record(name, text, None, root=root, source=name))
     return InputListing("coco", records)
+
+
+def _list_vqa(options: InputOptions, questions) -> InputListing:
+    """One record per question of a VQA v2 questions file, in file order (vqa_input.vqa_v2_samples)."""
+    annotations = _read_json(options.answers, "--answers") if options.answers else None
+    try:
+        samples = vqa_v2_samples(questions, annotations, path=options.path, answers_path=options.answers,
+                                 image_root=options.image_root or os.path.dirname(options.path) or ".")
+    except VqaFileError as error:
+        raise InputError(str(error)) from None
+    return InputListing("vqa", [Record(source=sample.source, image_path=sample.image_path, problem=sample.problem,
+                                       question=sample.question) for sample in samples])
 
 
 def _list_tars(spec: str, count_shards: Callable[[list[str]], list[ShardCount]]) -> InputListing:
@@ -330,9 +398,17 @@ def _list_table(options: InputOptions, kind: str, progress: bool) -> InputListin
     first = paths[0][0]
     image = _choose_column(columns, options.image_column, _IMAGE_COLUMNS, "image path or URL", "--url-column",
                            first)
-    caption = _choose_column(columns, options.caption_column, _CAPTION_COLUMNS, "caption",
-                             "--caption-column", first)
-    label = None
+    caption = question = answer = question_type = label = None
+    if options.question_column:  # VQA rows: the question takes the caption's place
+        question = _choose_column(columns, options.question_column, (), "question", "--question-column", first)
+        if options.answer_column:
+            answer = _choose_column(columns, options.answer_column, (), "answer", "--answer-column", first)
+        if options.question_type_column:
+            question_type = _choose_column(columns, options.question_type_column, (), "question type",
+                                           "--question-type-column", first)
+    else:
+        caption = _choose_column(columns, options.caption_column, _CAPTION_COLUMNS, "caption",
+                                 "--caption-column", first)
     if options.label_column:
         label = _choose_column(columns, options.label_column, (), "label", "--label-column", first)
     for path, file_kind in paths[1:]:  # a later file of a glob without the columns would lose its rows
@@ -342,7 +418,8 @@ def _list_table(options: InputOptions, kind: str, progress: bool) -> InputListin
             names = column_names(path, file_kind)
         except TableError as error:
             raise InputError(str(error)) from None
-        missing = [name for name in (image, caption, label) if name is not None and name not in names]
+        missing = [name for name in (image, caption, label, question, answer, question_type)
+                   if name is not None and name not in names]
         if missing:
             raise InputError(f"input {path}: no column {', '.join(map(repr, missing))} (found in {first}); "
                              "every file of a table needs the same columns")
@@ -361,7 +438,8 @@ def _list_table(options: InputOptions, kind: str, progress: bool) -> InputListin
         raise InputError(f"input {first}: column {image!r} holds {type(value).__name__} values, not "
                          "image file paths or URLs; write the images to files and give their paths")
     root = options.image_root or (options.path if os.path.isdir(options.path) else os.path.dirname(first))
-    return InputListing(kind, None, table=TableInput(files, image, caption, label, root))
+    return InputListing(kind, None, table=TableInput(files, image, caption, label, root, question_column=question,
+                                                     answer_column=answer, question_type_column=question_type))
 
 
 def _choose_column(columns: list[str], requested: str | None, candidates: Iterable[str], what: str,
@@ -378,8 +456,9 @@ def _choose_column(columns: list[str], requested: str | None, candidates: Iterab
                      f"(columns: {', '.join(columns)}); pass {flag}")
 
 
-def _row_record(name, caption, label, *, root: str, source: str) -> Record:
-    """A record from table-like values, with bad values turned into skip reasons."""
+def _row_record(name, caption, label, *, root: str, source: str, question: Question | str | None = None) -> Record:
+    """A record from table-like values, with bad values turned into skip reasons (`question`: a VQA row's
+    question, or the reason it has none)."""
     if name is None or not str(name).strip():
         return Record(source=source, problem="missing_image")
     name = str(name).strip()
@@ -387,6 +466,8 @@ def _row_record(name, caption, label, *, root: str, source: str) -> Record:
     if url is None and "://" in name:
         return Record(source=source, problem="unsupported_url")
     path = None if url else os.path.join(root, name)
+    if isinstance(question, str):
+        return Record(source=source, image_path=path, url=url, problem=question)
     if isinstance(caption, float) and math.isnan(caption):
         caption = None
     if caption is not None and not isinstance(caption, (str, int, float)):
@@ -402,7 +483,8 @@ def _row_record(name, caption, label, *, root: str, source: str) -> Record:
         parsed_label = _parse_label(label)
         if parsed_label is None:
             return Record(source=source, image_path=path, problem="bad_label")
-    return Record(source=source, image_path=path, url=url, caption=caption or None, label=parsed_label)
+    return Record(source=source, image_path=path, url=url, caption=caption or None, label=parsed_label,
+                  question=question)
 
 
 def _parse_label(value) -> int | None:
@@ -467,7 +549,7 @@ def _load_file_record(record: Record, *, max_bytes: int) -> Loaded:
         return Loaded(record.source, problem=rejected.reason)
     except OSError:
         return Loaded(record.source, problem="missing_caption")
-    return Loaded(record.source, image=image, caption=caption, label=label)
+    return Loaded(record.source, image=image, caption=caption, label=label, question=record.question)
 
 
 def read_regular_file(path: str, *, max_bytes: int) -> bytes:
@@ -511,6 +593,7 @@ def _loaded_from_sample(sample: dict) -> Loaded:
         if image is None:
             return Loaded(source, problem="missing_image")
         caption = sample_caption(sample)
+        question = sample_question(sample.get("json"))
     except SampleRejected as rejected:
         return Loaded(source, problem=rejected.reason)
     label = None
@@ -518,4 +601,4 @@ def _loaded_from_sample(sample: dict) -> Loaded:
         label = _parse_label(sample["cls"].decode("ascii", errors="replace").strip())
         if label is None:
             return Loaded(source, problem="bad_label")
-    return Loaded(source, image=image[1], caption=caption, label=label)
+    return Loaded(source, image=image[1], caption=caption, label=label, question=question)

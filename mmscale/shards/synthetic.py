@@ -14,17 +14,23 @@ zero-shot evaluation can prompt with them):
 
 Fonts come from matplotlib's own font folder (a dependency), so every machine renders the same
 glyphs without system fonts.
+
+`make_vqa_shards` writes VQA corpora of the `shapes` and `characters` images (vqa_questions lists their
+questions): every image with every question of its corpus, ten annotators' answers each.
 """
 
 from __future__ import annotations
 
 import colorsys
+import json
 import math
 import os
 import random
+import statistics
 import string
 import tempfile
-from collections.abc import Callable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,18 +86,38 @@ class Corpus:
     """What the label is, in a few words."""
 
 
-def draw_sample(rng: random.Random, size: int = 64, domain: str = "plain") -> tuple[Image.Image, str, int]:
-    """A random `shapes` image with its caption and label (the shape's colour)."""
-    label = rng.randrange(len(OBJECT_COLOURS))
-    colour, shape = OBJECT_COLOURS[label], rng.choice(SHAPES)
-    background = rng.choice([name for name in DOMAINS[domain] if name != colour])
+@dataclass(frozen=True)
+class ShapeScene:
+    """A drawn `shapes` image and what it shows."""
+
+    image: Image.Image
+    colour: str
+    shape: str
+    background: str
+
+
+def draw_shape_scene(rng: random.Random, size: int = 64, domain: str = "plain", *, colour: str | None = None,
+                     shape: str | None = None, background: str | None = None) -> ShapeScene:
+    """A `shapes` image: one shape of `colour` on `background`; what is not given is drawn at random (the
+    background never the shape's colour)."""
+    colour = colour or OBJECT_COLOURS[rng.randrange(len(OBJECT_COLOURS))]
+    shape = shape or rng.choice(SHAPES)
+    if background is None or background == colour:
+        background = rng.choice([name for name in DOMAINS[domain] if name != colour])
     paint = {name: _dimmed(rgb, domain) for name, rgb in COLOURS.items()}
     image = Image.new("RGB", (size, size), paint[background])
     extent = rng.uniform(0.35, 0.7) * size
     left, top = rng.uniform(0, size - extent), rng.uniform(0, size - extent)
     _draw_form(ImageDraw.Draw(image), shape, (left, top, extent), paint[colour], rotation=0.0)
+    return ShapeScene(image, colour, shape, background)
+
+
+def draw_sample(rng: random.Random, size: int = 64, domain: str = "plain") -> tuple[Image.Image, str, int]:
+    """A random `shapes` image with its caption and label (the shape's colour)."""
+    scene = draw_shape_scene(rng, size, domain)
+    colour, shape, background = scene.colour, scene.shape, scene.background
     caption = f"{_article(colour)} {colour} {shape} on {_article(background)} {background} background"
-    return image, caption, label
+    return scene.image, caption, OBJECT_COLOURS.index(colour)
 
 
 FORM_TEMPLATES = ("a {}", "a picture of a {}", "a coloured {}", "a {} on a plain background", "an image of a {}",
@@ -116,11 +142,14 @@ CHARACTER_TEMPLATES = ("the character {}", "a picture of the character {}", "the
 
 
 def draw_character(rng: random.Random, size: int = 64, domain: str = "plain", *,
-                   charset: tuple[str, ...] = CHARACTERS) -> tuple[Image.Image, str, int]:
+                   charset: tuple[str, ...] = CHARACTERS,
+                   colours: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
+                   ) -> tuple[Image.Image, str, int]:
     """A `characters` image: one glyph in a random bold font, size, rotation and position near the centre,
-    dark ink of random colour on light paper of random colour, plus sparse speckle; the label is the character."""
+    dark ink of random colour on light paper of random colour (or the (ink, paper) `colours` given), plus
+    sparse speckle; the label is the character."""
     label = rng.randrange(len(charset))
-    ink, paper = _contrasting_colours(rng, domain)
+    ink, paper = colours or _contrasting_colours(rng, domain)
     font = _font(rng.choice(FONT_FILES), round(rng.uniform(0.55, 0.85) * size))
     glyph = Image.new("L", (size * 2, size * 2), 0)  # drawn large, rotated, then cropped to its ink
     ImageDraw.Draw(glyph).text((size, size), charset[label], font=font, fill=255, anchor="mm")
@@ -271,3 +300,162 @@ def make_synthetic_shards(output_dir: str | os.PathLike, n: int, *, samples_per_
                                               output_dir=str(output_dir), samples_per_shard=samples_per_shard,
                                               workers=1, progress=False))
     return [os.path.join(str(output_dir), name) for name in summary.sizes]
+
+
+@dataclass(frozen=True)
+class VqaQuestion:
+    """A question a generated VQA corpus asks of every image, and the answers it can have."""
+
+    text: str
+    question_type: str
+    answers: tuple[str, ...]
+
+
+# Paper of the VQA `characters` corpus: two light and two dark colours, ink of the other lightness (a random
+# colour, as draw_character picks it), so the paper's colour is plain to see. Four balanced answers, not
+# "is the paper dark or light?": two-answer questions score 0.65 answered blind (the wrong half still matches
+# the annotators who disagree), which with "digit or letter" would put the blind prior over 0.4.
+PAPER_COLOURS = {"white": (245, 245, 245), "yellow": (250, 235, 120), "black": (15, 15, 15), "blue": (25, 35, 120)}
+DARK_PAPERS = ("black", "blue")
+# "a" is left out: the VQA evaluation drops articles, so the answer "a" would normalize to nothing.
+VQA_CHARACTERS = tuple(character for character in CHARACTERS if character != "a")
+VQA_LETTERS = tuple(character for character in VQA_CHARACTERS if character not in DIGITS)
+ANNOTATORS = 10  # answers per question, as in VQA v2
+DISAGREEMENT = 0.1  # chance that an annotator gives another answer of the question
+MAX_DISAGREEING = 3  # so the true answer is always given by at least 7 of the 10
+OTHER_SPELLING = 0.2  # chance that an agreeing annotator writes it another way the VQA normalization undoes
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def vqa_questions(corpus_name: str = "shapes", domain: str = "plain") -> tuple[VqaQuestion, ...]:
+    """The questions a generated VQA corpus asks of every image (so a question alone says nothing about the
+    image), with their possible answers; their union is the corpus's answer list."""
+    if corpus_name == "shapes":
+        return (VqaQuestion("what colour is the shape?", "colour", OBJECT_COLOURS),
+                VqaQuestion("what shape is it?", "shape", SHAPES),
+                VqaQuestion("what colour is the background?", "background", DOMAINS[domain]))
+    if corpus_name == "characters":
+        return (VqaQuestion("which character is this?", "character", VQA_CHARACTERS),
+                VqaQuestion("is it a digit or a letter?", "digit or letter", ("digit", "letter")),
+                VqaQuestion("what colour is the paper?", "paper colour", tuple(PAPER_COLOURS)))
+    raise ValueError(f"VQA corpus {corpus_name!r} is unknown; choose shapes or characters")
+
+
+def make_vqa_shards(output_dir: str | os.PathLike, n_images: int, *, corpus: str = "shapes",
+                    samples_per_shard: int = 64, seed: int = 0, size: int = 64, domain: str = "plain") -> Path:
+    """Write a generated VQA corpus as shards with the real make_shards pipeline (a jsonl table of image,
+    question, answers, question type and label; sizes.json included); returns the output folder.
+
+    Each of the `n_images` images gets every question of `vqa_questions(corpus)`, one sample (key) per
+    question: `KEY.jpg`, `KEY.json` {"question", "answers", "question_type"} and `KEY.cls` (the base corpus's
+    label: the shape's colour, the character's index in CHARACTERS). Each answer's attributes are balanced
+    over the images (a shuffled cycle), so the question-only prior is as low as the answers allow. Ten
+    answers per question, as VQA v2 annotators give: each another answer of the question with chance 0.1 (at
+    most 3 of the 10), else the true one, written now and then as "Red", "red." or "a red" (what the VQA
+    normalization maps back to it). The same seed gives the same shards.
+    """
+    from mmscale.shards.sharding import ShardingOptions, make_shards
+    from mmscale.shards.sources import InputOptions
+
+    questions = vqa_questions(corpus, domain)
+    rng = random.Random(seed)
+    draw = _vqa_drawer(corpus, rng, n_images, size=size, domain=domain)
+    with tempfile.TemporaryDirectory(prefix="mmscale-vqa-") as folder:
+        rows = []
+        for index in range(n_images):
+            image, label, truths = draw()
+            name = f"{index:06d}.jpg"
+            image.save(os.path.join(folder, name), quality=90)
+            for question, truth in zip(questions, truths):
+                rows.append({"image": name, "question": question.text, "question_type": question.question_type,
+                             "answers": _annotator_answers(rng, truth, question.answers), "label": label})
+        table = os.path.join(folder, "questions.jsonl")
+        with open(table, "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+        make_shards(ShardingOptions(
+            input=InputOptions(path=table, kind="jsonl", image_root=folder, label_column="label",
+                               question_column="question", answer_column="answers",
+                               question_type_column="question_type"),
+            output_dir=str(output_dir), samples_per_shard=samples_per_shard, workers=1, progress=False))
+    return Path(output_dir)
+
+
+def _vqa_drawer(corpus_name: str, rng: random.Random, n_images: int, *, size: int, domain: str
+                ) -> Callable[[], tuple[Image.Image, int, tuple[str, ...]]]:
+    """A function drawing the next image: (image, label, the true answer of each question in order)."""
+    if corpus_name == "shapes":
+        colours, shapes = _balanced(rng, OBJECT_COLOURS, n_images), _balanced(rng, SHAPES, n_images)
+        backgrounds = _balanced(rng, DOMAINS[domain], n_images)
+
+        def draw_shapes() -> tuple[Image.Image, int, tuple[str, ...]]:
+            scene = draw_shape_scene(rng, size, domain, colour=colours.pop(), shape=shapes.pop(),
+                                     background=backgrounds.pop())
+            return scene.image, OBJECT_COLOURS.index(scene.colour), (scene.colour, scene.shape, scene.background)
+
+        return draw_shapes
+    vqa_questions(corpus_name)  # names the corpora there are
+    kinds, papers = _balanced(rng, ("digit", "letter"), n_images), _balanced(rng, tuple(PAPER_COLOURS), n_images)
+
+    def draw_characters() -> tuple[Image.Image, int, tuple[str, ...]]:
+        kind, paper = kinds.pop(), papers.pop()
+        dark, light = _contrasting_colours(rng, domain)
+        colours = (light if paper in DARK_PAPERS else dark, _dimmed(PAPER_COLOURS[paper], domain))
+        charset = DIGITS if kind == "digit" else VQA_LETTERS
+        image, _, index = draw_character(rng, size, domain, charset=charset, colours=colours)
+        return image, CHARACTERS.index(charset[index]), (charset[index], kind, paper)
+
+    return draw_characters
+
+
+def _balanced(rng: random.Random, values: Sequence[str], n: int) -> list[str]:
+    """n values, each as often as the others (to one), in random order."""
+    items = [values[index % len(values)] for index in range(n)]
+    rng.shuffle(items)
+    return items
+
+
+def _annotator_answers(rng: random.Random, truth: str, choices: Sequence[str]) -> list[str]:
+    """Ten annotators' answers to a question whose true answer is `truth` (see make_vqa_shards)."""
+    others = [choice for choice in choices if choice != truth]
+    answers, disagreeing = [], 0
+    for _ in range(ANNOTATORS):
+        if others and disagreeing < MAX_DISAGREEING and rng.random() < DISAGREEMENT:
+            answers.append(rng.choice(others))
+            disagreeing += 1
+        elif rng.random() < OTHER_SPELLING:
+            answers.append(rng.choice(other_spellings(truth)))
+        else:
+            answers.append(truth)
+    return answers
+
+
+def other_spellings(answer: str) -> list[str]:
+    """Ways of writing `answer` that the VQA v2 normalization maps back to it: capitalized, a final period, an
+    article before a word, a digit's number word."""
+    spellings = [answer + "."]
+    if answer.capitalize() != answer:
+        spellings.append(answer.capitalize())
+    if answer.isdigit():
+        spellings.append(_NUMBER_WORDS[int(answer)])
+    elif len(answer) > 1:
+        spellings.append(f"{_article(answer)} {answer}")
+    return spellings
+
+
+def question_only_prior(samples: Iterable[tuple[str, Sequence[str]]]) -> float:
+    """How well the questions can be answered without the image: each question answered with its most
+    frequent normalized answer over all `(question, answers)` samples (ties: the first alphabetically), scored
+    with VQA accuracy (mmscale.data.vqa.answer_accuracy), averaged over a question's samples, then over the
+    questions."""
+    from mmscale.data.vqa import answer_accuracy, normalize_answer
+
+    by_question: dict[str, list[Sequence[str]]] = defaultdict(list)
+    for question, answers in samples:
+        by_question[question].append(answers)
+    scores = []
+    for answer_sets in by_question.values():
+        counts = Counter(normalize_answer(answer) for answers in answer_sets for answer in answers)
+        counts.pop("", None)
+        best = min(counts, key=lambda answer: (-counts[answer], answer)) if counts else ""
+        scores.append(statistics.fmean(answer_accuracy(best, list(answers)) for answers in answer_sets))
+    return statistics.fmean(scores) if scores else 0.0

@@ -10,10 +10,12 @@ Sample keys are the 9-digit global ordinal of the input record: stable across re
 unique, dot-free (WebDataset splits key and extension at the first dot). Each sample is
 `KEY.jpg`, `KEY.txt`, `KEY.json` (img2dataset's layout; the json keeps the provenance: url or
 source, caption, original and final size, sha256 of the original bytes, status) and `KEY.cls`
-when there is a label.
+when there is a label. A VQA sample has no caption: its json also holds `question`, `answers` and
+`question_type` (mmscale.data.vqa's format), and there is no `KEY.txt` unless its input had a caption.
 
 Every record is accounted for: written, or listed in the chunk's `shard-000003.failed.jsonl`
-(key, source, url, caption, reason, detail), written before the stats file.
+(key, source, url, caption, reason, detail; a VQA row's question and answers), written before the
+stats file.
 
 URL records are downloaded by `threads` threads per worker (download.py) and written as they
 arrive; decoding, resizing and encoding run on a separate pool of `image_threads` threads
@@ -43,7 +45,8 @@ from mmscale.shards.dedup import DigestStore
 from mmscale.shards.download import RETRYABLE_REASONS, DownloadOptions, Fetched, fetch
 from mmscale.shards.images import ImageOptions, SampleRejected, prepare_image
 from mmscale.data.tars import tar_member, write_bytes_atomically, write_json_atomically
-from mmscale.shards.sources import Loaded, Record, iter_loaded
+from mmscale.shards.sources import Loaded, Record, dedup_digest, iter_loaded
+from mmscale.shards.vqa_input import Question
 
 _TAR_BLOCK = 512
 _TAR_END = 2 * _TAR_BLOCK  # two zero blocks close an archive
@@ -266,6 +269,8 @@ def _failure_line(key: str, outcome: _Outcome) -> bytes:
     record = outcome.record
     row = {"key": key, "source": record.source, "url": record.url, "caption": record.caption,
            "label": record.label, "reason": outcome.reason, "detail": outcome.detail[:300]}
+    if record.question is not None:  # all of it: --retry-failed rebuilds the record from this line
+        row |= record.question.as_json()
     return json_line(row) + b"\n"
 
 
@@ -290,7 +295,9 @@ def failed_rows(output_dir: str, shard_name: str) -> list[dict]:
 def retry_records(rows: list[dict]) -> tuple[list[Record], tuple[int, ...]]:
     """Records (and ordinals) of failed rows worth another try: downloads that failed for a passing reason."""
     chosen = [row for row in rows if row.get("url") and row["reason"] in RETRYABLE_REASONS]
-    return ([Record(source=row["source"], url=row["url"], caption=row["caption"], label=row.get("label"))
+    return ([Record(source=row["source"], url=row["url"], caption=row["caption"], label=row.get("label"),
+                    question=Question(row["question"], tuple(row.get("answers", ())), row.get("question_type", ""))
+                    if "question" in row else None)
              for row in chosen], tuple(int(row["key"]) for row in chosen))
 
 
@@ -356,7 +363,8 @@ def _outcomes(task: ChunkTask) -> Iterator[_Outcome]:
         if isinstance(loaded, Fetched):
             if loaded.reason:
                 return _Outcome(offset, record, reason=loaded.reason, detail=loaded.detail)
-            loaded = Loaded(record.url, image=loaded.body, caption=record.caption, label=record.label)
+            loaded = Loaded(record.url, image=loaded.body, caption=record.caption, label=record.label,
+                            question=record.question)
         return _outcome(offset, record, loaded, task)
 
     if any(record.url for record in task.records):
@@ -411,26 +419,32 @@ def _outcome(offset: int, record: Record, loaded: Loaded, task: ChunkTask) -> _O
 
 
 def _sample_members(key: str, loaded: Loaded, *, task: ChunkTask) -> tuple[list[tuple[str, bytes]], bytes]:
-    """The tar members of one sample and the sha256 of its image; raises SampleRejected to skip it."""
+    """The tar members of one sample and its dedup digest (sources.dedup_digest); raises SampleRejected to skip
+    it. A VQA sample needs no caption; the caption limits do not apply to its question."""
     if loaded.problem:
         raise SampleRejected(loaded.problem)
-    if loaded.caption is None:
+    if loaded.question is None and loaded.caption is None:
         raise SampleRejected("missing_caption")
-    if not task.captions.accepts(loaded.caption):
+    if loaded.question is None and not task.captions.accepts(loaded.caption):
         raise SampleRejected("caption_length")
     image = prepare_image(loaded.image, task.image)
-    digest = hashlib.sha256(loaded.image).digest()
-    meta = {"key": key, "source": loaded.source, "caption": loaded.caption, "status": "success",
+    image_sha256 = hashlib.sha256(loaded.image).digest()
+    meta = {"key": key, "source": loaded.source, "status": "success",
             "original_width": image.original_width, "original_height": image.original_height,
-            "width": image.width, "height": image.height, "sha256": digest.hex()}
+            "width": image.width, "height": image.height, "sha256": image_sha256.hex()}
     if loaded.source.startswith(("http://", "https://")):
         meta["url"] = loaded.source
-    members = [(f"{key}.jpg", image.jpeg), (f"{key}.txt", loaded.caption.encode("utf-8"))]
+    members = [(f"{key}.jpg", image.jpeg)]
+    if loaded.caption is not None:
+        meta["caption"] = loaded.caption
+        members.append((f"{key}.txt", loaded.caption.encode("utf-8")))
+    if loaded.question is not None:
+        meta |= loaded.question.as_json()
     if loaded.label is not None:
         meta["label"] = loaded.label
         members.append((f"{key}.cls", str(loaded.label).encode("ascii")))
     members.append((f"{key}.json", json_line(meta, sort_keys=True)))
-    return members, digest
+    return members, dedup_digest(image_sha256, loaded.question)
 
 
 def _closed_size(offset: int) -> int:
