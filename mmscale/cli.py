@@ -40,7 +40,9 @@ def _eval_parsers(subparsers) -> None:
     for kind, summary in (("zeroshot", "zero-shot classification accuracy on labelled shards"),
                           ("retrieval", "image-text retrieval recall@1/5/10 on caption shards"),
                           ("mlm", "masked-word accuracy on caption shards, with each caption's image and with a "
-                                  "blank gray one")):
+                                  "blank gray one"),
+                          ("vqa", "VQA accuracy (the VQA v2 evaluation's) of a VQA-fine-tuned fusion model on VQA "
+                                  "shards, overall and per question type, beside the question-only prior")):
         parser = kinds.add_parser(kind, help=summary, description=summary + "; the last line printed is one JSON object")
         parser.add_argument("--checkpoint", required=True,
                             help="model folder (mmscale final/, HF CLIP, dual encoder or BLIP ITM)")
@@ -66,6 +68,10 @@ def _eval_parsers(subparsers) -> None:
             parser.add_argument("--match-labels", action="store_true", help="a result with the query's .cls label "
                                 "counts as correct (category-level recall, for captions that are templates of a "
                                 "label); default: the same caption or the same image")
+        if kind == "vqa":
+            parser.add_argument("--report", default="", metavar="DIR", help="also write a per-answer report to DIR "
+                                "(created): report.txt and report.json (precision, recall, F1 and support per answer, "
+                                "a question's true answer being its most frequent human answer) and confusion.png")
         if kind == "mlm":
             parser.add_argument("--words", default="", metavar="FILE", help="mask every whole-word occurrence "
                                 "(case-insensitive, every word piece) of these words, one a line (default: "
@@ -106,6 +112,14 @@ def _use_parsers(subparsers) -> None:
     match.add_argument("--texts", required=True, help="text file, one text per line; printed in this order")
     match.add_argument("--batch-size", type=int, default=64)
     match.add_argument("--context-length", type=int, default=64)
+    summary = "answer a question about one image (a VQA-fine-tuned fusion model, float or int8 export)"
+    vqa = subparsers.add_parser("vqa", help=summary, description=summary + "; the top answers with their "
+                                "probabilities, then one JSON object")
+    vqa.add_argument("--checkpoint", required=True, help="VQA model folder (mmscale finetune's final/ or its export)")
+    vqa.add_argument("--image", required=True)
+    vqa.add_argument("--question", required=True)
+    vqa.add_argument("--top", type=int, default=5, help="answers to print")
+    vqa.add_argument("--context-length", type=int, default=64)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise FileNotFoundError(f"{args.run_dir}: no metrics.jsonl here; give a training run's output_dir")
             print(write_report(args.run_dir))
             return 0
+        if args.command == "vqa":
+            from mmscale.eval.vqa import answer_command
+
+            return answer_command(args)
         if args.command in ("export", "embed", "zeroshot", "match"):
             from mmscale.eval import use
 

@@ -31,9 +31,10 @@ from mmscale.models.fusion import FusionEncoder
 class LossConfig:
     """What the model is trained to do, and how much each part counts."""
 
-    objective: Literal["contrastive", "classify"] = "contrastive"
-    """`contrastive` (image-caption pairs, plus MLM when weighted) or `classify` (a linear head over image
-    embeddings trained on the `.cls` labels)."""
+    objective: Literal["contrastive", "classify", "vqa"] = "contrastive"
+    """`contrastive` (image-caption pairs, plus MLM when weighted), `classify` (a linear head over image
+    embeddings trained on the `.cls` labels) or `vqa` (an answer head on a fusion model, trained on VQA shards
+    with soft targets: the `vqa` section)."""
     classes: int = 0
     """Number of classes for loss.objective=classify (labels 0..classes-1; samples without a label are ignored)."""
     contrastive: Literal["clip", "siglip"] = "clip"
@@ -85,6 +86,8 @@ class LossOutput(ModelOutput):
     classification: torch.Tensor | None = None
     itm: torch.Tensor | None = None
     """Image-text matching cross-entropy (fusion models)."""
+    vqa: torch.Tensor | None = None
+    """VQA answer loss: binary cross-entropy against the soft scores, summed over answers (fusion models)."""
     logit_scale: torch.Tensor | None = None
     """1/temperature used in this step (detached)."""
     image_features: torch.Tensor | None = None
@@ -370,3 +373,25 @@ class ClassificationObjective(nn.Module):
         loss = F.cross_entropy(logits, labels, ignore_index=-1)
         zero = loss.new_zeros(())
         return LossOutput(total=loss, contrastive=zero, mlm=zero, classification=loss)
+
+
+class VqaObjective(nn.Module):
+    """VQA fine-tuning of a fusion model: its answer head's logits over the answer list against the soft scores
+    (`answer_targets`, mmscale.data.vqa), binary cross-entropy summed over the answers and averaged over the
+    questions (as ViLT and the bottom-up VQA models train); a question none of whose answers is in the list has
+    all-zero targets and still counts (it teaches "none of these")."""
+
+    def __init__(self, model: ImageTextModel, config: LossConfig):
+        super().__init__()
+        if not isinstance(model, FusionEncoder) or model.vqa_head is None:
+            raise ValueError("loss.objective=vqa needs a fusion model with an answer head (build_model(..., "
+                             "vqa_answers=...)); a dual encoder cannot answer: pretrain with model.fusion_layers > 0")
+        self.model = model
+        self.config = config
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                answer_targets: torch.Tensor, **unused) -> LossOutput:
+        logits = self.model.vqa_logits(images, input_ids, attention_mask).float()
+        loss = F.binary_cross_entropy_with_logits(logits, answer_targets.float(), reduction="sum") / len(logits)
+        zero = loss.new_zeros(())
+        return LossOutput(total=loss, contrastive=zero, mlm=zero, vqa=loss)

@@ -17,6 +17,7 @@ from mmscale.data.samples import AugmentSettings, SampleDecoder
 from mmscale.data.tars import ShardError, parse_spec, shard_sizes
 from mmscale.data.stream import ShardStream, StreamSettings, UnusableData, mix_seed
 from mmscale.data.text import CaptionEncoder
+from mmscale.data.vqa import AnswerTargets
 
 __all__ = ["BatchLoader", "ShardStream", "StreamSettings", "UnusableData", "build_loader"]
 
@@ -110,13 +111,14 @@ class BatchLoader:
 def build_loader(
     config: DataConfig, *, spec: str, tokenizer, batch_size: int, train: bool,
     rank: int | None = None, world_size: int | None = None, epochs: int | None = None,
-    captions: CaptionEncoder | None = None,
+    captions: CaptionEncoder | None = None, vqa: AnswerTargets | None = None, vqa_need_answers: bool = True,
 ) -> BatchLoader:
     """A rank's loader for `spec`: training (augmented, shuffled, endless unless `epochs`)
     or evaluation (center crop, in order, one pass).
 
     `rank` and `world_size` default to the initialized torch.distributed group (else 0 and 1). `captions`
-    replaces the caption encoder the data config describes (e.g. an evaluation's own masking).
+    replaces the caption encoder the data config describes (e.g. an evaluation's own masking). `vqa`: read VQA samples
+    with soft targets over that answer list (samples.SampleDecoder).
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -143,7 +145,7 @@ def build_loader(
     )
     captions = captions or CaptionEncoder(tokenizer, context_length=config.context_length,
                                           mlm_probability=config.mlm_probability, pad_to_longest=config.pad_to_longest)
-    stream = ShardStream(settings, SampleDecoder(augment, captions))
+    stream = ShardStream(settings, SampleDecoder(augment, captions, vqa=vqa, vqa_need_answers=vqa_need_answers))
     return BatchLoader(stream, workers=config.workers, prefetch_factor=config.prefetch_factor)
 
 

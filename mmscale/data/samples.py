@@ -10,6 +10,7 @@ import torch
 from mmscale.data.tars import SampleRejected, check_raw_sample, sample_caption, sample_image_bytes
 from mmscale.data.text import CaptionEncoder
 from mmscale.data.transforms import decode_and_crop
+from mmscale.data.vqa import AnswerTargets, parse_vqa_json
 
 NO_LABEL = -1
 
@@ -23,6 +24,9 @@ class Sample:
     caption: str
     label: int
     seed: int
+    answers: tuple[str, ...] = ()
+    """VQA samples: the human answers (the caption is the question)."""
+    question_type: str = ""
 
 
 @dataclass(frozen=True)
@@ -38,11 +42,18 @@ class AugmentSettings:
 
 
 class SampleDecoder:
-    """Validates, decodes and augments raw samples; collates, tokenizes and masks batches."""
+    """Validates, decodes and augments raw samples; collates, tokenizes and masks batches.
 
-    def __init__(self, augment: AugmentSettings, captions: CaptionEncoder):
+    With `vqa` (the answer list's targets) samples are VQA samples (mmscale.data.vqa): the question takes the
+    caption's place, and batches carry `answer_targets` [B, K] (soft scores over the answer list), `answers` and
+    `question_types`; `vqa_need_answers=False` reads questions without answers (answering only)."""
+
+    def __init__(self, augment: AugmentSettings, captions: CaptionEncoder, *, vqa: AnswerTargets | None = None,
+                 vqa_need_answers: bool = True):
         self.augment = augment
         self.captions = captions
+        self.vqa = vqa
+        self.vqa_need_answers = vqa_need_answers
 
     def decode(self, raw: dict, *, seed: int) -> Sample:
         """A Sample, or SampleRejected naming why this raw sample is skipped."""
@@ -53,9 +64,14 @@ class SampleDecoder:
         extension, data = found
         if raw.get("txt") == b"":
             raise SampleRejected("empty_member")
-        caption = sample_caption(raw)
-        if caption is None:
-            raise SampleRejected("missing_caption")
+        answers, question_type = (), ""
+        if self.vqa is not None:
+            fields = parse_vqa_json(raw.get("json"), need_answers=self.vqa_need_answers)
+            caption, answers, question_type = fields.question, fields.answers, fields.question_type
+        else:
+            caption = sample_caption(raw)
+            if caption is None:
+                raise SampleRejected("missing_caption")
         a = self.augment
         rng = random.Random(seed) if a.train else None
         try:
@@ -63,7 +79,8 @@ class SampleDecoder:
                                     scale=a.crop_scale, ratio=a.crop_ratio, hflip_probability=a.hflip_probability)
         except SampleRejected as bad:
             raise SampleRejected(bad.reason) from None
-        return Sample(key=raw["__key__"], image=image, caption=caption, label=_label(raw), seed=seed)
+        return Sample(key=raw["__key__"], image=image, caption=caption, label=_label(raw), seed=seed, answers=answers,
+                      question_type=question_type)
 
     def collate(self, samples: list[Sample], *, seed: int) -> dict:
         """Stack images (uint8), tokenize and mask captions, gather labels and keys."""
@@ -71,6 +88,10 @@ class SampleDecoder:
         batch.update(self.captions.encode_and_mask([sample.caption for sample in samples], seed=seed))
         batch["labels"] = torch.tensor([sample.label for sample in samples], dtype=torch.long)
         batch["keys"] = [sample.key for sample in samples]
+        if self.vqa is not None:
+            batch["answer_targets"] = self.vqa.targets([sample.answers for sample in samples])
+            batch["answers"] = [sample.answers for sample in samples]
+            batch["question_types"] = [sample.question_type for sample in samples]
         batch["size"] = len(samples)
         return batch
 

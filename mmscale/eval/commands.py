@@ -1,4 +1,4 @@
-"""`mmscale eval zeroshot|retrieval|mlm`: a saved model on shards, one process."""
+"""`mmscale eval zeroshot|retrieval|mlm|vqa`: a saved model on shards, one process."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ def run_eval_command(args) -> int:
         from mmscale.eval.mlm import mlm_command
 
         return mlm_command(args)
+    if args.eval_kind == "vqa":
+        from mmscale.eval.vqa import vqa_command
+
+        return vqa_command(args)
     rerank = getattr(args, "rerank", 0)
     if rerank < 0:
         raise ValueError(f"--rerank {rerank}: give the number of contrastive candidates to re-rank (0: off)")

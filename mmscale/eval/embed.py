@@ -56,10 +56,30 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _placeholder(model: DualEncoder, context_length: int) -> dict:
+def placeholder_batch(model: DualEncoder, context_length: int) -> dict:
     return {"images": torch.zeros(1, 3, model.image_size, model.image_size, dtype=torch.uint8),
             "input_ids": torch.zeros(1, context_length, dtype=torch.long),
             "attention_mask": torch.ones(1, context_length, dtype=torch.long)}
+
+
+def lockstep(batches, *, device: torch.device, placeholder: dict, max_samples: int = 0):
+    """(batch, real) for each batch of this rank's share (up to `max_samples` samples), then, across ranks,
+    (placeholder, False) until every rank has run out: every rank runs as many forward passes (ZeRO-3's gathers)."""
+    iterator, seen, distributed = iter(batches), 0, _distributed()
+    while True:
+        batch = next(iterator, None) if not max_samples or seen < max_samples else None
+        if distributed:
+            pending = torch.tensor([batch is not None], dtype=torch.int32, device=device)
+            dist.all_reduce(pending, op=dist.ReduceOp.MAX)
+            if not pending.item():
+                return
+        elif batch is None:
+            return
+        if batch is None:
+            yield placeholder, False
+        else:
+            seen += len(batch["images"])
+            yield batch, True
 
 
 def _encode(model, inputs: dict, *, device: torch.device, fusion: FusionValidation | None,
@@ -85,25 +105,15 @@ def embed_pass(model: DualEncoder, batches, *, device: torch.device, context_len
     on `device`, where mmscale.eval.shared scores them without gathering them. `fusion` (a fusion model's)
     also counts ITM and MLM predictions of every batch."""
     images, texts, labels, captions, pictures = [], [], [], [], []
-    iterator, seen, distributed = iter(batches), 0, _distributed()
-    while True:
-        batch = next(iterator, None) if not max_samples or seen < max_samples else None
-        if distributed:
-            pending = torch.tensor([batch is not None], dtype=torch.int32, device=device)
-            dist.all_reduce(pending, op=dist.ReduceOp.MAX)
-            if not pending.item():
-                break
-        elif batch is None:
-            break
-        inputs = batch if batch is not None else _placeholder(model, context_length)
-        image, text = _encode(model, inputs, device=device, fusion=fusion, counted=batch is not None)
-        if batch is not None:
+    for batch, real in lockstep(batches, device=device, placeholder=placeholder_batch(model, context_length),
+                                max_samples=max_samples):
+        image, text = _encode(model, batch, device=device, fusion=fusion, counted=real)
+        if real:
             images.append(image.float())
             texts.append(text.float())
             labels.append(batch.get("labels", torch.full((len(image),), -1)).to(device))
             captions.append(caption_groups(batch["input_ids"], batch["attention_mask"]).to(device))
             pictures.append(image_groups(batch["images"]).to(device))
-            seen += len(image)
     width = model.embedding_dim
     empty = (torch.empty(0, width, device=device), torch.empty(0, width, device=device),
              *(torch.empty(0, dtype=torch.int64, device=device) for _ in range(3)))

@@ -38,7 +38,7 @@ def read_image(path: str, size: int) -> torch.Tensor:
         raise ValueError(f"image {path}: cannot be read as an image ({error})") from None
 
 
-def _model_and_tokenizer(checkpoint: str) -> tuple[DualEncoder, object]:
+def model_and_tokenizer(checkpoint: str) -> tuple[DualEncoder, object]:
     model = load_model(checkpoint, mlm_head=False).eval()
     if model.device.type != "cuda":  # int8 towers place themselves, and the wrapper follows them
         model = model.to(_device())
@@ -48,7 +48,7 @@ def _model_and_tokenizer(checkpoint: str) -> tuple[DualEncoder, object]:
 @torch.no_grad()
 def embed_command(args) -> int:
     """Embeddings of images (a glob) or texts (a file, one per line) to .npy or .parquet."""
-    model, tokenizer = _model_and_tokenizer(args.checkpoint)
+    model, tokenizer = model_and_tokenizer(args.checkpoint)
     device = model.device
     if args.images:
         names = sorted(glob.glob(args.images, recursive=True))
@@ -90,7 +90,7 @@ def _write_embeddings(path: Path, names: list[str], embeddings: np.ndarray) -> N
 @torch.no_grad()
 def zeroshot_command(args) -> int:
     """The classes of one image, most likely first, with softmax probabilities at the model's scale."""
-    model, tokenizer = _model_and_tokenizer(args.checkpoint)
+    model, tokenizer = model_and_tokenizer(args.checkpoint)
     device = model.device
     names = read_lines(args.classnames, "classnames")
     classes = class_embeddings(model, tokenizer, names, read_templates(args.templates), device=device,
@@ -109,7 +109,7 @@ def zeroshot_command(args) -> int:
 def match_command(args) -> int:
     """P(match) of one image with each text by a fusion model's ITM head, one line per text in the file's
     order, then one JSON object."""
-    model, tokenizer = _model_and_tokenizer(args.checkpoint)
+    model, tokenizer = model_and_tokenizer(args.checkpoint)
     if not isinstance(model, FusionEncoder):
         raise ValueError(f"{args.checkpoint} is a dual encoder ({model.kind}) without an ITM head; matching needs a "
                          "fusion model: train one with model.fusion_layers > 0, or give a BLIP ITM folder")

@@ -72,7 +72,7 @@ def folder_bytes(folder: Path) -> int:
 
 def quantize_int8(model: ImageTextModel, float_towers: Path, *, keep_projections: bool = True) -> ImageTextModel:
     """`model` with its linear layers in int8 (bitsandbytes LLM.int8), the rest in fp16, read back from
-    `float_towers` (where `model.towers` was saved)."""
+    `float_towers` (where `model.towers` was saved); its classification and VQA heads stay float."""
     from transformers import BitsAndBytesConfig
 
     skipped = list(model.head_names) if keep_projections else []
@@ -80,7 +80,7 @@ def quantize_int8(model: ImageTextModel, float_towers: Path, *, keep_projections
     extra = {"attn_implementation": FUSION_ATTENTION} if isinstance(model, FusionEncoder) else {}
     towers = type(model.towers).from_pretrained(float_towers, quantization_config=config, dtype=torch.float16,
                                                 **SAFE_LOADING, **extra)
-    return wrap_like(model, towers, mlm_head=False)
+    return wrap_like(model, towers, mlm_head=False, copy_heads=True)
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ and no folder's code is ever run (`trust_remote_code=False`), so untrusted folde
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -65,13 +66,16 @@ class CheckpointError(ValueError):
 
 
 def build_model(config: ModelConfig, *, vocab_size: int | None = None, mlm_head: bool | None = None,
-                logit_bias_init: float | None = None, token_ids: dict[str, int] | None = None) -> ImageTextModel:
+                logit_bias_init: float | None = None, token_ids: dict[str, int] | None = None,
+                vqa_answers: list[str] | None = None) -> ImageTextModel:
     """The model `config` asks for: new from its preset (a fusion model with model.fusion_layers), or started
     from `model.init_from`, or from `model.vision_from` + `model.text_from`.
 
     `vocab_size` (the tokenizer's) sizes a new text tower and `token_ids` (its pad/cls/sep ids) go in a new
     fusion model's config; `mlm_head` (default `model.mlm_head`) adds an MLM head where the text tower is
-    bidirectional; `logit_bias_init` adds SigLIP's bias (a checkpoint's own bias wins)."""
+    bidirectional; `logit_bias_init` adds SigLIP's bias (a checkpoint's own bias wins); `vqa_answers` gives a
+    fusion model a VQA answer head over that list where it has none or one over another list (a dual encoder
+    is refused: VQA needs the text to attend to the image)."""
     want_mlm = config.mlm_head if mlm_head is None else mlm_head
     if config.attention == "auto":
         config = dataclasses.replace(config, attention=resolve_attention(
@@ -88,6 +92,9 @@ def build_model(config: ModelConfig, *, vocab_size: int | None = None, mlm_head:
         model = FusionEncoder(towers, mlm_head=want_mlm, logit_scale_init=1 / config.temperature_init,
                               logit_bias_init=logit_bias_init, max_logit_scale=config.max_logit_scale)
     else:
+        if vqa_answers:
+            raise CheckpointError("VQA needs a fusion model (questions attending to the image): set "
+                                  "model.fusion_layers > 0 for a new model, or start from a fusion checkpoint")
         if config.vision_from:
             towers = _towers_from_pair(config)
             mean, std = _image_normalization(Path(config.vision_from))
@@ -96,6 +103,14 @@ def build_model(config: ModelConfig, *, vocab_size: int | None = None, mlm_head:
             mean, std = CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
         model = DualEncoder(towers, mlm_head=want_mlm, logit_bias_init=logit_bias_init,
                             max_logit_scale=config.max_logit_scale, image_mean=mean, image_std=std)
+    if vqa_answers:
+        if not isinstance(model, FusionEncoder):
+            raise CheckpointError(f"VQA needs a fusion model (questions attending to the image), but model.init_from "
+                                  f"{config.init_from} holds a dual encoder ({model.kind}) without model.fusion_layers; "
+                                  "pretrain one with model.fusion_layers > 0 (configs/pretrain/tiny_fusion.yaml) or start "
+                                  "from a BlipForImageTextRetrieval folder")
+        if model.vqa_answers != list(vqa_answers):
+            model.add_vqa_head(vqa_answers)
     model.set_patch_dropout(config.patch_dropout)
     return model
 
@@ -124,6 +139,10 @@ def load_model(folder: str | os.PathLike, *, mlm_head: bool = True, logit_bias_i
         model = FusionEncoder(towers, mlm_head=mlm_head, logit_scale_init=scale, logit_bias_init=bias, **settings)
     else:
         model = DualEncoder(towers, mlm_head=mlm_head and kind != "clip", logit_bias_init=bias, **settings)
+    if meta.get("vqa_answers") and isinstance(model, FusionEncoder):
+        model.add_vqa_head(list(meta["vqa_answers"]))
+        model.vqa_head.load_state_dict({name.removeprefix("vqa_head."): tensor for name, tensor in extras.items()
+                                        if name.startswith("vqa_head.")})
     if meta.get("classes"):
         model.add_classifier(int(meta["classes"]))
         model.classifier.load_state_dict({"weight": extras["classifier.weight"], "bias": extras["classifier.bias"]})
@@ -133,17 +152,25 @@ def load_model(folder: str | os.PathLike, *, mlm_head: bool = True, logit_bias_i
     return model
 
 
-def wrap_like(model: ImageTextModel, towers, *, mlm_head: bool) -> ImageTextModel:
-    """A model of `model`'s kind and settings (temperature, SigLIP bias, normalization) around other `towers` (a
-    skeleton, or the same weights in int8); the heads' weights are not copied."""
+def wrap_like(model: ImageTextModel, towers, *, mlm_head: bool, copy_heads: bool = False) -> ImageTextModel:
+    """A model of `model`'s kind and settings (temperature, SigLIP bias, normalization, the VQA answer list) around
+    other `towers` (a skeleton, or the same weights in int8). `copy_heads`: the classification and VQA heads come
+    along with their weights (in float; whole, not ZeRO-3 partitions); else the VQA head is a new one."""
     settings = {"mlm_head": mlm_head, "logit_bias_init": 0.0 if model.logit_bias is not None else None,
                 "max_logit_scale": model.max_logit_scale, "image_mean": model.image_mean.flatten().tolist(),
                 "image_std": model.image_std.flatten().tolist()}
     if isinstance(model, FusionEncoder):
         parameter = model.logit_scale_parameter  # its current value, unless ZeRO-3 holds only a partition of it
         scale = model.logit_scale_init if hasattr(parameter, "ds_id") else float(parameter.detach().float().exp())
-        return FusionEncoder(towers, logit_scale_init=scale, **settings)
-    return DualEncoder(towers, **settings)
+        wrapped = FusionEncoder(towers, logit_scale_init=scale, vqa_answers=model.vqa_answers, **settings)
+    else:
+        wrapped = DualEncoder(towers, **settings)
+    if copy_heads:
+        for name in ("classifier", "vqa_head"):
+            head = getattr(model, name, None)
+            if head is not None:
+                setattr(wrapped, name, copy.deepcopy(head).float().to(wrapped.image_mean.device))
+    return wrapped
 
 
 def skeleton_like(model: ImageTextModel) -> ImageTextModel:
@@ -185,6 +212,8 @@ def _write_checkpoint(model: ImageTextModel, staging: Path, *, tokenizer) -> Non
                   if name != "decoder.weight"}
     if model.logit_bias is not None:
         heads["logit_bias"] = model.logit_bias.detach().clone()
+    if getattr(model, "vqa_head", None) is not None:
+        heads |= {f"vqa_head.{name}": tensor.detach().contiguous() for name, tensor in model.vqa_head.state_dict().items()}
     if model.classifier is not None:
         heads |= {f"classifier.{name}": tensor.detach().contiguous() for name, tensor in model.classifier.state_dict().items()}
     save_file(heads, staging / HEADS_FILE)
@@ -194,6 +223,8 @@ def _write_checkpoint(model: ImageTextModel, staging: Path, *, tokenizer) -> Non
             "image_mean": model.image_mean.flatten().tolist(), "image_std": model.image_std.flatten().tolist()}
     if fusion:
         meta["fusion_layers"] = model.fusion_layers
+        if model.vqa_head is not None:
+            meta["vqa_answers"] = model.vqa_answers
     (staging / MMSCALE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -222,6 +253,12 @@ def _write_processor(model: DualEncoder, staging: Path, *, tokenizer) -> None:
         image_processor.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+
+
+def saved_vqa_answers(folder: str | os.PathLike) -> list[str]:
+    """The answer list of an mmscale fusion checkpoint's VQA head ([] for any other folder)."""
+    meta = Path(folder) / MMSCALE_FILE
+    return list(_read_json(meta).get("vqa_answers") or []) if meta.is_file() else []
 
 
 def image_size_of(folder: str | os.PathLike) -> int:

@@ -80,3 +80,22 @@ def training_flops_per_sample(model: ImageTextModel, *, context_length: int, mas
     # Each rank scores its images against every text and its texts against every image.
     logits = 2 * 2 * contrastive_batch_size * projection
     return 3 * (image_side + text_side + logits) + 2 * patch_embedding
+
+
+def vqa_flops_per_sample(model: ImageTextModel, *, context_length: int) -> float:
+    """Forward + backward FLOPs for one question of VQA fine-tuning (a fusion model): the image tower, one text
+    pass of the question cross-attending to the image tokens, and the answer head (no contrastive pass)."""
+    config = model.towers.config
+    vision, text = config.vision_config, config.text_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    patch_embedding = 2 * patches * 3 * vision.patch_size ** 2 * vision.hidden_size
+    kept = model.kept_patches(patches) if model.patch_dropout else patches
+    image_side = _encoder_forward(tokens=kept + 1, width=vision.hidden_size, layers=vision.num_hidden_layers,
+                                  mlp_width=vision.intermediate_size)
+    fused = _encoder_forward(tokens=context_length, width=text.hidden_size, layers=text.num_hidden_layers,
+                             mlp_width=text.intermediate_size)
+    fused += _cross_attention_forward(tokens=context_length, image_tokens=kept + 1, width=text.hidden_size,
+                                      image_width=vision.hidden_size, layers=text.num_hidden_layers)
+    width, answers = text.hidden_size, model.vqa_head.answers if model.vqa_head is not None else 0
+    head = 2 * width * 2 * width + 2 * 2 * width * answers
+    return 3 * (image_side + fused + head) + 2 * patch_embedding

@@ -22,7 +22,7 @@ from transformers import BlipConfig, BlipForImageTextRetrieval, BlipTextConfig, 
 from mmscale.data.text import IGNORE_INDEX, masked_positions
 from mmscale.models.base import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, DualEncoderOutput, ImageTextModel
 from mmscale.models.config import ModelConfig, ModelSizes
-from mmscale.models.heads import MaskedLMHead, NegativePool, hard_negatives
+from mmscale.models.heads import MaskedLMHead, NegativePool, VqaHead, hard_negatives
 from mmscale.models.init import init_towers
 
 # BLIP's attention is eager only: its text encoder adds the mask and multiplies by hand, and transformers
@@ -84,9 +84,13 @@ class FusionEncoder(ImageTextModel):
 
     def __init__(self, towers: BlipForImageTextRetrieval, *, mlm_head: bool, logit_scale_init: float = 1 / 0.07,
                  logit_bias_init: float | None = None, max_logit_scale: float = 100.0,
-                 image_mean=CLIP_IMAGE_MEAN, image_std=CLIP_IMAGE_STD):
+                 image_mean=CLIP_IMAGE_MEAN, image_std=CLIP_IMAGE_STD, vqa_answers: list[str] | None = None):
         super().__init__(max_logit_scale=max_logit_scale, image_mean=image_mean, image_std=image_std)
         self.towers = towers
+        self.vqa_answers: list[str] = []
+        self.vqa_head: VqaHead | None = None
+        if vqa_answers:
+            self.add_vqa_head(vqa_answers)
         self.logit_scale_init = float(logit_scale_init)
         # [] like CLIP's logit_scale (deepspeed 0.19.7 handles 0-dim parameters; PITFALLS.md 1).
         self.logit_scale_log = nn.Parameter(torch.tensor(math.log(self.logit_scale_init)))
@@ -98,6 +102,22 @@ class FusionEncoder(ImageTextModel):
     @property
     def logit_scale_parameter(self) -> nn.Parameter:
         return self.logit_scale_log
+
+    def add_vqa_head(self, answers: list[str]) -> VqaHead:
+        """A new answer classifier over `answers` (the answer list, saved with the model) on the fused first token."""
+        self.vqa_answers = list(answers)
+        self.vqa_head = VqaHead(width=self.towers.config.text_config.hidden_size, answers=len(answers))
+        self._follow_placed_towers(self.vqa_head)
+        return self.vqa_head
+
+    def vqa_logits(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, answers] logits of each question (`input_ids`) about its image: the question's tokens attend to the
+        image's tokens in every text layer, the head reads the first token (as the ITM head does)."""
+        if self.vqa_head is None:
+            raise ValueError("this model has no VQA answer head; fine-tune it on VQA shards first "
+                             "(mmscale finetune --config configs/finetune/vqa.yaml)")
+        hidden = self._text_hidden(input_ids, attention_mask, self.image_tokens(images))
+        return self.vqa_head(hidden[:, 0].to(self.vqa_head.dense.weight.dtype))
 
     @property
     def embedding_dim(self) -> int:

@@ -1,5 +1,5 @@
-"""Heads mmscale adds beside the `transformers` towers: BERT's masked-LM head, and the hard negatives that
-image-text matching (ITM) is trained on."""
+"""Heads mmscale adds beside the `transformers` towers: BERT's masked-LM head, the VQA answer classifier, and the
+hard negatives that image-text matching (ITM) is trained on."""
 
 from __future__ import annotations
 
@@ -45,6 +45,35 @@ class MaskedLMHead(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.norm(self.activation(self.dense(hidden_states))))
 
+
+
+
+class VqaHead(nn.Module):
+    """The answer classifier of VQA fine-tuning over a fixed answer list: ViLT's head (arXiv:2102.03334, and the
+    bottom-up VQA models before it) on the fused first token: dense to twice the width, LayerNorm, GELU, then one
+    logit per answer, trained with binary cross-entropy against soft scores."""
+
+    def __init__(self, *, width: int, answers: int):
+        super().__init__()
+        self.dense = nn.Linear(width, 2 * width)
+        self.norm = nn.LayerNorm(2 * width)
+        self.activation = nn.GELU()
+        self.out = nn.Linear(2 * width, answers)
+        self.reset_parameters()
+
+    @property
+    def answers(self) -> int:
+        return self.out.out_features
+
+    def reset_parameters(self):
+        """BERT's initialization (normal 0.02, zero biases), as ViLT's head is initialized."""
+        for linear in (self.dense, self.out):
+            nn.init.normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
+        self.norm.reset_parameters()
+
+    def forward(self, first_token: torch.Tensor) -> torch.Tensor:
+        return self.out(self.activation(self.norm(self.dense(first_token))))
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from mmscale.losses import ClassificationObjective, LossConfig, PretrainingObjective
+from mmscale.losses import ClassificationObjective, LossConfig, PretrainingObjective, VqaObjective
 from mmscale.models import ModelConfig, build_model
 from mmscale.models.base import ImageTextModel
 from mmscale.models.heads import MaskedLMHead
@@ -302,10 +302,12 @@ def _reinitialize(model: ImageTextModel, *, temperature_init: float) -> None:
         with _gathered([model.logit_bias]):
             if rank == 0:
                 model.logit_bias.data.fill_(model.logit_bias_init)
-    if isinstance(model.mlm_head, MaskedLMHead):
-        with _gathered(list(model.mlm_head.parameters())):
-            if rank == 0:
-                model.mlm_head.reset_parameters()
+    mlm_head = model.mlm_head if isinstance(model.mlm_head, MaskedLMHead) else None
+    for head in (mlm_head, getattr(model, "vqa_head", None)):
+        if head is not None:
+            with _gathered(list(head.parameters())):
+                if rank == 0:
+                    head.reset_parameters()
 
 
 @contextlib.contextmanager
@@ -323,11 +325,12 @@ def _gathered(parameters: list[torch.nn.Parameter]):
 
 
 def build_objective(model_config: ModelConfig, loss: LossConfig, ds_config: dict, *, vocab_size: int,
-                    token_ids: dict[str, int] | None = None) -> PretrainingObjective | ClassificationObjective:
+                    token_ids: dict[str, int] | None = None,
+                    vqa_answers: list[str] | None = None) -> PretrainingObjective | ClassificationObjective | VqaObjective:
     """The model with its losses. A new model under ZeRO-3 is built partitioned (`zero.Init`), so
     one larger than a device's memory can be built; a model started from a folder is loaded whole
     and partitioned by `deepspeed.initialize`. `token_ids`: the tokenizer's pad/cls/sep ids (a new fusion model's
-    config names them)."""
+    config names them); `vqa_answers`: the answer list of loss.objective=vqa's answer head."""
     import deepspeed
 
     bias = loss.siglip_bias_init if loss.contrastive == "siglip" else None
@@ -339,15 +342,17 @@ def build_objective(model_config: ModelConfig, loss: LossConfig, ds_config: dict
         zero3_marker = HfDeepSpeedConfig(ds_config)  # noqa: F841  # transformers partitions while it is alive
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = build_model(model_config, vocab_size=vocab_size, mlm_head=mlm, logit_bias_init=bias,
-                                token_ids=token_ids)
+                                token_ids=token_ids, vqa_answers=vqa_answers)
         _reinitialize(model, temperature_init=model_config.temperature_init)
         model.keep_normalization_fp32()  # zero.Init made them in the training dtype
         del zero3_marker  # later models (consolidation, eval) are built whole (PITFALLS.md 4)
     else:
         model = build_model(model_config, vocab_size=vocab_size, mlm_head=mlm, logit_bias_init=bias,
-                                token_ids=token_ids)
+                            token_ids=token_ids, vqa_answers=vqa_answers)
     for parameter in model.zero3_external_parameters():
         deepspeed.zero.register_external_parameter(model, parameter)
     if loss.objective == "classify":
         return ClassificationObjective(model, loss)
+    if loss.objective == "vqa":
+        return VqaObjective(model, loss)
     return PretrainingObjective(model, loss)

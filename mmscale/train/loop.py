@@ -17,13 +17,17 @@ import torch.distributed as dist
 from mmscale.config import dump_yaml
 from mmscale.data.loader import build_loader
 from mmscale.data.text import IGNORE_INDEX, load_tokenizer, special_token_ids
+from mmscale.data.vqa import AnswerTargets
 from mmscale.eval.embed import current_logit_scale, evaluate
+from mmscale.eval.vqa import answer_questions, vqa_metrics
 from mmscale.finetune.lora import apply_lora, is_adapted, merge_adapter, save_adapter
+from mmscale.finetune.vqa import run_answer_list
 from mmscale.losses import check_labels, feature_gradients
 from mmscale.models import build_model, training_flops_per_sample
 from mmscale.models.base import ImageTextModel
-from mmscale.models.checkpoint import skeleton_like
+from mmscale.models.checkpoint import saved_vqa_answers, skeleton_like
 from mmscale.models.config import resolve_attention
+from mmscale.models.flops import vqa_flops_per_sample
 from mmscale.train.checkpoints import (
     Progress,
     from_rank_0,
@@ -55,8 +59,9 @@ from mmscale.train.report import write_report
 
 # The masked captions go in as flat positions and targets (computed by the loader, on the CPU), not as
 # [B, L] labels: picking rows by a boolean mask would make the device wait for the host.
-MODEL_INPUTS = ("images", "input_ids", "attention_mask", "mlm_input_ids", "mlm_positions", "mlm_targets", "labels")
-LOSS_PARTS = ("total", "contrastive", "mlm", "classification", "itm")
+MODEL_INPUTS = ("images", "input_ids", "attention_mask", "mlm_input_ids", "mlm_positions", "mlm_targets", "labels",
+                "answer_targets")
+LOSS_PARTS = ("total", "contrastive", "mlm", "classification", "itm", "vqa")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -143,8 +148,13 @@ def setup(config: TrainRunConfig) -> Run:
                   f"the new readers); global batch {layout.global_batch_size} kept", flush=True)
     tokenizer = load_tokenizer(_tokenizer_path(config))
     torch.manual_seed(config.train.seed)
+    vqa_answers = None
+    if config.loss.objective == "vqa":
+        vqa_answers = run_answer_list(config.vqa, train_spec=config.data.train, output=output, rank=dist.get_rank(),
+                                      checkpoint_answers=saved_vqa_answers(config.model.init_from)
+                                      if config.model.init_from else [])
     objective = build_objective(config.model, config.loss, ds_config, vocab_size=len(tokenizer),
-                                token_ids=special_token_ids(tokenizer))
+                                token_ids=special_token_ids(tokenizer), vqa_answers=vqa_answers)
     _check_fit(config, objective.model)
     if config.lora.enabled:
         if zero_stage(ds_config) == 3:
@@ -307,6 +317,8 @@ def _flops_per_sample(run: Run) -> float:
     masked positions), then forgets them."""
     shapes, run.text_shapes = run.text_shapes or [(run.config.data.context_length, 0.0)], []
     length = sum(shape[0] for shape in shapes) / len(shapes)
+    if run.config.loss.objective == "vqa":
+        return vqa_flops_per_sample(run.model, context_length=round(length))
     masked = sum(shape[1] for shape in shapes) / len(shapes) if run.config.loss.mlm_weight > 0 else 0.0
     return training_flops_per_sample(run.model, context_length=round(length), masked_tokens=masked,
                                      contrastive_batch_size=run.layout.global_batch_size,
@@ -340,11 +352,21 @@ def _log_record(run: Run, progress: Progress, losses: torch.Tensor, seconds: flo
     return record | memory_gib()
 
 
+def _answer_targets(run: Run) -> AnswerTargets | None:
+    """VQA fine-tuning's soft targets over the model's answer list (None for other objectives)."""
+    return AnswerTargets(run.model.vqa_answers) if run.config.loss.objective == "vqa" else None
+
+
 def run_eval(run: Run, step: int) -> dict | None:
     """Validation metrics on every rank's share of data.val (None without data.val)."""
     config = run.config
     if not config.data.val:
         return None
+    if config.loss.objective == "vqa":
+        loader = build_loader(config.data, spec=config.data.val, tokenizer=run.tokenizer,
+                              batch_size=config.eval.batch_size, train=False, vqa=_answer_targets(run))
+        return {"kind": "eval", "step": step} | vqa_metrics(answer_questions(run.model, loader, device=run.device),
+                                                            reduce=True)
     loader = build_loader(config.data, spec=config.data.val, tokenizer=run.tokenizer,
                           batch_size=config.eval.batch_size, train=False)
     metrics = evaluate(run.model, loader, tokenizer=run.tokenizer, device=run.device,
@@ -420,7 +442,8 @@ def _adapted_skeleton(run: Run) -> ImageTextModel:
     """The run's model as it started, in fp32 and with the same adapters: its frozen base is read again from its
     source, where the 16-bit module holds it rounded (bf16 keeps 8 bits of mantissa)."""
     skeleton = build_model(run.config.model, vocab_size=len(run.tokenizer), mlm_head=run.model.mlm_head is not None,
-                           logit_bias_init=0.0 if run.model.logit_bias is not None else None)
+                           logit_bias_init=0.0 if run.model.logit_bias is not None else None,
+                           vqa_answers=getattr(run.model, "vqa_answers", None))
     if run.model.classifier is not None:
         skeleton.add_classifier(run.model.classifier.out_features)
     apply_lora(skeleton, run.config.lora)
@@ -431,7 +454,7 @@ def train(config: TrainRunConfig) -> dict:
     """Run (or resume) training to the budget; returns the last train and eval records."""
     run = setup(config)
     loader = build_loader(config.data, spec=config.data.train, tokenizer=run.tokenizer,
-                          batch_size=run.layout.micro_batch_size, train=True)
+                          batch_size=run.layout.micro_batch_size, train=True, vqa=_answer_targets(run))
     progress = _resume(run, loader)
     writer = MetricsWriter(run.output, enabled=run.rank == 0, tensorboard=config.train.tensorboard)
     bar = _progress_bar(run, progress)
