@@ -142,6 +142,19 @@ def test_itm_negatives_benchmark_trains_both_modes_through_the_launcher_and_scor
     assert "| global |" in out
 
 
+
+def test_vqa_benchmark_pretrains_fine_tunes_and_scores_float_and_int8():
+    """tools/bench/vqa.py at toy size on shapes: pretraining through the launcher, VQA fine-tuning of the saved
+    model, held-out scores per question type beside the question-only prior, and the int8 export's accuracy; a few
+    steps learn little, so only the figures' presence and range are checked."""
+    out = bench("vqa.py", "--corpora", "shapes", "--caption-samples", "256", "--pretrain-steps", "4", "--vqa-images",
+                "64", "--test-images", "32", "--vqa-steps", "4")
+    row = json.loads(out.strip().splitlines()[-1])["shapes"]
+    assert row["questions"] == 96 and 0 <= row["accuracy"] <= 1 and 0 < row["question_only_prior"] <= 0.4
+    assert {"accuracy_colour", "accuracy_shape", "accuracy_background"} <= set(row)
+    assert 0 <= row["int8_accuracy"] <= 1 and row["pretrain_seconds"] > 0 and row["finetune_seconds"] > 0
+    assert "| shapes |" in out
+
 def test_sharding_benchmark_downloads_from_its_loopback_server():
     """The make_shards half of tools/bench/sharding.py at toy size (img2dataset needs its own virtual
     environment from PyPI, which the full benchmark makes)."""

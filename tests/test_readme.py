@@ -53,6 +53,7 @@ EXERCISED_BY = {
     "tools/bench/eval_scaling.py": (["tests/test_bench.py"], '"eval_scaling.py"'),
     "tools/bench/sharding.py": (["tests/test_bench.py"], '"sharding.py"'),
     "tools/bench/elastic_resume.py": (["tests/test_bench.py"], '"elastic_resume.py"'),
+    "tools/bench/vqa.py": (["tests/test_bench.py"], '"vqa.py"'),
     "tools/gpu_check.sh": (["tests/test_bench.py"], '"gpu_check.sh"'),
 }
 

@@ -173,6 +173,28 @@ def test_mmscale_vqa_answers_from_a_float_and_an_int8_export_alike(vqa_finetuned
     assert tops[0] == tops[1] and tops[0] in ("white", "gray", "black")
 
 
+
+def test_lora_vqa_fine_tuning_trains_the_answer_head_and_adapters_and_saves_them_merged(vqa_data, tmp_path):
+    """With lora.enabled=true the towers train through adapters (self- and cross-attention) and the answer head
+    fully; final/ holds the merged towers and the trained head, which eval vqa reads."""
+    from safetensors.torch import load_file
+
+    output = tmp_path / "lora"
+    result = _cli("finetune", "--checkpoint", str(vqa_data["fusion"]), "--config", "configs/finetune/vqa.yaml",
+                  f"data.train={vqa_data['train']}", f"output_dir={output}", "lora.enabled=true",
+                  "train.deepspeed=configs/deepspeed/zero0.json", "train.samples=640", "train.lr=0.001",
+                  "data.workers=0", "vqa.answers=12", "train.progress=false", "train.tensorboard=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LoRA r=8 trains" in result.stdout + result.stderr
+    assert (output / "adapter" / "adapter_model.safetensors").is_file()
+    head = load_file(output / "final" / "mmscale_heads.safetensors")
+    # the head trained (its bias starts at zero) and was saved with the merged model
+    assert head["vqa_head.out.weight"].shape == (12, 256) and head["vqa_head.out.bias"].abs().sum() > 0
+    result = _cli("eval", "vqa", "--checkpoint", str(output / "final"), "--data", str(vqa_data["val"]),
+                  "--context-length", "32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["questions"] == 192
+
 def test_a_dual_encoder_checkpoint_is_refused_naming_model_fusion_layers(vqa_data, tmp_path):
     from mmscale.data.text import load_tokenizer
     from mmscale.models import ModelConfig, build_model
