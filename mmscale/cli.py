@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "it directly or as `deepspeed ... --module mmscale.train`", config_class=TrainRunConfig)
     train.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher's; env has it
     finetune = _config_parser(subparsers, "finetune", summary="fine-tune a checkpoint (LoRA with "
-                              "configs/finetune/lora.yaml) through the training loop", config_class=TrainRunConfig)
+                              "configs/finetune/lora.yaml, VQA with configs/finetune/vqa.yaml) through the training loop", config_class=TrainRunConfig)
     finetune.add_argument("--checkpoint", required=True, help="model to start from: an mmscale final/, a Hugging "
                           "Face CLIPModel or dual-encoder folder, or VISION_DIR,TEXT_DIR (a vision model and a text encoder)")
     finetune.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)

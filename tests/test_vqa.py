@@ -31,13 +31,23 @@ def test_answers_are_normalized_as_the_vqa_v2_evaluation_does(raw, normalized):
     assert normalize_answer(raw) == normalized
 
 
-@pytest.mark.parametrize("matching,expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+@pytest.mark.parametrize("matching,expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (9, 1.0)])
 def test_ten_answers_score_the_mean_over_each_answer_left_out(matching, expected):
     """Hand-computed: with m of 10 answers equal to the prediction, leaving out one of the m leaves m - 1 matches,
-    one of the others m: (m x min(1, (m-1)/3) + (10-m) x min(1, m/3)) / 10; m=2: (2/3 + 8 x 2/3) / 10 = 0.6."""
-    answers = ["Blue."] * matching + ["green", "teal", "cyan", "navy", "sky", "azure", "indigo", "cobalt", "sea",
+    one of the others m: (m x min(1, (m-1)/3) + (10-m) x min(1, m/3)) / 10; m=2: (2/3 + 8 x 2/3) / 10 = 0.6.
+    The answers disagree, so vqaEval.py processes their punctuation ("blue." matches "Blue!" predicted)."""
+    answers = ["blue."] * matching + ["green", "teal", "cyan", "navy", "sky", "azure", "indigo", "cobalt", "sea",
                                       "ice"][:10 - matching]
-    assert answer_accuracy("blue", answers) == pytest.approx(expected)
+    assert answer_accuracy("Blue!", answers) == pytest.approx(expected)
+
+
+def test_ten_answers_are_compared_as_written_as_vqa_eval_does():
+    """vqaEval.py normalizes the prediction fully but the human answers only by punctuation, and only when they
+    disagree: "Red" is no match for "red", and ten unanimous "yes." keep their period."""
+    assert answer_accuracy("red", ["red"] * 2 + ["Red"] * 8) == pytest.approx(0.6)
+    assert answer_accuracy("two", ["2"] * 10) == 1.0  # the prediction's number word is mapped
+    assert answer_accuracy("yes", ["yes."] * 10) == 0.0
+    assert answer_accuracy("yes", ["yes."] * 9 + ["no"]) == 1.0
 
 
 def test_fewer_answers_need_min_of_three_and_their_count():
@@ -193,7 +203,16 @@ def test_lora_vqa_fine_tuning_trains_the_answer_head_and_adapters_and_saves_them
     result = _cli("eval", "vqa", "--checkpoint", str(output / "final"), "--data", str(vqa_data["val"]),
                   "--context-length", "32")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1])["questions"] == 192
+    merged = json.loads(result.stdout.strip().splitlines()[-1])
+    assert merged["questions"] == 192
+    # the adapter keeps the head beside it: exporting adapter/ (merged into its base) scores as final/ does
+    result = _cli("export", "--checkpoint", str(output / "adapter"), "--out", str(tmp_path / "from-adapter"),
+                  "--quantize", "none")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = _cli("eval", "vqa", "--checkpoint", str(tmp_path / "from-adapter"), "--data", str(vqa_data["val"]),
+                  "--context-length", "32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["accuracy"] == pytest.approx(merged["accuracy"], abs=0.01)
 
 def test_a_dual_encoder_checkpoint_is_refused_naming_model_fusion_layers(vqa_data, tmp_path):
     from mmscale.data.text import load_tokenizer

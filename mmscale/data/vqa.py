@@ -2,11 +2,12 @@
 
 A VQA sample is `KEY.jpg` + `KEY.json` holding `{"question": str, "answers": [str, ...]}` (VQA v2: ten human
 answers; one is fine) and optionally `"question_type"`, one sample per question. Answers are compared after the
-VQA v2 evaluation's normalization (`normalize_answer`: its punctuation rules, number words to digits, articles
-dropped, contractions restored, lower case), and a predicted answer scores as that evaluation scores it
-(`answer_accuracy`): with ten answers, the mean over the ten leave-one-out sets of nine of min(matches / 3, 1);
-with fewer, min(matches / min(3, n), 1), so one answer is an exact match. Training targets are the same score
-per candidate answer (`soft_scores`): min(count / 3, 1) for three or more answers (the VQA soft target).
+VQA v2 evaluation's normalization of predicted answers (`normalize_answer`: its punctuation rules, number words to
+digits, articles dropped, contractions restored, lower case), and a predicted answer scores as that evaluation
+scores it (`answer_accuracy`): with ten answers, exactly vqaEval.py (human answers as written, the mean over the
+ten leave-one-out sets of nine of min(matches / 3, 1)); with fewer, min(matches / min(3, n), 1) over normalized
+answers, so one answer is an exact match. Training targets are a score per candidate answer over normalized
+human answers (`soft_scores`): min(count / 3, 1) for three or more answers (the VQA soft target).
 """
 
 from __future__ import annotations
@@ -58,33 +59,41 @@ _COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
 VQA_ANNOTATORS = 10  # answers per question in VQA v2
 
 
-def normalize_answer(answer: str) -> str:
-    """An answer as the VQA v2 evaluation compares it: whitespace, then its punctuation rule (a mark beside a
-    space, or any mark in a text with a comma inside a number, is dropped; elsewhere it becomes a space; periods
-    not before a digit go), then lower case, number words to digits, articles dropped, contractions restored."""
-    text = answer.replace("\n", " ").replace("\t", " ").strip()
+def _punctuation(text: str) -> str:
+    """The VQA v2 evaluation's processPunctuation: a mark beside a space, or any mark in a text with a comma inside a
+    number, is dropped; elsewhere it becomes a space; then periods not before a digit go."""
     out = text
     for mark in _PUNCTUATION:
         if mark + " " in text or " " + mark in text or _COMMA_IN_NUMBER.search(text):
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
-    out = _PERIOD.sub("", out)
+    return _PERIOD.sub("", out)
+
+
+def normalize_answer(answer: str) -> str:
+    """An answer as the VQA v2 evaluation normalizes a predicted one: whitespace, its punctuation rule, then lower
+    case, number words to digits, articles dropped, contractions restored."""
+    out = _punctuation(answer.replace("\n", " ").replace("\t", " ").strip())
     words = [_NUMBERS.get(word, word) for word in out.lower().split()]
     return " ".join(_CONTRACTIONS.get(word, word) for word in words if word not in _ARTICLES)
 
 
 def answer_accuracy(prediction: str, answers: list[str]) -> float:
-    """VQA accuracy of one predicted answer against the human answers (both normalized here). Ten answers: the
-    VQA v2 evaluation's mean over each answer left out of min(matches among the other nine / 3, 1); n < 10 answers:
-    min(matches / min(3, n), 1) (exact match for one answer)."""
+    """VQA accuracy of one predicted answer against the human answers. Ten answers: exactly the VQA v2 evaluation
+    (vqaEval.py): the prediction normalized (normalize_answer), the human answers taken as written, only their
+    punctuation processed and only when they disagree, and the mean over each answer left out of min(matches among
+    the other nine / 3, 1). Fewer than ten (mmscale's rule for other datasets): both normalized, min(matches /
+    min(3, n), 1), so one answer is an exact match."""
     if not answers:
         return 0.0
     predicted = normalize_answer(prediction)
-    matches = [normalize_answer(answer) == predicted for answer in answers]
     if len(answers) == VQA_ANNOTATORS:
+        truth = [_punctuation(answer) for answer in answers] if len(set(answers)) > 1 else list(answers)
+        matches = [answer == predicted for answer in truth]
         total = sum(matches)
         return sum(min(1.0, (total - match) / 3) for match in matches) / len(matches)
+    matches = [normalize_answer(answer) == predicted for answer in answers]
     return min(1.0, sum(matches) / min(3, len(answers)))
 
 
@@ -112,7 +121,7 @@ def parse_vqa_json(payload: bytes | None, *, need_answers: bool = True) -> VqaFi
         raise SampleRejected("missing_question")
     try:
         value = json.loads(payload)
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; deep nesting a RecursionError
         raise SampleRejected("bad_json") from None
     if not isinstance(value, dict):
         raise SampleRejected("bad_json")

@@ -49,19 +49,27 @@ def answer_questions(model, batches, *, device: torch.device, max_samples: int =
     from mmscale.eval.embed import lockstep, placeholder_batch
 
     answered = Answered(answers=list(model.vqa_answers))
-    for batch, real in lockstep(batches, device=device, placeholder=placeholder_batch(model, 8),
-                                max_samples=max_samples):
-        logits = model.vqa_logits(batch["images"].to(device), batch["input_ids"].to(device),
-                                  batch["attention_mask"].to(device)).float()
-        if not real:
-            continue
-        probability, predicted = logits.sigmoid().max(dim=1)
-        answered.predicted += predicted.tolist()
-        answered.probability += probability.tolist()
-        answered.truth += [tuple(answers) for answers in batch["answers"]]
-        answered.question_types += list(batch["question_types"])
-        answered.keys += list(batch["keys"])
+    was_training = model.training
+    model.eval()  # no dropout, every patch
+    try:
+        for batch, real in lockstep(batches, device=device, placeholder=placeholder_batch(model, 8),
+                                    max_samples=max_samples):
+            logits = model.vqa_logits(batch["images"].to(device), batch["input_ids"].to(device),
+                                      batch["attention_mask"].to(device)).float()
+            if real:
+                _add_answers(answered, batch, logits)
+    finally:
+        model.train(was_training)
     return answered
+
+
+def _add_answers(answered: Answered, batch: dict, logits: torch.Tensor) -> None:
+    probability, predicted = logits.sigmoid().max(dim=1)
+    answered.predicted += predicted.tolist()
+    answered.probability += probability.tolist()
+    answered.truth += [tuple(answers) for answers in batch["answers"]]
+    answered.question_types += list(batch["question_types"])
+    answered.keys += list(batch["keys"])
 
 
 def vqa_metrics(answered: Answered, *, reduce: bool = False) -> dict[str, float]:

@@ -61,8 +61,11 @@ def load_float(checkpoint: str | os.PathLike) -> ImageTextModel:
         return load_model(folder, mlm_head=False)
     from peft import PeftModel
 
+    from mmscale.finetune.lora import load_adapter_heads
+
     model = load_model(base, mlm_head=False)
     model.towers = PeftModel.from_pretrained(model.towers, folder, local_files_only=True).merge_and_unload()
+    load_adapter_heads(model, folder)
     return model
 
 

@@ -9,6 +9,7 @@ A fusion model's cross-attention layers get adapters as its self-attention does.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,10 +122,36 @@ def is_adapted(model: ImageTextModel) -> bool:
     return isinstance(model.towers, PeftModel)
 
 
+VQA_HEAD_FILE = "mmscale_vqa_head.safetensors"
+
+
 def save_adapter(model: ImageTextModel, folder: Path, *, base: str) -> None:
-    """The adapter in PEFT's format, naming `base` (the checkpoint it was trained on)."""
+    """The adapter in PEFT's format, naming `base` (the checkpoint it was trained on); a VQA answer head, which
+    lives beside the towers and trains whole, goes beside it (VQA_HEAD_FILE, its answer list in the metadata)."""
+    from safetensors.torch import save_file
+
     model.towers.peft_config["default"].base_model_name_or_path = base
     model.towers.save_pretrained(folder, safe_serialization=True)  # the only adapter format export reads
+    head = getattr(model, "vqa_head", None)
+    if head is not None:
+        save_file({name: tensor.detach().float().contiguous() for name, tensor in head.state_dict().items()},
+                  Path(folder) / VQA_HEAD_FILE, metadata={"answers": json.dumps(model.vqa_answers)})
+
+
+def load_adapter_heads(model: ImageTextModel, folder: Path) -> None:
+    """The VQA answer head that save_adapter wrote beside an adapter, onto `model` (the merged base)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(folder) / VQA_HEAD_FILE
+    if not path.is_file():
+        return
+    with safe_open(str(path), framework="pt") as handle:
+        answers = json.loads((handle.metadata() or {}).get("answers", "[]"))
+    if not answers or not hasattr(model, "add_vqa_head"):
+        raise ValueError(f"{path}: a VQA head without its answer list, or beside a base that is not a fusion model")
+    model.add_vqa_head(answers)
+    model.vqa_head.load_state_dict(load_file(path))
 
 
 def merge_adapter(model: ImageTextModel) -> ImageTextModel:

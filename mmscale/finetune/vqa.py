@@ -2,9 +2,9 @@
 
 The answer list is the `vqa.answers` most frequent normalized answers of the training shards (each question's
 distinct answers counted once), read from their json members only. It is fixed for the run: a run started from
-a VQA model keeps that model's list (its head's rows mean those answers), a resumed run reads the list it wrote
-to OUTPUT_DIR/vqa_answers.json, and a new run counts it on rank 0 and sends it to the other ranks, so every
-rank builds the same head.
+a VQA model keeps that model's list (its head's rows mean those answers), a run resuming from its checkpoint reads
+the list it wrote to OUTPUT_DIR/vqa_answers.json, and a new run counts it; rank 0 chooses and the other ranks get
+its list, so every rank builds the same head.
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch.distributed as dist
-
 from mmscale.atomic import write_atomically
-from mmscale.data.tars import ShardError, ShardTruncated, iter_raw_samples, parse_spec
+from mmscale.data.tars import SampleRejected, ShardError, ShardTruncated, iter_raw_samples, parse_spec
 from mmscale.data.vqa import answer_list, parse_vqa_json
 
 ANSWERS_FILE = "vqa_answers.json"
@@ -46,7 +44,7 @@ def count_answer_list(spec: str, size: int) -> list[str]:
                 for raw in iter_raw_samples(url, extensions=("json",)):
                     try:
                         answer_sets.append(list(parse_vqa_json(raw.get("json")).answers))
-                    except ValueError:  # SampleRejected: counted, the loader skips it in training too
+                    except SampleRejected:  # counted; the loader skips it in training too
                         bad += 1
             except (ShardError, ShardTruncated, OSError) as error:
                 unreadable.append(f"{url} ({error})")
@@ -61,23 +59,24 @@ def count_answer_list(spec: str, size: int) -> list[str]:
     return answers
 
 
-def run_answer_list(settings: VqaSettings, *, train_spec: str, output: Path, checkpoint_answers: list[str],
-                    rank: int) -> list[str]:
-    """The answer list of this run, the same on every rank (a collective when torch.distributed is up): the
-    started-from model's, else the one a previous attempt of this run saved, else counted from the training
-    shards (rank 0) and saved beside the checkpoints."""
-    chosen = [None]
-    if rank == 0:
-        saved = output / ANSWERS_FILE
-        if checkpoint_answers:
-            answers = list(checkpoint_answers)
-        elif saved.is_file():
+def choose_answer_list(settings: VqaSettings, *, train_spec: str, output: Path, checkpoint_answers: list[str],
+                       resuming: bool) -> list[str]:
+    """The answer list of this run (call it on one rank: mmscale.train.checkpoints.from_rank_0 hands it to the
+    others): the started-from model's; else, when the run resumes from a checkpoint, the list its first attempt
+    saved; else counted from the training shards. Saved to OUTPUT_DIR/vqa_answers.json."""
+    saved = output / ANSWERS_FILE
+    if checkpoint_answers:
+        answers = list(checkpoint_answers)
+    elif resuming and saved.is_file():
+        try:
             answers = json.loads(saved.read_text())["answers"]
-        else:
-            answers = count_answer_list(train_spec, settings.answers)
-        output.mkdir(parents=True, exist_ok=True)
-        write_atomically(saved, (json.dumps({"answers": answers}, indent=1) + "\n").encode())
-        chosen = [answers]
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast_object_list(chosen, src=0)
-    return chosen[0]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{saved}: unreadable ({error}); the checkpoints' answer head needs the list it was "
+                             "trained with") from None
+        if not isinstance(answers, list) or not all(isinstance(answer, str) for answer in answers):
+            raise ValueError(f"{saved}: \"answers\" is not a list of strings")
+    else:  # a new run (a list left by an attempt that saved no checkpoint is counted again)
+        answers = count_answer_list(train_spec, settings.answers)
+    output.mkdir(parents=True, exist_ok=True)
+    write_atomically(saved, (json.dumps({"answers": answers}, indent=1) + "\n").encode())
+    return answers

@@ -255,6 +255,12 @@ def _write_processor(model: DualEncoder, staging: Path, *, tokenizer) -> None:
             tokenizer.save_pretrained(staging)
 
 
+def model_kind(folder: str | os.PathLike) -> str:
+    """The transformers model type of a model folder (`clip`, `vision-text-dual-encoder`, `blip`), checked as
+    load_model checks it."""
+    return _model_type(Path(folder))
+
+
 def saved_vqa_answers(folder: str | os.PathLike) -> list[str]:
     """The answer list of an mmscale fusion checkpoint's VQA head ([] for any other folder)."""
     meta = Path(folder) / MMSCALE_FILE

@@ -21,11 +21,11 @@ from mmscale.data.vqa import AnswerTargets
 from mmscale.eval.embed import current_logit_scale, evaluate
 from mmscale.eval.vqa import answer_questions, vqa_metrics
 from mmscale.finetune.lora import apply_lora, is_adapted, merge_adapter, save_adapter
-from mmscale.finetune.vqa import run_answer_list
+from mmscale.finetune.vqa import choose_answer_list
 from mmscale.losses import check_labels, feature_gradients
 from mmscale.models import build_model, training_flops_per_sample
 from mmscale.models.base import ImageTextModel
-from mmscale.models.checkpoint import saved_vqa_answers, skeleton_like
+from mmscale.models.checkpoint import model_kind, saved_vqa_answers, skeleton_like
 from mmscale.models.config import resolve_attention
 from mmscale.models.flops import vqa_flops_per_sample
 from mmscale.train.checkpoints import (
@@ -150,9 +150,13 @@ def setup(config: TrainRunConfig) -> Run:
     torch.manual_seed(config.train.seed)
     vqa_answers = None
     if config.loss.objective == "vqa":
-        vqa_answers = run_answer_list(config.vqa, train_spec=config.data.train, output=output, rank=dist.get_rank(),
-                                      checkpoint_answers=saved_vqa_answers(config.model.init_from)
-                                      if config.model.init_from else [])
+        if not (config.model.fusion_layers or (config.model.init_from and model_kind(config.model.init_from) == "blip")):
+            raise ValueError("loss.objective=vqa needs a fusion model (questions attending to the image): start from a "
+                             "fusion checkpoint, or set model.fusion_layers > 0 for a new model")
+        resuming = config.train.resume == "auto" and from_rank_0(lambda: latest_tag(output / "checkpoints")) is not None
+        vqa_answers = from_rank_0(lambda: choose_answer_list(
+            config.vqa, train_spec=config.data.train, output=output, resuming=resuming,
+            checkpoint_answers=saved_vqa_answers(config.model.init_from) if config.model.init_from else []))
     objective = build_objective(config.model, config.loss, ds_config, vocab_size=len(tokenizer),
                                 token_ids=special_token_ids(tokenizer), vqa_answers=vqa_answers)
     _check_fit(config, objective.model)
@@ -365,8 +369,8 @@ def run_eval(run: Run, step: int) -> dict | None:
     if config.loss.objective == "vqa":
         loader = build_loader(config.data, spec=config.data.val, tokenizer=run.tokenizer,
                               batch_size=config.eval.batch_size, train=False, vqa=_answer_targets(run))
-        return {"kind": "eval", "step": step} | vqa_metrics(answer_questions(run.model, loader, device=run.device),
-                                                            reduce=True)
+        answered = answer_questions(run.model, loader, device=run.device, max_samples=config.eval.max_samples)
+        return {"kind": "eval", "step": step} | vqa_metrics(answered, reduce=True)
     loader = build_loader(config.data, spec=config.data.val, tokenizer=run.tokenizer,
                           batch_size=config.eval.batch_size, train=False)
     metrics = evaluate(run.model, loader, tokenizer=run.tokenizer, device=run.device,
