@@ -52,7 +52,7 @@ def image_groups(images: torch.Tensor) -> torch.Tensor:
     return _digests(images.cpu())
 
 
-def _distributed() -> bool:
+def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -65,10 +65,10 @@ def placeholder_batch(model: DualEncoder, context_length: int) -> dict:
 def lockstep(batches, *, device: torch.device, placeholder: dict, max_samples: int = 0):
     """(batch, real) for each batch of this rank's share (up to `max_samples` samples), then, across ranks,
     (placeholder, False) until every rank has run out: every rank runs as many forward passes (ZeRO-3's gathers)."""
-    iterator, seen, distributed = iter(batches), 0, _distributed()
+    iterator, seen, across_ranks = iter(batches), 0, distributed()
     while True:
         batch = next(iterator, None) if not max_samples or seen < max_samples else None
-        if distributed:
+        if across_ranks:
             pending = torch.tensor([batch is not None], dtype=torch.int32, device=device)
             dist.all_reduce(pending, op=dist.ReduceOp.MAX)
             if not pending.item():
@@ -164,7 +164,7 @@ def _write_zeroshot_report(folder: str, embedded: Embedded, classes: torch.Tenso
     from mmscale.eval.report import write_report
 
     truth, predicted = shared_zeroshot_predictions(embedded.images, embedded.labels, classes)
-    if not _distributed() or dist.get_rank() == 0:
+    if not distributed() or dist.get_rank() == 0:
         write_report(folder, truth.cpu(), predicted.cpu(), names, title="Zero-shot classification")
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from mmscale.data.vqa import answer_accuracy, normalize_answer
+from mmscale.eval.embed import distributed, lockstep, placeholder_batch
 
 NOT_LISTED = "(not in the answer list)"
 
@@ -37,17 +38,11 @@ class Answered:
     keys: list[str] = field(default_factory=list)
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 @torch.no_grad()
 def answer_questions(model, batches, *, device: torch.device, max_samples: int = 0) -> Answered:
     """The answer head's top answer to each question of this rank's share of `batches` (VQA batches:
     mmscale.data.loader.build_loader(..., vqa=...)). Across ranks every rank runs as many forward passes as the
     one with the most batches (a one-question placeholder when it has run out), as ZeRO-3's gathers need."""
-    from mmscale.eval.embed import lockstep, placeholder_batch
-
     answered = Answered(answers=list(model.vqa_answers))
     was_training = model.training
     model.eval()  # no dropout, every patch
@@ -82,7 +77,7 @@ def vqa_metrics(answered: Answered, *, reduce: bool = False) -> dict[str, float]
             sums = per_type.setdefault(name, [0.0, 0.0])
             sums[0] += score
             sums[1] += 1
-    if reduce and _distributed():
+    if reduce and distributed():
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, per_type)
         per_type = {}
