@@ -39,6 +39,23 @@ def test_data_check_reads_batches_and_reports_json(tmp_path, tokenizer_dir, caps
     assert report["batches"] == 3 and report["samples"] == 12 and report["skipped"] == {}
 
 
+def test_data_check_reads_vqa_samples_and_reports_the_answer_lists_coverage(tmp_path, tokenizer_dir, capsys):
+    from mmscale.shards.synthetic import make_vqa_shards
+
+    make_vqa_shards(tmp_path / "vqa", 12, corpus="shapes", samples_per_shard=12, seed=0)
+    common = ["data-check", f"data.train={tmp_path}/vqa", f"tokenizer={tokenizer_dir}", "data.workers=0",
+              "data.image_size=32", "data.context_length=16", "batch_size=6", "batches=6", "vqa=true"]
+    coverage = {}
+    for size in (2, 1000):
+        assert main([*common, f"vqa_answers={size}"]) == 0
+        out = capsys.readouterr().out
+        report = json.loads(out.strip().splitlines()[-1])
+        assert report["samples"] == 36 and report["skipped"] == {}, report
+        assert f"answer list of {min(size, 12)} answers" in out  # 12 distinct answers: 6 colours, 3 shapes, 3 grounds
+        coverage[size] = report["answer_coverage"]
+    assert coverage[1000] == 1.0 and 0 < coverage[2] < 0.5  # two answers of twelve cover a few questions
+
+
 def test_user_mistakes_are_one_line_errors(tmp_path, tokenizer_dir, capsys):
     assert main(["data-check", "data.shufle_buffer=3"]) == 2
     assert "data.shufle_buffer is unknown (did you mean data.shuffle_buffer?)" in capsys.readouterr().err

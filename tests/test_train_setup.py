@@ -89,6 +89,28 @@ def test_no_weight_decay_on_norms_biases_and_temperature():
     assert len(decay["params"]) + len(no_decay["params"]) == len({id(p) for p in model.parameters()})
 
 
+def test_vision_lr_scale_gives_the_image_tower_groups_of_its_own_that_the_schedule_scales():
+    model = build_model(ModelConfig(preset="tiny"), vocab_size=100)
+    vision = model.towers.vision_model
+    groups = parameter_groups(model, weight_decay=0.1, lr=1e-3, scaled=vision.parameters(), lr_scale=0.1)
+    assert [group.get("lr") for group in groups] == [None, None, pytest.approx(1e-4), pytest.approx(1e-4)]
+    assert [group["weight_decay"] for group in groups] == [0.1, 0.0, 0.1, 0.0]
+    vision_ids = {id(p) for p in vision.parameters()}
+    assert {id(p) for group in groups[2:] for p in group["params"]} == vision_ids
+    assert not vision_ids & {id(p) for group in groups[:2] for p in group["params"]}
+    assert sum(len(group["params"]) for group in groups) == len({id(p) for p in model.parameters()})
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(TrainConfig(lr=1e-3, warmup_steps=10), 100))
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([1e-4, 1e-4, 1e-5, 1e-5])
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
+    assert len(parameter_groups(model, 0.1, lr=1e-3, scaled=vision.parameters())) == 2  # scale 1: one rate
+    with pytest.raises(ValueError, match="vision_lr_scale"):
+        TrainConfig(vision_lr_scale=-1)
+
+
 def test_retrieval_recall_counts_the_rank_of_the_true_pair():
     image = torch.eye(4)
     text = torch.eye(4)[[0, 1, 3, 2]]  # captions 2 and 3 swapped

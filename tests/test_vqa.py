@@ -91,6 +91,27 @@ def test_the_loader_yields_questions_and_soft_targets_and_counts_bad_vqa_samples
     assert skipped.pop("bad_json") == 1 and sum(skipped.values()) == 1  # the image that is not one
 
 
+def test_answer_counts_of_each_ranks_share_of_the_shards_add_up_to_the_whole(tmp_path):
+    """Each rank counts every world_size-th shard; their sum is the one-process count, a bad sample and a
+    shard cut short are counted (not raised), and the list is the most frequent answers, ties alphabetical."""
+    from mmscale.data.vqa import AnswerCount, answers_counted, count_answer_list, count_answers
+
+    def sample(key: str, answers) -> list[tuple[str, bytes]]:
+        return [(f"{key}.jpg", jpeg_bytes(1)), (f"{key}.json", json.dumps({"question": "q?", "answers": answers}).encode())]
+
+    for index, answers in enumerate([["red"] * 3, ["Blue", "blue."], ["red", "green"], ["two", "2"], [], ["red"]]):
+        write_tar(tmp_path / f"s-{index:06d}.tar", sample(f"k{index}", answers))
+    (tmp_path / "s-000006.tar").write_bytes((tmp_path / "s-000000.tar").read_bytes()[:700])  # cut short
+    spec = str(tmp_path / "s-{000000..000006}.tar")
+    parts = [count_answers(spec, rank=rank, world_size=3) for rank in range(3)]
+    assert [part.samples for part in parts] == [2, 1, 2] and [part.bad for part in parts] == [0, 1, 0]
+    whole = sum(parts, AnswerCount())
+    assert whole.counts == count_answers(spec).counts == {"red": 3, "blue": 1, "green": 1, "2": 1}
+    assert len(whole.unreadable) == 1 and "s-000006.tar" in whole.unreadable[0]
+    with pytest.warns(UserWarning, match="1 samples without a question or answer, 1 unreadable"):
+        assert answers_counted(whole, 2, spec) == ["red", "2"] == count_answer_list(spec, 2)
+
+
 def _cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mmscale.cli", *args], cwd=REPO, env=ENV, capture_output=True,
                           text=True, timeout=timeout)
@@ -248,6 +269,11 @@ def test_vqa_on_two_zero3_ranks_resumes_exactly_after_sigkill(vqa_data, tmp_path
     assert {step: resumed[step] for step in range(5, 9)} == {step: losses[step] for step in range(5, 9)}
     assert json.loads((crashed / "final" / "mmscale.json").read_text())["vqa_answers"] == \
         json.loads((straight / "vqa_answers.json").read_text())["answers"]
+    # the two ranks counted half the shards each; their list is the one a single process counts
+    from mmscale.data.vqa import count_answer_list
+
+    assert json.loads((straight / "vqa_answers.json").read_text())["answers"] == count_answer_list(
+        str(vqa_data["train"]), 12)
 
 
 def test_vqa_flop_count_matches_torch_flop_counter(tokenizer):

@@ -16,9 +16,10 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
-from mmscale.data.tars import SampleRejected
+from mmscale.data.tars import SampleRejected, ShardError, ShardTruncated, iter_raw_samples, parse_spec
 
 # The VQA v2 evaluation's tables (vqaEval.py of the VQA API, github.com/GT-Vision-Lab/VQA).
 _CONTRACTIONS = {
@@ -145,11 +146,76 @@ def parse_vqa_json(payload: bytes | None, *, need_answers: bool = True) -> VqaFi
 def answer_list(answer_sets: Iterable[list[str]], size: int) -> list[str]:
     """The `size` most frequent normalized answers over the samples' answer sets (each sample's distinct answers
     counted once), ties broken alphabetically so every rank and every run gets the same list."""
+    return most_frequent(answer_counts(answer_sets), size)
+
+
+def answer_counts(answer_sets: Iterable[list[str]]) -> Counter:
+    """How many samples gave each normalized answer (each sample's distinct answers once); counts of parts of
+    a corpus add up to the whole's."""
     counts: Counter = Counter()
     for answers in answer_sets:
         counts.update({normalize_answer(answer) for answer in answers})
     counts.pop("", None)
+    return counts
+
+
+def most_frequent(counts: Counter, size: int) -> list[str]:
+    """The `size` answers of `counts` given most often, ties broken alphabetically."""
     return [answer for answer, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:size]]
+
+
+@dataclass
+class AnswerCount:
+    """Answer frequencies of some of the training shards' VQA samples; the parts of a corpus add up."""
+
+    counts: Counter = field(default_factory=Counter)
+    samples: int = 0
+    bad: int = 0
+    """Samples without a question or answer (the loader skips them in training too)."""
+    unreadable: list[str] = field(default_factory=list)
+
+    def __add__(self, other: AnswerCount) -> AnswerCount:
+        return AnswerCount(self.counts + other.counts, self.samples + other.samples, self.bad + other.bad,
+                           self.unreadable + other.unreadable)
+
+
+def count_answers(spec: str, *, rank: int = 0, world_size: int = 1) -> AnswerCount:
+    """The answers of the VQA samples in every `world_size`-th shard of `spec` from the `rank`-th (all shards by
+    default), reading only the json members; unreadable shards and bad samples are counted, not raised."""
+    urls = [url for source in parse_spec(spec) for url in source.urls]
+    count = AnswerCount()
+    for url in urls[rank::world_size]:
+        answer_sets = []
+        try:
+            for raw in iter_raw_samples(url, extensions=("json",)):
+                try:
+                    answer_sets.append(list(parse_vqa_json(raw.get("json")).answers))
+                except SampleRejected:
+                    count.bad += 1
+        except (ShardError, ShardTruncated, OSError) as error:
+            count.unreadable.append(f"{url} ({error})")
+        count.counts.update(answer_counts(answer_sets))  # what a shard cut short held still counts
+        count.samples += len(answer_sets)
+    return count
+
+
+def answers_counted(count: AnswerCount, size: int, spec: str) -> list[str]:
+    """The `size` most frequent answers of `count` (the whole of `spec`), warning of what could not be read."""
+    if count.unreadable or count.bad:
+        warnings.warn(f"VQA answer list: {count.bad} samples without a question or answer, {len(count.unreadable)} "
+                      f"unreadable shards{': ' + count.unreadable[0] if count.unreadable else ''}", stacklevel=2)
+    answers = most_frequent(count.counts, size)
+    if len(answers) < 2:
+        raise ValueError(f"data.train {spec} holds {count.samples} VQA samples with {len(answers)} distinct "
+                         "answers; VQA fine-tuning needs shards of KEY.jpg + KEY.json {\"question\", \"answers\"} "
+                         "(tools/make_shards.py --answers, or mmscale.shards.synthetic.make_vqa_shards)")
+    return answers
+
+
+def count_answer_list(spec: str, size: int) -> list[str]:
+    """The `size` most frequent answers of the VQA samples of `spec` (mmscale.data.vqa.answer_list), counted in
+    this process alone."""
+    return answers_counted(count_answers(spec), size, spec)
 
 
 class AnswerTargets:

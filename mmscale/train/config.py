@@ -33,6 +33,10 @@ class TrainConfig:
     """Learning rate at the end of the cosine decay."""
     warmup_steps: int = 0
     """Linear warmup steps from 0 to train.lr; then cosine decay to train.min_lr."""
+    vision_lr_scale: float = 1.0
+    """The image tower's learning rate as a share of train.lr (the same schedule). Below 1 in fine-tuning keeps
+    what pretraining taught the tower while a new head and the text side learn at train.lr: VQA on generated
+    characters read the glyph at 0.12 with every weight at 5e-4 and at 0.76 with the tower locked."""
     weight_decay: float = 0.2
     """AdamW decoupled weight decay (not applied to norms, biases, embeddings' 1-D params or the temperature)."""
     betas: tuple[float, float] = (0.9, 0.98)
@@ -85,6 +89,9 @@ class TrainConfig:
         for name in ("keep_checkpoints", "save_every_steps", "log_every_steps", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.vision_lr_scale < 0:
+            raise ValueError(f"train.vision_lr_scale must be >= 0, got {self.vision_lr_scale} (to freeze the image "
+                             "tower, fine-tune with lora.enabled=true lora.lock_vision=true)")
 
 
 @dataclass

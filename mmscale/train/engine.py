@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,14 +204,25 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+def parameter_groups(module: torch.nn.Module, weight_decay: float, *, lr: float = 0.0,
+                     scaled: Iterable[torch.nn.Parameter] = (), lr_scale: float = 1.0) -> list[dict]:
     """AdamW groups: decay for matrices, none for norms, biases and the temperature (open_clip's rule).
-    Under ZeRO-3 a parameter is a flat partition, so its true rank comes from `ds_shape`."""
-    decay, no_decay = [], []
-    for parameter in {id(p): p for p in module.parameters() if p.requires_grad}.values():
-        shape = getattr(parameter, "ds_shape", parameter.shape)
-        (decay if len(shape) >= 2 else no_decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    Under ZeRO-3 a parameter is a flat partition, so its true rank comes from `ds_shape`. With `lr_scale` != 1
+    the `scaled` parameters (e.g. the image tower's) get groups of their own at `lr` x `lr_scale` (the schedule
+    scales each group's own peak); the unscaled groups come first, so group 0's rate is train.lr's."""
+    scaled_ids = {id(parameter) for parameter in scaled} if lr_scale != 1.0 else set()
+    groups = []
+    for in_scaled in (False, True):
+        decay, no_decay = [], []
+        for parameter in {id(p): p for p in module.parameters() if p.requires_grad}.values():
+            if (id(parameter) in scaled_ids) != in_scaled:
+                continue
+            shape = getattr(parameter, "ds_shape", parameter.shape)
+            (decay if len(shape) >= 2 else no_decay).append(parameter)
+        rate = {"lr": lr * lr_scale} if in_scaled else {}
+        groups += [{"params": params, "weight_decay": decay_rate} | rate
+                   for params, decay_rate in ((decay, weight_decay), (no_decay, 0.0)) if params or not in_scaled]
+    return groups
 
 
 def make_optimizer(groups: list[dict], train: TrainConfig, ds_config: dict) -> torch.optim.Optimizer:

@@ -154,9 +154,9 @@ def setup(config: TrainRunConfig) -> Run:
             raise ValueError("loss.objective=vqa needs a fusion model (questions attending to the image): start from a "
                              "fusion checkpoint, or set model.fusion_layers > 0 for a new model")
         resuming = config.train.resume == "auto" and from_rank_0(lambda: latest_tag(output / "checkpoints")) is not None
-        vqa_answers = from_rank_0(lambda: choose_answer_list(
+        vqa_answers = choose_answer_list(
             config.vqa, train_spec=config.data.train, output=output, resuming=resuming,
-            checkpoint_answers=saved_vqa_answers(config.model.init_from) if config.model.init_from else []))
+            checkpoint_answers=saved_vqa_answers(config.model.init_from) if config.model.init_from else [])
     objective = build_objective(config.model, config.loss, ds_config, vocab_size=len(tokenizer),
                                 token_ids=special_token_ids(tokenizer), vqa_answers=vqa_answers)
     _check_fit(config, objective.model)
@@ -170,7 +170,10 @@ def setup(config: TrainRunConfig) -> Run:
                   f"({trainable / total:.2%})", flush=True)
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(objective.model)
-    optimizer = make_optimizer(parameter_groups(objective, config.train.weight_decay), config.train, ds_config)
+    vision_tower = getattr(objective.model.towers, objective.model.tower_names[0])
+    groups = parameter_groups(objective, config.train.weight_decay, lr=config.train.lr,
+                              scaled=vision_tower.parameters(), lr_scale=config.train.vision_lr_scale)
+    optimizer = make_optimizer(groups, config.train, ds_config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.train, total_steps))
     engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     if config.train.compile:

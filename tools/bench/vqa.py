@@ -13,7 +13,7 @@ same evaluation of the export.
     python tools/bench/vqa.py --corpora shapes --pretrain-steps 200 --vqa-steps 100   # a quick look
 
 The last line is one JSON object: per corpus {"pretrain_seconds", "finetune_seconds", "accuracy",
-"question_only_prior", "accuracy_<question type>"..., "int8_accuracy"}.
+"question_only_prior", "accuracy_<question type>"..., "int8_accuracy", "pretrain_steps", "vqa_steps"}.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                         "characters 2000)")
     parser.add_argument("--vqa-images", type=int, default=2048, help="fine-tuning images, 3 questions each")
     parser.add_argument("--test-images", type=int, default=256, help="held-out images, 3 questions each")
-    parser.add_argument("--vqa-steps", type=int, default=300, help="fine-tuning steps of 64 questions")
+    parser.add_argument("--vqa-steps", type=int, default=0, help="fine-tuning steps of 64 questions (default: "
+                        "shapes 300, characters 600)")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="", help="keep shards and runs here (default: a temporary folder)")
@@ -81,16 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         for corpus in args.corpora:
             steps = args.pretrain_steps or {"shapes": 600, "characters": 2000}[corpus]
+            vqa_steps = args.vqa_steps or {"shapes": 300, "characters": 600}[corpus]
             root = Path(args.workdir or scratch) / corpus
-            results[corpus] = run_corpus(corpus, argparse.Namespace(**vars(args) | {"pretrain_steps": steps}), root)
-            results[corpus]["pretrain_steps"] = steps
+            results[corpus] = run_corpus(corpus, argparse.Namespace(**vars(args) | {"pretrain_steps": steps,
+                                                                                    "vqa_steps": vqa_steps}), root)
+            results[corpus] |= {"pretrain_steps": steps, "vqa_steps": vqa_steps}
     print("\n| corpus | pretrain steps (s) | VQA steps (s) | VQA accuracy | question-only prior | per question type "
           "| int8 accuracy |")
     print("|---|---|---|---:|---:|---|---:|")
     for corpus, row in results.items():
         types = ", ".join(f"{name.removeprefix('accuracy_')} {value:.3f}" for name, value in row.items()
                           if name.startswith("accuracy_"))
-        print(f"| {corpus} | {row['pretrain_steps']} ({row['pretrain_seconds']:.0f}) | {args.vqa_steps} "
+        print(f"| {corpus} | {row['pretrain_steps']} ({row['pretrain_seconds']:.0f}) | {row['vqa_steps']} "
               f"({row['finetune_seconds']:.0f}) | {row['accuracy']:.3f} | {row['question_only_prior']:.3f} | {types} "
               f"| {row['int8_accuracy']:.3f} |")
     print(json.dumps(results))
