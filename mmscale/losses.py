@@ -76,6 +76,27 @@ class LossConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher, beside the student's own losses (contrastive objective)."""
+
+    teacher: str = ""
+    """A model folder mmscale loads (an mmscale final/ or export, float or int8; a CLIP or BLIP ITM folder) that
+    reads the student's tokens (the same tokenizer); empty: no teacher."""
+    weight: float = 1.0
+    """Weight of the KL divergence from the teacher's image-text similarity distribution over the global batch to
+    the student's, images to texts and texts to images averaged (open_clip's --distill, TinyCLIP's affinity
+    mimicking)."""
+    feature_weight: float = 0.0
+    """Weight of 1 - cosine between the student's embeddings (through a learned linear map where the widths
+    differ) and the teacher's, images and texts averaged."""
+
+    def __post_init__(self):
+        if min(self.weight, self.feature_weight) < 0:
+            raise ValueError(f"distill weights must be >= 0, got distill.weight={self.weight}, "
+                             f"distill.feature_weight={self.feature_weight}")
+
+
+@dataclass
 class LossOutput(ModelOutput):
     """The total loss to backpropagate and each part of it, for logging (a `ModelOutput`, a dict, so
     that ZeRO-3 finds the tensors in it)."""
@@ -88,6 +109,10 @@ class LossOutput(ModelOutput):
     """Image-text matching cross-entropy (fusion models)."""
     vqa: torch.Tensor | None = None
     """VQA answer loss: binary cross-entropy against the soft scores, summed over answers (fusion models)."""
+    distill: torch.Tensor | None = None
+    """KL divergence of the student's image-text similarities from the teacher's (distill.teacher)."""
+    distill_feature: torch.Tensor | None = None
+    """1 - cosine of the student's embeddings to the teacher's (distill.feature_weight)."""
     logit_scale: torch.Tensor | None = None
     """1/temperature used in this step (detached)."""
     image_features: torch.Tensor | None = None
@@ -147,6 +172,47 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
     image_loss = F.cross_entropy(logit_scale * image @ all_texts.T, labels)
     text_loss = F.cross_entropy(logit_scale * text @ all_images.T, labels)
     return (image_loss + text_loss) / 2
+
+
+def distill_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, teacher_image: torch.Tensor,
+                 teacher_text: torch.Tensor, teacher_scale: torch.Tensor, *, group=None) -> torch.Tensor:
+    """KL(teacher || student) of each of this rank's rows' softmax over the global batch, with each model's own
+    temperature, images to texts and texts to images averaged (normalized features; the teacher's without
+    gradient). Zero where the student's similarities are the teacher's."""
+    all_images, all_texts = gather_with_grad(image, group), gather_with_grad(text, group)
+    with torch.no_grad():
+        teacher_images, teacher_texts = gather_with_grad(teacher_image, group), gather_with_grad(teacher_text, group)
+        targets = [F.log_softmax(teacher_scale * teacher_image @ teacher_texts.T, dim=-1),
+                   F.log_softmax(teacher_scale * teacher_text @ teacher_images.T, dim=-1)]
+    students = [F.log_softmax(logit_scale * image @ all_texts.T, dim=-1),
+                F.log_softmax(logit_scale * text @ all_images.T, dim=-1)]
+    return sum(F.kl_div(student, target, reduction="batchmean", log_target=True)
+               for student, target in zip(students, targets)) / 2
+
+
+class Teacher(nn.Module):
+    """A frozen model whose image-text similarities (and embeddings) a student learns from. It is kept out of
+    the module DeepSpeed trains (no gradients, no optimizer state, not in checkpoints): `objective.teacher`
+    returns it; `feature_maps` (the learned maps from the student's embedding width to the teacher's) are the
+    objective's own, trained and checkpointed."""
+
+    def __init__(self, model: ImageTextModel):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalized float image and text features and 1/temperature of a batch (images resized to the
+        teacher's size where the student's differ)."""
+        size = self.model.image_size
+        if images.shape[-1] != size or images.shape[-2] != size:
+            resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True,
+                                    align_corners=False)
+            images = resized.round().clamp(0, 255).to(torch.uint8) if images.dtype == torch.uint8 else resized
+        image = F.normalize(self.model.encode_images(images).float(), dim=-1)
+        text = F.normalize(self.model.encode_texts(input_ids, attention_mask).float(), dim=-1)
+        return image, text, self.model.logit_scale().float()
 
 
 def _neighbour_exchange(tensor: torch.Tensor, send_to: int, receive_from: int, group) -> torch.Tensor:
@@ -282,6 +348,25 @@ class PretrainingObjective(nn.Module):
         self.model = model
         self.config = config
         self.itm = isinstance(model, FusionEncoder) and config.itm_weight > 0  # image-text matching is trained
+        self.distill: DistillConfig | None = None
+        self._teacher: Teacher | None = None
+
+    @property
+    def teacher(self) -> Teacher | None:
+        return self._teacher
+
+    def attach_teacher(self, teacher: ImageTextModel, config: DistillConfig) -> None:
+        """Learn from `teacher` (frozen) beside the own losses; call before deepspeed.initialize (the feature maps
+        train). The teacher is no submodule, so DeepSpeed neither casts, partitions, trains nor saves it: move it
+        to the device with `objective.teacher.to(device)`."""
+        self.distill = config
+        object.__setattr__(self, "_teacher", Teacher(teacher))
+        if config.feature_weight > 0:
+            width, teacher_width = self.model.embedding_dim, teacher.embedding_dim
+            dtype = self.model._input_dtype()  # the model's own (a new ZeRO-3 model is built in the training dtype)
+            self.feature_maps = nn.ModuleDict({kind: nn.Linear(width, teacher_width, bias=False, dtype=dtype)
+                                               if width != teacher_width else nn.Identity()
+                                               for kind in ("image", "text")})
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 mlm_input_ids: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
@@ -344,7 +429,28 @@ class PretrainingObjective(nn.Module):
         if self.itm:
             itm = itm_loss(out.itm_logits, out.itm_weights)
             total = total + self.config.itm_weight * itm
-        return LossOutput(total=total, contrastive=contrastive, mlm=mlm, itm=itm, logit_scale=scale.detach())
+        distill = feature = None
+        if self._teacher is not None:
+            distill, feature = self._distillation(out, image, text, scale, images, input_ids, attention_mask)
+            total = total + self.distill.weight * distill + self.distill.feature_weight * feature
+        return LossOutput(total=total, contrastive=contrastive, mlm=mlm, itm=itm, logit_scale=scale.detach(),
+                          distill=distill, distill_feature=feature)
+
+    def _distillation(self, out, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, images: torch.Tensor,
+                      input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's losses of this micro-batch: the similarity KL over the global batch (every rank's rows,
+        gathered as the contrastive loss gathers them) and the feature cosine (0 when not weighted)."""
+        teacher_image, teacher_text, teacher_scale = self._teacher.features(images, input_ids, attention_mask)
+        distill = distill_loss(image, text, scale, teacher_image, teacher_text, teacher_scale)
+        feature = scale.new_zeros(())
+        if self.distill.feature_weight > 0:
+            maps = self.feature_maps
+            dtype = next(maps["image"].parameters(), out.image_features).dtype
+            mapped_image = maps["image"](out.image_features.to(dtype)).float()
+            mapped_text = maps["text"](out.text_features.to(dtype)).float()
+            feature = 1 - (F.cosine_similarity(mapped_image, teacher_image, dim=-1).mean()
+                           + F.cosine_similarity(mapped_text, teacher_text, dim=-1).mean()) / 2
+        return distill, feature
 
 
 def check_labels(labels: torch.Tensor, classes: int) -> None:

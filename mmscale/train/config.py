@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 from mmscale.data.config import DataConfig
 from mmscale.finetune.lora import LoraSettings
 from mmscale.finetune.vqa import VqaSettings
-from mmscale.losses import LossConfig
+from mmscale.losses import DistillConfig, LossConfig
 from mmscale.models.config import ModelConfig
 
 
@@ -127,6 +127,7 @@ class TrainRunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     vqa: VqaSettings = field(default_factory=VqaSettings)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self):
         if self.loss.itm_negatives == "global" and self.data.pad_to_longest:

@@ -22,8 +22,8 @@ from mmscale.eval.embed import current_logit_scale, evaluate
 from mmscale.eval.vqa import answer_questions, vqa_metrics
 from mmscale.finetune.lora import apply_lora, is_adapted, merge_adapter, save_adapter
 from mmscale.finetune.vqa import choose_answer_list
-from mmscale.losses import check_labels, feature_gradients
-from mmscale.models import build_model, training_flops_per_sample
+from mmscale.losses import LossConfig, check_labels, feature_gradients
+from mmscale.models import build_model, load_model, training_flops_per_sample
 from mmscale.models.base import ImageTextModel
 from mmscale.models.checkpoint import model_kind, saved_vqa_answers, skeleton_like
 from mmscale.models.config import resolve_attention
@@ -61,7 +61,7 @@ from mmscale.train.report import write_report
 # [B, L] labels: picking rows by a boolean mask would make the device wait for the host.
 MODEL_INPUTS = ("images", "input_ids", "attention_mask", "mlm_input_ids", "mlm_positions", "mlm_targets", "labels",
                 "answer_targets")
-LOSS_PARTS = ("total", "contrastive", "mlm", "classification", "itm", "vqa")
+LOSS_PARTS = ("total", "contrastive", "mlm", "classification", "itm", "vqa", "distill", "distill_feature")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -160,6 +160,8 @@ def setup(config: TrainRunConfig) -> Run:
     objective = build_objective(config.model, config.loss, ds_config, vocab_size=len(tokenizer),
                                 token_ids=special_token_ids(tokenizer), vqa_answers=vqa_answers)
     _check_fit(config, objective.model)
+    if config.distill.teacher:
+        objective.attach_teacher(load_teacher(config.distill.teacher, tokenizer, config.loss), config.distill)
     if config.lora.enabled:
         if zero_stage(ds_config) == 3:
             raise ValueError("LoRA fine-tuning runs with ZeRO stage 0-2 (train.deepspeed=configs/deepspeed/zero0.json); "
@@ -176,6 +178,8 @@ def setup(config: TrainRunConfig) -> Run:
     optimizer = make_optimizer(groups, config.train, ds_config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.train, total_steps))
     engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if getattr(objective, "teacher", None) is not None:
+        objective.teacher.to(engine.device)
     if config.train.compile:
         engine.compile()
     total = sum(getattr(p, "ds_numel", p.numel()) for p in objective.parameters())
@@ -210,6 +214,24 @@ def _loss_parts(out) -> torch.Tensor:
     total = out.total.detach()
     return torch.stack([total.new_zeros(()) if getattr(out, part) is None else getattr(out, part).detach().float()
                         for part in LOSS_PARTS])
+
+
+def load_teacher(folder: str, tokenizer, loss: LossConfig) -> ImageTextModel:
+    """The distillation teacher (distill.teacher): a frozen model that must read the student's tokens."""
+    if loss.objective != "contrastive":
+        raise ValueError(f"distill.teacher distils image-text similarities: it needs loss.objective=contrastive, "
+                         f"not {loss.objective}")
+    if not Path(folder).is_dir():
+        raise ValueError(f"distill.teacher={folder} is not a folder; give a model folder mmscale loads (a final/)")
+    try:
+        theirs = load_tokenizer(folder)
+    except ValueError:
+        raise ValueError(f"distill.teacher={folder} has no tokenizer; the teacher must read the student's tokens "
+                         "(a model saved with the same tokenizer)") from None
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"distill.teacher={folder} has another tokenizer than the student's ({len(theirs)} against "
+                         f"{len(tokenizer)} tokens); the teacher must read the student's tokens")
+    return load_model(folder, mlm_head=False)
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -298,6 +320,8 @@ def train_step(run: Run, batches, progress: Progress, bad_in_row: list[int], key
         contrastive = gradients.loss.float()
         itm = means[4] if getattr(run.engine.module, "itm", False) else 0.0
         total = config.contrastive_weight * contrastive + config.mlm_weight * means[2] + config.itm_weight * itm
+        if run.config.distill.teacher:
+            total = total + run.config.distill.weight * means[6] + run.config.distill.feature_weight * means[7]
         means = torch.stack([total, contrastive, *means[2:]])
     return means
 

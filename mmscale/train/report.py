@@ -16,7 +16,8 @@ import yaml
 from mmscale.atomic import write_atomically
 
 LOSS_CURVES = {"loss": "total (weighted)", "contrastive_loss": "contrastive", "mlm_loss": "masked LM",
-               "classification_loss": "classification", "itm_loss": "image-text matching", "vqa_loss": "VQA answers"}
+               "classification_loss": "classification", "itm_loss": "image-text matching", "vqa_loss": "VQA answers",
+               "distill_loss": "distillation (KL to the teacher)", "distill_feature_loss": "distillation (features)"}
 
 
 @dataclass
@@ -195,8 +196,8 @@ def write_report(run_dir: str | Path) -> Path:
                  f"{', '.join(f'{k} {v}' for k, v in sorted(skips.items())) if skips else 'none'}; "
                  f"non-finite losses skipped: {last.get('nonfinite_skipped', 0)}.")
     lines += ["", "## Final metrics", "", "| metric | value |", "|---|---:|"]
-    for name in ("loss", "contrastive_loss", "mlm_loss", "itm_loss", "classification_loss", "vqa_loss", "temperature", "lr",
-                 "samples_per_second", "mfu"):
+    for name in ("loss", "contrastive_loss", "mlm_loss", "itm_loss", "classification_loss", "vqa_loss", "distill_loss",
+                 "distill_feature_loss", "temperature", "lr", "samples_per_second", "mfu"):
         if last.get(name) is not None and (name in ("loss", "lr", "temperature") or last[name]):
             lines.append(f"| train {name} | {_fmt(last[name])} |")
     if history.eval:
