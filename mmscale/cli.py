@@ -79,11 +79,18 @@ def _eval_parsers(subparsers) -> None:
 
 
 def _use_parsers(subparsers) -> None:
-    export = subparsers.add_parser("export", help="merge adapters and quantize to int8 (or not); writes "
-                                   "export_report.json", description="merge adapters and quantize to int8 (or not)")
+    export = subparsers.add_parser("export", help="merge adapters, quantize (int8, int8-cpu, nf4) or not, as a "
+                                   "transformers folder or ONNX graphs; writes export_report.json",
+                                   description="merge adapters, quantize (int8, int8-cpu, nf4) or not, as a "
+                                   "transformers folder or ONNX graphs; writes export_report.json")
     export.add_argument("--checkpoint", required=True, help="model folder (final/) or a LoRA adapter/ folder")
     export.add_argument("--out", required=True, help="output folder (transformers loads it)")
-    export.add_argument("--quantize", choices=["int8", "none"], default="int8")
+    export.add_argument("--quantize", choices=["int8", "int8-cpu", "nf4", "none"], default="int8",
+                        help="int8: bitsandbytes LLM.int8 (CPU or GPU); int8-cpu: int8 linear layers fast on CPU; "
+                        "nf4: bitsandbytes 4-bit; none: float")
+    export.add_argument("--format", choices=["transformers", "onnx"], default="transformers",
+                        help="transformers: a folder AutoModel.from_pretrained loads; onnx: image and text encoders "
+                        "as ONNX graphs (dynamic batch) checked with onnxruntime")
     export.add_argument("--quantize-projections", action="store_true", help="put the projections in int8 too")
     export.add_argument("--data", default="", help="evaluation shards: zero-shot / retrieval before and after")
     export.add_argument("--classnames", default="", help="class names for zero-shot on --data")

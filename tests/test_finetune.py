@@ -76,14 +76,25 @@ def test_lora_adapter_reloads_with_peft_and_the_merged_model_reproduces_it(data,
                                    adapted.get_text_features(input_ids=ids).pooler_output, rtol=1e-4, atol=1e-5)
         # ...and the adapter changed something: it is not the base model.
         assert not torch.allclose(before, merged.get_image_features(pixel_values=pixels).pooler_output, atol=1e-4)
+    # The temperature trains outside the adapters; the adapter folder keeps it beside them, and with it PEFT's
+    # model gives final/'s image-text logits.
+    from safetensors.torch import load_file
+
+    temperature = load_file(adapter / "mmscale_temperature.safetensors")["logit_scale"]
+    assert not torch.equal(temperature, base.logit_scale.detach().reshape(()))  # it trained
+    with torch.no_grad():
+        adapted.base_model.model.logit_scale.copy_(temperature)
+        torch.testing.assert_close(adapted(input_ids=ids, pixel_values=pixels).logits_per_image,
+                                   merged(input_ids=ids, pixel_values=pixels).logits_per_image, rtol=1e-4, atol=1e-4)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["grad_norm"] > 0 for r in records)
-    # `mmscale export` of the adapter folder merges it into its base: the same model as final/.
+    # `mmscale export` of the adapter folder merges it into its base: the same model as final/, temperature too.
     cli("export", "--checkpoint", str(adapter), "--out", str(tmp_path / "exported"), "--quantize", "none")
+    exported = AutoModel.from_pretrained(tmp_path / "exported")
     with torch.no_grad():
-        torch.testing.assert_close(AutoModel.from_pretrained(tmp_path / "exported").get_image_features(
-            pixel_values=pixels).pooler_output, merged.get_image_features(pixel_values=pixels).pooler_output,
-            rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(exported.get_image_features(pixel_values=pixels).pooler_output,
+                                   merged.get_image_features(pixel_values=pixels).pooler_output, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(exported.logit_scale, merged.logit_scale)
 
 
 @pytest.mark.slow

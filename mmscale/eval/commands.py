@@ -36,8 +36,9 @@ def run_eval_command(args) -> int:
         if Path(report).exists() and not Path(report).is_dir():
             raise ValueError(f"--report {report}: a file is there; give a folder (it is created if missing)")
         check_names(read_lines(args.classnames, "classnames"))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.checkpoint, mlm_head=False).to(device)
+    model = load_model(args.checkpoint, mlm_head=False)
+    device = torch.device("cuda" if torch.cuda.is_available() and not model.cpu_only else "cpu")
+    model = model.to(device)
     if rerank and not isinstance(model, FusionEncoder):
         raise ValueError(f"--rerank needs a fusion model (an ITM head): {args.checkpoint} is a dual encoder "
                          f"({model.kind}); train one with model.fusion_layers > 0, or start from a BLIP ITM folder")

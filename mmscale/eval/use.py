@@ -22,8 +22,9 @@ from mmscale.models.fusion import FusionEncoder
 MAX_PIXELS = 89_478_485
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _device(model=None) -> torch.device:
+    """Where to run `model`: the GPU where there is one, unless the model runs on the CPU alone (int8-cpu)."""
+    return torch.device("cuda" if torch.cuda.is_available() and not getattr(model, "cpu_only", False) else "cpu")
 
 
 def read_image(path: str, size: int) -> torch.Tensor:
@@ -41,7 +42,7 @@ def read_image(path: str, size: int) -> torch.Tensor:
 def model_and_tokenizer(checkpoint: str) -> tuple[DualEncoder, object]:
     model = load_model(checkpoint, mlm_head=False).eval()
     if model.device.type != "cuda":  # int8 towers place themselves, and the wrapper follows them
-        model = model.to(_device())
+        model = model.to(_device(model))
     return model, load_tokenizer(checkpoint)
 
 
@@ -131,11 +132,26 @@ def match_command(args) -> int:
 
 def export_command(args) -> int:
     """Export (and optionally evaluate before and after), printing the report."""
+    if args.format == "onnx":
+        return _export_onnx_command(args)
     from mmscale.export.quantize import export
 
     report = export(args.checkpoint, args.out, quantize=args.quantize,
                     keep_projections=not args.quantize_projections,
                     evaluate_fn=_evaluator(args) if args.data else None)
+    print(json.dumps(report))
+    return 0
+
+
+def _export_onnx_command(args) -> int:
+    """`--format onnx`: the encoders as ONNX graphs checked with onnxruntime, printing the report."""
+    from mmscale.export.onnx import export_onnx
+
+    if args.data:
+        raise ValueError("--data evaluates transformers exports; with --format onnx, export_report.json gives the "
+                         "graphs' embedding agreement with PyTorch instead (leave --data out)")
+    report = export_onnx(args.checkpoint, args.out, quantize=args.quantize,
+                         keep_projections=not args.quantize_projections)
     print(json.dumps(report))
     return 0
 

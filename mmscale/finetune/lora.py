@@ -123,15 +123,22 @@ def is_adapted(model: ImageTextModel) -> bool:
 
 
 VQA_HEAD_FILE = "mmscale_vqa_head.safetensors"
+TEMPERATURE_FILE = "mmscale_temperature.safetensors"
 
 
 def save_adapter(model: ImageTextModel, folder: Path, *, base: str) -> None:
-    """The adapter in PEFT's format, naming `base` (the checkpoint it was trained on); a VQA answer head, which
-    lives beside the towers and trains whole, goes beside it (VQA_HEAD_FILE, its answer list in the metadata)."""
+    """The adapter in PEFT's format, naming `base` (the checkpoint it was trained on). What trains outside the
+    adapters goes beside it: the temperature (TEMPERATURE_FILE: `logit_scale`, the log of 1 / temperature as CLIP
+    keeps it, and a SigLIP `logit_bias` where the model has one), which PEFT does not save, and a VQA answer
+    head, which lives beside the towers and trains whole (VQA_HEAD_FILE, its answer list in the metadata)."""
     from safetensors.torch import save_file
 
     model.towers.peft_config["default"].base_model_name_or_path = base
     model.towers.save_pretrained(folder, safe_serialization=True)  # the only adapter format export reads
+    temperature = {"logit_scale": model.logit_scale_parameter.detach().float().reshape(()).clone()}
+    if model.logit_bias is not None:
+        temperature["logit_bias"] = model.logit_bias.detach().float().reshape(()).clone()
+    save_file(temperature, Path(folder) / TEMPERATURE_FILE)
     head = getattr(model, "vqa_head", None)
     if head is not None:
         save_file({name: tensor.detach().float().contiguous() for name, tensor in head.state_dict().items()},
@@ -139,10 +146,21 @@ def save_adapter(model: ImageTextModel, folder: Path, *, base: str) -> None:
 
 
 def load_adapter_heads(model: ImageTextModel, folder: Path) -> None:
-    """The VQA answer head that save_adapter wrote beside an adapter, onto `model` (the merged base)."""
+    """What save_adapter wrote beside an adapter (its temperature, a VQA answer head), onto `model` (the merged
+    base)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    temperature = Path(folder) / TEMPERATURE_FILE
+    if temperature.is_file():
+        values = load_file(temperature)
+        with torch.no_grad():
+            model.logit_scale_parameter.copy_(values["logit_scale"].reshape(model.logit_scale_parameter.shape))
+            if "logit_bias" in values:
+                if model.logit_bias is None:
+                    model.logit_bias = torch.nn.Parameter(values["logit_bias"].clone())
+                else:
+                    model.logit_bias.copy_(values["logit_bias"])
     path = Path(folder) / VQA_HEAD_FILE
     if not path.is_file():
         return

@@ -76,6 +76,8 @@ class ImageTextModel(nn.Module):
     tower_names: tuple[str, str] = ("vision_model", "text_model")
     """The attribute names of the image and text towers inside `towers`."""
     head_names: tuple[str, ...] = ("visual_projection", "text_projection")
+    cpu_only: bool = False
+    """True for towers whose layers run on the CPU alone (an `--quantize int8-cpu` export): callers keep it there."""
     """The small full-rank layers of `towers` on top of the towers (LoRA trains them whole; int8 keeps them float)."""
 
     def __init__(self, *, max_logit_scale: float, image_mean, image_std):

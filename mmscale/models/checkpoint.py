@@ -43,6 +43,7 @@ from mmscale.models.fusion import FusionEncoder, new_fusion_towers
 
 MMSCALE_FILE = "mmscale.json"
 HEADS_FILE = "mmscale_heads.safetensors"
+CPU_INT8_WEIGHTS = "model_int8_cpu.safetensors"  # mmscale.export.cpu_int8.WEIGHTS_FILE
 FORMAT = "mmscale-dual-encoder"
 FORMAT_VERSION = 1
 EXPECTED = ("a Hugging Face CLIPModel, VisionTextDualEncoderModel or BlipForImageTextRetrieval folder, or an mmscale "
@@ -128,9 +129,14 @@ def load_model(folder: str | os.PathLike, *, mlm_head: bool = True, logit_bias_i
     kind = _model_type(folder)
     if kind == "blip":
         attention = FUSION_ATTENTION
-    towers = _TOWER_CLASSES[kind].from_pretrained(folder, attn_implementation=attention, **SAFE_LOADING)
     extras = _read_extras(folder)
     meta = extras.pop("meta", {})
+    if meta.get("quantize") == "int8-cpu":  # PyTorch dynamic int8 layers, which transformers has no format for
+        from mmscale.export.cpu_int8 import load_towers
+
+        towers = load_towers(folder, _TOWER_CLASSES[kind], attention=attention)
+    else:
+        towers = _TOWER_CLASSES[kind].from_pretrained(folder, attn_implementation=attention, **SAFE_LOADING)
     mean, std = (meta["image_mean"], meta["image_std"]) if meta else _image_normalization(folder)
     bias = None if logit_bias_init is None else float(extras.get("logit_bias", logit_bias_init))
     settings = {"max_logit_scale": meta.get("max_logit_scale", 100.0), "image_mean": mean, "image_std": std}
@@ -139,6 +145,7 @@ def load_model(folder: str | os.PathLike, *, mlm_head: bool = True, logit_bias_i
         model = FusionEncoder(towers, mlm_head=mlm_head, logit_scale_init=scale, logit_bias_init=bias, **settings)
     else:
         model = DualEncoder(towers, mlm_head=mlm_head and kind != "clip", logit_bias_init=bias, **settings)
+    model.cpu_only = meta.get("quantize") == "int8-cpu"
     if meta.get("vqa_answers") and isinstance(model, FusionEncoder):
         model.add_vqa_head(list(meta["vqa_answers"]))
         model.vqa_head.load_state_dict({name.removeprefix("vqa_head."): tensor for name, tensor in extras.items()
@@ -303,6 +310,8 @@ def _hf_config(folder: Path) -> dict:
 
 def _check_weights(folder: Path) -> None:
     if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
+        return
+    if (folder / CPU_INT8_WEIGHTS).is_file():  # an `mmscale export --quantize int8-cpu` folder (load_model reads it)
         return
     if any(folder.glob("pytorch_model*.bin")):
         raise CheckpointError(f"{folder} has only pickle weights (pytorch_model.bin), which can run code when "
