@@ -159,6 +159,9 @@ def test_int8_cpu_refusals_name_the_fix(folders, dual_int8_cpu, tmp_path, capsys
     assert "already quantized (int8-cpu)" in capsys.readouterr().err
     with pytest.raises(OSError, match="model.safetensors"):  # plain transformers refuses rather than misreads int8
         AutoModel.from_pretrained(out)
+    assert main(["finetune", "--checkpoint", str(out), "--config", "configs/finetune/lora.yaml",
+                 f"data.train={tmp_path}", f"output_dir={tmp_path / 'run'}"]) == 2
+    assert "cannot train; start from the float model" in capsys.readouterr().err
     layer = load_model(out, mlm_head=False).towers.vision_model.encoder.layers[0].mlp.fc1
     with pytest.raises(RuntimeError, match="runs on the CPU only.*CUDA_VISIBLE_DEVICES="):
         layer(torch.zeros(2, layer.in_features, device="meta"))

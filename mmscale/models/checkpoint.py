@@ -274,6 +274,13 @@ def saved_vqa_answers(folder: str | os.PathLike) -> list[str]:
     return list(_read_json(meta).get("vqa_answers") or []) if meta.is_file() else []
 
 
+def saved_quantization(folder: str | os.PathLike) -> str:
+    """How an exported mmscale folder is quantized (`int8-cpu`), or "" (float, or a transformers quantization
+    config that `from_pretrained` reads)."""
+    meta = Path(folder) / MMSCALE_FILE
+    return str(_read_json(meta).get("quantize") or "") if meta.is_file() else ""
+
+
 def image_size_of(folder: str | os.PathLike) -> int:
     """The image side a model folder's vision tower takes (a CLIP, dual-encoder, ViT or mmscale folder)."""
     config = _hf_config(Path(folder))

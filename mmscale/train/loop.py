@@ -25,7 +25,7 @@ from mmscale.finetune.vqa import choose_answer_list
 from mmscale.losses import LossConfig, check_labels, feature_gradients
 from mmscale.models import build_model, load_model, training_flops_per_sample
 from mmscale.models.base import ImageTextModel
-from mmscale.models.checkpoint import model_kind, saved_vqa_answers, skeleton_like
+from mmscale.models.checkpoint import model_kind, saved_quantization, saved_vqa_answers, skeleton_like
 from mmscale.models.config import resolve_attention
 from mmscale.models.flops import vqa_flops_per_sample
 from mmscale.train.checkpoints import (
@@ -126,6 +126,10 @@ def setup(config: TrainRunConfig) -> Run:
     """Process group, run directory, tokenizer, engine."""
     import deepspeed
 
+    if config.model.init_from and saved_quantization(config.model.init_from):
+        raise ValueError(f"model.init_from={config.model.init_from} is an `--quantize "
+                         f"{saved_quantization(config.model.init_from)}` export, which serves but cannot train; "
+                         "start from the float model it was exported from (the run's final/)")
     init_distributed()
     world = dist.get_world_size()
     layout = batch_layout(config.train, world)
