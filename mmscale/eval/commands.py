@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from mmscale.data.config import DataConfig
 from mmscale.data.loader import build_loader
 from mmscale.data.text import load_tokenizer
 from mmscale.eval.embed import evaluate
 from mmscale.eval.metrics import read_lines
+from mmscale.eval.use import serving_device
 from mmscale.models import load_model
 from mmscale.models.fusion import FusionEncoder
 
@@ -37,7 +36,7 @@ def run_eval_command(args) -> int:
             raise ValueError(f"--report {report}: a file is there; give a folder (it is created if missing)")
         check_names(read_lines(args.classnames, "classnames"))
     model = load_model(args.checkpoint, mlm_head=False)
-    device = torch.device("cuda" if torch.cuda.is_available() and not model.cpu_only else "cpu")
+    device = serving_device(model)
     model = model.to(device)
     if rerank and not isinstance(model, FusionEncoder):
         raise ValueError(f"--rerank needs a fusion model (an ITM head): {args.checkpoint} is a dual encoder "

@@ -22,9 +22,9 @@ from mmscale.models.fusion import FusionEncoder
 MAX_PIXELS = 89_478_485
 
 
-def _device(model=None) -> torch.device:
+def serving_device(model) -> torch.device:
     """Where to run `model`: the GPU where there is one, unless the model runs on the CPU alone (int8-cpu)."""
-    return torch.device("cuda" if torch.cuda.is_available() and not getattr(model, "cpu_only", False) else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() and not model.cpu_only else "cpu")
 
 
 def read_image(path: str, size: int) -> torch.Tensor:
@@ -42,7 +42,7 @@ def read_image(path: str, size: int) -> torch.Tensor:
 def model_and_tokenizer(checkpoint: str) -> tuple[DualEncoder, object]:
     model = load_model(checkpoint, mlm_head=False).eval()
     if model.device.type != "cuda":  # int8 towers place themselves, and the wrapper follows them
-        model = model.to(_device(model))
+        model = model.to(serving_device(model))
     return model, load_tokenizer(checkpoint)
 
 

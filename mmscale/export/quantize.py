@@ -26,7 +26,7 @@ from mmscale.atomic import atomic_write
 from mmscale.export import cpu_int8
 from mmscale.models import load_model
 from mmscale.models.base import ImageTextModel
-from mmscale.models.checkpoint import MMSCALE_FILE, SAFE_LOADING, CheckpointError, wrap_like
+from mmscale.models.checkpoint import MMSCALE_FILE, SAFE_LOADING, CheckpointError, saved_quantization, wrap_like
 from mmscale.models.fusion import ATTENTION as FUSION_ATTENTION
 from mmscale.models.fusion import FusionEncoder
 
@@ -265,9 +265,7 @@ def _throughputs(float_model: ImageTextModel, exported: ImageTextModel, images: 
 
 def _refuse_quantized(folder: Path) -> None:
     """An already quantized folder cannot be exported again: its float weights are gone."""
-    quantized = None
-    if (folder / MMSCALE_FILE).is_file():
-        quantized = json.loads((folder / MMSCALE_FILE).read_text()).get("quantize")
+    quantized = saved_quantization(folder)
     if not quantized and (folder / "config.json").is_file():
         config = json.loads((folder / "config.json").read_text())
         quantized = (config.get("quantization_config") or {}).get("quant_method")

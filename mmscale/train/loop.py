@@ -126,10 +126,10 @@ def setup(config: TrainRunConfig) -> Run:
     """Process group, run directory, tokenizer, engine."""
     import deepspeed
 
-    if config.model.init_from and saved_quantization(config.model.init_from):
-        raise ValueError(f"model.init_from={config.model.init_from} is an `--quantize "
-                         f"{saved_quantization(config.model.init_from)}` export, which serves but cannot train; "
-                         "start from the float model it was exported from (the run's final/)")
+    quantized = saved_quantization(config.model.init_from) if config.model.init_from else ""
+    if quantized:
+        raise ValueError(f"model.init_from={config.model.init_from} is an `--quantize {quantized}` export, which "
+                         "serves but cannot train; start from the float model it was exported from (the run's final/)")
     init_distributed()
     world = dist.get_world_size()
     layout = batch_layout(config.train, world)
