@@ -109,6 +109,11 @@ class ModelConfig:
     attention: str = "auto"
     """Attention implementation passed to transformers: sdpa, eager or flash_attention_2; auto: sdpa,
     except eager when training in bf16/fp16 on a CPU (see resolve_attention)."""
+    quantize_base: str = ""
+    """QLoRA: hold the frozen base's transformer-layer linear layers in bitsandbytes int8 (LLM.int8) or nf4 (4-bit
+    NormalFloat) while LoRA adapters train over them; needs lora.enabled=true and model.init_from (or
+    model.vision_from + model.text_from). Heads, embeddings and norms stay float; final/ merges the adapters into
+    the float base. Empty: a float base."""
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -126,6 +131,13 @@ class ModelConfig:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ValueError(f"model.patch_dropout must be in [0, 1), got {self.patch_dropout}")
+        if self.quantize_base not in ("", "int8", "nf4"):
+            raise ValueError(f"model.quantize_base {self.quantize_base!r} is unknown; choose int8 or nf4, or leave it "
+                             "empty for a float base")
+        if self.quantize_base and not (self.init_from or self.vision_from):
+            raise ValueError(f"model.quantize_base={self.quantize_base} quantizes a pretrained base that stays "
+                             "frozen, and a new model has none: set model.init_from (mmscale finetune --checkpoint) "
+                             "or leave model.quantize_base empty")
         if self.fusion_layers:
             if self.vision_from:
                 raise ValueError("model.fusion_layers builds a BLIP model, which model.vision_from + model.text_from "

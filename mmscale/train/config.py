@@ -130,6 +130,10 @@ class TrainRunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self):
+        if self.model.quantize_base and not self.lora.enabled:
+            raise ValueError(f"model.quantize_base={self.model.quantize_base} freezes the base in low bits, which "
+                             "only LoRA adapters can train over: set lora.enabled=true (configs/finetune/lora.yaml) "
+                             "or leave model.quantize_base empty")
         if self.loss.itm_negatives == "global" and self.data.pad_to_longest:
             raise ValueError("loss.itm_negatives=global gathers every rank's captions, which needs one caption "
                              "length on every rank: set data.pad_to_longest=false (captions padded to "

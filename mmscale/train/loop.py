@@ -21,6 +21,7 @@ from mmscale.data.vqa import AnswerTargets
 from mmscale.eval.embed import current_logit_scale, evaluate
 from mmscale.eval.vqa import answer_questions, vqa_metrics
 from mmscale.finetune.lora import apply_lora, is_adapted, merge_adapter, save_adapter
+from mmscale.finetune.qlora import COMPUTE_DTYPES, check_quantize_base, quantize_base, training_device
 from mmscale.finetune.vqa import choose_answer_list
 from mmscale.losses import LossConfig, check_labels, feature_gradients
 from mmscale.models import build_model, load_model, training_flops_per_sample
@@ -130,6 +131,8 @@ def setup(config: TrainRunConfig) -> Run:
     if quantized:
         raise ValueError(f"model.init_from={config.model.init_from} is an `--quantize {quantized}` export, which "
                          "serves but cannot train; start from the float model it was exported from (the run's final/)")
+    if config.model.quantize_base:
+        check_quantize_base(config.model.quantize_base, training_device())
     init_distributed()
     world = dist.get_world_size()
     layout = batch_layout(config.train, world)
@@ -170,10 +173,18 @@ def setup(config: TrainRunConfig) -> Run:
         if zero_stage(ds_config) == 3:
             raise ValueError("LoRA fine-tuning runs with ZeRO stage 0-2 (train.deepspeed=configs/deepspeed/zero0.json); "
                              "the adapters are small and the frozen base is whole on each rank")
+        quantized_layers = []
+        if config.model.quantize_base:
+            quantized_layers = quantize_base(objective.model, config.model.quantize_base, device=training_device(),
+                                             compute_dtype=COMPUTE_DTYPES[config.train.precision])
         trainable, total = apply_lora(objective.model, config.lora)
         if dist.get_rank() == 0:
             print(f"mmscale train: LoRA r={config.lora.rank} trains {trainable:,} of {total:,} parameters "
                   f"({trainable / total:.2%})", flush=True)
+            if quantized_layers:
+                print(f"mmscale train: QLoRA: the frozen base's {len(quantized_layers)} transformer-layer linear "
+                      f"layers in bitsandbytes {config.model.quantize_base}; final/ merges into the float base",
+                      flush=True)
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(objective.model)
     vision_tower = getattr(objective.model.towers, objective.model.tower_names[0])
@@ -447,14 +458,15 @@ def _finish(run: Run) -> Path:
     """The trained model as `final/` (rank 0), a folder transformers loads, from the fp32 master weights: in
     16-bit runs (and under ZeRO-3) the module holds only a rounded copy or a partition, so they come from the
     optimizer; in fp32 runs without ZeRO-3 the module holds them. LoRA adapters are saved in PEFT's format under
-    `adapter/`, then merged into the base."""
+    `adapter/`, then merged into the base; a QLoRA base (model.quantize_base) is read again from its source in
+    float, so final/ is that base plus the merged adapters, not a dequantized copy."""
     final = run.output / "final"
     zero3 = hasattr(run.model.logit_scale_parameter, "ds_id")
     sixteen_bit = run.config.train.precision != "fp32"
     source = run.config.model
     if is_adapted(run.model):
         model = run.model
-        if sixteen_bit:  # the frozen base from its source where there is one (the module holds it rounded)
+        if sixteen_bit or source.quantize_base:  # the frozen base from its source: the module's is rounded or low-bit
             model = gather_fp32_weights(run.model, _adapted_skeleton(run) if run.rank == 0 else None,
                                         optimizer=run.engine.optimizer,
                                         keep_frozen=bool(source.init_from or source.vision_from or source.text_from))
@@ -475,7 +487,7 @@ def _finish(run: Run) -> Path:
 
 def _adapted_skeleton(run: Run) -> ImageTextModel:
     """The run's model as it started, in fp32 and with the same adapters: its frozen base is read again from its
-    source, where the 16-bit module holds it rounded (bf16 keeps 8 bits of mantissa)."""
+    source, where the 16-bit module holds it rounded (bf16 keeps 8 bits of mantissa) or QLoRA's in low bits."""
     skeleton = build_model(run.config.model, vocab_size=len(run.tokenizer), mlm_head=run.model.mlm_head is not None,
                            logit_bias_init=0.0 if run.model.logit_bias is not None else None,
                            vqa_answers=getattr(run.model, "vqa_answers", None))
