@@ -96,6 +96,20 @@ def _use_parsers(subparsers) -> None:
     export.add_argument("--classnames", default="", help="class names for zero-shot on --data")
     export.add_argument("--templates", default="")
     export.add_argument("--context-length", type=int, default=64)
+    summary = ("remove a fraction of every layer's attention heads and MLP neurons of both towers (by importance on "
+               "--data, else weight magnitude); writes prune_report.json")
+    prune = subparsers.add_parser("prune", help=summary, description=summary)
+    prune.add_argument("--checkpoint", required=True, help="dual-encoder model folder (final/) or a LoRA adapter/")
+    prune.add_argument("--out", required=True, help="output folder (transformers loads it)")
+    prune.add_argument("--heads", type=float, default=0.0, help="fraction of attention heads per layer to remove "
+                       "(zeroed in place: transformers 5 saves no narrower attention)")
+    prune.add_argument("--mlp", type=float, default=0.0, help="fraction of MLP neurons per layer to remove")
+    prune.add_argument("--data", default="", help="shards to calibrate on (and score zero-shot / retrieval before "
+                       "and after)")
+    prune.add_argument("--calibration", type=int, default=512, help="image-caption pairs of --data to calibrate on")
+    prune.add_argument("--classnames", default="", help="class names for zero-shot on --data")
+    prune.add_argument("--templates", default="")
+    prune.add_argument("--context-length", type=int, default=64)
     embed = subparsers.add_parser("embed", help="embed images or texts to .npy or .parquet")
     embed.add_argument("--checkpoint", required=True, help="model folder (float or int8 export)")
     source = embed.add_mutually_exclusive_group(required=True)
@@ -204,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             from mmscale.eval.vqa import answer_command
 
             return answer_command(args)
+        if args.command == "prune":
+            from mmscale.export.prune import prune_command
+
+            return prune_command(args)
         if args.command in ("export", "embed", "zeroshot", "match"):
             from mmscale.eval import use
 

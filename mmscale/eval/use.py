@@ -138,7 +138,7 @@ def export_command(args) -> int:
 
     report = export(args.checkpoint, args.out, quantize=args.quantize,
                     keep_projections=not args.quantize_projections,
-                    evaluate_fn=_evaluator(args) if args.data else None)
+                    evaluate_fn=evaluator_on_data(args) if args.data else None)
     print(json.dumps(report))
     return 0
 
@@ -156,7 +156,7 @@ def _export_onnx_command(args) -> int:
     return 0
 
 
-def _evaluator(args):
+def evaluator_on_data(args):
     """Zero-shot / retrieval on `--data`, for the float and the exported model alike."""
     from mmscale.data.config import DataConfig
     from mmscale.data.loader import build_loader

@@ -26,7 +26,7 @@ from mmscale.atomic import atomic_write
 from mmscale.export import cpu_int8
 from mmscale.models import load_model
 from mmscale.models.base import ImageTextModel
-from mmscale.models.checkpoint import MMSCALE_FILE, SAFE_LOADING, CheckpointError, saved_quantization, wrap_like
+from mmscale.models.checkpoint import MMSCALE_FILE, SAFE_LOADING, CheckpointError, saved_meta, saved_quantization, wrap_like
 from mmscale.models.fusion import ATTENTION as FUSION_ATTENTION
 from mmscale.models.fusion import FusionEncoder
 
@@ -60,26 +60,28 @@ def _check_adapter_weights(folder: Path) -> None:
     raise CheckpointError(f"adapter {folder} has an adapter_config.json but no {ADAPTER_WEIGHTS}")
 
 
-def load_float(checkpoint: str | os.PathLike) -> ImageTextModel:
-    """A float model from a checkpoint folder, or from a PEFT adapter folder merged into its base."""
+def load_float(checkpoint: str | os.PathLike, *, keep_mlm_head: bool = False) -> ImageTextModel:
+    """A float model from a checkpoint folder, or from a PEFT adapter folder merged into its base; `keep_mlm_head`
+    brings a saved MLM head along (serving needs none)."""
     folder = Path(checkpoint)
     base = adapter_base(folder)
     if base is None:
-        return load_model(folder, mlm_head=False, logit_bias_init=_saved_logit_bias(folder))
+        return load_model(folder, mlm_head=keep_mlm_head and _saved(folder, "mlm_head"),
+                          logit_bias_init=0.0 if _saved(folder, "logit_bias") else None)
     from peft import PeftModel
 
     from mmscale.finetune.lora import load_adapter_heads
 
-    model = load_model(base, mlm_head=False, logit_bias_init=_saved_logit_bias(base))
+    model = load_model(base, mlm_head=keep_mlm_head and _saved(base, "mlm_head"),
+                       logit_bias_init=0.0 if _saved(base, "logit_bias") else None)
     model.towers = PeftModel.from_pretrained(model.towers, folder, local_files_only=True).merge_and_unload()
     load_adapter_heads(model, folder)
     return model
 
 
-def _saved_logit_bias(folder: Path) -> float | None:
-    """0.0 (load_model then reads the saved value) where an mmscale checkpoint keeps a SigLIP bias, else None."""
-    meta = folder / MMSCALE_FILE
-    return 0.0 if meta.is_file() and json.loads(meta.read_text()).get("logit_bias") else None
+def _saved(folder: Path, head: str) -> bool:
+    """Whether an mmscale checkpoint keeps this head (`mlm_head`, `logit_bias`: load_model then reads its values)."""
+    return bool(saved_meta(folder).get(head))
 
 
 def folder_bytes(folder: Path) -> int:
@@ -132,7 +134,7 @@ def save_cpu_int8(float_model: ImageTextModel, quantized: ImageTextModel, folder
     float weights removed. A crash at any point leaves a folder that loads: float before the marker, int8 after."""
     float_model.save(folder, tokenizer=tokenizer)
     cpu_int8.save_towers(quantized.towers, folder)
-    meta = json.loads((folder / MMSCALE_FILE).read_text()) | {"quantize": cpu_int8.QUANTIZE}
+    meta = saved_meta(folder) | {"quantize": cpu_int8.QUANTIZE}
     with atomic_write(folder / MMSCALE_FILE) as handle:
         handle.write((json.dumps(meta, indent=2) + "\n").encode())
     for path in [*folder.glob("model*.safetensors"), folder / "model.safetensors.index.json"]:
@@ -217,7 +219,7 @@ def export(checkpoint: str, out: str, *, quantize: str, keep_projections: bool =
     from mmscale.data.text import load_tokenizer
 
     source = Path(checkpoint)
-    _refuse_quantized(adapter_base(source) or source)
+    refuse_quantized(adapter_base(source) or source)
     if quantize == cpu_int8.QUANTIZE and not keep_projections:
         raise ValueError("--quantize-projections: int8-cpu keeps the projections and the ITM head in fp32 (mmscale "
                          "reads the input dtype from them, and they are under 1% of the compute); leave it out")
@@ -263,7 +265,7 @@ def _throughputs(float_model: ImageTextModel, exported: ImageTextModel, images: 
                      "exported_device": str(exported.device)}
 
 
-def _refuse_quantized(folder: Path) -> None:
+def refuse_quantized(folder: Path) -> None:
     """An already quantized folder cannot be exported again: its float weights are gone."""
     quantized = saved_quantization(folder)
     if not quantized and (folder / "config.json").is_file():

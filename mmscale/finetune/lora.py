@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from mmscale.models.base import ImageTextModel
+from mmscale.models.pruning import keep_heads_removed
 
 # Attention projections by tower type: CLIP/ViT-style towers and BERT-style encoders.
 DEFAULT_TARGETS = {
@@ -92,6 +93,7 @@ def apply_lora(model: ImageTextModel, settings: LoraSettings) -> tuple[int, int]
                         modules_to_save=list(model.head_names))
     model.towers = get_peft_model(model.towers, config)
     _check_every_tower_adapted(model, settings)
+    keep_heads_removed(model)  # on the adapted value projections, so the adapters cannot grow removed heads back
     model.logit_scale_parameter.requires_grad_(True)
     if model.mlm_head is not None:  # the head is tied to the (frozen) embeddings; its own layers train
         for name, parameter in model.mlm_head.named_parameters():
@@ -175,4 +177,5 @@ def load_adapter_heads(model: ImageTextModel, folder: Path) -> None:
 def merge_adapter(model: ImageTextModel) -> ImageTextModel:
     """Fold the LoRA updates into the tower weights, leaving plain Hugging Face towers."""
     model.towers = model.towers.merge_and_unload()
+    keep_heads_removed(model)
     return model

@@ -87,6 +87,9 @@ class ImageTextModel(nn.Module):
         self.patch_dropout = 0.0
         self._patch_dropout_hook = None
         self._normalization = {"image_mean": tuple(map(float, image_mean)), "image_std": tuple(map(float, image_std))}
+        self.pruned_heads: dict[str, dict[int, list[int]]] = {}
+        """Attention heads `mmscale prune` removed, {"vision"|"text": {layer: [heads]}} (mmscale.models.pruning)."""
+        self.pruned_head_hooks: list = []
         for name, values in self._normalization.items():
             self.register_buffer(name, torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
@@ -150,6 +153,13 @@ class ImageTextModel(nn.Module):
         from mmscale.models.checkpoint import save_model
 
         return save_model(self, folder, tokenizer=tokenizer)
+
+    def set_pruned_heads(self, pruned: dict) -> None:
+        """Keep these attention heads at zero from now on (mmscale.models.pruning); {} for none."""
+        from mmscale.models import pruning
+
+        self.pruned_heads = pruning.pruned_heads_of(pruning.tower_layers(self), pruned) if pruned else {}
+        pruning.keep_heads_removed(self)
 
     def set_patch_dropout(self, fraction: float) -> None:
         """FLIP's patch dropout (arXiv:2212.00794): in training, each image keeps a random (1 - fraction)

@@ -40,6 +40,7 @@ from mmscale.models.config import ModelConfig, resolve_attention
 from mmscale.models.dual_encoder import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, DualEncoder, new_towers
 from mmscale.models.fusion import ATTENTION as FUSION_ATTENTION
 from mmscale.models.fusion import FusionEncoder, new_fusion_towers
+from mmscale.models.pruning import zero_pruned_heads
 
 MMSCALE_FILE = "mmscale.json"
 HEADS_FILE = "mmscale_heads.safetensors"
@@ -146,6 +147,8 @@ def load_model(folder: str | os.PathLike, *, mlm_head: bool = True, logit_bias_i
     else:
         model = DualEncoder(towers, mlm_head=mlm_head and kind != "clip", logit_bias_init=bias, **settings)
     model.cpu_only = meta.get("quantize") == "int8-cpu"
+    if meta.get("pruned_heads"):
+        model.set_pruned_heads(meta["pruned_heads"])
     if meta.get("vqa_answers") and isinstance(model, FusionEncoder):
         model.add_vqa_head(list(meta["vqa_answers"]))
         model.vqa_head.load_state_dict({name.removeprefix("vqa_head."): tensor for name, tensor in extras.items()
@@ -172,6 +175,8 @@ def wrap_like(model: ImageTextModel, towers, *, mlm_head: bool, copy_heads: bool
         wrapped = FusionEncoder(towers, logit_scale_init=scale, vqa_answers=model.vqa_answers, **settings)
     else:
         wrapped = DualEncoder(towers, **settings)
+    if model.pruned_heads:
+        wrapped.set_pruned_heads(model.pruned_heads)
     if copy_heads:
         for name in ("classifier", "vqa_head"):
             head = getattr(model, name, None)
@@ -205,6 +210,7 @@ def save_model(model: ImageTextModel, folder: str | os.PathLike, *, tokenizer=No
 
 
 def _write_checkpoint(model: ImageTextModel, staging: Path, *, tokenizer) -> None:
+    zero_pruned_heads(model)
     model.towers.save_pretrained(staging, safe_serialization=True)
     fusion = isinstance(model, FusionEncoder)
     if fusion:
@@ -228,6 +234,8 @@ def _write_checkpoint(model: ImageTextModel, staging: Path, *, tokenizer) -> Non
             "logit_bias": model.logit_bias is not None, "max_logit_scale": model.max_logit_scale,
             "classes": model.classifier.out_features if model.classifier is not None else 0,
             "image_mean": model.image_mean.flatten().tolist(), "image_std": model.image_std.flatten().tolist()}
+    if model.pruned_heads:
+        meta["pruned_heads"] = model.pruned_heads
     if fusion:
         meta["fusion_layers"] = model.fusion_layers
         if model.vqa_head is not None:
@@ -268,17 +276,21 @@ def model_kind(folder: str | os.PathLike) -> str:
     return _model_type(Path(folder))
 
 
+def saved_meta(folder: str | os.PathLike) -> dict:
+    """What an mmscale checkpoint's mmscale.json says ({} for a folder without one: a transformers folder)."""
+    meta = Path(folder) / MMSCALE_FILE
+    return _read_json(meta) if meta.is_file() else {}
+
+
 def saved_vqa_answers(folder: str | os.PathLike) -> list[str]:
     """The answer list of an mmscale fusion checkpoint's VQA head ([] for any other folder)."""
-    meta = Path(folder) / MMSCALE_FILE
-    return list(_read_json(meta).get("vqa_answers") or []) if meta.is_file() else []
+    return list(saved_meta(folder).get("vqa_answers") or [])
 
 
 def saved_quantization(folder: str | os.PathLike) -> str:
     """How an exported mmscale folder is quantized (`int8-cpu`), or "" (float, or a transformers quantization
     config that `from_pretrained` reads)."""
-    meta = Path(folder) / MMSCALE_FILE
-    return str(_read_json(meta).get("quantize") or "") if meta.is_file() else ""
+    return str(saved_meta(folder).get("quantize") or "")
 
 
 def image_size_of(folder: str | os.PathLike) -> int:
