@@ -12,6 +12,12 @@ and on the int8-cpu folder.
     python tools/bench/compress.py --preset base
     python tools/bench/compress.py --preset tiny --rounds 2 --embed-images 8     # a quick look
     python tools/bench/compress.py --preset base --threads 1                    # one core
+    python tools/bench/compress.py --preset base --isa avx2                     # as on an AVX2-only CPU
+
+`--isa avx2` keeps every kernel library of the process (and of the `mmscale embed` it starts) to AVX2 on a newer
+CPU: ATen (ATEN_CPU_CAPABILITY), fbgemm (FBGEMM_ENABLE_INSTRUCTIONS), oneDNN (ONEDNN_MAX_CPU_ISA) and MKL
+(MKL_ENABLE_INSTRUCTIONS), fp32 and int8 alike: the code an AVX2-only CPU runs (no AVX-512, no VNNI: int8 products
+go through the 16-bit pair sums of vpmaddubsw), on this CPU's caches and clock.
 
 The last line is one JSON object: {"cpu", "threads", "preset", "rows": {export: {"bytes", "bytes_ratio",
 "images_per_second", "images_speedup", "texts_per_second", "texts_speedup", "image_cosine_min",
@@ -33,6 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 REPO = Path(__file__).resolve().parents[2]
 EXPORTS = ("none", "int8", "int8-cpu", "nf4")
+# The variables that keep each CPU kernel library to AVX2 (read when the library loads: set before torch imports).
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def cpu_description() -> str:
@@ -45,7 +54,10 @@ def cpu_description() -> str:
         elif key.strip() == "flags":
             flags = set(value.split())
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
-    return f"{model} ({', '.join(flag for flag in wanted if flag in flags) or 'no AVX2'})"
+    described = f"{model} ({', '.join(flag for flag in wanted if flag in flags) or 'no AVX2'})"
+    if all(os.environ.get(name) == value for name, value in AVX2_ONLY.items()):
+        described += ", kernels kept to AVX2 (--isa avx2)"
+    return described
 
 
 def make_model(folder: Path, preset: str) -> None:
@@ -189,7 +201,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--embed-images", type=int, default=128, help="images `mmscale embed` embeds (0: skip it)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--isa", choices=("native", "avx2"), default="native",
+                        help="avx2: run every kernel library as on an AVX2-only CPU (see above)")
     args = parser.parse_args()
+    if args.isa == "avx2" and "torch" not in sys.modules:
+        os.environ.update(AVX2_ONLY)
 
     import torch
 
