@@ -5,7 +5,9 @@ that carry least, and the report says what it cost. Speed and recovery are measu
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModel
@@ -163,3 +165,30 @@ def test_prune_refuses_what_it_cannot_do(tmp_path, tokenizer, capsys):
                  "--mlp", "0.25"]) == 2
     assert "already quantized" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_pruned_model_serves_and_exports_like_any_other(pruned, trained_tiny, tmp_path, capsys):
+    """`mmscale eval`, `embed`, `zeroshot` and an int8-cpu export of the pruned folder, which keeps its heads zero."""
+    from mmscale.shards.synthetic import make_image_folder
+
+    folder, classnames = str(pruned["folder"]), str(trained_tiny["classnames"])
+    make_image_folder(tmp_path / "images", 3, size=load_model(folder, mlm_head=False).image_size, seed=2)
+    capsys.readouterr()
+    assert main(["eval", "zeroshot", "--checkpoint", folder, "--data", str(trained_tiny["val"]),
+                 "--classnames", classnames]) == 0
+    assert _last_json(capsys)["top1"] == pytest.approx(pruned["report"]["eval_after"]["top1"])
+    assert main(["zeroshot", "--checkpoint", folder, "--image", str(tmp_path / "images" / "000000.jpg"),
+                 "--classnames", classnames]) == 0
+    assert 0 < _last_json(capsys)["probability"] <= 1
+    assert main(["export", "--checkpoint", folder, "--out", str(tmp_path / "int8cpu"), "--quantize", "int8-cpu"]) == 0
+    exported = json.loads((tmp_path / "int8cpu" / "export_report.json").read_text())
+    assert min(exported["image_cosine_min"], exported["text_cosine_min"]) >= 0.99
+    for name in (folder, str(tmp_path / "int8cpu")):
+        assert main(["embed", "--checkpoint", name, "--images", str(tmp_path / "images" / "*.jpg"),
+                     "--out", str(tmp_path / f"{Path(name).name}.npy")]) == 0
+    rows = [np.load(tmp_path / f"{name}.npy") for name in ("model", "int8cpu")]
+    assert rows[0].shape == (3, rows[0].shape[1]) and (rows[0] * rows[1]).sum(axis=1).min() >= 0.99
