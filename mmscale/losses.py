@@ -194,15 +194,16 @@ class Teacher(nn.Module):
     """A frozen model whose image-text similarities (and embeddings) a student learns from. It is kept out of
     the module DeepSpeed trains (no gradients, no optimizer state, not in checkpoints): `objective.teacher`
     returns it; `feature_maps` (the learned maps from the student's embedding width to the teacher's) are the
-    objective's own, trained and checkpointed."""
+    objective's own, trained and checkpointed. Under ZeRO-3 it is an inference engine of its own, partitioned
+    across the ranks (mmscale.train.engine.place_teacher): everything it reads happens inside `forward`."""
 
     def __init__(self, model: ImageTextModel):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalized float image and text features and 1/temperature of a batch (images resized to the
         teacher's size where the student's differ)."""
         size = self.model.image_size
@@ -357,8 +358,8 @@ class PretrainingObjective(nn.Module):
 
     def attach_teacher(self, teacher: ImageTextModel, config: DistillConfig) -> None:
         """Learn from `teacher` (frozen) beside the own losses; call before deepspeed.initialize (the feature maps
-        train). The teacher is no submodule, so DeepSpeed neither casts, partitions, trains nor saves it: move it
-        to the device with `objective.teacher.to(device)`."""
+        train). The teacher is no submodule, so the student's engine neither casts, partitions, trains nor saves
+        it: place it with mmscale.train.engine.place_teacher once the student's engine exists."""
         self.distill = config
         object.__setattr__(self, "_teacher", Teacher(teacher))
         if config.feature_weight > 0:
@@ -440,7 +441,7 @@ class PretrainingObjective(nn.Module):
                       input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's losses of this micro-batch: the similarity KL over the global batch (every rank's rows,
         gathered as the contrastive loss gathers them) and the feature cosine (0 when not weighted)."""
-        teacher_image, teacher_text, teacher_scale = self._teacher.features(images, input_ids, attention_mask)
+        teacher_image, teacher_text, teacher_scale = self._teacher(images, input_ids, attention_mask)
         distill = distill_loss(image, text, scale, teacher_image, teacher_text, teacher_scale)
         feature = scale.new_zeros(())
         if self.distill.feature_weight > 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -49,16 +50,27 @@ def test_a_two_layer_student_learns_the_teachers_similarities_on_two_zero3_ranks
     """A 2-layer student of `tiny` (another projection width) distilled from the session's trained tiny on 2 ranks
     under ZeRO-3: the KL to the teacher (over the gathered global batch) and the feature loss are logged and fall,
     and final/ is the student alone (no teacher, no feature maps)."""
-    from test_train import launch_ranks, metrics, run_overrides
+    from test_train import REPO, launch_ranks, metrics, run_overrides
 
     from mmscale.models import load_model
 
     corpus = {"train": trained_tiny["run"].parent / "train", "tokenizer": trained_tiny["tokenizer"]}
     output = tmp_path / "student"
+    # zero3.json keeps tensors under 100,000 values whole on every rank, which is all of tiny's: split what is
+    # over 1,000 here, so that the teacher is partitioned as a large one would be.
+    ds_config = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
+    ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 1000
+    (tmp_path / "zero3.json").write_text(json.dumps(ds_config))
     code, log = launch_ranks(2, run_overrides(
         corpus, output, "train.samples=640", "train.lr=2e-3", "model.vision_layers=2", "model.text_layers=2",
-        "model.projection_dim=48", f"distill.teacher={trained_tiny['final']}", "distill.feature_weight=0.5"))
+        "model.projection_dim=48", f"distill.teacher={trained_tiny['final']}", "distill.feature_weight=0.5",
+        f"train.deepspeed={tmp_path / 'zero3.json'}"))
     assert code == 0, log[-3000:]
+    held = re.findall(r"distillation teacher partitioned \(ZeRO-3 inference\): rank (\d) holds ([\d,]+) of ([\d,]+)",
+                      log)
+    assert sorted(rank for rank, _, _ in held) == ["0", "1"], log[-3000:]
+    for _, part, whole in held:
+        assert int(part.replace(",", "")) < 0.6 * int(whole.replace(",", ""))
     records = metrics(output)
     assert len(records) == 20 and all(r["distill_loss"] > 0 and r["distill_feature_loss"] > 0 for r in records)
     first, last = records[:4], records[-4:]

@@ -194,6 +194,36 @@ def deepspeed_config(train: TrainConfig, layout: BatchLayout) -> tuple[dict, lis
     return config, notes
 
 
+def place_teacher(teacher: torch.nn.Module, ds_config: dict, device: torch.device) -> tuple[int, int]:
+    """Put the distillation teacher (mmscale.losses.Teacher) where it runs; (values this rank holds, values in
+    all). Beside a ZeRO-3 student a float teacher becomes a ZeRO-3 inference engine of its own (no optimizer,
+    the student's precision and partitioning settings): each rank holds its share and the layers are gathered
+    around their forward, as DeepSpeed-Chat holds its reference model, so a teacher larger than one device fits.
+    Otherwise, and for a quantized teacher (bitsandbytes int8/nf4 weights or int8-cpu layers: ZeRO cannot split
+    those), it is moved to `device` whole."""
+    import deepspeed
+
+    parameters = list(teacher.parameters())
+    whole = sum(parameter.numel() for parameter in parameters)
+    quantized = getattr(teacher.model, "cpu_only", False) or any(not p.is_floating_point() for p in parameters)
+    if zero_stage(ds_config) != 3 or quantized:
+        teacher.to(device)
+        return whole, whole
+    for parameter in teacher.model.zero3_external_parameters():  # read outside their owner's forward
+        deepspeed.zero.register_external_parameter(teacher, parameter)
+    world = int(ds_config["train_batch_size"]) // (int(ds_config["train_micro_batch_size_per_gpu"])
+                                                     * int(ds_config["gradient_accumulation_steps"]))
+    inference = {"train_micro_batch_size_per_gpu": ds_config["train_micro_batch_size_per_gpu"],
+                 "train_batch_size": ds_config["train_micro_batch_size_per_gpu"] * world,
+                 "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
+                 "bf16": ds_config.get("bf16", {"enabled": False}), "fp16": ds_config.get("fp16", {"enabled": False}),
+                 "zero_optimization": {key: value for key, value in ds_config["zero_optimization"].items()
+                                       if not key.startswith("offload_optimizer")}}
+    deepspeed.initialize(model=teacher, config=inference)
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in teacher.parameters())
+    return held, whole
+
+
 def manual_clipping(train: TrainConfig, ds_config: dict) -> bool:
     """fp32 without ZeRO is the one path where DeepSpeed 0.19 clips gradients itself, and that code
     fails on 0-dim parameters (`logit_scale`); there the loop clips with torch instead."""

@@ -52,6 +52,7 @@ from mmscale.train.engine import (
     make_optimizer,
     manual_clipping,
     parameter_groups,
+    place_teacher,
     zero_stage,
 )
 from mmscale.train.metrics import MetricsWriter, memory_gib
@@ -194,7 +195,10 @@ def setup(config: TrainRunConfig) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.train, total_steps))
     engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     if getattr(objective, "teacher", None) is not None:
-        objective.teacher.to(engine.device)
+        held, whole = place_teacher(objective.teacher, ds_config, engine.device)
+        if held < whole:
+            print(f"mmscale train: distillation teacher partitioned (ZeRO-3 inference): rank {dist.get_rank()} holds "
+                  f"{held:,} of {whole:,} parameter values", flush=True)
     if config.train.compile:
         engine.compile()
     total = sum(getattr(p, "ds_numel", p.numel()) for p in objective.parameters())
