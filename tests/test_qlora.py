@@ -45,6 +45,25 @@ def test_the_quantized_base_stays_frozen_while_adapters_and_heads_get_gradients(
     assert towers.visual_projection.modules_to_save["default"].weight.grad is not None
 
 
+def test_a_fusion_model_quantizes_its_cross_attention_and_trains_adapters_through_itm():
+    """QLoRA of a BLIP-style fusion model: the text encoder's cross-attention layers are quantized with the rest,
+    and the image-text matching logits carry gradient to the adapters while the low-bit base stays frozen."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny", fusion_layers=4), vocab_size=200, mlm_head=False,
+                        token_ids={"pad": 0, "cls": 2, "sep": 3})
+    names = quantize_base(model, "nf4", compute_dtype=torch.float32, device=torch.device("cpu"))
+    assert any(".crossattention." in name for name in names)
+    apply_lora(model, LoraSettings(enabled=True))
+    images = torch.randint(0, 255, (2, 3, model.image_size, model.image_size), dtype=torch.uint8)
+    ids = torch.randint(5, 200, (2, 12))
+    model.itm_scores(images, ids, torch.ones_like(ids)).sum().backward()
+    low_bit = [module for module in model.towers.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    assert len(low_bit) == len(names)
+    assert all(not p.requires_grad and p.grad is None for module in low_bit for p in module.parameters())
+    adapters = [p for name, p in model.towers.named_parameters() if "lora_" in name]
+    assert adapters and any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,precision", [("int8", "fp32"), ("nf4", "bf16")])
 def test_qlora_run_saves_float_base_plus_merged_adapters(data, tmp_path, kind, precision):  # noqa: F811
