@@ -8,8 +8,10 @@ its default and docstring.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
+import threading
 from pathlib import Path
 
 from mmscale.config import ConfigError, help_text, load_config
@@ -258,5 +260,28 @@ def main(argv: list[str] | None = None) -> int:
     raise AssertionError(f"unhandled command {args.command}")
 
 
+def exit_without_teardown(code: int | None) -> None:
+    """Leave a finished command's process with `code` the way a normal exit does (atexit handlers, DataLoader
+    workers and other children stopped, output flushed) minus the interpreter's teardown of every imported module,
+    which takes ~2 s once DeepSpeed is imported (2-core AMD EPYC: `import deepspeed` alone 6.96 s, its process
+    8.78 s). Each rank and CLI call pays it. With a thread of someone else's still running the normal exit is
+    kept, since it waits for such (non-daemon) threads."""
+    if any(thread.is_alive() and not thread.daemon for thread in threading.enumerate()
+           if thread is not threading.main_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()  # noqa: SLF001  # what sys.exit would run first; os._exit skips them
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing to flush into
+            pass
+    os._exit(code or 0)
+
+
+def run() -> None:
+    """The `mmscale` command and `python -m mmscale.cli`: main() with the exit above."""
+    exit_without_teardown(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

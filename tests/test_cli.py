@@ -130,3 +130,24 @@ def test_report_writes_plots_and_a_report_from_a_run_directory(tmp_path, capsys)
 def test_report_of_a_folder_without_metrics_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no metrics.jsonl here" in capsys.readouterr().err
+
+
+EXIT_SCRIPT = """
+import atexit, sys, threading, time
+from pathlib import Path
+from mmscale.cli import exit_without_teardown
+atexit.register(lambda: sys.stdout.write("atexit ran\\n"))  # written, not flushed: the exit must flush it
+if sys.argv[1] == "thread":  # a non-daemon thread still writing: the exit must wait for it, as sys.exit does
+    threading.Thread(target=lambda: (time.sleep(0.5), Path(sys.argv[2]).write_text("done"))).start()
+sys.stdout.write("x" * 100000)
+exit_without_teardown(3)
+"""
+
+
+def test_a_command_exits_with_its_code_flushed_output_and_atexit_handlers_without_module_teardown(tmp_path):
+    for mode in ("plain", "thread"):
+        marker = tmp_path / f"{mode}.txt"
+        result = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, mode, str(marker)], capture_output=True, text=True)
+        assert result.returncode == 3, result.stderr
+        assert result.stdout == "x" * 100000 + "atexit ran\n"
+        assert marker.is_file() == (mode == "thread")

@@ -2,7 +2,7 @@
 
 import sys
 
-from mmscale.cli import main
+from mmscale.cli import exit_without_teardown, main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    exit_without_teardown(main(["train", *sys.argv[1:]]))
