@@ -130,9 +130,9 @@ def test_itm_negatives_benchmark_trains_both_modes_through_the_launcher_and_scor
     (by label too, and conditioned MLM on the class names); four steps learn nothing, so only the figures'
     presence and range are checked, and that matching by label never finds less."""
     out = bench("itm_negatives.py", "--train-samples", "128", "--test-samples", "64", "--per-shard", "64",
-                "--steps", "4", "--batch", "32", "--rerank", "4", "--label-groups")
+                "--steps", "4", "--batch", "32", "--rerank", "4", "--label-groups", "--modes", "micro_batch", "global")
     numbers = json.loads(out.strip().splitlines()[-1])
-    assert set(numbers) == {"micro_batch", "global", "micro_batch_longest"}
+    assert set(numbers) == {"micro_batch", "global"}  # the third mode only pads differently (~100 s more here)
     for row in numbers.values():
         assert row["seconds"] > 0 and row["itm_loss"] > 0 and 0 <= row["itm_accuracy"] <= 1
         assert 0 <= row["rerank_i2t_r1"] <= 1 and 0 <= row["i2t_r1"] <= 1
