@@ -181,16 +181,21 @@ def _one_line(error: Exception) -> str:
 
 
 def _checkpoint_overrides(checkpoint: str, overrides: list[str]) -> list[str]:
-    """`--checkpoint` as model overrides; the images follow the checkpoint's size unless data.image_size is given."""
-    from mmscale.models.checkpoint import image_size_of
+    """`--checkpoint` as model overrides; the images follow the checkpoint's size unless data.image_size is given,
+    and a SigLIP checkpoint's captions its length (padded to it) unless data.context_length is given."""
+    from mmscale.models.checkpoint import image_size_of, model_kind, text_positions_of
 
     if "," in checkpoint:
         vision, text = checkpoint.split(",", 1)
         model = [f"model.vision_from={vision}", f"model.text_from={text}"]
     else:
         vision, model = checkpoint, [f"model.init_from={checkpoint}"]
-    if not any(item.startswith("data.image_size=") for item in overrides):
+    given = {item.split("=", 1)[0] for item in overrides}
+    if "data.image_size" not in given:
         model.append(f"data.image_size={image_size_of(vision)}")
+    if "," not in checkpoint and model_kind(checkpoint) == "siglip":  # captions as SigLIP was trained on them
+        model += [f"data.{key}={value}" for key, value in (("context_length", text_positions_of(checkpoint)),
+                                                           ("pad_to_longest", "false")) if f"data.{key}" not in given]
     return model + list(overrides)
 
 

@@ -37,9 +37,10 @@ class LossConfig:
     with soft targets: the `vqa` section)."""
     classes: int = 0
     """Number of classes for loss.objective=classify (labels 0..classes-1; samples without a label are ignored)."""
-    contrastive: Literal["clip", "siglip"] = "clip"
+    contrastive: Literal["auto", "clip", "siglip"] = "auto"
     """Contrastive loss: `clip` (softmax InfoNCE, both directions) or `siglip` (pairwise sigmoid,
-    arXiv:2303.15343), both with negatives from the global batch."""
+    arXiv:2303.15343), both with negatives from the global batch; `auto`: siglip for a model started from a
+    SigLIP checkpoint (its own bias and temperature), clip otherwise."""
     contrastive_weight: float = 1.0
     """Weight of the contrastive loss in the total."""
     mlm_weight: float = 0.1

@@ -42,7 +42,7 @@ def run_eval_command(args) -> int:
         raise ValueError(f"--rerank needs a fusion model (an ITM head): {args.checkpoint} is a dual encoder "
                          f"({model.kind}); train one with model.fusion_layers > 0, or start from a BLIP ITM folder")
     tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
-    data = DataConfig(val=args.data, image_size=model.image_size, context_length=args.context_length,
+    data = DataConfig(val=args.data, image_size=model.image_size, **model.caption_settings(args.context_length),
                       workers=args.workers, mlm_probability=0.0)
 
     def make_loader():

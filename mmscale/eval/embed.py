@@ -126,7 +126,7 @@ def class_embeddings(model: DualEncoder, tokenizer, classnames: list[str], templ
                      device: torch.device, context_length: int) -> torch.Tensor:
     """One embedding per class: the normalized mean of its normalized template embeddings (CLIP's
     prompt ensembling). Every rank computes all of them, so forward passes stay in lockstep."""
-    encoder = CaptionEncoder(tokenizer, context_length=context_length, mlm_probability=0.0)
+    encoder = CaptionEncoder(tokenizer, mlm_probability=0.0, **model.caption_settings(context_length))
     prompts = [template.format(name) for name in classnames for template in templates]
     embeddings = []
     for start in range(0, len(prompts), 256):

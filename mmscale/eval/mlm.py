@@ -166,7 +166,7 @@ def mlm_command(args) -> int:
     tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
     words = read_words(args.words, tokenizer) if args.words else None
     masking = EvalMasking(tokenizer, context_length=args.context_length, words=words)
-    data = DataConfig(val=args.data, image_size=model.image_size, context_length=args.context_length,
+    data = DataConfig(val=args.data, image_size=model.image_size, **model.caption_settings(args.context_length),
                       workers=args.workers, mlm_probability=0.0)
     loader = build_loader(data, spec=args.data, tokenizer=tokenizer, batch_size=args.batch_size, train=False,
                           rank=0, world_size=1, captions=masking)

@@ -61,7 +61,7 @@ def embed_command(args) -> int:
             chunks.append(model.encode_images(batch.to(device)).float().cpu())
     else:
         names = read_lines(args.texts, "texts")
-        encoder = CaptionEncoder(tokenizer, context_length=args.context_length, mlm_probability=0.0)
+        encoder = CaptionEncoder(tokenizer, mlm_probability=0.0, **model.caption_settings(args.context_length))
         chunks = []
         for start in range(0, len(names), args.batch_size):
             encoded = encoder.encode(names[start:start + args.batch_size])
@@ -115,7 +115,7 @@ def match_command(args) -> int:
         raise ValueError(f"{args.checkpoint} is a dual encoder ({model.kind}) without an ITM head; matching needs a "
                          "fusion model: train one with model.fusion_layers > 0, or give a BLIP ITM folder")
     texts = read_lines(args.texts, "texts")
-    encoder = CaptionEncoder(tokenizer, context_length=args.context_length, mlm_probability=0.0)
+    encoder = CaptionEncoder(tokenizer, mlm_probability=0.0, **model.caption_settings(args.context_length))
     tokens = model.image_tokens(read_image(args.image, model.image_size)[None].to(model.device))
     probabilities = []
     for start in range(0, len(texts), args.batch_size):
@@ -164,7 +164,7 @@ def evaluator_on_data(args):
 
     def evaluate_model(model):
         tokenizer = load_tokenizer(args.out)  # export writes the tokenizer there before it evaluates
-        data = DataConfig(image_size=model.image_size, context_length=args.context_length, workers=0,
+        data = DataConfig(image_size=model.image_size, **model.caption_settings(args.context_length), workers=0,
                           mlm_probability=0.0)
         loader = build_loader(data, spec=args.data, tokenizer=tokenizer, batch_size=64, train=False,
                               rank=0, world_size=1)

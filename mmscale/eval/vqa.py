@@ -145,7 +145,7 @@ def vqa_command(args) -> int:
     device = model.device
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
-    data = DataConfig(val=args.data, image_size=model.image_size, context_length=args.context_length,
+    data = DataConfig(val=args.data, image_size=model.image_size, **model.caption_settings(args.context_length),
                       workers=args.workers, mlm_probability=0.0)
     loader = build_loader(data, spec=args.data, tokenizer=tokenizer, batch_size=args.batch_size, train=False,
                           rank=0, world_size=1, vqa=AnswerTargets(model.vqa_answers))
@@ -181,7 +181,7 @@ def answer_command(args) -> int:
     model, tokenizer = _load_answering_model(args.checkpoint)
     device = model.device
     image = read_image(args.image, model.image_size)
-    encoded = CaptionEncoder(tokenizer, context_length=args.context_length, mlm_probability=0.0).encode(
+    encoded = CaptionEncoder(tokenizer, mlm_probability=0.0, **model.caption_settings(args.context_length)).encode(
         [args.question.strip()])
     with torch.no_grad():
         probabilities = model.vqa_logits(image[None].to(device), encoded["input_ids"].to(device),

@@ -205,7 +205,7 @@ def sample_inputs(model: ImageTextModel, tokenizer, *, count: int = 32, context_
     rng = random.Random(0)
     drawn = [draw_sample(rng, model.image_size) for _ in range(count)]
     images = torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1) for image, _, _ in drawn])
-    texts = CaptionEncoder(tokenizer, context_length=context_length, mlm_probability=0.0).encode(
+    texts = CaptionEncoder(tokenizer, mlm_probability=0.0, **model.caption_settings(context_length)).encode(
         [caption for _, caption, _ in drawn])
     return images, texts
 

@@ -27,6 +27,9 @@ DEFAULT_TARGETS = {
     "bert": ["query", "key", "value", "attention.output.dense"],
     "roberta": ["query", "key", "value", "attention.output.dense"],
     "xlm-roberta": ["query", "key", "value", "attention.output.dense"],
+    # SigLIP: the encoder layers' attention (not `head.attention.out_proj`, the image head's pooling, trained whole)
+    "siglip_vision_model": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"],
+    "siglip_text_model": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"],
     # BLIP (fusion models): the ViT's fused qkv; the text encoder's self- and cross-attention (query/key/value match
     # both; `attention.output.dense` does not match `crossattention.output.dense`, so it is named too).
     "blip_vision_model": ["qkv", "projection"],

@@ -76,6 +76,10 @@ class ImageTextModel(nn.Module):
     tower_names: tuple[str, str] = ("vision_model", "text_model")
     """The attribute names of the image and text towers inside `towers`."""
     head_names: tuple[str, ...] = ("visual_projection", "text_projection")
+    class_tokens: int = 1
+    """Tokens the image tower's embeddings put before the patches (a class token; SigLIP has none)."""
+    bias_in_towers: bool = False
+    """Whether `logit_bias` is a parameter of the towers themselves (SiglipModel's), saved with them."""
     cpu_only: bool = False
     """True for towers whose layers run on the CPU alone (an `--quantize int8-cpu` export): callers keep it there."""
     """The small full-rank layers of `towers` on top of the towers (LoRA trains them whole; int8 keeps them float)."""
@@ -148,6 +152,16 @@ class ImageTextModel(nn.Module):
         """The dtype the image tower's input is cast to (that of the float layers after it)."""
         raise NotImplementedError
 
+    fixed_caption_length: int | None = None
+    """The one caption length the model reads (SigLIP: its text positions, every caption padded to them); None:
+    captions of any length up to the tower's, padded to the batch's longest."""
+
+    def caption_settings(self, context_length: int) -> dict:
+        """CaptionEncoder / DataConfig settings (context_length, pad_to_longest) for captions this model reads:
+        `context_length` padded to the batch's longest, or the model's fixed length."""
+        fixed = self.fixed_caption_length
+        return {"context_length": fixed or context_length, "pad_to_longest": fixed is None}
+
     def save(self, folder, *, tokenizer=None):
         """Write a consolidated checkpoint that plain `transformers` loads (mmscale.models.checkpoint)."""
         from mmscale.models.checkpoint import save_model
@@ -163,9 +177,9 @@ class ImageTextModel(nn.Module):
 
     def set_patch_dropout(self, fraction: float) -> None:
         """FLIP's patch dropout (arXiv:2212.00794): in training, each image keeps a random (1 - fraction)
-        of its patch tokens, after the position embeddings, and always its class token. A forward hook on
-        the image tower's embeddings does it, so the towers stay plain `transformers` modules and the
-        saved folder is unchanged; in eval (`model.eval()`) every patch is used."""
+        of its patch tokens, after the position embeddings, and always its class token (where it has one). A
+        forward hook on the image tower's embeddings does it, so the towers stay plain `transformers` modules
+        and the saved folder is unchanged; in eval (`model.eval()`) every patch is used."""
         if not 0.0 <= fraction < 1.0:
             raise ValueError(f"patch dropout must be in [0, 1), got {fraction}")
         if self._patch_dropout_hook is not None:
@@ -186,12 +200,12 @@ class ImageTextModel(nn.Module):
     def _drop_patches(self, module: nn.Module, inputs, tokens: torch.Tensor) -> torch.Tensor:
         if not self.training or self.patch_dropout <= 0:
             return tokens
-        patches = tokens[:, 1:]
+        patches = tokens[:, self.class_tokens:]
         keep = self.kept_patches(patches.shape[1])
         # A random permutation per image (argsort of uniform noise), its first `keep` positions: no host sync.
         chosen = torch.rand(patches.shape[:2], device=tokens.device).argsort(dim=1)[:, :keep]
         kept = patches.gather(1, chosen.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        return torch.cat([tokens[:, :1], kept], dim=1)
+        return torch.cat([tokens[:, :self.class_tokens], kept], dim=1)
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, S, S] images as the normalized float input of the image tower; float input is

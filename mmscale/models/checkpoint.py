@@ -29,6 +29,8 @@ from transformers import (
     CLIPModel,
     CLIPVisionModel,
     PreTrainedModel,
+    SiglipImageProcessor,
+    SiglipModel,
     VisionTextDualEncoderConfig,
     VisionTextDualEncoderModel,
     VisionTextDualEncoderProcessor,
@@ -37,7 +39,7 @@ from transformers import (
 from mmscale.atomic import temporary_folder
 from mmscale.models.base import ImageTextModel
 from mmscale.models.config import ModelConfig, resolve_attention
-from mmscale.models.dual_encoder import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, DualEncoder, new_towers
+from mmscale.models.dual_encoder import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, DualEncoder, dual_encoder, new_towers
 from mmscale.models.fusion import ATTENTION as FUSION_ATTENTION
 from mmscale.models.fusion import FusionEncoder, new_fusion_towers
 from mmscale.models.pruning import zero_pruned_heads
@@ -47,10 +49,12 @@ HEADS_FILE = "mmscale_heads.safetensors"
 CPU_INT8_WEIGHTS = "model_int8_cpu.safetensors"  # mmscale.export.cpu_int8.WEIGHTS_FILE
 FORMAT = "mmscale-dual-encoder"
 FORMAT_VERSION = 1
-EXPECTED = ("a Hugging Face CLIPModel, VisionTextDualEncoderModel or BlipForImageTextRetrieval folder, or an mmscale "
+EXPECTED = ("a Hugging Face CLIPModel, SiglipModel, VisionTextDualEncoderModel or BlipForImageTextRetrieval folder, or an "
+            "mmscale "
             "checkpoint (for a separate vision model and text encoder set model.vision_from and model.text_from)")
-_TOWER_CLASSES = {"clip": CLIPModel, "vision-text-dual-encoder": VisionTextDualEncoderModel,
+_TOWER_CLASSES = {"clip": CLIPModel, "siglip": SiglipModel, "vision-text-dual-encoder": VisionTextDualEncoderModel,
                   "blip": BlipForImageTextRetrieval}
+_NO_MLM_HEAD = ("clip", "siglip")  # towers whose text side takes no masked-LM head (dual_encoder.NO_MLM_HEAD)
 # BLIP folders of other classes hold no ITM head or contrastive projections, or a decoder as their text side.
 _BLIP_REFUSED = {
     "BlipForQuestionAnswering": "a BLIP VQA model (its text side answers by generation; no ITM head or contrastive "
@@ -145,7 +149,7 @@ def load_model(folder: str | os.PathLike, *, mlm_head: bool = True, logit_bias_i
         scale = float(extras["logit_scale"].exp()) if "logit_scale" in extras else logit_scale_init
         model = FusionEncoder(towers, mlm_head=mlm_head, logit_scale_init=scale, logit_bias_init=bias, **settings)
     else:
-        model = DualEncoder(towers, mlm_head=mlm_head and kind != "clip", logit_bias_init=bias, **settings)
+        model = dual_encoder(towers, mlm_head=mlm_head and kind not in _NO_MLM_HEAD, logit_bias_init=bias, **settings)
     model.cpu_only = meta.get("quantize") == "int8-cpu"
     if meta.get("pruned_heads"):
         model.set_pruned_heads(meta["pruned_heads"])
@@ -174,7 +178,7 @@ def wrap_like(model: ImageTextModel, towers, *, mlm_head: bool, copy_heads: bool
         scale = model.logit_scale_init if hasattr(parameter, "ds_id") else float(parameter.detach().float().exp())
         wrapped = FusionEncoder(towers, logit_scale_init=scale, vqa_answers=model.vqa_answers, **settings)
     else:
-        wrapped = DualEncoder(towers, **settings)
+        wrapped = dual_encoder(towers, **settings)
     if model.pruned_heads:
         wrapped.set_pruned_heads(model.pruned_heads)
     if copy_heads:
@@ -223,7 +227,7 @@ def _write_checkpoint(model: ImageTextModel, staging: Path, *, tokenizer) -> Non
     if model.mlm_head is not None:
         heads |= {f"mlm_head.{name}": tensor.detach().contiguous() for name, tensor in model.mlm_head.state_dict().items()
                   if name != "decoder.weight"}
-    if model.logit_bias is not None:
+    if model.logit_bias is not None and not model.bias_in_towers:
         heads["logit_bias"] = model.logit_bias.detach().clone()
     if getattr(model, "vqa_head", None) is not None:
         heads |= {f"vqa_head.{name}": tensor.detach().contiguous() for name, tensor in model.vqa_head.state_dict().items()}
@@ -257,6 +261,14 @@ def _write_blip_processor(model: FusionEncoder, staging: Path, *, tokenizer) -> 
 
 
 def _write_processor(model: DualEncoder, staging: Path, *, tokenizer) -> None:
+    if model.kind == "siglip":  # SigLIP's: a square resize, no crop
+        image_processor = SiglipImageProcessor(
+            size={"height": model.image_size, "width": model.image_size}, resample=2,
+            image_mean=model.image_mean.flatten().tolist(), image_std=model.image_std.flatten().tolist())
+        image_processor.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        return
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": model.image_size}, crop_size={"height": model.image_size, "width": model.image_size},
         image_mean=model.image_mean.flatten().tolist(), image_std=model.image_std.flatten().tolist(),
@@ -300,6 +312,12 @@ def image_size_of(folder: str | os.PathLike) -> int:
     if "image_size" not in vision:
         raise CheckpointError(f"{folder} has no image size in its config.json; expected a vision or dual-encoder model")
     return int(vision["image_size"])
+
+
+def text_positions_of(folder: str | os.PathLike) -> int:
+    """How many caption tokens a model folder's text tower takes (its position embeddings)."""
+    config = _hf_config(Path(folder))
+    return int(config.get("text_config", config)["max_position_embeddings"])
 
 
 def _replace_folder(staging: Path, folder: Path) -> None:

@@ -34,6 +34,11 @@ from mmscale.models.heads import MaskedLMHead
 from mmscale.models.init import init_towers
 
 
+# Text towers without a masked-LM head, and why.
+NO_MLM_HEAD = {"clip_text_model": "a CLIP text tower is causal",
+               "siglip_text_model": "a SigLIP text tower is read at its last position only (no MLM head is released)"}
+
+
 class DualEncoder(ImageTextModel):
     """Image tower + text tower + projections + temperature (the Hugging Face `towers`), an optional
     MLM head and an optional SigLIP logit bias. Images go in as uint8 and are normalized here, on
@@ -43,13 +48,18 @@ class DualEncoder(ImageTextModel):
                  max_logit_scale: float = 100.0, image_mean=CLIP_IMAGE_MEAN, image_std=CLIP_IMAGE_STD):
         super().__init__(max_logit_scale=max_logit_scale, image_mean=image_mean, image_std=image_std)
         self.towers = towers
-        if mlm_head and towers.config.text_config.model_type == "clip_text_model":
-            raise ValueError("a CLIP text tower is causal and cannot take a masked-LM head; set model.mlm_head=false "
+        text_type = towers.config.text_config.model_type
+        if mlm_head and text_type in NO_MLM_HEAD:
+            raise ValueError(f"{NO_MLM_HEAD[text_type]} and cannot take a masked-LM head; set model.mlm_head=false "
                              "and loss.mlm_weight=0")
         self.mlm_head = MaskedLMHead.for_text_tower(towers.text_model) if mlm_head else None
         self.logit_bias_init = logit_bias_init
-        self.logit_bias = None if logit_bias_init is None else nn.Parameter(torch.tensor(float(logit_bias_init)))
+        self._add_logit_bias(logit_bias_init)
         self._follow_placed_towers(self.mlm_head, self.logit_bias)
+
+    def _add_logit_bias(self, init: float | None) -> None:
+        """SigLIP's bias as mmscale's own parameter (None without one); towers that keep one have it already."""
+        self.logit_bias = None if init is None else nn.Parameter(torch.tensor(float(init)))
 
     @property
     def logit_scale_parameter(self) -> nn.Parameter:
@@ -146,6 +156,66 @@ class DualEncoder(ImageTextModel):
             mlm_logits=mlm_logits,
             mlm_targets=mlm_targets,
         )
+
+
+class SiglipDualEncoder(DualEncoder):
+    """SigLIP's towers (transformers `SiglipModel`, SigLIP 2 checkpoints of that class included) as they are: no
+    projection layers (each tower ends in its own head: attention pooling over the patch tokens, a linear layer
+    over the last text position), the temperature and the sigmoid loss's bias kept by the towers as [1]
+    parameters, no class token. Captions go in without an attention mask, padded to the text tower's length:
+    SigLIP was trained that way (its processor returns no mask) and pools the last position, padding or not."""
+
+    head_names = ("vision_model.head", "text_model.head")
+    class_tokens = 0
+    bias_in_towers = True
+
+    def _add_logit_bias(self, init: float | None) -> None:
+        pass  # the towers' own
+
+    @property
+    def logit_bias(self) -> nn.Parameter:
+        return self.towers.logit_bias
+
+    @property
+    def logit_scale_parameter(self) -> nn.Parameter:
+        return self.towers.logit_scale
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.towers.config.text_config.projection_size
+
+    @property
+    def text_positions(self) -> int:
+        """The caption length SigLIP takes (data.context_length)."""
+        return self.towers.config.text_config.max_position_embeddings
+
+    @property
+    def fixed_caption_length(self) -> int:
+        return self.text_positions
+
+    def _input_dtype(self) -> torch.dtype:
+        return self.towers.vision_model.embeddings.patch_embedding.weight.dtype
+
+    def zero3_external_parameters(self) -> list[nn.Parameter]:
+        return [self.towers.logit_scale, self.towers.logit_bias]
+
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`get_text_features` of the saved model, as SigLIP's processor calls it: without the padding mask."""
+        return self.towers.get_text_features(input_ids=input_ids).pooler_output
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                mlm_input_ids: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None, *,
+                mlm_positions: torch.Tensor | None = None, mlm_targets: torch.Tensor | None = None) -> DualEncoderOutput:
+        if mlm_input_ids is not None:
+            self._require_mlm_head()  # there is none: the error says how to train without
+        return DualEncoderOutput(image_features=self.encode_images(images),
+                                 text_features=self.encode_texts(input_ids, attention_mask),
+                                 logit_scale=self.logit_scale(), logit_bias=self.logit_bias)
+
+
+def dual_encoder(towers: PreTrainedModel, **settings) -> DualEncoder:
+    """The dual encoder around `towers`: SiglipDualEncoder for a `SiglipModel`, DualEncoder for the others."""
+    return (SiglipDualEncoder if towers.config.model_type == "siglip" else DualEncoder)(towers, **settings)
 
 
 def towers_config(sizes: ModelSizes, config: ModelConfig) -> VisionTextDualEncoderConfig:

@@ -102,6 +102,27 @@ def _tokenizer_path(config: TrainRunConfig) -> str:
     return path
 
 
+def _model_line(config: TrainRunConfig, model: ImageTextModel) -> str:
+    """What the run trains: the model's class and source, its pre-processing and the losses."""
+    source = config.model.init_from or ",".join(filter(None, (config.model.vision_from, config.model.text_from)))
+    origin = f"from {source}" if source else f"new ({config.model.preset})"
+    mean = ", ".join(f"{value:.3f}" for value in model.image_mean.flatten().tolist())
+    std = ", ".join(f"{value:.3f}" for value in model.image_std.flatten().tolist())
+    padding = "padded to the batch's longest" if config.data.pad_to_longest else "padded to that length"
+    towers = model.towers.get_base_model() if hasattr(model.towers, "get_base_model") else model.towers  # PEFT's
+    return (f"{type(towers).__name__} {origin}; images {model.image_size} px, mean ({mean}), std ({std}); "
+            f"captions of {config.data.context_length} tokens {padding}; loss {config.loss.contrastive}"
+            f"{f' + MLM {config.loss.mlm_weight}' if config.loss.mlm_weight > 0 else ''}")
+
+
+def _contrastive_loss(config: TrainRunConfig) -> str:
+    """loss.contrastive, `auto` resolved: SigLIP's own loss for a SigLIP start, CLIP's otherwise."""
+    if config.loss.contrastive != "auto":
+        return config.loss.contrastive
+    siglip = config.model.init_from and model_kind(config.model.init_from) == "siglip"
+    return "siglip" if siglip else "clip"
+
+
 def _total_steps(config: TrainRunConfig) -> int:
     train = config.train
     if train.samples:
@@ -118,6 +139,10 @@ def _check_fit(config: TrainRunConfig, model: ImageTextModel) -> None:
     if config.data.image_size != model.image_size:
         raise ValueError(f"data.image_size={config.data.image_size} but the model's image tower takes "
                          f"{model.image_size} px; set data.image_size={model.image_size}")
+    if model.kind == "siglip" and (config.data.context_length != model.text_positions or config.data.pad_to_longest):
+        raise ValueError(f"SigLIP reads captions padded to its {model.text_positions} positions (it pools the last "
+                         f"one): set data.context_length={model.text_positions} data.pad_to_longest=false (`mmscale "
+                         "finetune --checkpoint` sets both for a SigLIP checkpoint)")
     positions = getattr(model.towers.config.text_config, "max_position_embeddings", None)
     if positions is not None and config.data.context_length > positions:
         raise ValueError(f"data.context_length={config.data.context_length} exceeds the text tower's "
@@ -165,6 +190,7 @@ def setup(config: TrainRunConfig) -> Run:
         vqa_answers = choose_answer_list(
             config.vqa, train_spec=config.data.train, output=output, resuming=resuming,
             checkpoint_answers=saved_vqa_answers(config.model.init_from) if config.model.init_from else [])
+    config.loss.contrastive = _contrastive_loss(config)
     objective = build_objective(config.model, config.loss, ds_config, vocab_size=len(tokenizer),
                                 token_ids=special_token_ids(tokenizer), vqa_answers=vqa_answers)
     _check_fit(config, objective.model)
@@ -212,6 +238,7 @@ def setup(config: TrainRunConfig) -> Run:
               f"DeepSpeed config {config.train.deepspeed} with {', '.join(notes)} filled by mmscale", flush=True)
         print(f"mmscale train: precision {config.train.precision} ({precision_reason}), {config.model.attention} "
               "attention", flush=True)
+        print(f"mmscale train: model {_model_line(config, objective.model)}", flush=True)
     return Run(config=config, engine=engine, model=objective.model, tokenizer=tokenizer, layout=layout,
                total_steps=total_steps, output=output, device=engine.device,
                manual_clip=config.train.grad_clip if manual_clipping(config.train, ds_config) else 0.0)
