@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import json
 import os
 import sys
 import threading
@@ -81,6 +82,16 @@ def _eval_parsers(subparsers) -> None:
 
 
 def _use_parsers(subparsers) -> None:
+    convert = subparsers.add_parser("convert", help="convert an open_clip checkpoint into a transformers CLIPModel "
+                                    "folder (weights, tokenizer, image processor)",
+                                    description="convert an open_clip checkpoint into a transformers CLIPModel folder "
+                                    "(weights, tokenizer, image processor) that fine-tuning and every command take")
+    convert.add_argument("--from-open-clip", required=True, metavar="MODEL_NAME",
+                         help="open_clip's model config name (e.g. ViT-B-32, ViT-B-16-quickgelu)")
+    convert.add_argument("--weights", required=True, help="the checkpoint: .safetensors or a tensors-only torch file")
+    convert.add_argument("--out", required=True, help="output folder")
+    convert.add_argument("--open-clip-config", default=None, help="the model's JSON config, where open_clip is not "
+                         "installed or the model is not one of its configs")
     export = subparsers.add_parser("export", help="merge adapters, quantize (int8, int8-cpu, nf4) or not, as a "
                                    "transformers folder or ONNX graphs; writes export_report.json",
                                    description="merge adapters, quantize (int8, int8-cpu, nf4) or not, as a "
@@ -191,6 +202,8 @@ def _checkpoint_overrides(checkpoint: str, overrides: list[str]) -> list[str]:
     else:
         vision, model = checkpoint, [f"model.init_from={checkpoint}"]
     given = {item.split("=", 1)[0] for item in overrides}
+    if checkpoint.startswith("open_clip:"):  # converted when the run starts; data.image_size=0 takes its side
+        return model + list(overrides)
     if "data.image_size" not in given:
         model.append(f"data.image_size={image_size_of(vision)}")
     if "," not in checkpoint and model_kind(checkpoint) == "siglip":  # captions as SigLIP was trained on them
@@ -225,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
             from mmscale.eval.vqa import answer_command
 
             return answer_command(args)
+        if args.command == "convert":
+            from mmscale.models.from_open_clip import convert
+
+            folder = convert(args.from_open_clip, args.weights, args.out, config_file=args.open_clip_config)
+            print(json.dumps({"out": str(folder), "model": args.from_open_clip, "class": "CLIPModel"}))
+            return 0
         if args.command == "prune":
             from mmscale.export.prune import prune_command
 
@@ -247,7 +266,6 @@ def main(argv: list[str] | None = None) -> int:
             print_report(run_data_check(config))
             return 0
         if args.command in ("train", "finetune"):
-            import json
 
             from mmscale.train.loop import NonFiniteLoss, train
 

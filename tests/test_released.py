@@ -155,3 +155,111 @@ def test_lora_fine_tuning_of_a_siglip_folder_keeps_its_format_and_exports_int8(s
     exported = ours(load_model(tmp_path / "int8").eval(), images, ids)
     for name in ("image", "text"):
         assert F.cosine_similarity(exported[name].float(), expected[name]).min() >= 0.98, name
+
+
+# --- open_clip ---------------------------------------------------------------------------------------------------
+OPEN_CLIP_CONFIG = {"embed_dim": 32, "vision_cfg": {"image_size": SIDE, "layers": 2, "width": 64, "patch_size": 8,
+                                                    "head_width": 16},
+                    "text_cfg": {"context_length": POSITIONS, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 2}}
+CAPTIONS = ["a red circle on the left", "Two  BIG squares!", "the character 7"]
+
+
+@pytest.fixture(scope="module")
+def open_clip_checkpoint(tmp_path_factory) -> dict:
+    """A small random open_clip CLIP (gelu, as open_clip's non-OpenAI configs) made by open_clip itself from a custom
+    config, its weights saved as open_clip saves them (a torch state dict) and the config as a JSON file."""
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip import factory
+
+    root = tmp_path_factory.mktemp("open_clip")
+    config_file = root / "mm-tiny.json"
+    config_file.write_text(json.dumps(OPEN_CLIP_CONFIG))
+    factory._MODEL_CONFIGS["mm-tiny"] = OPEN_CLIP_CONFIG  # what open_clip.add_model_config does with the folder
+    torch.manual_seed(0)
+    model = open_clip.create_model("mm-tiny").eval()
+    torch.save(model.state_dict(), root / "weights.pt")
+    return {"model": model, "weights": root / "weights.pt", "config": config_file,
+            "tokens": open_clip.get_tokenizer("mm-tiny")(CAPTIONS)}
+
+
+def test_an_open_clip_checkpoint_converts_to_a_clip_folder_with_its_embeddings_tokens_and_preprocessing(
+        open_clip_checkpoint, tmp_path):
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    out = tmp_path / "converted"
+    report = json.loads(cli("convert", "--from-open-clip", "mm-tiny", "--weights", str(open_clip_checkpoint["weights"]),
+                            "--out", str(out), "--open-clip-config", str(open_clip_checkpoint["config"]))
+                        .stdout.strip().splitlines()[-1])
+    assert report["class"] == "CLIPModel"
+    source, converted = open_clip_checkpoint["model"], CLIPModel.from_pretrained(out).eval()
+    tokens = open_clip_checkpoint["tokens"]
+    encoded = AutoTokenizer.from_pretrained(out)(CAPTIONS, padding="max_length", max_length=POSITIONS,
+                                                 return_tensors="pt")
+    mask = encoded["attention_mask"].bool()
+    assert torch.equal(encoded["input_ids"][mask], tokens[mask])  # the same BPE ids, up to the padding token
+    processor = CLIPImageProcessor.from_pretrained(out)
+    assert processor.image_mean == pytest.approx([0.48145466, 0.4578275, 0.40821073]) and processor.resample == 3
+    images = torch.randint(0, 256, (2, 3, SIDE, SIDE), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    pixels = (images.float() / 255 - torch.tensor(processor.image_mean).view(1, 3, 1, 1)) / \
+        torch.tensor(processor.image_std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = {"image": source.encode_image(pixels), "text": source.encode_text(tokens)}
+        hf = {"image": converted.get_image_features(pixel_values=pixels).pooler_output,
+              "text": converted.get_text_features(input_ids=tokens).pooler_output}
+        model = load_model(out).eval()
+        mmscale = {"image": model.encode_images(images), "text": model.encode_texts(encoded["input_ids"], mask.long())}
+    assert_same(hf, expected)
+    assert_same(mmscale, expected)
+    torch.testing.assert_close(converted.logit_scale.exp(), source.logit_scale.exp())
+
+
+def test_open_clip_layouts_that_clip_model_cannot_hold_are_refused_by_name(open_clip_checkpoint, tmp_path):
+    from mmscale.models.from_open_clip import ConversionError, convert
+
+    refused = {"coca": OPEN_CLIP_CONFIG | {"multimodal_cfg": {"width": 48}},
+               "pooler": OPEN_CLIP_CONFIG | {"vision_cfg": OPEN_CLIP_CONFIG["vision_cfg"] | {"attentional_pool": True}},
+               "siglip": OPEN_CLIP_CONFIG | {"init_logit_bias": -10}}
+    for name, config in refused.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(config))
+        with pytest.raises(ConversionError, match={"coca": "CoCa", "pooler": "vision_cfg.attentional_pool=True",
+                                                   "siglip": "init_logit_bias=-10"}[name]):
+            convert(name, open_clip_checkpoint["weights"], tmp_path / name, config_file=tmp_path / f"{name}.json")
+    assert not any((tmp_path / name).exists() for name in refused)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps(OPEN_CLIP_CONFIG | {"embed_dim": 16}))
+    with pytest.raises(ConversionError, match="text_projection is .* in the weights"):
+        convert("wrong", open_clip_checkpoint["weights"], tmp_path / "wrong", config_file=wrong)
+    pickled = tmp_path / "code.pt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "callback": ConversionError("a pickled object")}, pickled)
+    with pytest.raises(ConversionError, match="not a tensors-only torch file"):
+        convert("mm-tiny", pickled, tmp_path / "pickled", config_file=open_clip_checkpoint["config"])
+
+
+@pytest.mark.slow
+def test_lora_fine_tuning_from_an_open_clip_checkpoint_converts_it_into_the_run_and_exports_int8(
+        open_clip_checkpoint, tmp_path):
+    """`mmscale finetune --checkpoint open_clip:CONFIG.json:WEIGHTS`: converted into the run's folder, fine-tuned as
+    a CLIPModel (CLIP's loss and preprocessing), final/ a CLIPModel folder, exported int8."""
+    from transformers import CLIPModel
+
+    from mmscale.shards.synthetic import make_synthetic_shards
+
+    shards = make_synthetic_shards(tmp_path / "train", 128, samples_per_shard=64, seed=0, domain="dim")
+    run = tmp_path / "run"
+    spec = f"open_clip:{open_clip_checkpoint['config']}:{open_clip_checkpoint['weights']}"
+    result = cli("finetune", "--checkpoint", spec, "--config", str(REPO / "configs/finetune/lora.yaml"),
+                 *merge_overrides(f"data.train={'::'.join(shards)}", f"output_dir={run}", "data.workers=0",
+                                  f"data.context_length={POSITIONS}", "train.samples=128", "train.global_batch_size=32",
+                                  "train.progress=false", "train.tensorboard=false"))
+    line = next(line for line in result.stdout.splitlines() if line.startswith("mmscale train: model "))
+    assert f"CLIPModel from {run / 'open_clip' / 'mm-tiny'}; images {SIDE} px, mean (0.481, 0.458, 0.408)" in line
+    assert "loss clip" in line
+    tuned = CLIPModel.from_pretrained(run / "final").eval()
+    source = open_clip_checkpoint["model"]
+    pixels = torch.randn(2, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert not torch.allclose(tuned.get_image_features(pixel_values=pixels).pooler_output,
+                                  source.encode_image(pixels), atol=1e-4)  # the adapters changed the towers
+    cli("export", "--checkpoint", str(run / "final"), "--out", str(tmp_path / "int8"), "--quantize", "int8")
+    int8 = AutoModel.from_pretrained(tmp_path / "int8").eval()
+    assert type(int8.text_model.encoder.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"

@@ -209,7 +209,7 @@ def save_model(model: ImageTextModel, folder: str | os.PathLike, *, tokenizer=No
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _replace_folder(staging, folder)
+    replace_folder(staging, folder)
     return folder
 
 
@@ -320,7 +320,7 @@ def text_positions_of(folder: str | os.PathLike) -> int:
     return int(config.get("text_config", config)["max_position_embeddings"])
 
 
-def _replace_folder(staging: Path, folder: Path) -> None:
+def replace_folder(staging: Path, folder: Path) -> None:
     if not folder.exists():
         staging.rename(folder)
         return

@@ -58,8 +58,9 @@ class ModelConfig:
     """Size preset: tiny (64 px, CPU tests), base (ViT-B/16 + BERT-base), large (ViT-L/14 + BERT-large),
     huge (ViT-H/14 class), giant (ViT-bigG/14 class, 2.5 B parameters)."""
     init_from: str = ""
-    """Start from this folder instead of a new model: a Hugging Face CLIPModel or
-    VisionTextDualEncoderModel folder, or an mmscale checkpoint (`final/`)."""
+    """Start from this folder instead of a new model: a Hugging Face CLIPModel, SiglipModel,
+    VisionTextDualEncoderModel or BlipForImageTextRetrieval folder, or an mmscale checkpoint (`final/`); or
+    `open_clip:MODEL_NAME:FILE`, an open_clip checkpoint converted to a CLIPModel folder under output_dir/open_clip/."""
     vision_from: str = ""
     """Start the image tower from this Hugging Face vision folder (ViT, CLIP or CLIP vision); needs model.text_from."""
     text_from: str = ""

@@ -28,6 +28,8 @@ from mmscale.models import build_model, load_model, training_flops_per_sample
 from mmscale.models.base import ImageTextModel
 from mmscale.models.checkpoint import model_kind, saved_quantization, saved_vqa_answers, skeleton_like
 from mmscale.models.config import resolve_attention
+from mmscale.models.from_open_clip import PREFIX as OPEN_CLIP
+from mmscale.models.from_open_clip import converted_source
 from mmscale.models.flops import vqa_flops_per_sample
 from mmscale.train.checkpoints import (
     Progress,
@@ -170,6 +172,8 @@ def setup(config: TrainRunConfig) -> Run:
                                                cuda=torch.cuda.is_available(), fusion=bool(config.model.fusion_layers))
     ds_config, notes = deepspeed_config(config.train, layout)
     output = Path(config.output_dir)
+    if config.model.init_from.startswith(OPEN_CLIP):  # converted once, by rank 0, into the run's folder
+        config.model.init_from = from_rank_0(lambda: str(converted_source(config.model.init_from, output)))
     if config.train.resume == "never" and from_rank_0(lambda: latest_tag(output / "checkpoints")):
         raise ValueError(f"{output} already holds checkpoints and train.resume=never; pick another output_dir")
     saved_world = saved_world_size(output / "checkpoints") if config.train.resume == "auto" else None
@@ -194,6 +198,8 @@ def setup(config: TrainRunConfig) -> Run:
     objective = build_objective(config.model, config.loss, ds_config, vocab_size=len(tokenizer),
                                 token_ids=special_token_ids(tokenizer), vqa_answers=vqa_answers)
     _check_fit(config, objective.model)
+    if config.loss.mlm_weight == 0 or objective.model.mlm_head is None:
+        config.data.mlm_probability = 0.0  # no masked captions to make (CLIP's and SigLIP's tokenizers have no mask)
     if config.distill.teacher:
         objective.attach_teacher(load_teacher(config.distill.teacher, tokenizer, config.loss), config.distill)
     if config.lora.enabled:
