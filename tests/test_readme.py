@@ -45,6 +45,7 @@ EXERCISED_BY = {
     "mmscale export": (["tests/test_finetune.py", "mmscale/quickstart.py", "tests/test_vqa.py"], '"export"'),
     "mmscale embed": (["tests/test_finetune.py"], '"embed"'),
     "mmscale prune": (["tests/test_prune.py"], '"prune"'),
+    "mmscale convert": (["tests/test_released.py"], '"convert"'),
     "mmscale zeroshot": (["tests/test_finetune.py", "mmscale/quickstart.py"], '"zeroshot"'),
     "tools/bench/loader.py": (["tests/test_bench.py"], '"loader.py"'),
     "tools/bench/train_throughput.py": (["tests/test_bench.py"], '"train_throughput.py"'),
