@@ -91,6 +91,10 @@ def test_train_throughput_benchmark_runs_every_stage_patch_dropout_and_plain_pyt
 def test_finetune_memory_benchmark_measures_lora_and_full():
     out = bench("finetune_memory.py", "--preset", "tiny", "--batch", "2", "--steps", "1")
     assert "| lora |" in out and "| full |" in out
+    out = bench("finetune_memory.py", "--architecture", "siglip", "--preset", "tiny", "--batch", "2", "--steps", "1",
+                "--modes", "full", "lora")
+    peaks = json.loads(out.strip().splitlines()[-1])
+    assert set(peaks) == {"full", "lora"} and all(peak > 0 for peak in peaks.values()) and "siglip tiny" in out
 
 
 def test_final_save_benchmark_compares_both_methods_and_finds_the_same_weights():
