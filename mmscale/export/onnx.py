@@ -157,7 +157,9 @@ def quantize_graphs(source: Path, target: Path, names: list[str], *, keep_projec
             excluded = []
             if keep_projections:
                 nodes = onnx.load(str(source / name), load_external_data=False).graph.node
-                excluded = [node.name for node in nodes if any(f"/{head}/" in node.name for head in head_names)]
+                # ONNX node names nest modules with slashes: SigLIP's `vision_model.head` is /vision_model/head/...
+                excluded = [node.name for node in nodes
+                            if any(f"/{head.replace('.', '/')}/" in node.name for head in head_names)]
             quantize_dynamic(str(source / name), str(target / name), weight_type=QuantType.QInt8,
                              nodes_to_exclude=excluded)
     finally:
