@@ -195,6 +195,7 @@ def _checkpoint_overrides(checkpoint: str, overrides: list[str]) -> list[str]:
     """`--checkpoint` as model overrides; the images follow the checkpoint's size unless data.image_size is given,
     and a SigLIP checkpoint's captions its length (padded to it) unless data.context_length is given."""
     from mmscale.models.checkpoint import image_size_of, model_kind, text_positions_of
+    from mmscale.models.from_open_clip import PREFIX as OPEN_CLIP
 
     if "," in checkpoint:
         vision, text = checkpoint.split(",", 1)
@@ -202,7 +203,7 @@ def _checkpoint_overrides(checkpoint: str, overrides: list[str]) -> list[str]:
     else:
         vision, model = checkpoint, [f"model.init_from={checkpoint}"]
     given = {item.split("=", 1)[0] for item in overrides}
-    if checkpoint.startswith("open_clip:"):  # converted when the run starts; data.image_size=0 takes its side
+    if checkpoint.startswith(OPEN_CLIP):  # converted when the run starts; data.image_size=0 takes its side
         return model + list(overrides)
     if "data.image_size" not in given:
         model.append(f"data.image_size={image_size_of(vision)}")
@@ -266,7 +267,6 @@ def main(argv: list[str] | None = None) -> int:
             print_report(run_data_check(config))
             return 0
         if args.command in ("train", "finetune"):
-
             from mmscale.train.loop import NonFiniteLoss, train
 
             try:

@@ -10,6 +10,7 @@ and no folder's code is ever run (`trust_remote_code=False`), so untrusted folde
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -39,7 +40,14 @@ from transformers import (
 from mmscale.atomic import temporary_folder
 from mmscale.models.base import ImageTextModel
 from mmscale.models.config import ModelConfig, resolve_attention
-from mmscale.models.dual_encoder import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, DualEncoder, dual_encoder, new_towers
+from mmscale.models.dual_encoder import (
+    CLIP_IMAGE_MEAN,
+    CLIP_IMAGE_STD,
+    NO_MLM_HEAD,
+    DualEncoder,
+    dual_encoder,
+    new_towers,
+)
 from mmscale.models.fusion import ATTENTION as FUSION_ATTENTION
 from mmscale.models.fusion import FusionEncoder, new_fusion_towers
 from mmscale.models.pruning import zero_pruned_heads
@@ -49,12 +57,11 @@ HEADS_FILE = "mmscale_heads.safetensors"
 CPU_INT8_WEIGHTS = "model_int8_cpu.safetensors"  # mmscale.export.cpu_int8.WEIGHTS_FILE
 FORMAT = "mmscale-dual-encoder"
 FORMAT_VERSION = 1
-EXPECTED = ("a Hugging Face CLIPModel, SiglipModel, VisionTextDualEncoderModel or BlipForImageTextRetrieval folder, or an "
-            "mmscale "
-            "checkpoint (for a separate vision model and text encoder set model.vision_from and model.text_from)")
+EXPECTED = ("a Hugging Face CLIPModel, SiglipModel, VisionTextDualEncoderModel or BlipForImageTextRetrieval folder, or "
+            "an mmscale checkpoint (for a separate vision model and text encoder set model.vision_from and "
+            "model.text_from)")
 _TOWER_CLASSES = {"clip": CLIPModel, "siglip": SiglipModel, "vision-text-dual-encoder": VisionTextDualEncoderModel,
                   "blip": BlipForImageTextRetrieval}
-_NO_MLM_HEAD = ("clip", "siglip")  # towers whose text side takes no masked-LM head (dual_encoder.NO_MLM_HEAD)
 # BLIP folders of other classes hold no ITM head or contrastive projections, or a decoder as their text side.
 _BLIP_REFUSED = {
     "BlipForQuestionAnswering": "a BLIP VQA model (its text side answers by generation; no ITM head or contrastive "
@@ -149,7 +156,8 @@ def load_model(folder: str | os.PathLike, *, mlm_head: bool = True, logit_bias_i
         scale = float(extras["logit_scale"].exp()) if "logit_scale" in extras else logit_scale_init
         model = FusionEncoder(towers, mlm_head=mlm_head, logit_scale_init=scale, logit_bias_init=bias, **settings)
     else:
-        model = dual_encoder(towers, mlm_head=mlm_head and kind not in _NO_MLM_HEAD, logit_bias_init=bias, **settings)
+        takes_head = towers.config.text_config.model_type not in NO_MLM_HEAD
+        model = dual_encoder(towers, mlm_head=mlm_head and takes_head, logit_bias_init=bias, **settings)
     model.cpu_only = meta.get("quantize") == "int8-cpu"
     if meta.get("pruned_heads"):
         model.set_pruned_heads(meta["pruned_heads"])
@@ -202,15 +210,23 @@ def save_model(model: ImageTextModel, folder: str | os.PathLike, *, tokenizer=No
     """Write `model` as a consolidated checkpoint (see the module docstring), atomically: a crash
     mid-way leaves any earlier folder of that name as it was."""
     folder = Path(folder)
+    with staged_folder(folder) as staging:
+        _write_checkpoint(model, staging, tokenizer=tokenizer)
+    return folder
+
+
+@contextlib.contextmanager
+def staged_folder(folder: Path):
+    """A new folder beside `folder` to fill; on success it replaces `folder` (atomically: a crash mid-way leaves any
+    earlier folder of that name as it was), on an error it is removed."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = temporary_folder(folder)
     try:
-        _write_checkpoint(model, staging, tokenizer=tokenizer)
+        yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     replace_folder(staging, folder)
-    return folder
 
 
 def _write_checkpoint(model: ImageTextModel, staging: Path, *, tokenizer) -> None:
@@ -261,19 +277,15 @@ def _write_blip_processor(model: FusionEncoder, staging: Path, *, tokenizer) -> 
 
 
 def _write_processor(model: DualEncoder, staging: Path, *, tokenizer) -> None:
+    common = {"image_mean": model.image_mean.flatten().tolist(), "image_std": model.image_std.flatten().tolist(),
+                     "resample": 2}  # bilinear, as the loader resizes
     if model.kind == "siglip":  # SigLIP's: a square resize, no crop
-        image_processor = SiglipImageProcessor(
-            size={"height": model.image_size, "width": model.image_size}, resample=2,
-            image_mean=model.image_mean.flatten().tolist(), image_std=model.image_std.flatten().tolist())
-        image_processor.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        return
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": model.image_size}, crop_size={"height": model.image_size, "width": model.image_size},
-        image_mean=model.image_mean.flatten().tolist(), image_std=model.image_std.flatten().tolist(),
-        resample=2,  # bilinear, as the loader resizes
-    )
+        image_processor = SiglipImageProcessor(size={"height": model.image_size, "width": model.image_size},
+                                               **common)
+    else:
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": model.image_size}, crop_size={"height": model.image_size, "width": model.image_size},
+            **common)
     if tokenizer is not None and model.kind == "vision-text-dual-encoder":
         VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(staging)
     else:

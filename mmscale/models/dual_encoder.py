@@ -185,13 +185,8 @@ class SiglipDualEncoder(DualEncoder):
         return self.towers.config.text_config.projection_size
 
     @property
-    def text_positions(self) -> int:
-        """The caption length SigLIP takes (data.context_length)."""
-        return self.towers.config.text_config.max_position_embeddings
-
-    @property
     def fixed_caption_length(self) -> int:
-        return self.text_positions
+        return self.towers.config.text_config.max_position_embeddings
 
     def _input_dtype(self) -> torch.dtype:
         return self.towers.vision_model.embeddings.patch_embedding.weight.dtype

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+from mmscale.models.base import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
+
 START, END = "<|startoftext|>", "<|endoftext|>"
 RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}
 PREFIX = "open_clip:"  # model.init_from=open_clip:MODEL_NAME:FILE (MODEL_NAME: a config name or its JSON file)
@@ -207,12 +207,9 @@ def convert(name: str, weights: str | os.PathLike, out: str | os.PathLike, *,
             config_file: str | os.PathLike | None = None) -> Path:
     """Write open_clip model `name` with `weights` as a CLIPModel folder at `out` (atomically): weights, tokenizer,
     image processor. Returns the folder."""
-    import shutil
-
     from transformers import CLIPImageProcessor, CLIPModel
 
-    from mmscale.atomic import temporary_folder
-    from mmscale.models.checkpoint import replace_folder
+    from mmscale.models.checkpoint import staged_folder
 
     config = model_config(name, config_file)
     check_representable(config, name)
@@ -226,9 +223,7 @@ def convert(name: str, weights: str | os.PathLike, out: str | os.PathLike, *,
         raise ConversionError(f"the conversion leaves {len(missing)} CLIPModel weights unset: {sorted(missing)[:5]}")
     model.load_state_dict(converted, strict=False)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = temporary_folder(out)
-    try:
+    with staged_folder(out) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         preprocess = config.get("preprocess_cfg", {})
         side = config["vision_cfg"]["image_size"]
@@ -236,15 +231,11 @@ def convert(name: str, weights: str | os.PathLike, out: str | os.PathLike, *,
         if preprocess.get("resize_mode", "shortest") != "shortest" or interpolation not in RESAMPLE:
             raise ConversionError(f"open_clip preprocessing {preprocess} has no CLIPImageProcessor equivalent")
         CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
-                           resample=RESAMPLE[interpolation], image_mean=list(preprocess.get("mean", OPENAI_MEAN)),
-                           image_std=list(preprocess.get("std", OPENAI_STD))).save_pretrained(staging)
+                           resample=RESAMPLE[interpolation], image_mean=list(preprocess.get("mean", CLIP_IMAGE_MEAN)),
+                           image_std=list(preprocess.get("std", CLIP_IMAGE_STD))).save_pretrained(staging)
         write_tokenizer(staging, config["text_cfg"].get("context_length", 77))
         (staging / "open_clip_source.json").write_text(json.dumps({"model": name, "weights": str(weights),
                                                                     "config": config}, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    replace_folder(staging, out)
     return out
 
 

@@ -141,10 +141,11 @@ def _check_fit(config: TrainRunConfig, model: ImageTextModel) -> None:
     if config.data.image_size != model.image_size:
         raise ValueError(f"data.image_size={config.data.image_size} but the model's image tower takes "
                          f"{model.image_size} px; set data.image_size={model.image_size}")
-    if model.kind == "siglip" and (config.data.context_length != model.text_positions or config.data.pad_to_longest):
-        raise ValueError(f"SigLIP reads captions padded to its {model.text_positions} positions (it pools the last "
-                         f"one): set data.context_length={model.text_positions} data.pad_to_longest=false (`mmscale "
-                         "finetune --checkpoint` sets both for a SigLIP checkpoint)")
+    fixed = model.fixed_caption_length
+    if fixed and (config.data.context_length != fixed or config.data.pad_to_longest):
+        raise ValueError(f"this {model.kind} model reads captions padded to its {fixed} positions (SigLIP pools the "
+                         f"last one): set data.context_length={fixed} data.pad_to_longest=false (`mmscale finetune "
+                         "--checkpoint` sets both for a SigLIP checkpoint)")
     positions = getattr(model.towers.config.text_config, "max_position_embeddings", None)
     if positions is not None and config.data.context_length > positions:
         raise ValueError(f"data.context_length={config.data.context_length} exceeds the text tower's "
