@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModel, SiglipConfig, SiglipImageProcessor, SiglipModel
+from releasedkit import save_siglip
+from transformers import AutoModel, SiglipModel
 
 from mmscale.config import merge_overrides
 from mmscale.models import load_model
@@ -26,22 +27,7 @@ POSITIONS, SIDE = 16, 32
 def siglip_folder(tmp_path_factory, tokenizer) -> Path:
     """A small random SiglipModel saved as transformers saves one, with a SigLIP image processor (square resize,
     mean/std 0.5) and the session's WordPiece tokenizer."""
-    torch.manual_seed(0)
-    tower = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
-    config = SiglipConfig(text_config={**tower, "vocab_size": len(tokenizer), "max_position_embeddings": POSITIONS,
-                                       "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.cls_token_id,
-                                       "eos_token_id": tokenizer.sep_token_id},
-                          vision_config={**tower, "image_size": SIDE, "patch_size": 8})
-    model = SiglipModel(config).eval()
-    with torch.no_grad():
-        model.logit_scale.fill_(2.3)
-        model.logit_bias.fill_(-3.0)
-    folder = tmp_path_factory.mktemp("siglip") / "model"
-    model.save_pretrained(folder, safe_serialization=True)
-    processor = SiglipImageProcessor(size={"height": SIDE, "width": SIDE}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_siglip(tmp_path_factory.mktemp("siglip") / "model", tokenizer, side=SIDE, positions=POSITIONS)
 
 
 def inputs(vocab: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

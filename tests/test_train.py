@@ -408,8 +408,11 @@ def _keys_of(shard: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def first_step_setup(corpus, tmp_path_factory) -> dict:
-    """One model folder (every run starts from the same weights whatever its ZeRO stage and world size) and two
-    shards of 32 pairs: one rank reads both in its first step of 64, two ranks one each."""
+    """Model folders (every run starts from the same weights whatever its ZeRO stage and world size): mmscale's
+    tiny, and a random SiglipModel of 64-px images and 32-token captions; and two shards of 32 pairs: one rank
+    reads both in its first step of 64, two ranks one each."""
+    from releasedkit import save_siglip
+
     from mmscale.shards.synthetic import make_synthetic_shards
     from mmscale.data.text import load_tokenizer
     from mmscale.models import ModelConfig, build_model
@@ -419,8 +422,9 @@ def first_step_setup(corpus, tmp_path_factory) -> dict:
     torch.manual_seed(0)
     build_model(ModelConfig(preset="tiny"), vocab_size=len(tokenizer), mlm_head=False).save(root / "model",
                                                                                              tokenizer=tokenizer)
+    save_siglip(root / "siglip", tokenizer, side=64, positions=32, scale=2.3, bias=-4.0)
     shards = make_synthetic_shards(root / "shards", 64, samples_per_shard=32, seed=5, corpus_name="digits")
-    return {"model": root / "model", "spec": "::".join(shards)}
+    return {"model": root / "model", "siglip": root / "siglip", "spec": "::".join(shards)}
 
 
 def first_step(setup: dict, corpus: dict, output: Path, ranks: int, micro: int, stage: int, *extra: str) -> dict:
@@ -442,16 +446,20 @@ def first_step(setup: dict, corpus: dict, output: Path, ranks: int, micro: int, 
 def test_accumulated_steps_score_against_the_whole_global_batch(corpus, first_step_setup, tmp_path, contrastive):
     """GradCache (loss.whole_batch_negatives, the default): micro 16 x accumulation 4 on one rank, and 2 ZeRO-3
     ranks x micro 16 x accumulation 2, give step 1 the contrastive loss and gradient norm of micro 64 on one
-    rank; without it, each micro-batch sees only its own 16 (or 32) pairs."""
-    loss = f"loss.contrastive={contrastive}"
-    whole = first_step(first_step_setup, corpus, tmp_path / "whole", 1, 64, 2, loss)
-    accumulated = first_step(first_step_setup, corpus, tmp_path / "accumulated", 1, 16, 2, loss)
-    two_ranks = first_step(first_step_setup, corpus, tmp_path / "two-ranks", 2, 16, 3, loss)
+    rank; without it, each micro-batch sees only its own 16 (or 32) pairs. The SigLIP case starts from a
+    SiglipModel folder (its loss by loss.contrastive=auto, with the towers' own bias, partitioned by ZeRO-3 on
+    two ranks: a released SigLIP fine-tuned whole)."""
+    loss = ["loss.contrastive=clip"]
+    if contrastive == "siglip":
+        loss = [f"model.init_from={first_step_setup['siglip']}", "loss.contrastive=auto", "data.pad_to_longest=false"]
+    whole = first_step(first_step_setup, corpus, tmp_path / "whole", 1, 64, 2, *loss)
+    accumulated = first_step(first_step_setup, corpus, tmp_path / "accumulated", 1, 16, 2, *loss)
+    two_ranks = first_step(first_step_setup, corpus, tmp_path / "two-ranks", 2, 16, 3, *loss)
     for run in (accumulated, two_ranks):
         assert run["contrastive_loss"] == pytest.approx(whole["contrastive_loss"], rel=1e-4)
         assert run["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
     if contrastive == "clip":
-        local = first_step(first_step_setup, corpus, tmp_path / "local", 1, 16, 2, loss,
+        local = first_step(first_step_setup, corpus, tmp_path / "local", 1, 16, 2, *loss,
                            "loss.whole_batch_negatives=false")
         assert local["contrastive_loss"] < whole["contrastive_loss"] - 0.5  # 16 candidates instead of 64
 

@@ -241,8 +241,9 @@ class ImageTextModel(nn.Module):
         """1/temperature, at most max_logit_scale. Bounded here rather than by editing the parameter in
         place after each step, because the optimizer's fp32 master copy (ZeRO) would overwrite such an edit,
         and by `clamp_returnable`, whose gradient still lowers a parameter above the bound: with a plain
-        clamp the gradient there is zero and a temperature that crossed the bound could never come back."""
-        return clamp_returnable(self.logit_scale_parameter, math.log(self.max_logit_scale)).exp()
+        clamp the gradient there is zero and a temperature that crossed the bound could never come back.
+        A scalar, also where the parameter is SigLIP's [1]: the losses (and GradCache's surrogate) stay 0-dim."""
+        return clamp_returnable(self.logit_scale_parameter, math.log(self.max_logit_scale)).exp().reshape(())
 
     def _require_mlm_head(self) -> None:
         if self.mlm_head is None:

@@ -205,7 +205,7 @@ class SiglipDualEncoder(DualEncoder):
             self._require_mlm_head()  # there is none: the error says how to train without
         return DualEncoderOutput(image_features=self.encode_images(images),
                                  text_features=self.encode_texts(input_ids, attention_mask),
-                                 logit_scale=self.logit_scale(), logit_bias=self.logit_bias)
+                                 logit_scale=self.logit_scale(), logit_bias=self.logit_bias.reshape(()))
 
 
 def dual_encoder(towers: PreTrainedModel, **settings) -> DualEncoder:
