@@ -7,6 +7,7 @@ import os
 import re
 import sys
 
+from mmscale.shards.distributors import DISTRIBUTORS, DistributorOptions, TaskFailed
 from mmscale.shards.download import DownloadOptions
 from mmscale.shards.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageOptions
 from mmscale.shards.writer import CaptionFilter
@@ -135,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--image-threads", type=_positive_int,
                      help="threads per worker decoding and resizing images (default: cpus / workers)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cluster = parser.add_argument_group(
+        "cluster (the driver lists, plans and sums up; chunk tasks run on the executors, which must see --input "
+        "and --output at the same paths: a shared filesystem)")
+    cluster.add_argument("--distributor", choices=DISTRIBUTORS, default="multiprocessing",
+                         help="multiprocessing: --workers processes here (default); spark: a Spark job per chunk "
+                              "(pip install 'mmscale[spark]'); ray: a Ray task per chunk (pip install 'mmscale[ray]')")
+    cluster.add_argument("--spark-master", help="Spark master URL, e.g. spark://head:7077 (default: spark-submit's, "
+                                                "else $SPARK_MASTER, else local[--workers])")
+    cluster.add_argument("--ray-address", help="Ray cluster address, e.g. head:6379 (default: what ray.init() finds: "
+                                               "$RAY_ADDRESS or a cluster started here, else a new local one; "
+                                               "'local': always a new local one with --workers CPUs)")
     return parser
 
 
@@ -158,7 +170,8 @@ def options_from_args(args: argparse.Namespace) -> ShardingOptions:
         captions=CaptionFilter(min_chars=args.min_caption_chars, max_chars=args.max_caption_chars,
                                min_words=args.min_caption_words, max_words=args.max_caption_words),
         dedup=args.dedup, retry_failed=args.retry_failed, workers=args.workers,
-        image_threads=args.image_threads, name_pattern=args.name_pattern, progress=not args.no_progress)
+        image_threads=args.image_threads, name_pattern=args.name_pattern, progress=not args.no_progress,
+        distributor=DistributorOptions(args.distributor, spark_master=args.spark_master, ray_address=args.ray_address))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--jpeg-quality {args.jpeg_quality}: use 1 to 100 (95 or less is sensible)")
     if args.retries < 0 or args.max_redirects < 0:
         parser.error("--retries and --max-redirects must be 0 or more")
+    if args.spark_master and args.distributor != "spark" or args.ray_address and args.distributor != "ray":
+        parser.error("--spark-master needs --distributor spark, --ray-address needs --distributor ray")
     if args.resize_mode in ("center_crop", "border") and args.resize is None:
         parser.error(f"--resize-mode {args.resize_mode} needs --resize (the square's side)")
     try:
@@ -180,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_shards: error: {error.filename or args.output}: {error.strerror or error}; "
               "check --output and free disk space", file=sys.stderr)
         return 2
+    except TaskFailed as error:
+        print(f"make_shards: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("make_shards: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -40,13 +40,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sized
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 
 from tqdm import tqdm
 
 from mmscale.atomic import atomic_write
 from mmscale.shards.dedup import DEDUP_FILE, SCRATCH_DEDUP_FILE, DigestStore
+from mmscale.shards.distributors import ClusterMap, DistributorOptions, cluster, require_engine
 from mmscale.shards.download import DownloadOptions
 from mmscale.shards.images import ImageOptions
 from mmscale.shards.writer import (
@@ -102,6 +103,8 @@ class ShardingOptions:
     """Threads per worker decoding and resizing images; None: the CPUs divided among the workers."""
     name_pattern: str = DEFAULT_NAME_PATTERN
     progress: bool = True
+    distributor: DistributorOptions = DistributorOptions()
+    """Where the chunk tasks run (distributors.py); `workers` sizes a local process pool, Spark master or Ray."""
 
 
 @dataclass
@@ -157,9 +160,10 @@ def make_shards(options: ShardingOptions) -> ShardingSummary:
     """Write (or finish writing) the shards of a corpus; see the module docstring for how."""
     started = time.monotonic()
     output = options.output_dir
+    require_engine(options.distributor.name)
     _check_output_is_not_input(options)
     os.makedirs(output, exist_ok=True)
-    with _output_lock(output):
+    with _output_lock(output), _Runner(options) as runner:
         listing = list_input(options.input, count_shards=lambda urls: _count_shards(urls, options),
                              progress=options.progress)
         _check_no_input_shard_in_output(listing, output)
@@ -178,14 +182,16 @@ def make_shards(options: ShardingOptions) -> ShardingSummary:
                 if store is not None and listing.has_urls:
                     store.forget(chunks[index] for index in pending)
                 elif store is not None:
-                    find_duplicates(listing, store, options, count=pending[-1] + 1)
+                    find_duplicates(listing, store, options, runner, count=pending[-1] + 1)
                 tasks = _chunk_tasks(pending, listing, names=names, plan=plan, options=options, store=store)
-                _write_chunks(tasks, options, total=sum(len(chunks[index]) for index in pending))
+                _write_chunks(tasks, options, runner, total=sum(len(chunks[index]) for index in pending))
             finally:
                 if store is not None:
                     store.close(remove=scratch)
-        retried = _retry_failed(names, chunks, plan=plan, options=options, live_dedup=listing.has_urls) \
-            if options.retry_failed else 0
+        retried = _retry_failed(names, chunks, plan=plan, options=options, runner=runner,
+                                live_dedup=listing.has_urls) if options.retry_failed else 0
+        if pending or retried:
+            _remove_leftovers(output, [])  # temporary files of tries an engine retried
         summary = _summarize(output, names, plan=plan, listing=listing, pending=[chunks[i] for i in pending],
                              wall_time_s=time.monotonic() - started)
         summary.records_processed += retried
@@ -346,6 +352,33 @@ def parallel_map(function: Callable, items: Iterable, *, workers: int, ordered: 
             stopped.set()
 
 
+class _Runner:
+    """Runs chunk tasks where ShardingOptions.distributor says; a cluster engine is started on first use."""
+
+    def __init__(self, options: ShardingOptions):
+        self.options, self.engine, self.stack = options, None, ExitStack()
+
+    @property
+    def live_progress(self) -> bool:
+        """Whether workers count records as they go (a local pool), rather than per finished chunk."""
+        return self.options.distributor.local
+
+    def map(self, function: Callable, items: Iterable, *, ordered: bool, progress_counter=None) -> Iterator:
+        if self.options.distributor.local:
+            return parallel_map(function, items, workers=self.options.workers, ordered=ordered,
+                                progress_counter=progress_counter)
+        if self.engine is None:
+            self.engine: ClusterMap = self.stack.enter_context(cluster(self.options.distributor,
+                                                                       workers=self.options.workers))
+        return self.engine.map(function, items, ordered=ordered)
+
+    def __enter__(self) -> "_Runner":
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.stack.close()
+
+
 def _start_worker(parent: int, progress_counter) -> None:
     """Pool workers outlive a SIGKILLed parent; make them stop within a second instead."""
     set_progress_counter(progress_counter)
@@ -398,7 +431,8 @@ def image_digests(task: tuple[int, list[Record], CaptionFilter]) -> list[tuple[i
             if loaded.image and (loaded.question is not None or (loaded.caption and captions.accepts(loaded.caption)))]
 
 
-def find_duplicates(listing: InputListing, store: DigestStore, options: ShardingOptions, *, count: int) -> None:
+def find_duplicates(listing: InputListing, store: DigestStore, options: ShardingOptions, runner: _Runner, *,
+                    count: int) -> None:
     """Hash the images of chunks 0 .. count-1 in record order into `store`, which marks later copies."""
     size = options.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD
     store.clear()
@@ -406,7 +440,7 @@ def find_duplicates(listing: InputListing, store: DigestStore, options: Sharding
              for index, records in enumerate(listing.iter_chunks(size, count=count)))
     with tqdm(total=min(len(listing), count * size), desc="hashing images", unit="image",
               disable=not options.progress) as progress:
-        for digests in parallel_map(image_digests, tasks, workers=options.workers):
+        for digests in runner.map(image_digests, tasks, ordered=True):  # store.add marks later copies: in order
             store.add(digests)
             progress.update(size)
 
@@ -425,14 +459,17 @@ def _chunk_tasks(pending: list[int], listing: InputListing, *, names: list[str],
                         shard_name=names[index], plan=plan, max_bytes=options.max_bytes_per_shard,
                         image=options.image, captions=options.captions, duplicates=duplicates,
                         download=options.download, live_dedup=store is not None and listing.has_urls,
-                        image_threads=_image_threads(options))
+                        shared_digests=options.distributor.local, image_threads=_image_threads(options))
 
 
 def _image_threads(options: ShardingOptions) -> int:
+    """A cluster task holds one executor core; a local worker shares this machine's cores with the others."""
+    if not options.distributor.local:
+        return options.image_threads or 1
     return options.image_threads or max(1, (os.cpu_count() or 1) // options.workers)
 
 
-def _retry_failed(names: list[str], chunks: list[range], *, plan: str, options: ShardingOptions,
+def _retry_failed(names: list[str], chunks: list[range], *, plan: str, options: ShardingOptions, runner: _Runner,
                   live_dedup: bool) -> int:
     """Retry the passing failures of every chunk (see ShardingOptions.retry_failed); returns the rows tried.
     The rows are counted first (for the progress bar) and read again chunk by chunk as tasks are needed."""
@@ -446,36 +483,44 @@ def _retry_failed(names: list[str], chunks: list[range], *, plan: str, options: 
                          output_dir=options.output_dir, shard_name=names[index], plan=plan,
                          max_bytes=options.max_bytes_per_shard, image=options.image, captions=options.captions,
                          download=options.download, live_dedup=options.dedup and live_dedup,
-                         image_threads=_image_threads(options))
+                         shared_digests=options.distributor.local, image_threads=_image_threads(options))
 
     counts = {index: count for index in range(len(names)) if (count := len(retryable(index)[0]))}
     total = sum(counts.values())
     if total:
-        _write_chunks((task(index) for index in counts), options, total=total)
+        _write_chunks((task(index) for index in counts), options, runner, total=total)
     return total
 
 
-def _write_chunks(tasks: Iterable[ChunkTask], options: ShardingOptions, *, total: int) -> None:
-    """Write the chunks in parallel with a per-record progress bar fed by the workers."""
+def _write_chunks(tasks: Iterable[ChunkTask], options: ShardingOptions, runner: _Runner, *, total: int) -> None:
+    """Write the chunks in parallel under one progress bar: records as a local pool's workers count them,
+    or chunk by chunk as a cluster's tasks finish; images written per second and rows skipped beside it."""
     skipped: Counter[str] = Counter()
-    done = multiprocessing.Value("q", 0)
-    finished = threading.Event()
-    with tqdm(total=total, desc="writing shards", unit="sample", disable=not options.progress) as progress:
+    done, written = multiprocessing.Value("q", 0), 0
+    finished, started = threading.Event(), time.monotonic()
+    with tqdm(total=total, desc="writing shards", unit="row", disable=not options.progress) as progress:
 
         def follow() -> None:
             while not finished.wait(0.5):
                 progress.update(done.value - progress.n)
 
         follower = threading.Thread(target=follow, daemon=True)
-        follower.start()
+        if runner.live_progress:
+            follower.start()
         try:
-            for stats in parallel_map(write_chunk, tasks, workers=options.workers, ordered=False,
-                                      progress_counter=done):
+            for stats in runner.map(write_chunk, tasks, ordered=False, progress_counter=done):
                 skipped.update(stats.skipped)
-                progress.set_postfix(skipped=sum(skipped.values()), refresh=False)
+                written += stats.written
+                if not runner.live_progress:
+                    with done.get_lock():
+                        done.value = min(total, done.value + stats.records)
+                    progress.update(done.value - progress.n)
+                progress.set_postfix_str(f"{written / max(time.monotonic() - started, 1e-9):,.1f} images/s, "
+                                         f"skipped {sum(skipped.values()):,}", refresh=False)
         finally:
             finished.set()
-            follower.join()
+            if runner.live_progress:
+                follower.join()
         progress.update(done.value - progress.n)
 
 

@@ -95,6 +95,9 @@ class ChunkTask:
     download: DownloadOptions = DownloadOptions()
     live_dedup: bool = False
     """URL input with --dedup: check digests against finished chunks while writing (see sharding.py)."""
+    shared_digests: bool = True
+    """With live_dedup: also against the output folder's digest store (SQLite, one machine); False on a
+    cluster, where only copies within the chunk are dropped."""
     image_threads: int = 1
     """Threads decoding, resizing and encoding images in this worker."""
     retry: bool = False
@@ -182,7 +185,9 @@ def write_chunk(task: ChunkTask) -> ChunkStats:
     skipped: Counter[str] = Counter()
     failures: list[bytes] = []
     digests: list[tuple[int, bytes]] = []
-    store = DigestStore(task.output_dir) if task.live_dedup else None
+    if not task.retry:
+        _clear_earlier_try(task.output_dir, task.shard_name)
+    store = DigestStore(task.output_dir) if task.live_dedup and task.shared_digests else None
     chunk_digests: set[bytes] = set()
     kept: dict[str, int] = {}
     writer = _PartWriter(task.output_dir, task.shard_name, max_bytes=task.max_bytes)
@@ -197,7 +202,7 @@ def write_chunk(task: ChunkTask) -> ChunkStats:
         for outcome in _outcomes(task):
             ordinal = task.ordinal(outcome.offset)
             # local duplicates were found before writing (task.duplicates, see _outcome); downloads are checked here
-            if outcome.members is not None and store is not None \
+            if outcome.members is not None and task.live_dedup \
                     and _is_duplicate(ordinal, outcome.digest, store, chunk_digests):
                 outcome = _Outcome(outcome.offset, outcome.record, reason="duplicate")
             if outcome.members is not None:
@@ -257,10 +262,26 @@ def finish_interrupted_retry(output_dir: str, shard_name: str, *, byte_capped: b
     os.remove(os.path.join(output_dir, retry_marker_name(shard_name)))
 
 
-def _is_duplicate(ordinal: int, digest: bytes, store: DigestStore, chunk_digests: set[bytes]) -> bool:
+def _clear_earlier_try(output_dir: str, shard_name: str) -> None:
+    """What an earlier try of this chunk left (a task the engine retried after its executor died, a worker
+    orphaned by a killed run): its stats file first, so the chunk never looks done without its shards, then
+    its failed rows and its shard or parts. Its temporary files are left to the driver's sweep."""
+    names = [stats_name(shard_name), failures_name(shard_name), shard_name]
+    names += takewhile(lambda name: os.path.exists(os.path.join(output_dir, name)),
+                       (part_name(shard_name, number) for number in count()))
+    for name in names:
+        try:
+            os.remove(os.path.join(output_dir, name))
+        except FileNotFoundError:
+            pass
+
+
+def _is_duplicate(ordinal: int, digest: bytes, store: DigestStore | None, chunk_digests: set[bytes]) -> bool:
     if digest in chunk_digests:
         return True
     chunk_digests.add(digest)
+    if store is None:
+        return False
     first = store.first_ordinal(digest)
     return first is not None and first < ordinal
 
@@ -387,14 +408,22 @@ def threaded_map(function: Callable, items: Iterable, *, threads: int, ordered: 
     if threads <= 1:
         yield from map(function, items)
         return
-    window = 2 * threads
     with ThreadPoolExecutor(threads) as pool:
-        pending: deque[Future] = deque()
+        yield from windowed_map(lambda item: pool.submit(function, item), items, window=2 * threads, ordered=ordered)
+
+
+def windowed_map(submit: Callable[[object], Future], items: Iterable, *, window: int, ordered: bool) -> Iterator:
+    """The results of `submit(item)` futures, at most `window` of them pending; `ordered=False` yields as done."""
+    pending: deque[Future] = deque()
+    try:
         for item in items:
-            pending.append(pool.submit(function, item))
+            pending.append(submit(item))
             if len(pending) >= window:
                 yield from _drain(pending, ordered=ordered, leave=window - 1)
         yield from _drain(pending, ordered=ordered, leave=0)
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 def _drain(pending: deque[Future], *, ordered: bool, leave: int) -> Iterator:

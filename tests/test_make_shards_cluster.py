@@ -1,0 +1,357 @@
+"""make_shards on Spark and Ray clusters started by the tests, against the same job on a local process pool.
+
+Four engines: Spark in local mode and a standalone master with 2 worker processes; Ray with
+`ray.init()` and a 2-node cluster (`ray start --head` and a second `ray start`). Four inputs: an
+image folder, a table of image paths, tar shards and a URL table served by the scripted HTTP server,
+each with --dedup, duplicates and failing rows. The shards' members, sizes.json and failed.parquet
+must equal the multiprocessing run's. Then the faults: the driver SIGKILLed mid-run and run again,
+and a worker process SIGKILLed mid-chunk (the process holding the chunk's temporary tar open),
+which the engine retries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as parquet
+import pytest
+from corpus import image_bytes, write_table, write_tar
+from shardkit import jpeg_bytes, write_shards
+
+from mmscale.shards.make_shards import main
+from mmscale.shards.serve import ImageServer, Response
+from mmscale.shards.synthetic import make_image_folder
+
+pytest.importorskip("pyspark", reason="pip install 'mmscale[spark]'")
+pytest.importorskip("ray", reason="pip install 'mmscale[ray]'")
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = ["--samples-per-shard", "7", "--resize", "32", "--dedup", "--workers", "2", "--no-progress",
+          "--timeout", "2", "--retries", "0", "--allow-private-urls"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def contents(out: Path) -> dict:
+    """Everything a reader of the output sees: each shard's members (by name; a download chunk writes in
+    the order downloads finish), sizes.json, failed.parquet's rows, the file names; no temporary file."""
+    names = sorted(path.name for path in out.iterdir() if path.name not in ("stats.json", ".make_shards.lock"))
+    assert not [name for name in names if ".tmp" in name], names
+    shards = {}
+    for path in sorted(out.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            shards[path.name] = sorted((member.name, tar.extractfile(member).read()) for member in tar)
+    failed = parquet.read_table(out / "failed.parquet").to_pylist()
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["written"] + stats["skipped_total"] == stats["records"]
+    return {"names": names, "shards": shards, "sizes": json.loads((out / "sizes.json").read_text()),
+            "failed": failed}
+
+
+@pytest.fixture(scope="module")
+def server():
+    routes = {f"/ok/{i}.jpg": Response(body=image_bytes((40 + i, 36), seed=i)) for i in range(12)}
+    # a copy of /ok/3.jpg two rows later; a download chunk keeps the copy that arrives first, so it answers late
+    routes |= {"/copy.jpg": Response(body=image_bytes((43, 36), seed=3), delay_s=0.5),
+               "/page.jpg": Response(body=b"<html>moved</html>", content_type="text/html"),
+               "/gone.jpg": Response(410)}
+    routes |= {f"/slow/{i}.jpg": Response(body=image_bytes((40, 40), seed=100 + i), delay_s=0.1) for i in range(60)}
+    with ImageServer(routes) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, server) -> dict[str, list[str]]:
+    """make_shards arguments of each input kind, every one with duplicates and rows that fail."""
+    root = tmp_path_factory.mktemp("inputs")
+    folder = root / "folder"
+    samples = make_image_folder(folder, 20, size=40, seed=5)
+    for copy, original in (("000020", "000002"), ("000021", "000009")):  # copies in later chunks
+        shutil.copy(folder / f"{original}.jpg", folder / f"{copy}.jpg")
+        (folder / f"{copy}.txt").write_text(f"copy of {original}\n")
+    (folder / "000022.jpg").write_bytes(b"not a jpeg")
+    (folder / "000022.txt").write_text("broken\n")
+    rows = [{"image": str(Path(sample.image_path)), "caption": sample.caption} for sample in samples]
+    rows += [{"image": str(folder / "000004.jpg"), "caption": "a copy"}, {"image": str(root / "missing.jpg"),
+                                                                           "caption": "gone"}]
+    table = write_table(root / "table.parquet", rows, "parquet")
+    tars = root / "tars"
+    write_shards(tars, shards=2, per_shard=8)
+    write_tar(tars / "shard-000002.tar", [("c0.jpg", jpeg_bytes(1)), ("c0.txt", b"a copy of shard 0's second"),
+                                          ("c1.jpg", b"not a jpeg"), ("c1.txt", b"broken"),
+                                          ("c2.jpg", jpeg_bytes(7)), ("c2.txt", b"fine")])
+    urls = [f"/ok/{i}.jpg" for i in range(12)] + ["/page.jpg", "/gone.jpg"]
+    urls.insert(5, "/copy.jpg")  # the same bytes as /ok/3.jpg, in the same chunk
+    url_table = write_table(root / "urls.jsonl", [{"url": server.url(path), "caption": f"row {number}"}
+                                                  for number, path in enumerate(urls)], "jsonl")
+    return {"folder": ["--input", str(folder)],
+            "table": ["--input", str(table), "--image-column", "image", "--caption-column", "caption"],
+            "tar": ["--input", f"{tars}/shard-{{000000..000002}}.tar"],
+            "url": ["--input", str(url_table)]}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, inputs) -> dict[str, dict]:
+    """Each input written by the multiprocessing distributor."""
+    root = tmp_path_factory.mktemp("multiprocessing")
+    expected = {}
+    for kind, arguments in inputs.items():
+        assert main([*arguments, "--output", str(root / kind), *COMMON]) == 0
+        expected[kind] = contents(root / kind)
+        assert expected[kind]["failed"], kind  # every input has rows that fail
+    assert {row["reason"] for row in expected["folder"]["failed"]} == {"duplicate", "not_an_image"}
+    assert {row["reason"] for row in expected["url"]["failed"]} == {"duplicate", "not_an_image", "http_410"}
+    return expected
+
+
+def wait_for(check, *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def spark_standalone(tmp_path_factory):
+    """A Spark standalone master and 2 worker processes of 1 core each on 127.0.0.1."""
+    import pyspark
+
+    spark_class = Path(pyspark.__file__).parent / "bin" / "spark-class"
+    logs = tmp_path_factory.mktemp("spark-logs")
+    port, ui = free_port(), free_port()
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_LOG_DIR": str(logs),
+           "SPARK_WORKER_DIR": str(logs / "work"), "PYSPARK_PYTHON": sys.executable}
+    processes = [subprocess.Popen([str(spark_class), "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+                                   "--port", str(port), "--webui-port", str(ui)], env=env,
+                                  stdout=open(logs / "master.log", "wb"), stderr=subprocess.STDOUT)]
+    master = f"spark://127.0.0.1:{port}"
+    for number in range(2):
+        processes.append(subprocess.Popen(
+            [str(spark_class), "org.apache.spark.deploy.worker.Worker", master, "--cores", "1", "--memory", "1g",
+             "--host", "127.0.0.1", "--webui-port", str(free_port())], env=env,
+            stdout=open(logs / f"worker{number}.log", "wb"), stderr=subprocess.STDOUT))
+
+    def alive_workers() -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ui}/json/", timeout=2) as answer:
+                return json.load(answer).get("aliveworkers", 0)
+        except OSError:
+            return 0
+
+    previous = os.environ.get("PYSPARK_PYTHON")
+    try:
+        wait_for(lambda: alive_workers() == 2, timeout=90, what="2 Spark workers to register")
+        os.environ["PYSPARK_PYTHON"] = sys.executable  # the executors' interpreter, which has mmscale
+        yield master
+    finally:
+        restore_env("PYSPARK_PYTHON", previous)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
+
+
+def restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def ray_command(*arguments: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "ray"), *arguments]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A 2-node Ray cluster on this machine: a head and a second node, 1 CPU each."""
+    port = free_port()
+    # Ray 2.5x turns token authentication on for `ray start --head`; a second `ray start` then needs the token
+    # (RAY_AUTH_TOKEN on a real cluster). This loopback test cluster runs without it, its driver too.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    previous = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    head = ["start", "--head", "--port", str(port), "--num-cpus", "1", "--include-dashboard", "false",
+            "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    subprocess.run(ray_command(*head), env=env, check=True, capture_output=True, timeout=180)
+    address = f"127.0.0.1:{port}"
+    try:
+        subprocess.run(ray_command("start", "--address", address, "--num-cpus", "1", "--node-ip-address",
+                                   "127.0.0.1"), env=env, check=True, capture_output=True, timeout=180)
+        yield address
+    finally:
+        subprocess.run(ray_command("stop", "--force"), env=env, capture_output=True, timeout=120)
+        restore_env("RAY_AUTH_MODE", previous)
+
+
+ENGINES = ["spark-local", "spark-standalone", "ray-local", "ray-cluster"]
+
+
+@pytest.fixture(scope="module")
+def engine_arguments(request):
+    """The make_shards arguments that run on each engine (clusters started on first use)."""
+    def arguments(engine: str) -> list[str]:
+        if engine == "spark-local":
+            return ["--distributor", "spark", "--spark-master", "local[2,4]"]
+        if engine == "spark-standalone":
+            return ["--distributor", "spark", "--spark-master", request.getfixturevalue("spark_standalone")]
+        if engine == "ray-local":
+            return ["--distributor", "ray", "--ray-address", "local"]
+        return ["--distributor", "ray", "--ray-address", request.getfixturevalue("ray_cluster")]
+
+    return arguments
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_engine_writes_what_multiprocessing_writes(tmp_path, engine, engine_arguments, inputs, reference):
+    """Same members, sizes.json and failed.parquet for folder, table, tar and URL input (with --dedup: the
+    first copy in record order kept, later ones listed as duplicates, across chunks for local input)."""
+    for kind, arguments in inputs.items():
+        out = tmp_path / kind
+        assert main([*arguments, "--output", str(out), *COMMON, *engine_arguments(engine)]) == 0, kind
+        assert contents(out) == reference[kind], kind
+    if engine == "ray-cluster":
+        import ray
+
+        ray.init(address=engine_arguments(engine)[-1], logging_level="ERROR")
+        try:
+            assert len([node for node in ray.nodes() if node["Alive"]]) == 2
+        finally:
+            ray.shutdown()
+
+
+def slow_url_input(root: Path, server) -> list[str]:
+    """60 rows that each take 0.1 s to answer: 12 chunks of 5, long enough to kill something mid-run."""
+    table = write_table(root / "slow.jsonl", [{"url": server.url(f"/slow/{i}.jpg"), "caption": f"slow {i}"}
+                                              for i in range(60)], "jsonl")
+    return ["--input", str(table), "--samples-per-shard", "5", "--threads", "1", "--workers", "2", "--no-progress",
+            "--allow-private-urls", "--retries", "0"]
+
+
+@pytest.fixture(scope="module")
+def slow_reference(tmp_path_factory, server) -> tuple[list[str], dict]:
+    root = tmp_path_factory.mktemp("slow")
+    arguments = slow_url_input(root, server)
+    assert main([*arguments, "--output", str(root / "out")]) == 0
+    expected = contents(root / "out")
+    assert sum(expected["sizes"].values()) == 60
+    return arguments, expected
+
+
+def make_shards_process(arguments: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "tools" / "make_shards.py"), *arguments],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+FAULT_ENGINES = {"spark": ["--distributor", "spark", "--spark-master", "local[2,4]"],
+                 "ray": ["--distributor", "ray", "--ray-address", "local"]}
+
+
+@pytest.mark.parametrize("engine", sorted(FAULT_ENGINES))
+def test_driver_killed_mid_run_then_run_again_completes_with_the_same_output(tmp_path, engine, slow_reference,
+                                                                            capsys):
+    """SIGKILL the driver (a second driver on its output is refused meanwhile); the same command again
+    keeps the finished chunks, redoes the rest and ends with the output of an uninterrupted run."""
+    arguments, expected = slow_reference
+    out = tmp_path / "out"
+    command = [*arguments, "--output", str(out), *FAULT_ENGINES[engine]]
+    driver = make_shards_process(command)
+    try:
+        wait_for(lambda: len(list(out.glob("*.stats.json"))) >= 2 or driver.poll() is not None, timeout=120,
+                 what="two chunks to finish")
+        assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+        assert main([*command[:-len(FAULT_ENGINES[engine])]]) == 2  # a second driver on that output: refused
+        assert "another make_shards is writing there" in capsys.readouterr().err
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        driver.kill()
+    done_at_kill = len(list(out.glob("*.stats.json")))
+    assert done_at_kill < 12 and not (out / "sizes.json").exists()
+    again = make_shards_process(command)
+    log = again.communicate(timeout=300)[0].decode()
+    assert again.returncode == 0, log[-3000:]
+    written = re.search(r"this run: (\d+) of 12 chunks written", log)
+    assert written and int(written.group(1)) <= 12 - done_at_kill, log[-2000:]  # the finished ones kept
+    assert contents(out) == expected
+
+
+def pids_writing_into(folder: Path) -> set[int]:
+    """Processes holding one of the folder's temporary shard files open (a chunk being written)."""
+    found = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            for descriptor in os.scandir(f"/proc/{entry.name}/fd"):
+                target = os.readlink(descriptor.path)
+                if target.startswith(f"{folder}/.shard-") and ".tar.tmp" in target:
+                    found.add(int(entry.name))
+                    break
+        except OSError:
+            continue
+    return found
+
+
+def run_killing_a_worker(command: list[str], out: Path) -> tuple[int | None, int, str]:
+    """Run make_shards and SIGKILL the first executor process caught holding a chunk's temporary tar open;
+    returns (the killed pid, the exit code, the output)."""
+    out.mkdir()
+    driver = make_shards_process(command)
+    killed = None
+    try:
+        deadline = time.monotonic() + 120
+        while killed is None and driver.poll() is None and time.monotonic() < deadline:
+            writers = pids_writing_into(out) - {driver.pid}
+            if writers:
+                killed = min(writers)
+                os.kill(killed, signal.SIGKILL)
+            time.sleep(0.01)
+        log = driver.communicate(timeout=300)[0].decode()
+    finally:
+        driver.kill()
+    return killed, driver.returncode, log
+
+
+@pytest.mark.parametrize("engine", sorted(FAULT_ENGINES))
+def test_a_worker_killed_mid_chunk_is_retried_with_no_duplicate_or_half_shard(tmp_path, engine, slow_reference):
+    """The engine runs the killed worker's task again; the output equals the uninterrupted run's, with no
+    temporary file left."""
+    arguments, expected = slow_reference
+    out = tmp_path / "out"
+    killed, code, log = run_killing_a_worker([*arguments, "--output", str(out), *FAULT_ENGINES[engine]], out)
+    assert killed is not None, "no worker was caught writing a chunk"
+    assert code == 0, log[-3000:]
+    assert contents(out) == expected
+
+
+def test_a_task_out_of_retries_stops_the_job_with_one_clear_line_and_the_next_run_finishes(tmp_path, slow_reference):
+    """local[2]: Spark's local mode tries a task once, so the killed worker's chunk fails the job: exit 1,
+    the engine's reason in one line (not a JVM stack trace); the same command with retries then resumes."""
+    arguments, expected = slow_reference
+    out = tmp_path / "out"
+    command = [*arguments, "--output", str(out), "--distributor", "spark"]
+    killed, code, log = run_killing_a_worker([*command, "--spark-master", "local[2]"], out)
+    assert killed is not None and code == 1, log[-3000:]
+    error = [line for line in log.splitlines() if line.startswith("make_shards: error:")]
+    assert len(error) == 1 and "Python worker exited unexpectedly" in error[0], log[-3000:]
+    assert "run the same command again to resume" in error[0] and "\tat " not in log.split(error[0])[1]
+    assert main([*command, "--spark-master", "local[2,4]"]) == 0
+    assert contents(out) == expected
