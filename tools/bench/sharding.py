@@ -90,11 +90,14 @@ def run_img2dataset(python: str, table: Path, out: Path) -> tuple[float, float, 
     return wall, in_job, sum(s["successes"] for s in stats)
 
 
-def run_make_shards(table: Path, out: Path, *, workers: int, image_threads: int | None) -> tuple[float, float, int]:
+def run_make_shards(table: Path, out: Path, *, workers: int, image_threads: int | None,
+                    extra: tuple[str, ...] = ()) -> tuple[float, float, int]:
+    """(end-to-end seconds, in-job seconds, images written) of tools/make_shards.py on `table` (or a folder)."""
     command = [sys.executable, str(REPO / "tools" / "make_shards.py"), "--input", str(table), "--output", str(out),
                "--resize", str(RESIZE), "--resize-mode", "keep_ratio", "--jpeg-quality", str(QUALITY),
                "--workers", str(workers), "--threads", str(THREADS), "--samples-per-shard", str(PER_SHARD),
-               "--no-progress", "--allow-private-urls"] + (["--image-threads", str(image_threads)] if image_threads else [])
+               "--no-progress", "--allow-private-urls", *extra] + \
+        (["--image-threads", str(image_threads)] if image_threads else [])
     started = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
     wall = time.perf_counter() - started
