@@ -204,10 +204,16 @@ def ray_cluster(tmp_path_factory):
 ENGINES = ["spark-local", "spark-standalone", "ray-local", "ray-cluster"]
 
 
+def needs_java(engine: str) -> None:
+    if engine.startswith("spark") and not (shutil.which("java") or os.environ.get("JAVA_HOME")):
+        pytest.skip("Spark needs a Java runtime (java on PATH or JAVA_HOME)")
+
+
 @pytest.fixture(scope="module")
 def engine_arguments(request):
     """The make_shards arguments that run on each engine (clusters started on first use)."""
     def arguments(engine: str) -> list[str]:
+        needs_java(engine)
         if engine == "spark-local":
             return ["--distributor", "spark", "--spark-master", "local[2,4]"]
         if engine == "spark-standalone":
@@ -269,6 +275,7 @@ def test_driver_killed_mid_run_then_run_again_completes_with_the_same_output(tmp
                                                                             capsys):
     """SIGKILL the driver (a second driver on its output is refused meanwhile); the same command again
     keeps the finished chunks, redoes the rest and ends with the output of an uninterrupted run."""
+    needs_java(engine)
     arguments, expected = slow_reference
     out = tmp_path / "out"
     command = [*arguments, "--output", str(out), *FAULT_ENGINES[engine]]
@@ -334,6 +341,7 @@ def run_killing_a_worker(command: list[str], out: Path) -> tuple[int | None, int
 def test_a_worker_killed_mid_chunk_is_retried_with_no_duplicate_or_half_shard(tmp_path, engine, slow_reference):
     """The engine runs the killed worker's task again; the output equals the uninterrupted run's, with no
     temporary file left."""
+    needs_java(engine)
     arguments, expected = slow_reference
     out = tmp_path / "out"
     killed, code, log = run_killing_a_worker([*arguments, "--output", str(out), *FAULT_ENGINES[engine]], out)
@@ -345,6 +353,7 @@ def test_a_worker_killed_mid_chunk_is_retried_with_no_duplicate_or_half_shard(tm
 def test_a_task_out_of_retries_stops_the_job_with_one_clear_line_and_the_next_run_finishes(tmp_path, slow_reference):
     """local[2]: Spark's local mode tries a task once, so the killed worker's chunk fails the job: exit 1,
     the engine's reason in one line (not a JVM stack trace); the same command with retries then resumes."""
+    needs_java("spark")
     arguments, expected = slow_reference
     out = tmp_path / "out"
     command = [*arguments, "--output", str(out), "--distributor", "spark"]
@@ -355,3 +364,19 @@ def test_a_task_out_of_retries_stops_the_job_with_one_clear_line_and_the_next_ru
     assert "run the same command again to resume" in error[0] and "\tat " not in log.split(error[0])[1]
     assert main([*command, "--spark-master", "local[2,4]"]) == 0
     assert contents(out) == expected
+
+
+@pytest.mark.parametrize("engine,package", [("spark", "pyspark"), ("ray", "ray")])
+def test_a_missing_engine_says_what_to_install(tmp_path, monkeypatch, capsys, engine, package):
+    monkeypatch.setitem(sys.modules, package, None)  # what `import pyspark` meets where it is not installed
+    images = tmp_path / "images"
+    make_image_folder(images, 2, size=32)
+    assert main(["--input", str(images), "--output", str(tmp_path / "out"), "--distributor", engine]) == 2
+    assert f"--distributor {engine} needs {package}: pip install 'mmscale[{engine}]'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_engine_addresses_need_their_engine(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--spark-master", "local[2]"])
+    assert "--spark-master needs --distributor spark" in capsys.readouterr().err

@@ -247,6 +247,7 @@ def test_a_model_save_does_not_write_through_planted_links(tmp_path, tokenizer):
 
 
 def test_reports_embeddings_and_failure_lists_do_not_write_through_planted_links(tmp_path):
+    from mmscale.shards.output import Output
     from mmscale.shards.sharding import gather_failures
     from mmscale.eval.use import _write_embeddings
     from mmscale.train.report import write_report
@@ -256,7 +257,7 @@ def test_reports_embeddings_and_failure_lists_do_not_write_through_planted_links
                _plant(tmp_path / "shards" / f".failed.parquet.tmp{os.getpid()}", tmp_path)]
     write_report(tmp_path / "run")
     _write_embeddings(tmp_path / "embeddings.npy", ["a"], np.ones((1, 4), dtype=np.float32))
-    gather_failures(str(tmp_path / "shards"), [], str(tmp_path / "shards" / "failed.parquet"))
+    gather_failures(Output(str(tmp_path / "shards")), [])
     assert all(_untouched(target) for target in planted)
     assert (tmp_path / "run" / "report.md").read_text().startswith("# Run report")
     assert np.load(tmp_path / "embeddings.npy").shape == (1, 4)

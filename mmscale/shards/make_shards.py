@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     vqa.add_argument("--answer-column", help="table column with answers: one answer, a JSON list, or a list")
     vqa.add_argument("--question-type-column", help="table column with question types (optional)")
     output = parser.add_argument_group("output")
-    output.add_argument("--output", required=True, help="output folder (resumes if it holds this job's shards)")
+    output.add_argument("--output", required=True,
+                        help="output folder, or an fsspec URL (s3://bucket/shards: each shard written locally and "
+                             "uploaded once complete); resumes if it holds this job's shards")
     output.add_argument("--samples-per-shard", type=_positive_int,
                         help=f"input records per shard (default {DEFAULT_SAMPLES_PER_SHARD})")
     output.add_argument("--max-bytes-per-shard", type=_byte_count,

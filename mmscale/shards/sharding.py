@@ -24,7 +24,11 @@ How it stays resumable and deterministic:
 - Every stats file carries a fingerprint of the input and options; resuming into a folder
   written with other options is refused rather than mixing two datasets.
 
-Only one make_shards may write to an output folder at a time (a lock file enforces it).
+Only one make_shards may write to an output folder at a time (a lock file enforces it; on an
+object store, a lease object: output.py).
+
+The chunk tasks (hashing for `dedup`, writing) run on a local process pool or on a Spark or Ray
+cluster (distributors.py); the listing, the plan, the lock and the totals stay with this process.
 """
 
 from __future__ import annotations
@@ -40,15 +44,16 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sized
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass
 
 from tqdm import tqdm
 
-from mmscale.atomic import atomic_write
+from mmscale.atomic import open_temporary
 from mmscale.shards.dedup import DEDUP_FILE, SCRATCH_DEDUP_FILE, DigestStore
 from mmscale.shards.distributors import ClusterMap, DistributorOptions, cluster, require_engine
 from mmscale.shards.download import DownloadOptions
+from mmscale.shards.output import Output, RemoteLease
 from mmscale.shards.images import ImageOptions
 from mmscale.shards.writer import (
     CaptionFilter,
@@ -62,7 +67,7 @@ from mmscale.shards.writer import (
     stats_name,
     write_chunk,
 )
-from mmscale.data.tars import SIZES_FILE, write_json_atomically
+from mmscale.data.tars import SIZES_FILE
 from mmscale.shards.sources import (
     InputError,
     InputListing,
@@ -159,10 +164,13 @@ def plan_chunks(records: int, samples_per_shard: int) -> list[range]:
 def make_shards(options: ShardingOptions) -> ShardingSummary:
     """Write (or finish writing) the shards of a corpus; see the module docstring for how."""
     started = time.monotonic()
-    output = options.output_dir
+    output = Output(options.output_dir)
     require_engine(options.distributor.name)
+    if output.remote and options.retry_failed:
+        raise InputError(f"--retry-failed rewrites shards in place: it needs a local or shared output folder, "
+                         f"not {options.output_dir}")
     _check_output_is_not_input(options)
-    os.makedirs(output, exist_ok=True)
+    output.makedirs()
     with _output_lock(output), _Runner(options) as runner:
         listing = list_input(options.input, count_shards=lambda urls: _count_shards(urls, options),
                              progress=options.progress)
@@ -171,23 +179,19 @@ def make_shards(options: ShardingOptions) -> ShardingSummary:
         chunks = plan_chunks(len(listing), size)
         names = [options.name_pattern.format(index) for index in range(len(chunks))]
         plan = _fingerprint(options, listing.kind, len(listing))
-        _finish_interrupted_retries(output, names, byte_capped=options.max_bytes_per_shard is not None)
+        if not output.remote:
+            _finish_interrupted_retries(output.location, names, byte_capped=options.max_bytes_per_shard is not None)
         done = _done_chunks(output, names, plan=plan, byte_capped=options.max_bytes_per_shard is not None)
         pending = [index for index in range(len(chunks)) if index not in done]
         if pending:
             _remove_leftovers(output, [names[index] for index in pending])
-            scratch = not listing.has_urls
-            store = DigestStore(output, name=SCRATCH_DEDUP_FILE if scratch else DEDUP_FILE) if options.dedup else None
-            try:
+            with output.staging() as staging, _digest_store(options, listing, staging) as store:
                 if store is not None and listing.has_urls:
                     store.forget(chunks[index] for index in pending)
                 elif store is not None:
                     find_duplicates(listing, store, options, runner, count=pending[-1] + 1)
                 tasks = _chunk_tasks(pending, listing, names=names, plan=plan, options=options, store=store)
                 _write_chunks(tasks, options, runner, total=sum(len(chunks[index]) for index in pending))
-            finally:
-                if store is not None:
-                    store.close(remove=scratch)
         retried = _retry_failed(names, chunks, plan=plan, options=options, runner=runner,
                                 live_dedup=listing.has_urls) if options.retry_failed else 0
         if pending or retried:
@@ -199,15 +203,44 @@ def make_shards(options: ShardingOptions) -> ShardingSummary:
     return summary
 
 
+def _shared_digests(options: ShardingOptions) -> bool:
+    """Whether chunk tasks can all open one digest store in the output folder (SQLite: one machine, a path)."""
+    return options.distributor.local and not Output(options.output_dir).remote
+
+
+@contextmanager
+def _digest_store(options: ShardingOptions, listing: InputListing, staging: str) -> Iterator[DigestStore | None]:
+    """--dedup's digests: local input's, hashed before writing, in a scratch store removed afterwards (in
+    `staging`: the output folder, or a local folder for a store); downloads' in the output folder's store
+    the workers check and add to, kept for a resumed job (none where they cannot share one: each chunk
+    then drops the copies within itself)."""
+    if not options.dedup or listing.has_urls and not _shared_digests(options):
+        yield None
+        return
+    scratch = not listing.has_urls
+    store = DigestStore(staging, name=SCRATCH_DEDUP_FILE if scratch else DEDUP_FILE)
+    try:
+        yield store
+    finally:
+        store.close(remove=scratch)
+
+
 def _check_output_is_not_input(options: ShardingOptions) -> None:
     if os.path.exists(options.input.path) and os.path.exists(options.output_dir) \
             and os.path.samefile(options.input.path, options.output_dir):
         raise InputError(f"output {options.output_dir} is the input folder; pass a new folder with --output")
 
 
-def _check_no_input_shard_in_output(listing: InputListing, output: str) -> None:
+def _check_no_input_shard_in_output(listing: InputListing, output: Output) -> None:
     """Resharding into the folder being read would delete the input as stale leftovers."""
-    output = os.path.realpath(output)
+    if output.remote:
+        prefix = output.location.rstrip("/") + "/"
+        for record in listing.records or ():
+            if record.shard_url and record.shard_url.startswith(prefix) and "/" not in record.shard_url[len(prefix):]:
+                raise InputError(f"input shard {record.shard_url} is in the output folder {output.location}; "
+                                 "write the new shards to another folder with --output")
+        return
+    output = os.path.realpath(output.location)
     for record in listing.records or ():
         if record.shard_url and os.path.exists(record.shard_url) \
                 and os.path.dirname(os.path.realpath(record.shard_url)) == output:
@@ -216,14 +249,23 @@ def _check_no_input_shard_in_output(listing: InputListing, output: str) -> None:
 
 
 @contextmanager
-def _output_lock(output: str):
-    path = os.path.join(output, _LOCK_FILE)
+def _output_lock(output: Output):
+    """One make_shards per output folder: a POSIX lock on a path (local or shared), a lease on a store."""
+    if output.remote:
+        lease = RemoteLease(output, _LOCK_FILE)
+        lease.acquire()
+        try:
+            yield
+        finally:
+            lease.release()
+        return
+    path = output.join(_LOCK_FILE)
     try:  # O_NOFOLLOW: a symlink planted at the lock's name must not make us create or touch its target
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     except OSError as error:
         if error.errno != errno.ELOOP:
             raise
-        raise InputError(f"output {output}: {_LOCK_FILE} is a symbolic link, not a lock file make_shards "
+        raise InputError(f"output {output.location}: {_LOCK_FILE} is a symbolic link, not a lock file make_shards "
                          "wrote; remove it") from None
     try:
         try:
@@ -231,7 +273,7 @@ def _output_lock(output: str):
             # orphaned by a killed run cannot keep the next run out
             fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise InputError(f"output {output}: another make_shards is writing there; wait for it "
+            raise InputError(f"output {output.location}: another make_shards is writing there; wait for it "
                              "or pick another --output") from None
         yield
     finally:
@@ -263,26 +305,27 @@ def _download_fingerprint(download: DownloadOptions) -> dict:
             "respect_robots_headers": download.respect_robots_headers, **private}
 
 
-def _done_chunks(output: str, names: list[str], *, plan: str, byte_capped: bool) -> set[int]:
+def _done_chunks(output: Output, names: list[str], *, plan: str, byte_capped: bool) -> set[int]:
     """Chunks whose stats file and shards exist; refuses an output folder from another job."""
-    previous = _read_json(os.path.join(output, STATS_FILE))
+    previous = output.read_json(STATS_FILE)
     if previous and previous.get("plan") != plan:
-        raise InputError(f"output {output} holds shards made from other input or options; "
+        raise InputError(f"output {output.location} holds shards made from other input or options; "
                          "pass a new --output (or delete that folder to start over)")
     owners = {name[: -len(".tar")]: index for index, name in enumerate(names)}
-    for file_name in sorted(os.listdir(output)):
+    present = set(output.names())
+    for file_name in sorted(present):
         if file_name.endswith(".tar") and _owner(file_name, owners, byte_capped=byte_capped) is None:
-            raise InputError(f"output {output}: {file_name} is not part of this job's plan; "
+            raise InputError(f"output {output.location}: {file_name} is not part of this job's plan; "
                              "pass a new --output (or delete that folder to start over)")
     done = set()
     for index, name in enumerate(names):
-        stats = read_chunk_stats(os.path.join(output, stats_name(name)))
+        stats = read_chunk_stats(output, name) if stats_name(name) in present else None
         if stats is None:
             continue
         if stats.plan != plan:
-            raise InputError(f"output {output}: {stats_name(name)} comes from other input or options; "
+            raise InputError(f"output {output.location}: {stats_name(name)} comes from other input or options; "
                              "pass a new --output (or delete that folder to start over)")
-        if all(os.path.exists(os.path.join(output, shard)) for shard in stats.shards):
+        if all(shard in present for shard in stats.shards):
             done.add(index)
     return done
 
@@ -302,15 +345,15 @@ def _owner(file_name: str, owners: dict[str, int], *, byte_capped: bool) -> int 
     return owners.get(stem)
 
 
-def _remove_leftovers(output: str, pending_names: list[str]) -> None:
+def _remove_leftovers(output: Output, pending_names: list[str]) -> None:
     """Stale temporary files, and shards of chunks that never got their stats file."""
     stems = {name[: -len(".tar")] for name in pending_names}
-    for file_name in os.listdir(output):
+    for file_name in output.names():
         stale_temporary = file_name.startswith(".") and ".tmp" in file_name
         stem = file_name[: -len(".tar")]
         unfinished = file_name.endswith(".tar") and (stem in stems or re.sub(r"-\d{3,}$", "", stem) in stems)
         if stale_temporary or unfinished:
-            os.remove(os.path.join(output, file_name))
+            output.remove(file_name)
 
 
 def parallel_map(function: Callable, items: Iterable, *, workers: int, ordered: bool = True,
@@ -393,8 +436,8 @@ def _start_worker(parent: int, progress_counter) -> None:
 
 def _count_shards(urls: list[str], options: ShardingOptions) -> list[ShardCount]:
     """Sample counts of input tars, read in parallel and cached beside the output by size+mtime."""
-    index_path = os.path.join(options.output_dir, INPUT_INDEX_FILE)
-    cache = _read_json(index_path) or {}
+    output = Output(options.output_dir)
+    cache = output.read_json(INPUT_INDEX_FILE) or {}
     counts: dict[str, ShardCount] = {}
     for url in urls:
         entry, stamp = cache.get(url), _file_stamp(url)
@@ -411,7 +454,7 @@ def _count_shards(urls: list[str], options: ShardingOptions) -> list[ShardCount]
             cache[count.url] = {"stamp": stamp, "samples": count.samples, "truncated": count.truncated}
     progress.close()
     if todo:
-        write_json_atomically(index_path, cache)
+        output.write_json(INPUT_INDEX_FILE, cache)
     return [counts[url] for url in urls]
 
 
@@ -458,8 +501,8 @@ def _chunk_tasks(pending: list[int], listing: InputListing, *, names: list[str],
         yield ChunkTask(index=index, start=start, records=records, output_dir=options.output_dir,
                         shard_name=names[index], plan=plan, max_bytes=options.max_bytes_per_shard,
                         image=options.image, captions=options.captions, duplicates=duplicates,
-                        download=options.download, live_dedup=store is not None and listing.has_urls,
-                        shared_digests=options.distributor.local, image_threads=_image_threads(options))
+                        download=options.download, live_dedup=options.dedup and listing.has_urls,
+                        shared_digests=_shared_digests(options), image_threads=_image_threads(options))
 
 
 def _image_threads(options: ShardingOptions) -> int:
@@ -475,7 +518,7 @@ def _retry_failed(names: list[str], chunks: list[range], *, plan: str, options: 
     The rows are counted first (for the progress bar) and read again chunk by chunk as tasks are needed."""
 
     def retryable(index: int) -> tuple[list[Record], tuple[int, ...]]:
-        return retry_records(failed_rows(options.output_dir, names[index]))
+        return retry_records(failed_rows(Output(options.output_dir), names[index]))
 
     def task(index: int) -> ChunkTask:
         records, ordinals = retryable(index)
@@ -483,7 +526,7 @@ def _retry_failed(names: list[str], chunks: list[range], *, plan: str, options: 
                          output_dir=options.output_dir, shard_name=names[index], plan=plan,
                          max_bytes=options.max_bytes_per_shard, image=options.image, captions=options.captions,
                          download=options.download, live_dedup=options.dedup and live_dedup,
-                         shared_digests=options.distributor.local, image_threads=_image_threads(options))
+                         shared_digests=_shared_digests(options), image_threads=_image_threads(options))
 
     counts = {index: count for index in range(len(names)) if (count := len(retryable(index)[0]))}
     total = sum(counts.values())
@@ -524,20 +567,21 @@ def _write_chunks(tasks: Iterable[ChunkTask], options: ShardingOptions, runner: 
         progress.update(done.value - progress.n)
 
 
-def _summarize(output: str, names: list[str], *, plan: str, listing: InputListing, pending: list[range],
+def _summarize(output: Output, names: list[str], *, plan: str, listing: InputListing, pending: list[range],
                wall_time_s: float) -> ShardingSummary:
     """Totals from every chunk's stats file plus the skips counted while listing the input."""
     sizes: dict[str, int] = {}
     skipped: Counter[str] = Counter(listing.skipped)
     total_bytes = 0
     for name in names:
-        stats = read_chunk_stats(os.path.join(output, stats_name(name)))
+        stats = read_chunk_stats(output, name)
         if stats is None:
-            raise InputError(f"output {output}: {stats_name(name)} is missing after writing; re-run to finish")
+            raise InputError(f"output {output.location}: {stats_name(name)} is missing after writing; "
+                             "re-run to finish")
         sizes.update(stats.shards)
         skipped.update(stats.skipped)
         total_bytes += stats.bytes
-    return ShardingSummary(output_dir=output, records=len(listing), sizes=sizes,
+    return ShardingSummary(output_dir=output.location, records=len(listing), sizes=sizes,
                            skipped=dict(sorted(skipped.items())), bytes=total_bytes, chunks=len(names),
                            chunks_written=len(pending), records_processed=sum(len(chunk) for chunk in pending),
                            wall_time_s=wall_time_s, plan=plan)
@@ -546,15 +590,13 @@ def _summarize(output: str, names: list[str], *, plan: str, listing: InputListin
 def _write_totals(summary: ShardingSummary, names: list[str], *, rewrite_stats: bool) -> None:
     """sizes.json, stats.json and failed.parquet, written only when they change, so a no-op run touches
     nothing."""
-    sizes_path = os.path.join(summary.output_dir, SIZES_FILE)
-    if _read_json(sizes_path) != summary.sizes:
-        write_json_atomically(sizes_path, summary.sizes)
-    stats_path = os.path.join(summary.output_dir, STATS_FILE)
-    if rewrite_stats or not os.path.exists(stats_path):
-        write_json_atomically(stats_path, summary.as_dict())
-    failed_path = os.path.join(summary.output_dir, FAILED_FILE)
-    if rewrite_stats or not os.path.exists(failed_path):
-        gather_failures(summary.output_dir, names, failed_path)
+    output = Output(summary.output_dir)
+    if output.read_json(SIZES_FILE) != summary.sizes:
+        output.write_json(SIZES_FILE, summary.sizes)
+    if rewrite_stats or not output.exists(STATS_FILE):
+        output.write_json(STATS_FILE, summary.as_dict())
+    if rewrite_stats or not output.exists(FAILED_FILE):
+        gather_failures(output, names)
 
 
 _FAILURE_COLUMNS = ("key", "source", "url", "caption", "question", "label", "reason", "detail")
@@ -565,27 +607,31 @@ def _text(value) -> str | None:
     return None if value is None else str(value).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def gather_failures(output: str, names: list[str], path: str) -> int:
-    """Every chunk's failed rows into one parquet file (atomically, a chunk at a time); returns the rows."""
+def gather_failures(output: Output, names: list[str]) -> int:
+    """Every chunk's failed rows into failed.parquet (a chunk at a time, put in place when complete);
+    returns the rows."""
     import pyarrow as pa
     import pyarrow.parquet as parquet
 
     schema = pa.schema([(column, pa.string()) for column in _FAILURE_COLUMNS])
     rows = 0
-    with atomic_write(path) as handle, parquet.ParquetWriter(handle, schema) as writer:
-        for name in names:
-            lines = [{column: _text(row.get(column)) for column in _FAILURE_COLUMNS}
-                     for row in failed_rows(output, name)]
-            if lines:
-                writer.write_table(pa.Table.from_pylist(lines, schema=schema))
-                rows += len(lines)
+    with output.staging() as staging:
+        handle, temporary = open_temporary(os.path.join(staging, FAILED_FILE))
+        try:
+            with handle:
+                with parquet.ParquetWriter(handle, schema) as writer:
+                    for name in names:
+                        lines = [{column: _text(row.get(column)) for column in _FAILURE_COLUMNS}
+                                 for row in failed_rows(output, name)]
+                        if lines:
+                            writer.write_table(pa.Table.from_pylist(lines, schema=schema))
+                            rows += len(lines)
+                handle.flush()
+                os.fsync(handle.fileno())
+            output.place(str(temporary), FAILED_FILE)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.remove(temporary)
+            raise
     return rows
-
-
-def _read_json(path: str):
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return None
 

@@ -44,7 +44,8 @@ from mmscale.atomic import open_temporary
 from mmscale.shards.dedup import DigestStore
 from mmscale.shards.download import RETRYABLE_REASONS, DownloadOptions, Fetched, fetch
 from mmscale.shards.images import ImageOptions, SampleRejected, prepare_image
-from mmscale.data.tars import tar_member, write_bytes_atomically, write_json_atomically
+from mmscale.shards.output import Output
+from mmscale.data.tars import tar_member, write_bytes_atomically
 from mmscale.shards.sources import Loaded, Record, dedup_digest, iter_loaded
 from mmscale.shards.vqa_input import Question
 
@@ -163,14 +164,13 @@ def part_name(shard_name: str, part: int) -> str:
     return f"{shard_name[: -len('.tar')]}-{part:03d}.tar"
 
 
-def read_chunk_stats(path: str) -> ChunkStats | None:
+def read_chunk_stats(output: Output, shard_name: str) -> ChunkStats | None:
     """A chunk's stats file, or None when it is missing or unreadable (the chunk is not done)."""
     try:
-        with open(path) as handle:
-            value = json.load(handle)
+        value = output.read_json(stats_name(shard_name))
         return ChunkStats(index=value["chunk"], plan=value["plan"], records=value["records"],
                           shards=value["shards"], skipped=value["skipped"], bytes=value["bytes"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):  # None (missing) or not a stats file
         return None
 
 
@@ -182,19 +182,25 @@ def write_chunk(task: ChunkTask) -> ChunkStats:
     rows and stats are rewritten, and rows whose key the shards already hold (a retry killed
     after that rename) are not fetched again.
     """
+    output = Output(task.output_dir)
+    if not task.retry:
+        _clear_earlier_try(output, task.shard_name)
+    with output.staging() as staging:
+        return _write_chunk(task, output, staging)
+
+
+def _write_chunk(task: ChunkTask, output: Output, staging: str) -> ChunkStats:
     skipped: Counter[str] = Counter()
     failures: list[bytes] = []
     digests: list[tuple[int, bytes]] = []
-    if not task.retry:
-        _clear_earlier_try(task.output_dir, task.shard_name)
     store = DigestStore(task.output_dir) if task.live_dedup and task.shared_digests else None
     chunk_digests: set[bytes] = set()
     kept: dict[str, int] = {}
-    writer = _PartWriter(task.output_dir, task.shard_name, max_bytes=task.max_bytes)
+    writer = _PartWriter(output, staging, task.shard_name, max_bytes=task.max_bytes)
     marker = os.path.join(task.output_dir, retry_marker_name(task.shard_name))
     try:
         if task.retry:
-            records = read_chunk_stats(os.path.join(task.output_dir, stats_name(task.shard_name))).records
+            records = read_chunk_stats(output, task.shard_name).records
             write_bytes_atomically(marker, b"")  # before any part is replaced; see finish_interrupted_retry
             task, kept, failures, skipped = _reopen_for_retry(task, writer)
         else:
@@ -224,18 +230,18 @@ def write_chunk(task: ChunkTask) -> ChunkStats:
             store.close()
     stats = ChunkStats(index=task.index, plan=task.plan, records=records, shards=shards,
                        skipped=dict(sorted(skipped.items())),
-                       bytes=sum(os.path.getsize(os.path.join(task.output_dir, name)) for name in shards))
-    _record_chunk(task.output_dir, task.shard_name, stats, failures)
+                       bytes=sum(writer.sizes.get(name) or output.size(name) for name in shards))
+    _record_chunk(output, task.shard_name, stats, failures)
     if task.retry:
         os.remove(marker)
     return stats
 
 
-def _record_chunk(output_dir: str, shard_name: str, stats: ChunkStats, failures: list[bytes]) -> None:
+def _record_chunk(output: Output, shard_name: str, stats: ChunkStats, failures: list[bytes]) -> None:
     """The chunk's failed rows (in key order, whatever order the downloads finished in: "key" leads every
     line), then its stats file, which marks the chunk done."""
-    write_bytes_atomically(os.path.join(output_dir, failures_name(shard_name)), b"".join(sorted(failures)))
-    write_json_atomically(os.path.join(output_dir, stats_name(shard_name)), {
+    output.write_bytes(failures_name(shard_name), b"".join(sorted(failures)))
+    output.write_json(stats_name(shard_name), {
         "chunk": stats.index, "plan": stats.plan, "records": stats.records, "shards": stats.shards,
         "written": stats.written, "skipped": stats.skipped, "bytes": stats.bytes})
 
@@ -244,14 +250,15 @@ def finish_interrupted_retry(output_dir: str, shard_name: str, *, byte_capped: b
     """A retry killed after replacing a part but before rewriting the chunk's failed rows and stats left
     its marker: list the chunk's parts as they are on disk, drop from the failed rows those a part now
     holds, recount, and clear the marker. Nothing is downloaded; a later --retry-failed goes on."""
-    stats = read_chunk_stats(os.path.join(output_dir, stats_name(shard_name)))
+    output = Output(output_dir)
+    stats = read_chunk_stats(output, shard_name)
     if stats is not None:
         parts = [shard_name] if not byte_capped else \
             list(takewhile(lambda name: os.path.exists(os.path.join(output_dir, name)),
                            (part_name(shard_name, number) for number in count())))
         keys = {name: _shard_keys(os.path.join(output_dir, name)) for name in parts}
-        failures, skipped = _failures_left(output_dir, shard_name, held=set().union(*keys.values()))
-        _record_chunk(output_dir, shard_name, replace(
+        failures, skipped = _failures_left(output, shard_name, held=set().union(*keys.values()))
+        _record_chunk(output, shard_name, replace(
             stats, shards={name: len(names) for name, names in keys.items()}, skipped=dict(sorted(skipped.items())),
             bytes=sum(os.path.getsize(os.path.join(output_dir, name)) for name in parts)), failures)
     # the killed retry's part, never renamed (mmscale.atomic's names; a process id before those)
@@ -262,18 +269,14 @@ def finish_interrupted_retry(output_dir: str, shard_name: str, *, byte_capped: b
     os.remove(os.path.join(output_dir, retry_marker_name(shard_name)))
 
 
-def _clear_earlier_try(output_dir: str, shard_name: str) -> None:
+def _clear_earlier_try(output: Output, shard_name: str) -> None:
     """What an earlier try of this chunk left (a task the engine retried after its executor died, a worker
     orphaned by a killed run): its stats file first, so the chunk never looks done without its shards, then
     its failed rows and its shard or parts. Its temporary files are left to the driver's sweep."""
     names = [stats_name(shard_name), failures_name(shard_name), shard_name]
-    names += takewhile(lambda name: os.path.exists(os.path.join(output_dir, name)),
-                       (part_name(shard_name, number) for number in count()))
+    names += takewhile(output.exists, (part_name(shard_name, number) for number in count()))
     for name in names:
-        try:
-            os.remove(os.path.join(output_dir, name))
-        except FileNotFoundError:
-            pass
+        output.remove(name)
 
 
 def _is_duplicate(ordinal: int, digest: bytes, store: DigestStore | None, chunk_digests: set[bytes]) -> bool:
@@ -304,13 +307,10 @@ def json_line(value, *, sort_keys: bool = False) -> bytes:
         return json.dumps(value, sort_keys=sort_keys).encode("ascii")
 
 
-def failed_rows(output_dir: str, shard_name: str) -> list[dict]:
+def failed_rows(output: Output, shard_name: str) -> list[dict]:
     """The failed rows a finished chunk listed (empty when it wrote no list)."""
-    try:
-        with open(os.path.join(output_dir, failures_name(shard_name)), "rb") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
-    except FileNotFoundError:
-        return []
+    payload = output.read_bytes(failures_name(shard_name)) or b""
+    return [json.loads(line) for line in payload.splitlines() if line.strip()]
 
 
 def retry_records(rows: list[dict]) -> tuple[list[Record], tuple[int, ...]]:
@@ -326,7 +326,7 @@ def _reopen_for_retry(task: ChunkTask, writer: _PartWriter
                       ) -> tuple[ChunkTask, dict[str, int], list[bytes], Counter]:
     """Copy the chunk's last shard into `writer`; returns (the task with only the retried rows no shard
     holds yet, the other shards, the failed rows not retried, their counts by reason)."""
-    stats = read_chunk_stats(os.path.join(task.output_dir, stats_name(task.shard_name)))
+    stats = read_chunk_stats(writer.output, task.shard_name)
     names = sorted(stats.shards)
     writer.first_part = len(names) - 1
     held = set()
@@ -334,7 +334,7 @@ def _reopen_for_retry(task: ChunkTask, writer: _PartWriter
         held.update(_shard_keys(os.path.join(task.output_dir, name)))
     for members in _shard_samples(os.path.join(task.output_dir, names[-1])):
         writer.add(members)
-    failures, skipped = _failures_left(task.output_dir, task.shard_name, held=held,
+    failures, skipped = _failures_left(writer.output, task.shard_name, held=held,
                                        retried={sample_key(ordinal) for ordinal in task.ordinals})
     keep = [offset for offset, ordinal in enumerate(task.ordinals) if sample_key(ordinal) not in held]
     task = replace(task, records=[task.records[offset] for offset in keep],
@@ -342,12 +342,12 @@ def _reopen_for_retry(task: ChunkTask, writer: _PartWriter
     return task, {name: stats.shards[name] for name in names[:-1]}, failures, skipped
 
 
-def _failures_left(output_dir: str, shard_name: str, *, held: set[str], retried: set[str] = frozenset()
+def _failures_left(output: Output, shard_name: str, *, held: set[str], retried: set[str] = frozenset()
                    ) -> tuple[list[bytes], Counter]:
     """The chunk's failed rows that a part does not hold now and that are not being retried: their lines
     and their counts by reason."""
     failures, skipped = [], Counter()
-    for row in failed_rows(output_dir, shard_name):
+    for row in failed_rows(output, shard_name):
         if row["key"] not in held and row["key"] not in retried:
             failures.append(json_line(row) + b"\n")
             skipped[row["reason"]] += 1
@@ -504,11 +504,13 @@ def tar_header(name: str, size: int) -> bytes:
 
 
 class _PartWriter:
-    """Tar part(s) of one chunk: temporary files renamed into place as each one completes."""
+    """Tar part(s) of one chunk: temporary files (in `staging`: the output folder, or a local folder for a
+    store) put into place (Output.place: renamed or uploaded) as each one completes."""
 
-    def __init__(self, output_dir: str, shard_name: str, *, max_bytes: int | None):
-        self.output_dir, self.shard_name, self.max_bytes = output_dir, shard_name, max_bytes
+    def __init__(self, output: Output, staging: str, shard_name: str, *, max_bytes: int | None):
+        self.output, self.staging, self.shard_name, self.max_bytes = output, staging, shard_name, max_bytes
         self.shards: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
         self.handle = self.name = self.temporary = None
         self.offset = 0
         self.first_part = 0  # a retry rewrites the chunk's last part and goes on from there
@@ -549,7 +551,7 @@ class _PartWriter:
         self.name = self.shard_name if self.max_bytes is None else part_name(self.shard_name, number)
         self.shards[self.name] = 0
         # a fresh random name: a worker orphaned by a killed run never writes into this run's file
-        self.handle, self.temporary = open_temporary(os.path.join(self.output_dir, self.name), buffering=1 << 20)
+        self.handle, self.temporary = open_temporary(os.path.join(self.staging, self.name), buffering=1 << 20)
         self.offset = 0
 
     def _close_part(self) -> None:
@@ -558,4 +560,5 @@ class _PartWriter:
         os.fsync(self.handle.fileno())
         self.handle.close()
         self.handle = None
-        os.replace(self.temporary, os.path.join(self.output_dir, self.name))
+        self.sizes[self.name] = _closed_size(self.offset)
+        self.output.place(self.temporary, self.name)
