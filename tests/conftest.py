@@ -16,8 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # pytest-xdist (pyproject's addopts: 2 workers, --dist loadfile): each test file runs on one worker, so its
 # module-scoped fixtures (often a trained model or a killed run) are built once. Files are handed out slowest first
 # (from CI's --durations), so the last to finish is a short one.
-SLOW_MODULES_FIRST = ("test_train.py", "test_bench.py", "test_quickstart.py", "test_vqa.py", "test_make_shards_scale.py",
-                      "test_checkpoint_ranks.py", "test_finetune.py", "test_fusion_eval.py", "test_distill.py")
+SLOW_MODULES_FIRST = ("test_train.py", "test_bench.py", "test_quickstart.py", "test_vqa.py", "test_make_shards_cluster.py",
+                      "test_make_shards_scale.py", "test_checkpoint_ranks.py", "test_finetune.py", "test_fusion_eval.py",
+                      "test_distill.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -105,9 +105,12 @@ def folder_job(tmp_path_factory) -> tuple[list[str], Path]:
     return arguments, root / "local"
 
 
-def test_output_urls_and_paths_are_told_apart():
+def test_output_urls_and_paths_are_told_apart(tmp_path, folder_job):
     assert is_url("s3://bucket/shards") and is_url("gs://b/x") and not is_url("/data/shards")
     assert not is_url("file:///data/shards") and Output("file:///data/shards").location == "/data/shards"
+    arguments, local = folder_job
+    assert main([*arguments, "--output", f"file://{tmp_path}/out"]) == 0  # a path, renamed into place
+    assert local_files(tmp_path / "out") == local_files(local)
 
 
 @pytest.mark.parametrize("distributor", [[], ["--distributor", "spark", "--spark-master", "local[2,4]"]],

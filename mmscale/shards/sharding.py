@@ -45,7 +45,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sized
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from tqdm import tqdm
 
@@ -165,6 +165,7 @@ def make_shards(options: ShardingOptions) -> ShardingSummary:
     """Write (or finish writing) the shards of a corpus; see the module docstring for how."""
     started = time.monotonic()
     output = Output(options.output_dir)
+    options = replace(options, output_dir=output.location)  # file:///data/shards -> /data/shards
     require_engine(options.distributor.name)
     if output.remote and options.retry_failed:
         raise InputError(f"--retry-failed rewrites shards in place: it needs a local or shared output folder, "
