@@ -50,9 +50,10 @@ def free_port() -> int:
 
 def contents(out: Path) -> dict:
     """Everything a reader of the output sees: each shard's members (by name; a download chunk writes in
-    the order downloads finish), sizes.json, failed.parquet's rows, the file names; no temporary file."""
-    names = sorted(path.name for path in out.iterdir() if path.name not in ("stats.json", ".make_shards.lock"))
-    assert not [name for name in names if ".tmp" in name], names
+    the order downloads finish), sizes.json, failed.parquet's rows, the file names; no temporary file.
+    Hidden files are make_shards' own (its lock; the digests of downloads, which a local pool keeps)."""
+    assert not [path.name for path in out.iterdir() if ".tmp" in path.name]
+    names = sorted(path.name for path in out.iterdir() if path.name != "stats.json" and not path.name.startswith("."))
     shards = {}
     for path in sorted(out.glob("*.tar")):
         with tarfile.open(path) as tar:

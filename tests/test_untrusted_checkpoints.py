@@ -264,10 +264,11 @@ def test_reports_embeddings_and_failure_lists_do_not_write_through_planted_links
 
 
 def test_a_shard_part_does_not_write_through_a_planted_link(tmp_path):
+    from mmscale.shards.output import Output
     from mmscale.shards.writer import _PartWriter
 
     target = _plant(tmp_path / "out" / f".shard-000000.tar.tmp{os.getpid()}", tmp_path)
-    writer = _PartWriter(str(tmp_path / "out"), "shard-000000.tar", max_bytes=None)
+    writer = _PartWriter(Output(str(tmp_path / "out")), str(tmp_path / "out"), "shard-000000.tar", max_bytes=None)
     writer.add([("000000000.txt", b"a caption")])
     assert writer.finish() == {"shard-000000.tar": 1}
     assert _untouched(target) and (tmp_path / "out" / "shard-000000.tar").stat().st_size > 0
