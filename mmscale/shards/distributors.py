@@ -5,14 +5,14 @@ output lock and gathers the totals, whatever the distributor; only the chunk tas
 images for `--dedup`, writing a chunk's shards) run on the distributor's executors, each one
 writing its files straight into the output folder as on one machine. So executors must see
 the input and the output at the same paths as the driver: a shared filesystem (NFS, Lustre,
-a mounted bucket) on a real cluster.
+a mounted bucket) on a real cluster, or for the output an fsspec URL (output.py).
 
 - multiprocessing: a process pool on this machine (`--workers`), records counted live.
 - spark: one Spark job per chunk, submitted from a few driver threads (so results stream back
   as chunks finish and at most a window of chunks is in memory); Spark places the tasks on its
   executors and retries a failed one (`spark.task.maxFailures`; a local master is started as
-  `local[workers,4]`, four tries). Under `spark-submit`, the session it made is used.
-- ray: one Ray task per chunk (`max_retries=4`: a killed worker or a lost node reruns it).
+  `local[workers,4]`, four tries). Under `spark-submit`, its master and settings are used.
+- ray: one Ray task per chunk, four tries (`max_retries=3`: a killed worker or a lost node reruns it).
   `ray.init()` connects as Ray itself decides (RAY_ADDRESS, a cluster started on this
   machine, else a new local one); `--ray-address local` always starts a local one.
 
@@ -117,15 +117,15 @@ def _spark(master: str | None, *, workers: int) -> Iterator[ClusterMap]:
     from pyspark.sql import SparkSession
 
     submitted = "PYSPARK_GATEWAY_PORT" in os.environ  # started by spark-submit, which set the master
+    # no speculative copies: two tries of one chunk at once would write the same files
     builder = SparkSession.builder.appName("mmscale make_shards") \
         .config("spark.ui.showConsoleProgress", "false").config("spark.speculation", "false")
+    # a cluster master retries a task 4 times by default (spark.task.maxFailures); a local one only with local[N,F]
     master = master or (None if submitted else os.environ.get("SPARK_MASTER") or f"local[{workers},{TASK_TRIES}]")
     if master:
         builder = builder.master(master)
     if master and master.startswith("local"):
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # this interpreter, which has mmscale
-    else:
-        builder = builder.config("spark.task.maxFailures", str(TASK_TRIES))
     session = builder.getOrCreate()
     context = session.sparkContext
     context.setLogLevel("ERROR")
