@@ -218,3 +218,12 @@ def test_a_live_lease_from_another_machine_refuses_and_a_lapsed_one_is_taken_ove
     assert files(fs, url) == local_files(local)
     fs.invalidate_cache()
     assert not fs.exists("shards/leased/.make_shards.lock")  # released at the end
+
+
+def test_a_store_output_of_another_job_is_refused_as_on_a_disk(store, folder_job, capsys):
+    """The fingerprint read back from the store: other options into the same URL are refused."""
+    arguments, _ = folder_job
+    url = "s3://shards/fingerprint"
+    assert main([*arguments, "--output", url]) == 0
+    assert main([*arguments, "--output", url, "--resize", "24"]) == 2
+    assert "holds shards made from other input or options" in capsys.readouterr().err
