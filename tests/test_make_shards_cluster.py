@@ -23,6 +23,7 @@ import tarfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow.parquet as parquet
 import pytest
@@ -129,6 +130,11 @@ def wait_for(check, *, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+class Cluster(NamedTuple):
+    address: str  # what make_shards' --spark-master or --ray-address takes
+    web: str  # the master's web UI (Spark) or the dashboard, which takes job submissions (Ray)
+
+
 @pytest.fixture(scope="module")
 def spark_standalone(tmp_path_factory):
     """A Spark standalone master and 2 worker processes of 1 core each on 127.0.0.1."""
@@ -160,7 +166,7 @@ def spark_standalone(tmp_path_factory):
     try:
         wait_for(lambda: alive_workers() == 2, timeout=90, what="2 Spark workers to register")
         os.environ["PYSPARK_PYTHON"] = sys.executable  # the executors' interpreter, which has mmscale
-        yield master
+        yield Cluster(master, f"http://127.0.0.1:{ui}")
     finally:
         restore_env("PYSPARK_PYTHON", previous)
         for process in processes:
@@ -182,21 +188,25 @@ def ray_command(*arguments: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    """A 2-node Ray cluster on this machine: a head and a second node, 1 CPU each."""
-    port = free_port()
+    """A 2-node Ray cluster on this machine: a head (with the dashboard, which runs submitted jobs) and a
+    second node, 1 CPU each."""
+    port, dashboard = free_port(), free_port()
     # Ray 2.5x turns token authentication on for `ray start --head`; a second `ray start` then needs the token
     # (RAY_AUTH_TOKEN on a real cluster). This loopback test cluster runs without it, its driver too.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    # A submitted job's entry point runs in a shell on the head: `python` is this interpreter, as in a venv.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     previous = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    head = ["start", "--head", "--port", str(port), "--num-cpus", "1", "--include-dashboard", "false",
-            "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    head = ["start", "--head", "--port", str(port), "--num-cpus", "1", "--include-dashboard", "true",
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--node-ip-address", "127.0.0.1",
+            "--disable-usage-stats"]
     subprocess.run(ray_command(*head), env=env, check=True, capture_output=True, timeout=180)
     address = f"127.0.0.1:{port}"
     try:
         subprocess.run(ray_command("start", "--address", address, "--num-cpus", "1", "--node-ip-address",
                                    "127.0.0.1"), env=env, check=True, capture_output=True, timeout=180)
-        yield address
+        yield Cluster(address, f"http://127.0.0.1:{dashboard}")
     finally:
         subprocess.run(ray_command("stop", "--force"), env=env, capture_output=True, timeout=120)
         restore_env("RAY_AUTH_MODE", previous)
@@ -218,10 +228,10 @@ def engine_arguments(request):
         if engine == "spark-local":
             return ["--distributor", "spark", "--spark-master", "local[2,4]"]
         if engine == "spark-standalone":
-            return ["--distributor", "spark", "--spark-master", request.getfixturevalue("spark_standalone")]
+            return ["--distributor", "spark", "--spark-master", request.getfixturevalue("spark_standalone").address]
         if engine == "ray-local":
             return ["--distributor", "ray", "--ray-address", "local"]
-        return ["--distributor", "ray", "--ray-address", request.getfixturevalue("ray_cluster")]
+        return ["--distributor", "ray", "--ray-address", request.getfixturevalue("ray_cluster").address]
 
     return arguments
 
@@ -242,6 +252,62 @@ def test_every_engine_writes_what_multiprocessing_writes(tmp_path, engine, engin
             assert len([node for node in ray.nodes() if node["Alive"]]) == 2
         finally:
             ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def submitted_input(tmp_path_factory, server) -> tuple[list[str], dict]:
+    """The README's submit commands' input (parquet files of URLs and captions, by a glob), and what the
+    process pool makes of it."""
+    root = tmp_path_factory.mktemp("submitted")
+    (root / "laion").mkdir()
+    for part in range(2):
+        write_table(root / "laion" / f"part-{part:05d}.parquet",
+                    [{"url": server.url(f"/ok/{i}.jpg"), "caption": f"row {i}"} for i in range(6 * part, 6 * part + 6)],
+                    "parquet")
+    arguments = ["--input", f"{root}/laion/*.parquet", "--url-column", "url", "--caption-column", "caption",
+                 "--resize", "32", "--threads", "4", "--samples-per-shard", "5", "--allow-private-urls", "--no-progress"]
+    assert main([*arguments, "--output", str(root / "pool")]) == 0
+    expected = contents(root / "pool")
+    assert sum(expected["sizes"].values()) == 12
+    return arguments, expected
+
+
+def finished_apps(master_ui: str) -> list[str]:
+    with urllib.request.urlopen(f"{master_ui}/json/", timeout=10) as answer:
+        return [app["id"] for app in json.load(answer)["completedapps"]]
+
+
+def test_spark_submit_runs_make_shards_on_the_master_it_names(tmp_path, spark_standalone, submitted_input):
+    """The README's spark-submit command, against the standalone master: make_shards takes the master from
+    spark-submit (no --spark-master), the workers run the chunks, and the output is the process pool's."""
+    needs_java("spark")
+    import pyspark
+
+    arguments, expected = submitted_input
+    before = finished_apps(spark_standalone.web)
+    spark_submit = Path(pyspark.__file__).parent / "bin" / "spark-submit"
+    result = subprocess.run([str(spark_submit), "--master", spark_standalone.address,
+                             "--conf", f"spark.pyspark.python={sys.executable}", str(REPO / "tools" / "make_shards.py"),
+                             "--distributor", "spark", *arguments, "--output", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "SPARK_LOCAL_IP": "127.0.0.1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert contents(tmp_path / "out") == expected
+    wait_for(lambda: len(finished_apps(spark_standalone.web)) == len(before) + 1, timeout=30,
+             what="the master to list the application as finished")  # it ran there, not in local mode
+
+
+def test_ray_job_submit_runs_make_shards_on_the_cluster(tmp_path, ray_cluster, submitted_input):
+    """The README's `ray job submit` command, through the head's dashboard: the job's driver finds the cluster
+    by RAY_ADDRESS (no --ray-address), its tasks run there, and the output is the process pool's."""
+    arguments, expected = submitted_input
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # the test cluster's setting (see ray_cluster)
+    result = subprocess.run(ray_command("job", "submit", "--address", ray_cluster.web, "--working-dir", str(REPO),
+                                        "--", "python", "tools/make_shards.py", "--distributor", "ray", *arguments,
+                                        "--output", str(tmp_path / "out")),
+                            capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "succeeded" in result.stdout, result.stdout[-3000:]
+    assert contents(tmp_path / "out") == expected
 
 
 def slow_url_input(root: Path, server) -> list[str]:

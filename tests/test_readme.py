@@ -3,8 +3,10 @@ shows is run by a test or by the quickstart with the flags the README uses."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +24,8 @@ EXERCISED_BY = {
     "pip install": ([".ci/run"], "pip install -e '.[test]'"),
     "pytest": ([".ci/run"], "&& pytest"),
     "mmscale quickstart": (["tests/test_quickstart.py"], '"quickstart"'),
+    "spark-submit": (["tests/test_make_shards_cluster.py"], '"spark-submit"'),
+    "ray job submit": (["tests/test_make_shards_cluster.py"], 'ray_command("job", "submit"'),
     "tools/make_shards.py": (["tests/test_make_shards.py", "tests/test_make_shards_urls.py", "tests/corpus.py",
                               "tests/test_vqa_shards.py"],
                              "from mmscale.shards.make_shards import main"),
@@ -80,7 +84,34 @@ def command_name(words: list[str]) -> str:
         return next(word for word in words[1:] if not word.startswith("-"))
     if words[0] == "pip":
         return "pip install"
+    if words[:3] == ["ray", "job", "submit"]:
+        return "ray job submit"
     return words[0]
+
+
+def split_launcher(words: list[str]) -> tuple[list[str], list[str]]:
+    """A cluster launcher's own words and the command it starts: `spark-submit [its flags] script.py ...`,
+    `ray job submit [its flags] -- python script.py ...`; ([], words) for any other command."""
+    if words[0] == "spark-submit":
+        script = next(index for index, word in enumerate(words) if word.endswith(".py"))
+        return words[:script], ["python", *words[script:]]
+    if command_name(words) == "ray job submit":
+        return words[:words.index("--")], words[words.index("--") + 1:]
+    return [], words
+
+
+def launcher_help(name: str) -> str | None:
+    """The launcher's --help text; None where it cannot run here (spark-submit without Java)."""
+    executable = Path(sys.executable).parent
+    if name == "spark-submit":
+        if not (shutil.which("java") or os.environ.get("JAVA_HOME")):
+            return None
+        command = [str(executable / "spark-submit"), "--help"]
+    else:
+        command = [str(executable / "ray"), "job", "submit", "--help"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout + result.stderr  # spark-submit prints its usage on stderr
 
 
 def test_the_config_reference_in_the_readme_is_current():
@@ -122,10 +153,17 @@ def test_every_readme_command_parses_with_the_real_parsers():
     def script_of(name: str) -> list[str]:
         return ["-m", "deepspeed.launcher.runner"] if name == "deepspeed" else [name]
 
-    scripts = {name for name in map(command_name, readme_commands()) if name.endswith(".py") or name == "deepspeed"}
+    commands = [split_launcher(words) for words in readme_commands()]
+    scripts = {name for name in (command_name(words) for _, words in commands)
+               if name.endswith(".py") or name == "deepspeed"}
+    launchers = {command_name(launcher) for launcher, _ in commands if launcher}
     with ThreadPoolExecutor(4) as pool:  # each --help is a process start and imports: overlap them
         helps = dict(zip(scripts, pool.map(lambda name: _help(script_of(name)), scripts)))
-    for words in readme_commands():
+        helps |= dict(zip(launchers, pool.map(launcher_help, launchers)))
+    for launcher, words in commands:
+        if launcher and helps[command_name(launcher)] is not None:  # the launcher's flags in its own --help
+            for flag in (word.split("=")[0] for word in launcher if word.startswith("--")):
+                assert flag in helps[command_name(launcher)], f"{' '.join(launcher)!r}: no {flag}"
         name = command_name(words)
         keys_of = DataCheckConfig if name == "mmscale data-check" else TrainRunConfig
         for word in words:
