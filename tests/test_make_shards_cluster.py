@@ -265,8 +265,8 @@ def submitted_input(tmp_path_factory, server) -> tuple[list[str], dict]:
                     [{"url": server.url(f"/ok/{i}.jpg"), "caption": f"row {i}"} for i in range(6 * part, 6 * part + 6)],
                     "parquet")
     arguments = ["--input", f"{root}/laion/*.parquet", "--url-column", "url", "--caption-column", "caption",
-                 "--resize", "32", "--threads", "4", "--samples-per-shard", "5", "--allow-private-urls", "--no-progress"]
-    assert main([*arguments, "--output", str(root / "pool")]) == 0
+                 "--resize", "32", "--threads", "4", "--samples-per-shard", "5", "--allow-private-urls"]
+    assert main([*arguments, "--output", str(root / "pool"), "--no-progress"]) == 0
     expected = contents(root / "pool")
     assert sum(expected["sizes"].values()) == 12
     return arguments, expected
@@ -292,6 +292,10 @@ def test_spark_submit_runs_make_shards_on_the_master_it_names(tmp_path, spark_st
                             capture_output=True, text=True, timeout=300, env={**os.environ, "SPARK_LOCAL_IP": "127.0.0.1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert contents(tmp_path / "out") == expected
+    # one progress bar on the driver over the executors' chunks: every row, the image rate, the skips (spark-submit
+    # passes the Python driver's stderr on to its own stdout)
+    log = result.stdout + result.stderr
+    assert re.search(r"writing shards: 100%.* 12/12 .*images/s, skipped 0", log), log[-3000:]
     wait_for(lambda: len(finished_apps(spark_standalone.web)) == len(before) + 1, timeout=30,
              what="the master to list the application as finished")  # it ran there, not in local mode
 
@@ -306,7 +310,7 @@ def test_ray_job_submit_runs_make_shards_on_the_cluster(tmp_path, ray_cluster, s
                                         "--output", str(tmp_path / "out")),
                             capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert "succeeded" in result.stdout, result.stdout[-3000:]
+    assert "succeeded" in result.stdout and "writing shards: 100%" in result.stdout, result.stdout[-3000:]
     assert contents(tmp_path / "out") == expected
 
 
