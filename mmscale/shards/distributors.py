@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -88,20 +89,40 @@ class ClusterMap:
         self.submit, self.parallelism, self.describe = submit, max(1, parallelism), describe
 
     def map(self, function: Callable, items: Iterable, *, ordered: bool = False) -> Iterator:
+        """The tasks' results; a task's failure raises TaskFailed, an error of `items` (the driver's) as it is."""
         from mmscale.shards.writer import windowed_map
 
+        return windowed_map(lambda item: self.submit(function, item), items, window=2 * self.parallelism,
+                            ordered=ordered, result=self._result)
+
+    def _result(self, future: Future):
         try:
-            yield from windowed_map(lambda item: self.submit(function, item), items, window=2 * self.parallelism,
-                                    ordered=ordered)
+            return future.result()
         except Exception as error:
             raise TaskFailed(f"a chunk task failed on {self.describe}, its retries used up: {_reason(error)}; "
                              "run the same command again to resume (finished chunks are kept)") from error
 
 
+def _engine_start(what: str, flag: str, start: Callable):
+    """start(), whose failure (no master there, no Java, a refused connection) reads as one line naming the flag."""
+    try:
+        return start()
+    except Exception as error:
+        raise InputError(f"could not start {what}: {_reason(error)}; check {flag}") from error
+
+
+def _check_answers(address: str, flag: str, timeout: float = 10.0) -> None:
+    """InputError unless something accepts a TCP connection at host:port."""
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise InputError(f"nothing answers at {address} ({error.strerror or error}); check {flag}") from None
+
+
 @contextmanager
 def cluster(options: DistributorOptions, *, workers: int) -> Iterator[ClusterMap]:
     """The engine's session for one make_shards run; stopped at the end if this run started it."""
-    require_engine(options.name)
     if options.name == "spark":
         with _spark(options.spark_master, workers=workers) as engine:
             yield engine
@@ -126,7 +147,8 @@ def _spark(master: str | None, *, workers: int) -> Iterator[ClusterMap]:
         builder = builder.master(master)
     if master and master.startswith("local"):
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # this interpreter, which has mmscale
-    session = builder.getOrCreate()
+    session = _engine_start(f"Spark (master {master or 'of spark-submit'})", "--spark-master (and that Java runs)",
+                            builder.getOrCreate)
     context = session.sparkContext
     context.setLogLevel("ERROR")
     parallelism = context.defaultParallelism
@@ -139,6 +161,7 @@ def _spark(master: str | None, *, workers: int) -> Iterator[ClusterMap]:
             yield ClusterMap(lambda function, item: threads.submit(run_one, function, item), parallelism,
                              f"Spark {context.master} ({parallelism} cores)")
         finally:
+            context.cancelAllJobs()  # after a failure: the chunks still running (none after a whole run)
             threads.shutdown(cancel_futures=True)
             if not submitted:
                 session.stop()
@@ -149,19 +172,30 @@ def _ray(address: str | None, *, workers: int) -> Iterator[ClusterMap]:
     import ray
 
     started = not ray.is_initialized()
+    target = address or os.environ.get("RAY_ADDRESS")
+    if started and target and re.fullmatch(r"[\w.-]+:\d+", target):
+        _check_answers(target, "--ray-address or RAY_ADDRESS")  # ray.init would wait minutes for a wrong one
     if started:
         extra = {"num_cpus": workers, "include_dashboard": False} if address == "local" else {}
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False, **extra)
+        _engine_start(f"Ray (address {address or 'that ray.init finds'})", "--ray-address or RAY_ADDRESS",
+                      lambda: ray.init(address=address, logging_level="ERROR", log_to_driver=False, **extra))
     parallelism = int(ray.cluster_resources().get("CPU", 1))
     remotes: dict[Callable, object] = {}
+    running: dict[Future, object] = {}  # a task's future -> its ObjectRef, until it ends
 
     def submit(function: Callable, item) -> Future:
         if function not in remotes:
             remotes[function] = ray.remote(num_cpus=1, max_retries=TASK_TRIES - 1, retry_exceptions=False)(function)
-        return remotes[function].remote(item).future()
+        reference = remotes[function].remote(item)
+        future = reference.future()
+        running[future] = reference
+        future.add_done_callback(lambda done: running.pop(done, None))
+        return future
 
     try:
         yield ClusterMap(submit, parallelism, f"Ray ({parallelism} CPUs)")
     finally:
+        for reference in running.copy().values():  # after a failure: the chunks still running on the cluster
+            ray.cancel(reference, force=True)
         if started:
             ray.shutdown()

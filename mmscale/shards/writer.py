@@ -412,29 +412,31 @@ def threaded_map(function: Callable, items: Iterable, *, threads: int, ordered: 
         yield from windowed_map(lambda item: pool.submit(function, item), items, window=2 * threads, ordered=ordered)
 
 
-def windowed_map(submit: Callable[[object], Future], items: Iterable, *, window: int, ordered: bool) -> Iterator:
-    """The results of `submit(item)` futures, at most `window` of them pending; `ordered=False` yields as done."""
+def windowed_map(submit: Callable[[object], Future], items: Iterable, *, window: int, ordered: bool,
+                 result: Callable[[Future], object] = Future.result) -> Iterator:
+    """`result(future)` of the `submit(item)` futures, at most `window` of them pending; `ordered=False` yields
+    as they finish."""
     pending: deque[Future] = deque()
     try:
         for item in items:
             pending.append(submit(item))
             if len(pending) >= window:
-                yield from _drain(pending, ordered=ordered, leave=window - 1)
-        yield from _drain(pending, ordered=ordered, leave=0)
+                yield from _drain(pending, ordered=ordered, leave=window - 1, result=result)
+        yield from _drain(pending, ordered=ordered, leave=0, result=result)
     finally:
         for future in pending:
             future.cancel()
 
 
-def _drain(pending: deque[Future], *, ordered: bool, leave: int) -> Iterator:
+def _drain(pending: deque[Future], *, ordered: bool, leave: int, result: Callable[[Future], object]) -> Iterator:
     while len(pending) > leave:
         if ordered:
-            yield pending.popleft().result()
+            yield result(pending.popleft())
             continue
         done, _ = wait(pending, return_when=FIRST_COMPLETED)
         for future in done:
             pending.remove(future)
-            yield future.result()
+            yield result(future)
 
 
 def _outcome(offset: int, record: Record, loaded: Loaded, task: ChunkTask) -> _Outcome:
