@@ -451,3 +451,36 @@ def test_engine_addresses_need_their_engine(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--spark-master", "local[2]"])
     assert "--spark-master needs --distributor spark" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("engine", ["spark", "ray"])
+def test_an_engine_that_cannot_start_says_which_flag_to_check(tmp_path, capsys, engine):
+    """A master URL Spark cannot parse, a Ray address where nothing listens (ray.init would wait minutes)."""
+    needs_java(engine)
+    images = tmp_path / "images"
+    make_image_folder(images, 2, size=32)
+    address = ["--spark-master", "nosuch://head"] if engine == "spark" else ["--ray-address", f"127.0.0.1:{free_port()}"]
+    started = time.monotonic()
+    assert main(["--input", str(images), "--output", str(tmp_path / "out"), "--no-progress", "--distributor", engine,
+                 *address]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    if engine == "spark":
+        assert error.startswith("make_shards: error: could not start Spark (master nosuch://head): ") \
+            and error.endswith("check --spark-master (and that Java runs)"), error
+    else:
+        assert error == (f"make_shards: error: nothing answers at {address[1]} (Connection refused); check "
+                         "--ray-address or RAY_ADDRESS")
+    assert time.monotonic() - started < 60
+
+
+def test_a_url_job_deduplicated_on_one_machine_is_not_resumed_on_a_cluster(tmp_path, server, capsys):
+    """A local pool checks downloads against the whole output, a cluster within each chunk: a resume on the
+    other kind would mix both, so the plan differs and the output is refused."""
+    table = write_table(tmp_path / "urls.jsonl", [{"url": server.url(f"/ok/{i}.jpg"), "caption": f"row {i}"}
+                                                  for i in range(4)], "jsonl")
+    arguments = ["--input", str(table), "--output", str(tmp_path / "out"), "--dedup", "--allow-private-urls",
+                 "--no-progress", "--samples-per-shard", "2"]
+    assert main(arguments) == 0
+    assert main(arguments) == 0  # the same job again: a no-op resume
+    assert main([*arguments, "--distributor", "ray", "--ray-address", "local"]) == 2  # refused before Ray starts
+    assert "holds shards made from other input or options" in capsys.readouterr().err

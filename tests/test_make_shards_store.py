@@ -227,3 +227,91 @@ def test_a_store_output_of_another_job_is_refused_as_on_a_disk(store, folder_job
     assert main([*arguments, "--output", url]) == 0
     assert main([*arguments, "--output", url, "--resize", "24"]) == 2
     assert "holds shards made from other input or options" in capsys.readouterr().err
+
+
+def test_two_drivers_writing_the_lease_at_once_leave_one_holder(store):
+    """Both find no lease and write theirs; reading it back a moment later, the one whose write lost is refused."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from mmscale.shards.output import RemoteLease
+    from mmscale.shards.sources import InputError
+
+    output = Output("s3://shards/race")
+    leases = [RemoteLease(output, ".make_shards.lock") for _ in range(2)]
+    start = Barrier(2)
+
+    def acquire(lease: RemoteLease) -> str:
+        start.wait()
+        try:
+            lease.acquire()
+            return "held"
+        except InputError as error:
+            return str(error)
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(acquire, leases))
+    assert outcomes.count("held") == 1, outcomes
+    assert "another make_shards is writing there" in [outcome for outcome in outcomes if outcome != "held"][0]
+    winner = leases[outcomes.index("held")]
+    assert output.read_json(".make_shards.lock")["token"] == winner.token
+    winner.release()
+    assert output.read_json(".make_shards.lock") is None
+
+
+def test_a_driver_whose_lease_is_taken_stops_with_a_clear_error(store, tmp_path, monkeypatch, capsys):
+    """Another driver takes the lease over mid-run (it found it lapsed): this one stops at its next chunk
+    instead of writing beside it, says why, and writes no totals."""
+    from mmscale.shards import output as output_module
+
+    fs, _ = store
+    monkeypatch.setattr(output_module, "LEASE_S", 2.0)  # renewed (and checked) every 0.5 s
+    routes = {f"/late/{i}.jpg": Response(body=image_bytes((40, 40), seed=300 + i), delay_s=0.4) for i in range(16)}
+    url = "s3://shards/taken"
+    with ImageServer(routes) as server:
+        table = write_table(tmp_path / "late.jsonl", [{"url": server.url(f"/late/{i}.jpg"), "caption": f"late {i}"}
+                                                      for i in range(16)], "jsonl")
+
+        def take_over() -> None:
+            deadline = time.monotonic() + 60
+            while not [name for name in object_names(fs, url) if name.endswith(".stats.json")]:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            fs.pipe_file("shards/taken/.make_shards.lock", json.dumps(
+                {"host": "another-node", "pid": 1, "token": "theirs", "renewed": time.time()}).encode())
+
+        from threading import Thread
+
+        thief = Thread(target=take_over)
+        thief.start()
+        code = main(["--input", str(table), "--output", url, "--samples-per-shard", "2", "--threads", "1",
+                     "--workers", "1", "--allow-private-urls", "--retries", "0", "--no-progress"])
+        thief.join()
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "lost its lease (make_shards on host another-node, pid 1, took it over) and stopped" in error, error
+    names = object_names(fs, url)
+    assert "sizes.json" not in names and len([name for name in names if name.endswith(".stats.json")]) < 8
+    assert json.loads(fs.cat_file("shards/taken/.make_shards.lock"))["token"] == "theirs"  # left to its holder
+
+
+def test_a_lease_that_cannot_be_renewed_is_given_up_before_it_lapses(store, monkeypatch):
+    from mmscale.shards import output as output_module
+    from mmscale.shards.output import RemoteLease
+    from mmscale.shards.sources import InputError
+
+    monkeypatch.setattr(output_module, "LEASE_S", 0.4)  # renewed every 0.1 s, given up after 0.2 s of failures
+    output = Output("s3://shards/unrenewable")
+    lease = RemoteLease(output, ".make_shards.lock")
+    lease.acquire()
+    lease.check()  # held
+
+    def store_down(name, value):
+        raise OSError("the store did not answer")
+
+    monkeypatch.setattr(output, "write_json", store_down)
+    time.sleep(1.0)
+    with pytest.raises(InputError, match=r"could not be renewed for 0.2 s \(OSError: the store did not answer\)"):
+        lease.check()
+    monkeypatch.undo()
+    lease.release()

@@ -431,9 +431,14 @@ def write_bytes_atomically(path: str | os.PathLike, payload: bytes) -> None:
     write_atomically(path, payload)
 
 
+def json_bytes(value) -> bytes:
+    """`value` as the indented, key-sorted JSON the project's small files hold."""
+    return (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()
+
+
 def write_json_atomically(path: str | os.PathLike, value) -> None:
     """Atomically write `value` as indented JSON."""
-    write_bytes_atomically(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
+    write_bytes_atomically(path, json_bytes(value))
 
 
 def sample_caption(sample: dict) -> str | None:

@@ -19,19 +19,22 @@ import re
 import secrets
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import BinaryIO
 
-from mmscale.data.tars import write_bytes_atomically
+from mmscale.atomic import atomic_write
+from mmscale.data.tars import json_bytes, write_bytes_atomically
 from mmscale.shards.sources import InputError
 
 LEASE_S = 120.0
 """A remote output's lease lapses this long after its driver last renewed it (a killed driver's, on
 another machine; on the same machine a dead driver's lease is taken over at once)."""
+LEASE_SETTLE_S = 1.0
+"""How long a driver waits after writing the lease before reading it back to see whose write won."""
 
 
 def is_url(location: str) -> bool:
@@ -82,6 +85,7 @@ class Output:
         """The file's content; None when it is missing."""
         try:
             if self.remote:
+                self.fs.invalidate_cache(self.join(name))  # a listing cached earlier would answer "missing"
                 return self.fs.cat_file(self.join(name))
             with open(self.join(name), "rb") as handle:
                 return handle.read()
@@ -89,11 +93,12 @@ class Output:
             return None
 
     def read_json(self, name: str):
-        """The file's JSON; None when it is missing or not JSON."""
+        """The file's JSON; None when it is missing or not JSON (an error reading it raises: a store that does
+        not answer is not an empty folder)."""
+        payload = self.read_bytes(name)
         try:
-            payload = self.read_bytes(name)
             return None if payload is None else json.loads(payload)
-        except (OSError, ValueError):
+        except ValueError:  # UnicodeDecodeError included
             return None
 
     def write_bytes(self, name: str, payload: bytes) -> None:
@@ -104,7 +109,7 @@ class Output:
             write_bytes_atomically(self.join(name), payload)
 
     def write_json(self, name: str, value) -> None:
-        self.write_bytes(name, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())  # as write_json_atomically
+        self.write_bytes(name, json_bytes(value))
 
     def remove(self, name: str) -> None:
         """Delete the file if it is there."""
@@ -132,6 +137,17 @@ class Output:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
+    @contextmanager
+    def writing(self, name: str) -> Iterator[BinaryIO]:
+        """A binary handle to a new file that appears under `name` only when the block ends normally
+        (mmscale.atomic's rename on a path, one upload to a store); on an error nothing appears."""
+        with self.staging() as staging:
+            local = os.path.join(staging, name)
+            with atomic_write(local) as handle:
+                yield handle
+            if self.remote:
+                self.place(local, name)
+
     def place(self, temporary: str, name: str) -> None:
         """Put a finished temporary file under its name: a rename on a path, an upload to a store."""
         if self.remote:
@@ -145,27 +161,37 @@ class RemoteLease:
     """The lock of an output on a store: `.make_shards.lock` holds its driver's host, pid and a token, and
     the driver renews it every LEASE_S / 4. Another driver is refused while the lease is fresh; a lease not
     renewed for LEASE_S, or held by a process on this machine that is gone, is taken over. Stores cannot
-    create an object only if it is absent, so two drivers starting within a second of each other could
-    both take it: the later write wins, and the other notices on its next renewal and stops."""
+    create an object only if it is absent, so two drivers starting together could both write it: each reads
+    it back a moment later and the one whose write lost is refused. A driver that loses its lease later (to
+    a driver that found it lapsed, or unable to renew it for LEASE_S / 2) stops at the next check()."""
 
     def __init__(self, output: Output, name: str):
         self.output, self.name = output, name
         self.token = secrets.token_hex(8)
         self.stopped = threading.Event()
-        self.lost = False
+        self.lost: str | None = None
+        self.renewer: threading.Thread | None = None
 
     def _claim(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token, "renewed": time.time()}
 
+    def _refuse(self, held: dict) -> InputError:
+        return InputError(f"output {self.output.location}: another make_shards is writing there (host "
+                          f"{held.get('host')}, pid {held.get('pid')}, lease renewed "
+                          f"{time.time() - held.get('renewed', 0):.0f} s ago); wait for it or pick another "
+                          f"--output. A killed driver's lease lapses {LEASE_S:.0f} s after its last renewal")
+
     def acquire(self) -> None:
         held = self.output.read_json(self.name)
         if held and not self._lapsed(held):
-            raise InputError(f"output {self.output.location}: another make_shards is writing there (host "
-                             f"{held.get('host')}, pid {held.get('pid')}, lease renewed "
-                             f"{time.time() - held.get('renewed', 0):.0f} s ago); wait for it or pick another "
-                             f"--output. A killed driver's lease lapses {LEASE_S:.0f} s after its last renewal")
+            raise self._refuse(held)
         self.output.write_json(self.name, self._claim())
-        threading.Thread(target=self._renew, daemon=True).start()
+        time.sleep(LEASE_SETTLE_S)  # a driver that started at the same moment has written by now: the last write won
+        held = self.output.read_json(self.name) or {}
+        if held.get("token") != self.token:
+            raise self._refuse(held)
+        self.renewer = threading.Thread(target=self._renew, daemon=True)
+        self.renewer.start()
 
     @staticmethod
     def _lapsed(held: dict) -> bool:
@@ -181,19 +207,31 @@ class RemoteLease:
         return False
 
     def _renew(self) -> None:
+        renewed = time.monotonic()
         while not self.stopped.wait(LEASE_S / 4):
-            held = self.output.read_json(self.name)
-            if held and held.get("token") != self.token:
-                self.lost = True
-                return
-            self.output.write_json(self.name, self._claim())
+            try:
+                held = self.output.read_json(self.name) or {}
+                if held.get("token") not in (None, self.token):
+                    self.lost = f"make_shards on host {held.get('host')}, pid {held.get('pid')}, took it over"
+                    return
+                self.output.write_json(self.name, self._claim())
+                renewed = time.monotonic()
+            except Exception as error:  # the store did not answer: try again, while the lease surely holds
+                if time.monotonic() - renewed > LEASE_S / 2:
+                    self.lost = f"it could not be renewed for {LEASE_S / 2:g} s ({type(error).__name__}: {error})"
+                    return
+
+    def check(self) -> None:
+        """Raise InputError once the lease is lost: the run stops instead of writing beside another driver."""
+        if self.lost:
+            raise InputError(f"output {self.output.location}: this make_shards lost its lease ({self.lost}) and "
+                             "stopped; the chunks it finished are kept for the driver that holds the lease, or for "
+                             "the same command run again once none does")
 
     def release(self) -> None:
         self.stopped.set()
+        if self.renewer is not None:
+            self.renewer.join()  # a renewal under way must not rewrite the lease after it is removed
         held = self.output.read_json(self.name)
         if held and held.get("token") == self.token:
             self.output.remove(self.name)
-        elif self.lost:
-            print(f"make_shards: warning: another make_shards (host {held and held.get('host')}) took over the "
-                  f"lease of {self.output.location} during this run; run again to check the output",
-                  file=sys.stderr)

@@ -44,16 +44,15 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sized
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 
 from tqdm import tqdm
 
-from mmscale.atomic import open_temporary
 from mmscale.shards.dedup import DEDUP_FILE, SCRATCH_DEDUP_FILE, DigestStore
 from mmscale.shards.distributors import ClusterMap, DistributorOptions, cluster, require_engine
 from mmscale.shards.download import DownloadOptions
-from mmscale.shards.output import Output, RemoteLease
+from mmscale.shards.output import Output, RemoteLease, is_url
 from mmscale.shards.images import ImageOptions
 from mmscale.shards.writer import (
     CaptionFilter,
@@ -172,14 +171,15 @@ def make_shards(options: ShardingOptions) -> ShardingSummary:
                          f"not {options.output_dir}")
     _check_output_is_not_input(options)
     output.makedirs()
-    with _output_lock(output), _Runner(options) as runner:
+    with _output_lock(output) as check_lock, _Runner(options) as runner:
         listing = list_input(options.input, count_shards=lambda urls: _count_shards(urls, options),
                              progress=options.progress)
         _check_no_input_shard_in_output(listing, output)
         size = options.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD
         chunks = plan_chunks(len(listing), size)
         names = [options.name_pattern.format(index) for index in range(len(chunks))]
-        plan = _fingerprint(options, listing.kind, len(listing))
+        plan = _fingerprint(options, listing.kind, len(listing), within_chunk_dedup=listing.has_urls
+                            and options.dedup and not _shared_digests(options))
         if not output.remote:
             _finish_interrupted_retries(output.location, names, byte_capped=options.max_bytes_per_shard is not None)
         done = _done_chunks(output, names, plan=plan, byte_capped=options.max_bytes_per_shard is not None)
@@ -192,21 +192,23 @@ def make_shards(options: ShardingOptions) -> ShardingSummary:
                 elif store is not None:
                     find_duplicates(listing, store, options, runner, count=pending[-1] + 1)
                 tasks = _chunk_tasks(pending, listing, names=names, plan=plan, options=options, store=store)
-                _write_chunks(tasks, options, runner, total=sum(len(chunks[index]) for index in pending))
-        retried = _retry_failed(names, chunks, plan=plan, options=options, runner=runner,
+                _write_chunks(tasks, options, runner, total=sum(len(chunks[index]) for index in pending),
+                              check_lock=check_lock)
+        retried = _retry_failed(output, names, chunks, plan=plan, options=options, runner=runner,
                                 live_dedup=listing.has_urls) if options.retry_failed else 0
-        if pending or retried:
-            _remove_leftovers(output, [])  # temporary files of tries an engine retried
+        if (pending or retried) and not output.remote:
+            _remove_leftovers(output, [])  # temporary files of tries an engine retried (a store's are local)
         summary = _summarize(output, names, plan=plan, listing=listing, pending=[chunks[i] for i in pending],
                              wall_time_s=time.monotonic() - started)
         summary.records_processed += retried
-        _write_totals(summary, names, rewrite_stats=bool(pending) or retried > 0)
+        check_lock()
+        _write_totals(output, summary, names, rewrite_stats=bool(pending) or retried > 0)
     return summary
 
 
 def _shared_digests(options: ShardingOptions) -> bool:
     """Whether chunk tasks can all open one digest store in the output folder (SQLite: one machine, a path)."""
-    return options.distributor.local and not Output(options.output_dir).remote
+    return options.distributor.local and not is_url(options.output_dir)
 
 
 @contextmanager
@@ -251,12 +253,13 @@ def _check_no_input_shard_in_output(listing: InputListing, output: Output) -> No
 
 @contextmanager
 def _output_lock(output: Output):
-    """One make_shards per output folder: a POSIX lock on a path (local or shared), a lease on a store."""
+    """One make_shards per output folder: a POSIX lock on a path (local or shared), a lease on a store.
+    Yields a check to call as the run goes: it raises InputError once a store's lease is lost."""
     if output.remote:
         lease = RemoteLease(output, _LOCK_FILE)
         lease.acquire()
         try:
-            yield
+            yield lease.check
         finally:
             lease.release()
         return
@@ -276,13 +279,14 @@ def _output_lock(output: Output):
         except OSError:
             raise InputError(f"output {output.location}: another make_shards is writing there; wait for it "
                              "or pick another --output") from None
-        yield
+        yield lambda: None  # a POSIX lock is held until the process ends
     finally:
         os.close(descriptor)
 
 
-def _fingerprint(options: ShardingOptions, kind: str, records: int) -> str:
-    """Identifies input + options, so a resume never mixes shards from two different jobs."""
+def _fingerprint(options: ShardingOptions, kind: str, records: int, *, within_chunk_dedup: bool = False) -> str:
+    """Identifies input + options, so a resume never mixes shards from two different jobs (nor two scopes of
+    --dedup: downloads checked against the whole output, or within each chunk on a cluster or a store)."""
     source = asdict(options.input)
     if kind != "tars":
         source["path"] = os.path.abspath(source["path"])
@@ -292,7 +296,8 @@ def _fingerprint(options: ShardingOptions, kind: str, records: int) -> str:
     if source.get("answers"):
         source["answers"] = os.path.abspath(source["answers"])
     described = {"input": source, "kind": kind, "records": records, "image": asdict(options.image),
-                 "captions": asdict(options.captions), "dedup": options.dedup,
+                 "captions": asdict(options.captions),
+                 "dedup": "within each chunk" if within_chunk_dedup else options.dedup,
                  "download": _download_fingerprint(options.download),
                  "samples_per_shard": options.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD,
                  "max_bytes_per_shard": options.max_bytes_per_shard, "name_pattern": options.name_pattern}
@@ -513,13 +518,13 @@ def _image_threads(options: ShardingOptions) -> int:
     return options.image_threads or max(1, (os.cpu_count() or 1) // options.workers)
 
 
-def _retry_failed(names: list[str], chunks: list[range], *, plan: str, options: ShardingOptions, runner: _Runner,
-                  live_dedup: bool) -> int:
+def _retry_failed(output: Output, names: list[str], chunks: list[range], *, plan: str, options: ShardingOptions,
+                  runner: _Runner, live_dedup: bool) -> int:
     """Retry the passing failures of every chunk (see ShardingOptions.retry_failed); returns the rows tried.
     The rows are counted first (for the progress bar) and read again chunk by chunk as tasks are needed."""
 
     def retryable(index: int) -> tuple[list[Record], tuple[int, ...]]:
-        return retry_records(failed_rows(Output(options.output_dir), names[index]))
+        return retry_records(failed_rows(output, names[index]))
 
     def task(index: int) -> ChunkTask:
         records, ordinals = retryable(index)
@@ -536,9 +541,18 @@ def _retry_failed(names: list[str], chunks: list[range], *, plan: str, options: 
     return total
 
 
-def _write_chunks(tasks: Iterable[ChunkTask], options: ShardingOptions, runner: _Runner, *, total: int) -> None:
-    """Write the chunks in parallel under one progress bar: records as a local pool's workers count them,
-    or chunk by chunk as a cluster's tasks finish; images written per second and rows skipped beside it."""
+def _write_chunks(tasks: Iterable[ChunkTask], options: ShardingOptions, runner: _Runner, *, total: int,
+                  check_lock: Callable[[], None] = lambda: None) -> None:
+    """Write the chunks (`total` rows) in parallel under one progress bar: records as a local pool's workers
+    count them, or a task's rows as a cluster's task finishes; images written per second and rows skipped
+    beside it. `check_lock()` after each chunk stops the run once the output's lock is lost."""
+    rows: dict[int, int] = {}  # a submitted task's rows, by chunk index (tasks are made as they are needed)
+
+    def counted(tasks: Iterable[ChunkTask]) -> Iterator[ChunkTask]:
+        for task in tasks:
+            rows[task.index] = len(task.records)
+            yield task
+
     skipped: Counter[str] = Counter()
     done, written = multiprocessing.Value("q", 0), 0
     finished, started = threading.Event(), time.monotonic()
@@ -552,20 +566,20 @@ def _write_chunks(tasks: Iterable[ChunkTask], options: ShardingOptions, runner: 
         if runner.live_progress:
             follower.start()
         try:
-            for stats in runner.map(write_chunk, tasks, ordered=False, progress_counter=done):
+            for stats in runner.map(write_chunk, counted(tasks), ordered=False, progress_counter=done):
+                check_lock()
                 skipped.update(stats.skipped)
                 written += stats.written
                 if not runner.live_progress:
-                    with done.get_lock():
-                        done.value = min(total, done.value + stats.records)
-                    progress.update(done.value - progress.n)
+                    progress.update(rows.pop(stats.index))
                 progress.set_postfix_str(f"{written / max(time.monotonic() - started, 1e-9):,.1f} images/s, "
                                          f"skipped {sum(skipped.values()):,}", refresh=False)
         finally:
             finished.set()
             if runner.live_progress:
                 follower.join()
-        progress.update(done.value - progress.n)
+        if runner.live_progress:
+            progress.update(done.value - progress.n)
 
 
 def _summarize(output: Output, names: list[str], *, plan: str, listing: InputListing, pending: list[range],
@@ -588,10 +602,9 @@ def _summarize(output: Output, names: list[str], *, plan: str, listing: InputLis
                            wall_time_s=wall_time_s, plan=plan)
 
 
-def _write_totals(summary: ShardingSummary, names: list[str], *, rewrite_stats: bool) -> None:
+def _write_totals(output: Output, summary: ShardingSummary, names: list[str], *, rewrite_stats: bool) -> None:
     """sizes.json, stats.json and failed.parquet, written only when they change, so a no-op run touches
     nothing."""
-    output = Output(summary.output_dir)
     if output.read_json(SIZES_FILE) != summary.sizes:
         output.write_json(SIZES_FILE, summary.sizes)
     if rewrite_stats or not output.exists(STATS_FILE):
@@ -616,23 +629,12 @@ def gather_failures(output: Output, names: list[str]) -> int:
 
     schema = pa.schema([(column, pa.string()) for column in _FAILURE_COLUMNS])
     rows = 0
-    with output.staging() as staging:
-        handle, temporary = open_temporary(os.path.join(staging, FAILED_FILE))
-        try:
-            with handle:
-                with parquet.ParquetWriter(handle, schema) as writer:
-                    for name in names:
-                        lines = [{column: _text(row.get(column)) for column in _FAILURE_COLUMNS}
-                                 for row in failed_rows(output, name)]
-                        if lines:
-                            writer.write_table(pa.Table.from_pylist(lines, schema=schema))
-                            rows += len(lines)
-                handle.flush()
-                os.fsync(handle.fileno())
-            output.place(str(temporary), FAILED_FILE)
-        except BaseException:
-            with suppress(FileNotFoundError):
-                os.remove(temporary)
-            raise
+    with output.writing(FAILED_FILE) as handle, parquet.ParquetWriter(handle, schema) as writer:
+        for name in names:
+            lines = [{column: _text(row.get(column)) for column in _FAILURE_COLUMNS}
+                     for row in failed_rows(output, name)]
+            if lines:
+                writer.write_table(pa.Table.from_pylist(lines, schema=schema))
+                rows += len(lines)
     return rows
 
