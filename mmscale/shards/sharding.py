@@ -56,6 +56,7 @@ from mmscale.shards.output import Output, RemoteLease, is_url
 from mmscale.shards.images import ImageOptions
 from mmscale.shards.writer import (
     CaptionFilter,
+    ChunkStats,
     ChunkTask,
     failed_rows,
     finish_interrupted_retry,
@@ -192,14 +193,14 @@ def make_shards(options: ShardingOptions) -> ShardingSummary:
                 elif store is not None:
                     find_duplicates(listing, store, options, runner, count=pending[-1] + 1)
                 tasks = _chunk_tasks(pending, listing, names=names, plan=plan, options=options, store=store)
-                _write_chunks(tasks, options, runner, total=sum(len(chunks[index]) for index in pending),
-                              check_lock=check_lock)
+                done |= _write_chunks(tasks, options, runner, total=sum(len(chunks[index]) for index in pending),
+                                      check_lock=check_lock)
         retried = _retry_failed(output, names, chunks, plan=plan, options=options, runner=runner,
                                 live_dedup=listing.has_urls) if options.retry_failed else 0
         if (pending or retried) and not output.remote:
             _remove_leftovers(output, [])  # temporary files of tries an engine retried (a store's are local)
-        summary = _summarize(output, names, plan=plan, listing=listing, pending=[chunks[i] for i in pending],
-                             wall_time_s=time.monotonic() - started)
+        summary = _summarize(output, names, known={} if retried else done, listing=listing, plan=plan,
+                             pending=[chunks[i] for i in pending], wall_time_s=time.monotonic() - started)
         summary.records_processed += retried
         check_lock()
         _write_totals(output, summary, names, rewrite_stats=bool(pending) or retried > 0)
@@ -311,8 +312,9 @@ def _download_fingerprint(download: DownloadOptions) -> dict:
             "respect_robots_headers": download.respect_robots_headers, **private}
 
 
-def _done_chunks(output: Output, names: list[str], *, plan: str, byte_capped: bool) -> set[int]:
-    """Chunks whose stats file and shards exist; refuses an output folder from another job."""
+def _done_chunks(output: Output, names: list[str], *, plan: str, byte_capped: bool) -> dict[int, ChunkStats]:
+    """The stats of the chunks whose stats file and shards exist, by index; refuses an output folder from
+    another job."""
     previous = output.read_json(STATS_FILE)
     if previous and previous.get("plan") != plan:
         raise InputError(f"output {output.location} holds shards made from other input or options; "
@@ -323,7 +325,7 @@ def _done_chunks(output: Output, names: list[str], *, plan: str, byte_capped: bo
         if file_name.endswith(".tar") and _owner(file_name, owners, byte_capped=byte_capped) is None:
             raise InputError(f"output {output.location}: {file_name} is not part of this job's plan; "
                              "pass a new --output (or delete that folder to start over)")
-    done = set()
+    done = {}
     for index, name in enumerate(names):
         stats = read_chunk_stats(output, name) if stats_name(name) in present else None
         if stats is None:
@@ -332,7 +334,7 @@ def _done_chunks(output: Output, names: list[str], *, plan: str, byte_capped: bo
             raise InputError(f"output {output.location}: {stats_name(name)} comes from other input or options; "
                              "pass a new --output (or delete that folder to start over)")
         if all(shard in present for shard in stats.shards):
-            done.add(index)
+            done[index] = stats
     return done
 
 
@@ -542,10 +544,11 @@ def _retry_failed(output: Output, names: list[str], chunks: list[range], *, plan
 
 
 def _write_chunks(tasks: Iterable[ChunkTask], options: ShardingOptions, runner: _Runner, *, total: int,
-                  check_lock: Callable[[], None] = lambda: None) -> None:
+                  check_lock: Callable[[], None] = lambda: None) -> dict[int, ChunkStats]:
     """Write the chunks (`total` rows) in parallel under one progress bar: records as a local pool's workers
     count them, or a task's rows as a cluster's task finishes; images written per second and rows skipped
-    beside it. `check_lock()` after each chunk stops the run once the output's lock is lost."""
+    beside it. `check_lock()` after each chunk stops the run once the output's lock is lost. Returns the
+    chunks' stats by index."""
     rows: dict[int, int] = {}  # a submitted task's rows, by chunk index (tasks are made as they are needed)
 
     def counted(tasks: Iterable[ChunkTask]) -> Iterator[ChunkTask]:
@@ -554,6 +557,7 @@ def _write_chunks(tasks: Iterable[ChunkTask], options: ShardingOptions, runner: 
             yield task
 
     skipped: Counter[str] = Counter()
+    written_stats: dict[int, ChunkStats] = {}
     done, written = multiprocessing.Value("q", 0), 0
     finished, started = threading.Event(), time.monotonic()
     with tqdm(total=total, desc="writing shards", unit="row", disable=not options.progress) as progress:
@@ -568,6 +572,7 @@ def _write_chunks(tasks: Iterable[ChunkTask], options: ShardingOptions, runner: 
         try:
             for stats in runner.map(write_chunk, counted(tasks), ordered=False, progress_counter=done):
                 check_lock()
+                written_stats[stats.index] = stats
                 skipped.update(stats.skipped)
                 written += stats.written
                 if not runner.live_progress:
@@ -580,16 +585,18 @@ def _write_chunks(tasks: Iterable[ChunkTask], options: ShardingOptions, runner: 
                 follower.join()
         if runner.live_progress:
             progress.update(done.value - progress.n)
+    return written_stats
 
 
-def _summarize(output: Output, names: list[str], *, plan: str, listing: InputListing, pending: list[range],
-               wall_time_s: float) -> ShardingSummary:
-    """Totals from every chunk's stats file plus the skips counted while listing the input."""
+def _summarize(output: Output, names: list[str], *, known: dict[int, ChunkStats], plan: str, listing: InputListing,
+               pending: list[range], wall_time_s: float) -> ShardingSummary:
+    """Totals from every chunk's stats (those in `known`, read or written by this run, else its stats file)
+    plus the skips counted while listing the input."""
     sizes: dict[str, int] = {}
     skipped: Counter[str] = Counter(listing.skipped)
     total_bytes = 0
-    for name in names:
-        stats = read_chunk_stats(output, name)
+    for index, name in enumerate(names):
+        stats = known.get(index) or read_chunk_stats(output, name)
         if stats is None:
             raise InputError(f"output {output.location}: {stats_name(name)} is missing after writing; "
                              "re-run to finish")
