@@ -172,10 +172,10 @@ def _ray(address: str | None, *, workers: int) -> Iterator[ClusterMap]:
     import ray
 
     started = not ray.is_initialized()
-    target = address or os.environ.get("RAY_ADDRESS")
-    if started and target and re.fullmatch(r"[\w.-]+:\d+", target):
-        _check_answers(target, "--ray-address or RAY_ADDRESS")  # ray.init would wait minutes for a wrong one
     if started:
+        target = address or os.environ.get("RAY_ADDRESS")
+        if target and re.fullmatch(r"[\w.-]+:\d+", target):
+            _check_answers(target, "--ray-address or RAY_ADDRESS")  # ray.init would wait minutes for a wrong one
         extra = {"num_cpus": workers, "include_dashboard": False} if address == "local" else {}
         _engine_start(f"Ray (address {address or 'that ray.init finds'})", "--ray-address or RAY_ADDRESS",
                       lambda: ray.init(address=address, logging_level="ERROR", log_to_driver=False, **extra))

@@ -179,8 +179,8 @@ def make_shards(options: ShardingOptions) -> ShardingSummary:
         size = options.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD
         chunks = plan_chunks(len(listing), size)
         names = [options.name_pattern.format(index) for index in range(len(chunks))]
-        plan = _fingerprint(options, listing.kind, len(listing), within_chunk_dedup=listing.has_urls
-                            and options.dedup and not _shared_digests(options))
+        plan = _fingerprint(options, listing.kind, len(listing),
+                            within_chunk_dedup=_dedup_within_chunks(options, listing))
         if not output.remote:
             _finish_interrupted_retries(output.location, names, byte_capped=options.max_bytes_per_shard is not None)
         done = _done_chunks(output, names, plan=plan, byte_capped=options.max_bytes_per_shard is not None)
@@ -212,13 +212,18 @@ def _shared_digests(options: ShardingOptions) -> bool:
     return options.distributor.local and not is_url(options.output_dir)
 
 
+def _dedup_within_chunks(options: ShardingOptions, listing: InputListing) -> bool:
+    """Whether --dedup of downloads is checked within each chunk only (no store the tasks can share)."""
+    return options.dedup and listing.has_urls and not _shared_digests(options)
+
+
 @contextmanager
 def _digest_store(options: ShardingOptions, listing: InputListing, staging: str) -> Iterator[DigestStore | None]:
     """--dedup's digests: local input's, hashed before writing, in a scratch store removed afterwards (in
     `staging`: the output folder, or a local folder for a store); downloads' in the output folder's store
     the workers check and add to, kept for a resumed job (none where they cannot share one: each chunk
     then drops the copies within itself)."""
-    if not options.dedup or listing.has_urls and not _shared_digests(options):
+    if not options.dedup or _dedup_within_chunks(options, listing):
         yield None
         return
     scratch = not listing.has_urls
