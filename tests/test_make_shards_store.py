@@ -277,8 +277,15 @@ def test_a_driver_whose_lease_is_taken_stops_with_a_clear_error(store, tmp_path,
             while not [name for name in object_names(fs, url) if name.endswith(".stats.json")]:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
-            fs.pipe_file("shards/taken/.make_shards.lock", json.dumps(
-                {"host": "another-node", "pid": 1, "token": "theirs", "renewed": time.time()}).encode())
+            # as a driver taking a lease over does: write, read back after a renewal period, again if it lost
+            # (a renewal that read the lease just before this write puts the running driver's back)
+            while True:
+                fs.pipe_file("shards/taken/.make_shards.lock", json.dumps(
+                    {"host": "another-node", "pid": 1, "token": "theirs", "renewed": time.time()}).encode())
+                time.sleep(0.6)
+                if json.loads(fs.cat_file("shards/taken/.make_shards.lock"))["token"] == "theirs":
+                    return
+                assert time.monotonic() < deadline
 
         from threading import Thread
 
